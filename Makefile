@@ -1,0 +1,89 @@
+# Wraps CMake; CMakeLists.txt is the build. Every target that builds first
+# runs scripts/ensure-deps.sh, which installs missing Debian packages as root.
+#
+#   make [build]       RelWithDebInfo build in build/
+#   make test          ... and run CTest (ARGS='-R pending' to pick tests)
+#   make test-asan     ASan+UBSan build in build-asan/, run CTest
+#   make test-tsan     TSan build in build-tsan/, run CTest
+#   make bench         Release build in build-release/, run bench/run.sh
+#   make demo          run build/example-$(DEMO)
+#   make install       install build/ into $(PREFIX)
+#   make format, format-check, clean
+#
+# WERROR=OFF to build with warnings allowed (default ON).
+
+WERROR ?= ON
+PREFIX ?= /usr/local
+DEMO ?= pending_thread
+JOBS ?= 2
+ARGS ?=
+
+CMAKE_ARGS = -DCALLER_WERROR=$(WERROR)
+# $(call ctest,<build dir>)
+ctest = ctest --test-dir $(1) --output-on-failure -j$(JOBS) $(ARGS)
+
+# cmake --build runs make inside make: keep its output free of
+# "Entering directory" lines.
+MAKEFLAGS += --no-print-directory
+
+FORMAT_FILES = $(wildcard include/*.h src/*.c src/*.h tests/*.c tests/*.h bench/*.c examples/*.c)
+
+.PHONY: build deps test test-asan test-tsan bench demo install format format-check clean
+
+build: deps
+	cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_ARGS)
+	cmake --build build -j$(JOBS)
+
+deps:
+	@bash scripts/ensure-deps.sh
+
+test: build
+	$(call ctest,build)
+
+test-asan: deps
+	cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DCALLER_SANITIZE=asan $(CMAKE_ARGS)
+	cmake --build build-asan -j$(JOBS)
+	$(call ctest,build-asan)
+
+# TSan's runtime refuses to start on kernels whose mmap ASLR uses more bits
+# than it expects ("unexpected memory mapping"). The probe finds out; only
+# then does CTest run with ASLR off for its children (setarch -R).
+test-tsan: deps
+	cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=Debug -DCALLER_SANITIZE=tsan $(CMAKE_ARGS)
+	cmake --build build-tsan -j$(JOBS)
+	@wrap=""; \
+	if ! build-tsan/caller-tsan-probe >/dev/null 2>build-tsan/tsan-probe.log; then \
+	    if grep -q "unexpected memory mapping" build-tsan/tsan-probe.log \
+	       && setarch $$(uname -m) -R build-tsan/caller-tsan-probe >/dev/null 2>&1; then \
+	        wrap="setarch $$(uname -m) -R"; \
+	        echo "test-tsan: TSan cannot map its shadow with this kernel's ASLR; running CTest under '$$wrap'"; \
+	    else \
+	        echo "test-tsan: the TSan runtime does not start here:" >&2; \
+	        cat build-tsan/tsan-probe.log >&2; \
+	        exit 1; \
+	    fi; \
+	fi; \
+	echo "$$wrap $(call ctest,build-tsan)"; \
+	$$wrap $(call ctest,build-tsan)
+
+bench: deps
+	cmake -S . -B build-release -DCMAKE_BUILD_TYPE=Release -DCALLER_BENCH=ON $(CMAKE_ARGS)
+	cmake --build build-release -j$(JOBS)
+	bash bench/run.sh build-release
+
+demo: build
+	build/example-$(DEMO)
+
+install: build
+	cmake --install build --prefix $(PREFIX)
+
+format:
+	@bash scripts/ensure-deps.sh clang-format
+	$(if $(FORMAT_FILES),clang-format -i $(FORMAT_FILES),@echo "format: no files")
+
+format-check:
+	@bash scripts/ensure-deps.sh clang-format
+	$(if $(FORMAT_FILES),clang-format --dry-run --Werror $(FORMAT_FILES),@echo "format-check: no files")
+
+clean:
+	rm -rf build build-asan build-tsan build-release

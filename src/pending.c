@@ -1,0 +1,622 @@
+/*
+ * Pending: a thread-safe future (SPEC §5).
+ *
+ * Locking: each Pending has one 4-byte lock (sync.h) guarding every field
+ * but `refs` and `flags`' lock-free reads. It is a leaf lock: nothing else is
+ * locked while it is held, and no user code (callbacks, cancellers,
+ * finalizers, wakes) ever runs under it.
+ *
+ * Completion (set_result / set_exception) takes the lock once: it checks
+ * and sets DONE, records the outcome, detaches the done callbacks and the
+ * waiters, and releases the lock. Then, in the completing thread, it runs
+ * the callbacks in the order they were added and wakes the waiters, each
+ * with the outcome copied into its node. Exactly one completion can win,
+ * because DONE is tested and set under the lock; a callback added after
+ * DONE runs at once in the adding thread, so each callback runs once.
+ */
+#include "internal.h"
+#include "sync.h"
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum {
+    F_DONE = 1u << 0,
+    F_CANCELLED = 1u << 1,
+    F_FAILED = 1u << 2,
+    F_UNTRACKED = 1u << 3,
+    F_CANCELLER = 1u << 4,
+};
+
+#define PENDING_MAGIC 0x50656e64u /* "Pend" */
+#define PENDING_DEAD 0xdeadbeefu
+
+/* Cancellation messages and error messages are cut to this in repr. */
+#define REPR_MAX 100
+
+typedef struct {
+    caller_done_fn fn;
+    void *arg;
+} callback_t;
+
+/* Callbacks beyond the first: a growable array. */
+typedef struct {
+    unsigned n, cap;
+    callback_t items[];
+} callback_vec_t;
+
+struct caller_pending {
+    atomic_int refs;
+    atomic_uint flags;
+    caller__lock_t lock;
+    int code; /* the error code when F_FAILED */
+    void *value;
+    char *errmsg;    /* the error's message, or NULL */
+    char *cancelmsg; /* cancellation messages joined by "\n", or NULL */
+    caller_canceller_fn canceller;
+    void *canceller_arg;
+    callback_t cb0;      /* the first callback (no allocation) */
+    callback_vec_t *cbs; /* the rest; cb0 is empty only when all are */
+    caller__waiter_t *waiters;
+    void *userdata;
+    void (*finalizer)(void *);
+    const char *name;
+    uint32_t magic;
+};
+
+static atomic_size_t live_pendings;
+
+static const char *msg_or_empty(const char *s)
+{
+    return s ? s : "";
+}
+
+size_t caller__pending_size(void)
+{
+    return sizeof(struct caller_pending);
+}
+
+size_t caller_pending_live_count(void)
+{
+    return atomic_load_explicit(&live_pendings, memory_order_relaxed);
+}
+
+caller_pending_t *caller_pending_new(unsigned flags)
+{
+    if (flags & ~(unsigned)CALLER_PENDING_UNTRACKED) {
+        caller__fail(-EINVAL, "caller_pending_new: unknown flags 0x%x", flags);
+        return NULL;
+    }
+    caller_pending_t *p = caller__calloc(1, sizeof *p);
+    if (!p) {
+        caller__fail(-ENOMEM, "caller_pending_new: out of memory");
+        return NULL;
+    }
+    atomic_init(&p->refs, 1);
+    atomic_init(&p->flags, (flags & CALLER_PENDING_UNTRACKED) ? F_UNTRACKED : 0u);
+    atomic_init(&p->lock, CALLER__LOCK_INIT);
+    p->magic = PENDING_MAGIC;
+    atomic_fetch_add_explicit(&live_pendings, 1, memory_order_relaxed);
+    return p;
+}
+
+static void check_alive(const caller_pending_t *p, const char *fn)
+{
+    if (p->magic != PENDING_MAGIC) {
+        fprintf(stderr, "libcaller: %s: %p is not a live Pending (released too often?)\n", fn,
+                (const void *)p);
+        abort();
+    }
+}
+
+caller_pending_t *caller_pending_ref(caller_pending_t *p)
+{
+    if (!p)
+        return NULL;
+    check_alive(p, "caller_pending_ref");
+    atomic_fetch_add_explicit(&p->refs, 1, memory_order_relaxed);
+    return p;
+}
+
+void caller_pending_unref(caller_pending_t *p)
+{
+    if (!p)
+        return;
+    check_alive(p, "caller_pending_unref");
+    int old = atomic_fetch_sub_explicit(&p->refs, 1, memory_order_acq_rel);
+    if (old > 1)
+        return;
+    if (old < 1) {
+        fprintf(stderr, "libcaller: caller_pending_unref: %p released too often\n", (void *)p);
+        abort();
+    }
+    if (p->finalizer)
+        p->finalizer(p->userdata);
+    caller__free(p->errmsg);
+    caller__free(p->cancelmsg);
+    caller__free(p->cbs);
+    p->magic = PENDING_DEAD;
+    caller__free(p);
+    atomic_fetch_sub_explicit(&live_pendings, 1, memory_order_relaxed);
+}
+
+int caller_pending_set_userdata(caller_pending_t *p, void *data, void (*finalizer)(void *))
+{
+    if (!p)
+        return caller__fail(-EINVAL, "caller_pending_set_userdata: p is NULL");
+    caller__lock(&p->lock);
+    void *old = p->userdata;
+    void (*old_fin)(void *) = p->finalizer;
+    p->userdata = data;
+    p->finalizer = finalizer;
+    caller__unlock(&p->lock);
+    if (old_fin)
+        old_fin(old);
+    return 0;
+}
+
+void *caller_pending_userdata(const caller_pending_t *p)
+{
+    if (!p)
+        return NULL;
+    caller_pending_t *mp = (caller_pending_t *)p;
+    caller__lock(&mp->lock);
+    void *d = p->userdata;
+    caller__unlock(&mp->lock);
+    return d;
+}
+
+void caller__pending_set_name(caller_pending_t *p, const char *name)
+{
+    caller__lock(&p->lock);
+    p->name = name;
+    caller__unlock(&p->lock);
+}
+
+bool caller__pending_trackable(const caller_pending_t *p)
+{
+    return !(atomic_load_explicit(&p->flags, memory_order_relaxed) & F_UNTRACKED);
+}
+
+/* ---- completion ------------------------------------------------------- */
+
+/* The outcome code as seen by result(): cancellation beats everything. */
+static int outcome_locked(const caller_pending_t *p, unsigned flags)
+{
+    if (flags & F_CANCELLED)
+        return -ECANCELED;
+    return (flags & F_FAILED) ? p->code : 0;
+}
+
+static void run_callbacks(caller_pending_t *p, callback_t cb0, callback_vec_t *cbs)
+{
+    if (cb0.fn)
+        cb0.fn(p, cb0.arg);
+    if (cbs) {
+        for (unsigned i = 0; i < cbs->n; i++)
+            cbs->items[i].fn(p, cbs->items[i].arg);
+        caller__free(cbs);
+    }
+}
+
+/*
+ * Make the Pending done with @p value (code 0) or an error (@p code < 0,
+ * message @p msg, whose ownership passes here). Returns 0 or
+ * CALLER_EINVALSTATE.
+ */
+static int complete(caller_pending_t *p, void *value, int code, char *msg, bool reset,
+                    const char *fn)
+{
+    caller__lock(&p->lock);
+    unsigned flags = atomic_load_explicit(&p->flags, memory_order_relaxed);
+    if (flags & F_DONE) {
+        caller__unlock(&p->lock);
+        caller__free(msg);
+        return caller__fail(CALLER_EINVALSTATE, "%s: the Pending is already done", fn);
+    }
+    flags |= F_DONE | (code ? F_FAILED : 0u);
+    p->value = value;
+    p->code = code;
+    p->errmsg = msg;
+    atomic_store_explicit(&p->flags, flags, memory_order_release);
+    int outcome = outcome_locked(p, flags);
+    callback_t cb0 = p->cb0;
+    callback_vec_t *cbs = p->cbs;
+    p->cb0 = (callback_t){0};
+    p->cbs = NULL;
+    caller__waiter_t *waiters = p->waiters;
+    p->waiters = NULL;
+    for (caller__waiter_t *w = waiters; w; w = w->next)
+        w->linked = false;
+    caller__unlock(&p->lock);
+
+    run_callbacks(p, cb0, cbs);
+
+    if (reset) {
+        caller__lock(&p->lock);
+        p->value = NULL;
+        atomic_fetch_and_explicit(&p->flags, ~(unsigned)F_DONE, memory_order_release);
+        caller__unlock(&p->lock);
+    }
+
+    /* Waiters last, as in the original: when a waiter wakes, the done
+     * callbacks have run. Read `next` before waking: the node may vanish. */
+    caller__waiter_t *next;
+    for (caller__waiter_t *w = waiters; w; w = next) {
+        next = w->next;
+        w->value = value;
+        w->code = outcome;
+        w->wake(w);
+    }
+    return 0;
+}
+
+int caller_pending_set_result(caller_pending_t *p, void *value, bool reset)
+{
+    if (!p)
+        return caller__fail(-EINVAL, "caller_pending_set_result: p is NULL");
+    return complete(p, value, 0, NULL, reset, "caller_pending_set_result");
+}
+
+int caller_pending_set_exception(caller_pending_t *p, int code, const char *fmt, ...)
+{
+    if (!p)
+        return caller__fail(-EINVAL, "caller_pending_set_exception: p is NULL");
+    if (code >= 0)
+        return caller__fail(-EINVAL, "caller_pending_set_exception: code %d is not negative", code);
+    char *msg = NULL;
+    bool nomem = false;
+    if (fmt) {
+        va_list ap;
+        va_start(ap, fmt);
+        msg = caller__vasprintf(fmt, ap);
+        va_end(ap);
+        nomem = !msg;
+    }
+    int rc = complete(p, NULL, code, msg, false, "caller_pending_set_exception");
+    if (rc == 0 && nomem)
+        return caller__fail(-ENOMEM,
+                            "caller_pending_set_exception: no memory for the "
+                            "message (the Pending is done with code %d)",
+                            code);
+    return rc;
+}
+
+/* ---- cancellation ----------------------------------------------------- */
+
+/* Append @p message to the cancellation messages. Under the lock. */
+static int append_cancel_message(caller_pending_t *p, const char *message)
+{
+    if (!message || !*message)
+        return 0;
+    if (!p->cancelmsg || !*p->cancelmsg) {
+        char *m = caller__strdup(message);
+        if (!m)
+            return -ENOMEM;
+        caller__free(p->cancelmsg);
+        p->cancelmsg = m;
+        return 0;
+    }
+    size_t a = strlen(p->cancelmsg), b = strlen(message);
+    char *m = caller__realloc(p->cancelmsg, a + 1 + b + 1);
+    if (!m)
+        return -ENOMEM;
+    m[a] = '\n';
+    memcpy(m + a + 1, message, b + 1);
+    p->cancelmsg = m;
+    return 0;
+}
+
+/* Run the canceller outside the lock with a private copy of the messages
+ * (a concurrent cancel may grow the shared buffer meanwhile). */
+static void run_canceller(caller_pending_t *p, caller_canceller_fn fn, void *arg, char *copy)
+{
+    fn(p, copy ? copy : "", arg);
+    caller__free(copy);
+}
+
+int caller_pending_cancel(caller_pending_t *p, const char *message)
+{
+    if (!p)
+        return caller__fail(-EINVAL, "caller_pending_cancel: p is NULL");
+    caller__lock(&p->lock);
+    unsigned flags = atomic_load_explicit(&p->flags, memory_order_relaxed);
+    if (flags & F_DONE) {
+        caller__unlock(&p->lock);
+        return (flags & F_CANCELLED) ? 1 : 0;
+    }
+    int rc = append_cancel_message(p, message);
+    atomic_fetch_or_explicit(&p->flags, F_CANCELLED, memory_order_release);
+    caller_canceller_fn fn = p->canceller;
+    void *arg = p->canceller_arg;
+    char *copy = fn ? caller__strdup(p->cancelmsg) : NULL;
+    caller__unlock(&p->lock);
+    if (fn)
+        run_canceller(p, fn, arg, copy);
+    if (rc)
+        return caller__fail(rc, "caller_pending_cancel: no memory for the message "
+                                "(the Pending is cancelled without it)");
+    return 1;
+}
+
+int caller_pending_set_canceller(caller_pending_t *p, caller_canceller_fn fn, void *arg)
+{
+    if (!p || !fn)
+        return caller__fail(-EINVAL, "caller_pending_set_canceller: %s is NULL", p ? "fn" : "p");
+    caller__lock(&p->lock);
+    unsigned flags = atomic_load_explicit(&p->flags, memory_order_relaxed);
+    if (flags & (F_DONE | F_CANCELLER)) {
+        caller__unlock(&p->lock);
+        return caller__fail(CALLER_EINVALSTATE, "caller_pending_set_canceller: %s",
+                            (flags & F_DONE) ? "the Pending is already done"
+                                             : "a canceller is already set");
+    }
+    p->canceller = fn;
+    p->canceller_arg = arg;
+    atomic_fetch_or_explicit(&p->flags, F_CANCELLER, memory_order_relaxed);
+    bool now = flags & F_CANCELLED;
+    char *copy = now ? caller__strdup(p->cancelmsg) : NULL;
+    caller__unlock(&p->lock);
+    if (now)
+        run_canceller(p, fn, arg, copy);
+    return 0;
+}
+
+/* ---- queries ---------------------------------------------------------- */
+
+int caller_pending_done(const caller_pending_t *p)
+{
+    if (!p)
+        return caller__fail(-EINVAL, "caller_pending_done: p is NULL");
+    return (atomic_load_explicit(&p->flags, memory_order_acquire) & F_DONE) ? 1 : 0;
+}
+
+int caller_pending_cancelled(const caller_pending_t *p)
+{
+    if (!p)
+        return caller__fail(-EINVAL, "caller_pending_cancelled: p is NULL");
+    return (atomic_load_explicit(&p->flags, memory_order_acquire) & F_CANCELLED) ? 1 : 0;
+}
+
+/*
+ * The outcome under the lock: returns 0 / error code / -ECANCELED /
+ * CALLER_EINVALSTATE, fills *value, and records the message of a failure
+ * (or copies it into buf) before the lock is released.
+ */
+static int outcome(const caller_pending_t *cp, void **value, char *buf, size_t len, const char *fn)
+{
+    caller_pending_t *p = (caller_pending_t *)cp;
+    int rc;
+    caller__lock(&p->lock);
+    unsigned flags = atomic_load_explicit(&p->flags, memory_order_relaxed);
+    if (value)
+        *value = NULL;
+    if (buf && len)
+        buf[0] = '\0';
+    if (flags & F_CANCELLED) {
+        rc = caller__fail(-ECANCELED, "%s", msg_or_empty(p->cancelmsg));
+        if (buf && len)
+            caller__trunc(buf, len, msg_or_empty(p->cancelmsg), len - 1);
+    } else if (!(flags & F_DONE)) {
+        rc = caller__fail(CALLER_EINVALSTATE, "%s: the Pending is not done", fn);
+    } else if (flags & F_FAILED) {
+        rc = caller__fail(p->code, "%s", msg_or_empty(p->errmsg));
+        if (buf && len)
+            caller__trunc(buf, len, msg_or_empty(p->errmsg), len - 1);
+    } else {
+        rc = 0;
+        if (value)
+            *value = p->value;
+    }
+    caller__unlock(&p->lock);
+    return rc;
+}
+
+int caller_pending_result(const caller_pending_t *p, void **value)
+{
+    if (!p)
+        return caller__fail(-EINVAL, "caller_pending_result: p is NULL");
+    return outcome(p, value, NULL, 0, "caller_pending_result");
+}
+
+int caller_pending_exception(const caller_pending_t *p, char *buf, size_t len)
+{
+    if (!p)
+        return caller__fail(-EINVAL, "caller_pending_exception: p is NULL");
+    return outcome(p, NULL, buf, len, "caller_pending_exception");
+}
+
+/* ---- done callbacks --------------------------------------------------- */
+
+int caller_pending_add_done_callback(caller_pending_t *p, caller_done_fn fn, void *arg)
+{
+    if (!p || !fn)
+        return caller__fail(-EINVAL, "caller_pending_add_done_callback: %s is NULL",
+                            p ? "fn" : "p");
+    caller__lock(&p->lock);
+    if (atomic_load_explicit(&p->flags, memory_order_relaxed) & F_DONE) {
+        caller__unlock(&p->lock);
+        fn(p, arg);
+        return 0;
+    }
+    if (!p->cb0.fn) {
+        p->cb0 = (callback_t){fn, arg};
+        caller__unlock(&p->lock);
+        return 0;
+    }
+    callback_vec_t *v = p->cbs;
+    if (!v || v->n == v->cap) {
+        unsigned cap = v ? v->cap * 2 : 3;
+        callback_vec_t *nv = caller__realloc(v, sizeof *v + cap * sizeof v->items[0]);
+        if (!nv) {
+            caller__unlock(&p->lock);
+            return caller__fail(-ENOMEM, "caller_pending_add_done_callback: out of memory");
+        }
+        if (!v)
+            nv->n = 0;
+        nv->cap = cap;
+        p->cbs = v = nv;
+    }
+    v->items[v->n++] = (callback_t){fn, arg};
+    caller__unlock(&p->lock);
+    return 0;
+}
+
+int caller_pending_remove_done_callback(caller_pending_t *p, caller_done_fn fn, void *arg)
+{
+    if (!p || !fn)
+        return caller__fail(-EINVAL, "caller_pending_remove_done_callback: %s is NULL",
+                            p ? "fn" : "p");
+    caller__lock(&p->lock);
+    /* Treat cb0 followed by cbs as one sequence and compact it in place. */
+    unsigned total = (p->cb0.fn ? 1u : 0u) + (p->cbs ? p->cbs->n : 0u);
+    unsigned kept = 0, removed = 0;
+    for (unsigned i = 0; i < total; i++) {
+        callback_t c = i == 0 ? p->cb0 : p->cbs->items[i - 1];
+        if (c.fn == fn && c.arg == arg) {
+            removed++;
+            continue;
+        }
+        if (kept == 0)
+            p->cb0 = c;
+        else
+            p->cbs->items[kept - 1] = c;
+        kept++;
+    }
+    if (kept == 0)
+        p->cb0 = (callback_t){0};
+    if (p->cbs)
+        p->cbs->n = kept > 0 ? kept - 1 : 0;
+    caller__unlock(&p->lock);
+    return (int)removed;
+}
+
+/* ---- waiting ---------------------------------------------------------- */
+
+bool caller__pending_add_waiter(caller_pending_t *p, caller__waiter_t *w)
+{
+    caller__lock(&p->lock);
+    if (atomic_load_explicit(&p->flags, memory_order_relaxed) & F_DONE) {
+        caller__unlock(&p->lock);
+        return false;
+    }
+    w->linked = true;
+    w->next = p->waiters;
+    p->waiters = w;
+    caller__unlock(&p->lock);
+    return true;
+}
+
+bool caller__pending_remove_waiter(caller_pending_t *p, caller__waiter_t *w)
+{
+    caller__lock(&p->lock);
+    bool was = w->linked;
+    if (was) {
+        caller__waiter_t **pp = &p->waiters;
+        while (*pp != w)
+            pp = &(*pp)->next;
+        *pp = w->next;
+        w->linked = false;
+    }
+    caller__unlock(&p->lock);
+    return was;
+}
+
+/* A plain thread's waiter: a futex word on the waiting thread's stack. */
+typedef struct {
+    caller__waiter_t w;
+    atomic_uint woken;
+} thread_waiter_t;
+
+static void thread_wake(caller__waiter_t *w)
+{
+    thread_waiter_t *tw = (thread_waiter_t *)w;
+    atomic_store_explicit(&tw->woken, 1, memory_order_release);
+    /* The waiter may already have returned: waking a stale stack address
+     * is harmless (futex waiters tolerate spurious wakes). */
+    caller__futex_wake(&tw->woken, 1);
+}
+
+/* Block this thread until @p p is done or @p deadline; 0 or -ETIMEDOUT.
+ * On 0, *code and *value hold the outcome of the completion. */
+static int block_thread(caller_pending_t *p, int64_t deadline, int *code, void **value)
+{
+    thread_waiter_t tw = {.w = {.wake = thread_wake}};
+    atomic_init(&tw.woken, 0);
+    if (!caller__pending_add_waiter(p, &tw.w)) {
+        *code = outcome(p, value, NULL, 0, "caller_pending_wait");
+        return 0;
+    }
+    while (!atomic_load_explicit(&tw.woken, memory_order_acquire)) {
+        if (caller__futex_wait(&tw.woken, 0, deadline) != -ETIMEDOUT)
+            continue; /* woken, or spurious: re-check */
+        if (caller__pending_remove_waiter(p, &tw.w))
+            return -ETIMEDOUT;
+        /* A completion detached us just before the deadline: the Pending
+         * is done and our wake is on its way; it must arrive before this
+         * frame goes away. */
+        deadline = INT64_MAX;
+    }
+    *code = tw.w.code;
+    *value = tw.w.value;
+    return 0;
+}
+
+int caller_pending_wait(caller_pending_t *p, double timeout, bool protect, bool want_result,
+                        void **value)
+{
+    if (value)
+        *value = NULL;
+    if (!p)
+        return caller__fail(-EINVAL, "caller_pending_wait: p is NULL");
+    int code = 0;
+    void *v = NULL;
+    int rc = block_thread(p, caller__deadline(timeout), &code, &v);
+    if (rc == -ETIMEDOUT) {
+        if (!protect)
+            caller_pending_cancel(p, "Cancelled due to cancellation or timeout");
+        return caller__fail(-ETIMEDOUT, "caller_pending_wait: timed out after %g s", timeout);
+    }
+    if (!want_result)
+        return 0;
+    if (code == 0) {
+        if (value)
+            *value = v;
+        return 0;
+    }
+    /* Record the message of the failure for caller_last_error(). */
+    int rc2 = outcome(p, NULL, NULL, 0, "caller_pending_wait");
+    if (rc2 != code)
+        caller__fail(code, "%s", caller_strerror(code));
+    return code;
+}
+
+/* ---- text form -------------------------------------------------------- */
+
+int caller_pending_repr(const caller_pending_t *cp, char *buf, size_t len)
+{
+    if (!cp || (!buf && len))
+        return caller__fail(-EINVAL, "caller_pending_repr: %s is NULL", cp ? "buf" : "p");
+    caller_pending_t *p = (caller_pending_t *)cp;
+    char cmsg[REPR_MAX + 8], emsg[REPR_MAX + 8];
+    caller__lock(&p->lock);
+    unsigned flags = atomic_load_explicit(&p->flags, memory_order_relaxed);
+    caller__trunc(cmsg, sizeof cmsg, msg_or_empty(p->cancelmsg), REPR_MAX);
+    caller__trunc(emsg, sizeof emsg, msg_or_empty(p->errmsg), REPR_MAX);
+    int code = p->code;
+    const char *name = p->name;
+    caller__unlock(&p->lock);
+
+    char cancelled[sizeof cmsg + 32] = "", failed[sizeof emsg + 64] = "", label[128] = "";
+    if (flags & F_CANCELLED)
+        snprintf(cancelled, sizeof cancelled, " \u26d4%s%s", *cmsg ? " message=" : "", cmsg);
+    if ((flags & F_FAILED) && !(flags & F_CANCELLED))
+        snprintf(failed, sizeof failed, " error=%s%s%s", caller_err_name(code), *emsg ? ": " : "",
+                 emsg);
+    if (name)
+        snprintf(label, sizeof label, "| %s", name);
+    return snprintf(buf, len, "<Pending%s %s at %p%s%s >", cancelled,
+                    (flags & F_DONE) ? "\U0001f3c1" : "\U0001f3c3", (void *)p, failed, label);
+}

@@ -1,0 +1,112 @@
+/*
+ * Small synchronisation primitives shared by the library's files: a 4-byte
+ * lock and a one-shot "wake" word a thread can block on with a deadline.
+ *
+ * Why not pthread_mutex_t: it is 40 bytes on x86_64 glibc, and a Pending
+ * must stay within 128 bytes (issue #2). The lock below is the classic
+ * three-state futex mutex (Drepper, "Futexes Are Tricky", mutex 2): one
+ * CAS to take it uncontended, one exchange to release it, a system call
+ * only when there is contention. Critical sections that use it are a few
+ * loads and stores long and never call user code.
+ *
+ * All ordering is expressed with C11 atomics (acquire on lock, release on
+ * unlock), so ThreadSanitizer sees the happens-before edges without knowing
+ * about futexes.
+ */
+#ifndef CALLER_SYNC_H
+#define CALLER_SYNC_H
+
+#include <errno.h>
+#include <limits.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <time.h>
+
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#error "libcaller's sync.h needs futexes (Linux); add a condition-variable fallback here"
+#endif
+
+/* Monotonic clock in nanoseconds. */
+static inline int64_t caller__now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* A deadline (monotonic ns) from a timeout in seconds; negative = never. */
+static inline int64_t caller__deadline(double timeout_s)
+{
+    if (timeout_s < 0)
+        return INT64_MAX;
+    if (timeout_s > 1e9)
+        return INT64_MAX;
+    return caller__now_ns() + (int64_t)(timeout_s * 1e9);
+}
+
+/*
+ * Block while *addr == expected, until woken or the monotonic deadline
+ * passes. Returns 0 when woken (or *addr already differed; spurious wakes
+ * are possible, callers re-check) and -ETIMEDOUT at the deadline. EINTR is
+ * absorbed: a signal never ends the wait.
+ */
+static inline int caller__futex_wait(atomic_uint *addr, unsigned expected, int64_t deadline_ns)
+{
+    struct timespec ts, *tsp = NULL;
+    if (deadline_ns != INT64_MAX) {
+        if (caller__now_ns() >= deadline_ns)
+            return -ETIMEDOUT;
+        ts.tv_sec = deadline_ns / 1000000000;
+        ts.tv_nsec = deadline_ns % 1000000000;
+        tsp = &ts;
+    }
+    /* FUTEX_WAIT_BITSET takes an absolute CLOCK_MONOTONIC deadline. */
+    long r = syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT_BITSET | FUTEX_PRIVATE_FLAG, expected,
+                     tsp, NULL, FUTEX_BITSET_MATCH_ANY);
+    if (r == -1 && errno == ETIMEDOUT)
+        return -ETIMEDOUT;
+    return 0;
+}
+
+static inline void caller__futex_wake(atomic_uint *addr, int n)
+{
+    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE | FUTEX_PRIVATE_FLAG, n, NULL, NULL, 0);
+}
+
+/* 0 = free, 1 = held, 2 = held and someone may be sleeping on it. */
+typedef atomic_uint caller__lock_t;
+
+#define CALLER__LOCK_INIT 0u
+
+static inline void caller__lock(caller__lock_t *l)
+{
+    unsigned c = 0;
+    if (atomic_compare_exchange_strong_explicit(l, &c, 1, memory_order_acquire,
+                                                memory_order_relaxed))
+        return;
+    /* Short spin: the holders' critical sections are tens of instructions. */
+    for (int i = 0; i < 64 && c != 0; i++) {
+        c = 0;
+        if (atomic_compare_exchange_weak_explicit(l, &c, 1, memory_order_acquire,
+                                                  memory_order_relaxed))
+            return;
+    }
+    if (c != 2)
+        c = atomic_exchange_explicit(l, 2, memory_order_acquire);
+    while (c != 0) {
+        caller__futex_wait(l, 2, INT64_MAX);
+        c = atomic_exchange_explicit(l, 2, memory_order_acquire);
+    }
+}
+
+static inline void caller__unlock(caller__lock_t *l)
+{
+    if (atomic_exchange_explicit(l, 0, memory_order_release) != 1)
+        caller__futex_wake(l, 1);
+}
+
+#endif /* CALLER_SYNC_H */
