@@ -125,7 +125,11 @@ void caller_pending_unref(caller_pending_t *p)
     if (!p)
         return;
     check_alive(p, "caller_pending_unref");
-    int old = atomic_fetch_sub_explicit(&p->refs, 1, memory_order_acq_rel);
+    /* The last reference needs no atomic decrement: whoever holds it is the
+     * only one who could take another. */
+    int old = atomic_load_explicit(&p->refs, memory_order_acquire);
+    if (old != 1)
+        old = atomic_fetch_sub_explicit(&p->refs, 1, memory_order_acq_rel);
     if (old > 1)
         return;
     if (old < 1) {
