@@ -453,12 +453,18 @@ static void *setter_thread(void *arg)
 TEST(result_from_other_thread_wakes_blocked_waiter)
 {
     caller_pending_t *p = new_pending();
+    cb_log_t log = {0};
+    cb_arg_t arg = {&log, 1};
+    CHECK_RC(caller_pending_add_done_callback(p, log_callback, &arg), 0);
     setter_t s = {.p = p, .delay = 0.03, .value = (void *)77};
     pthread_t t;
     CHECK_EQ(pthread_create(&t, NULL, setter_thread, &s), 0);
     void *v = NULL;
     CHECK_RC(caller_pending_wait(p, CALLER_FOREVER, false, true, &v), 0);
     CHECK_PTR_EQ(v, (void *)77);
+    /* The done callback ran in the completing thread, before we woke. */
+    CHECK_EQ(log.n, 1);
+    CHECK(pthread_equal(log.thread, t));
     pthread_join(t, NULL);
     CHECK_EQ(s.code, 0);
     caller_pending_unref(p);
