@@ -26,8 +26,10 @@
 #define CALLER_H
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdio.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -337,6 +339,321 @@ CALLER_EXTERN int caller_pending_repr(const caller_pending_t *p, char *buf, size
  * For leak checks in tests and at shutdown. Thread: any.
  */
 CALLER_EXTERN size_t caller_pending_live_count(void);
+
+/** @} */
+
+/* ======================================================================== */
+/** @name Callers: one event loop per thread                                */
+/* ======================================================================== */
+/** @{ */
+
+/**
+ * A Caller owns an event loop (libuv) running in one thread; code scheduled
+ * onto it from any thread runs in that thread as a *task*: a fiber with its
+ * own stack that can suspend (caller_pending_wait, caller_sleep,
+ * caller_wait_stopped) without blocking the thread. There is at most one
+ * Caller per thread.
+ *
+ * Memory: reference-counted. Every function that returns a `caller_t *`
+ * gives the caller a reference to release with caller_unref(), except
+ * caller_current(), which lends the calling thread's own. A Caller's thread
+ * holds its own reference while it runs, so a Caller never disappears under
+ * a running task; stopping it does not free it.
+ */
+typedef struct caller caller_t;
+
+/** How caller_create() finds or makes a Caller (SPEC §2). */
+typedef enum {
+    /** This thread's Caller; else attach a new one to `options->loop`. */
+    CALLER_CURRENT_THREAD = 0,
+    /** The main thread's Caller (fails if there is none). */
+    CALLER_MAIN_THREAD,
+    /** A new thread with its own loop; returns once it is running. */
+    CALLER_NEW_THREAD,
+    /** A Caller for this thread, not started: run it with caller_run(). */
+    CALLER_MANUAL,
+} caller_mode_t;
+
+/** Life cycle (caller_state()). States only move forward. */
+typedef enum {
+    CALLER_STATE_INITIAL = 0, /**< created, not started (manual) */
+    CALLER_STATE_STARTING,
+    CALLER_STATE_RUNNING,
+    CALLER_STATE_STOPPING, /**< stop requested; tasks and children finishing */
+    CALLER_STATE_STOPPED,  /**< finished: the stopped event has fired */
+} caller_state_t;
+
+/** Log levels passed to a caller_log_fn. */
+typedef enum {
+    CALLER_LOG_DEBUG = 10,
+    CALLER_LOG_INFO = 20,
+    CALLER_LOG_WARNING = 30,
+    CALLER_LOG_ERROR = 40,
+} caller_log_level_t;
+
+/** A logging callback: called in the Caller's thread. */
+typedef void (*caller_log_fn)(void *arg, int level, const char *message);
+
+/** A task function: runs in the Caller's thread; its return value is the
+ *  result of the task's Pending. To fail instead, call caller_raise()
+ *  before returning. */
+typedef void *(*caller_fn)(void *arg);
+
+/** A function for caller_call_direct(): runs in the loop, not as a task. */
+typedef void (*caller_direct_fn)(void *arg);
+
+struct uv_loop_s;
+
+/**
+ * Options for caller_create() and caller_get(). Zero-initialise and set what
+ * you need (`caller_options_t o = {.name = "ControlThread"};`); NULL means
+ * all defaults.
+ */
+typedef struct caller_options {
+    /** Name of the Caller (and of its thread, cut to 15 bytes for the OS).
+     *  Default for new threads: "caller-worker"; for an attached or manual
+     *  Caller: the thread's current name. Copied. */
+    const char *name;
+    /** Event-loop library: "libuv" (the default and only one so far). */
+    const char *backend;
+    /** A protected Caller ignores caller_stop() unless forced. */
+    bool protect;
+    /** A ZeroMQ context (void * so this header does not need zmq.h); for
+     *  the iopub sockets. Children inherit it. */
+    void *zmq_context;
+    /** Logging callback and its argument; NULL logs to stderr. */
+    caller_log_fn log;
+    void *log_arg;
+    /** Stack size for tasks in bytes; 0 = 256 KiB. Rounded up to pages. */
+    size_t stack_size;
+    /** CALLER_CURRENT_THREAD only: the libuv loop of this thread to attach
+     *  to. The application keeps running it; the Caller's handles join it
+     *  (and keep it alive until the Caller stops). */
+    struct uv_loop_s *loop;
+} caller_options_t;
+
+/**
+ * Create or find a Caller (the seed's `Caller(modifier, **kwargs)`).
+ *
+ * - CALLER_CURRENT_THREAD: this thread's Caller if it has one (a given
+ *   name or backend that differs is an error: -EINVAL "The thread and
+ *   caller's name do not match!" / "The backend does not match!"); else a
+ *   new Caller attached to `options->loop` (running at once); with no loop:
+ *   -ENOENT "no event loop in this thread".
+ * - CALLER_MAIN_THREAD: the main thread's Caller, or -ENOENT.
+ * - CALLER_NEW_THREAD: a new thread with its own loop; returns once the
+ *   Caller is running there.
+ * - CALLER_MANUAL: a new, not started Caller for this thread; -EEXIST "An
+ *   instance already exists for thread ..." if the thread has one.
+ *
+ * Thread: any. @p options may be NULL.
+ * @return a reference the caller owns, or NULL (caller_last_error(): -EINVAL,
+ *         -ENOENT, -EEXIST, -ENOMEM, -EAGAIN when no thread can be made).
+ */
+CALLER_EXTERN caller_t *caller_create(caller_mode_t mode, const caller_options_t *options);
+
+/**
+ * Run a manual Caller in this thread (the seed's `async with Caller("manual")`):
+ * starts the loop, runs `body(arg)` as the first task (calls scheduled
+ * before are kept and run after it starts), and when `body` returns stops
+ * the Caller (forced, so a protected one stops too), waits until every task
+ * ended and every child stopped, and returns.
+ *
+ * Thread: the thread that created the Caller with CALLER_MANUAL.
+ * @param result  if not NULL, receives body's return value.
+ * @return 0 if body returned normally; body's error code if it called
+ *         caller_raise(); -EBUSY "Already starting/running"; -EPERM
+ *         "Restarting is not allowed" (stopping or stopped), or wrong
+ *         thread; -EINVAL (NULL @p c or @p body); -ENOMEM.
+ */
+CALLER_EXTERN int caller_run(caller_t *c, caller_fn body, void *arg, void **result);
+
+/** Take a reference. Thread: any. Returns @p c. */
+CALLER_EXTERN caller_t *caller_ref(caller_t *c);
+
+/** Release a reference; the last one frees the Caller (which by then has
+ *  stopped, or never started). Thread: any. NULL is ignored. Releasing the
+ *  last reference of a Caller that is still running is a broken invariant
+ *  that cannot happen: its thread holds one. */
+CALLER_EXTERN void caller_unref(caller_t *c);
+
+/**
+ * Stop (SPEC §3). A protected Caller ignores this unless @p force. Else the
+ * state becomes stopping, the Caller leaves the registry, and in its thread
+ * every child is stopped (forced), every call not yet started ends
+ * cancelled, and every running task is cancelled at its next suspension
+ * point; once all tasks ended and all children stopped, the loop exits, the
+ * state becomes stopped and the stopped event fires. Idempotent.
+ *
+ * Thread: any, including the Caller's own tasks.
+ * @return the state after the call (a caller_state_t, >= 0); -EINVAL.
+ */
+CALLER_EXTERN int caller_stop(caller_t *c, bool force);
+
+/**
+ * Wait for the stopped event. In a task this suspends the task; elsewhere it
+ * blocks the thread.
+ *
+ * Thread: any. Blocking on the Caller's own thread outside a task would
+ * never end: -EDEADLK.
+ * @param timeout  seconds; negative waits forever.
+ * @return 0 once stopped; -ETIMEDOUT; -ECANCELED (the waiting task was
+ *         cancelled); -EDEADLK; -EINVAL.
+ */
+CALLER_EXTERN int caller_wait_stopped(caller_t *c, double timeout);
+
+/**
+ * The named child of @p parent, or a new one (the seed's `Caller.get`): a
+ * new thread added to @p parent's children and stopped with it. An existing
+ * name with a different backend fails (-EINVAL "Backend mismatch!"). With
+ * no name, always a new child. Backend, zmq context, log and stack size
+ * default to the parent's.
+ *
+ * Thread: any. @return a reference, or NULL (-EINVAL, -ESHUTDOWN if @p
+ * parent is stopping or stopped, -ENOMEM, -EAGAIN).
+ */
+CALLER_EXTERN caller_t *caller_get(caller_t *parent, const caller_options_t *options);
+
+/* ---- scheduling ------------------------------------------------------- */
+
+/**
+ * Run `fn(arg)` as a task in @p c's thread as soon as possible; calls run in
+ * the order submitted. Scheduling onto a Caller that has not started yet
+ * (manual) keeps the call until it starts.
+ *
+ * Thread: any.
+ * @return the task's Pending — a reference the caller owns — or NULL:
+ *         -ESHUTDOWN "Caller<...> is stopped!" if @p c is stopping or
+ *         stopped; -EINVAL; -ENOMEM. Cancelling the Pending before the task
+ *         starts means it never runs ("Cancelled before started."); after,
+ *         the task's next suspension point returns -ECANCELED.
+ */
+CALLER_EXTERN caller_pending_t *caller_call_soon(caller_t *c, caller_fn fn, void *arg);
+
+/**
+ * As caller_call_soon(), but not before @p delay seconds after this call
+ * (measured from submission). Negative delays count as 0.
+ *
+ * Thread: any. @return as caller_call_soon().
+ */
+CALLER_EXTERN caller_pending_t *caller_call_later(caller_t *c, double delay, caller_fn fn,
+                                                  void *arg);
+
+/* The function's name becomes the Pending's label in its text form. */
+CALLER_EXTERN caller_pending_t *caller__call_soon_named(caller_t *c, caller_fn fn, void *arg,
+                                                        const char *name);
+CALLER_EXTERN caller_pending_t *caller__call_later_named(caller_t *c, double delay, caller_fn fn,
+                                                         void *arg, const char *name);
+#define caller_call_soon(c, fn, arg) caller__call_soon_named((c), (fn), (arg), #fn)
+#define caller_call_later(c, delay, fn, arg)                                                       \
+    caller__call_later_named((c), (delay), (fn), (arg), #fn)
+
+/**
+ * Run `fn(arg)` directly in @p c's loop, not as a task and with no Pending:
+ * for short calls only (it must not suspend: caller_pending_wait inside it
+ * blocks the loop). A failure reported with caller_raise() is logged through
+ * the Caller's log callback; the loop goes on.
+ *
+ * Thread: any.
+ * @return 0 (then @p fn runs exactly once, unless the Caller stops first:
+ *         then it never runs); -ESHUTDOWN; -EINVAL; -ENOMEM.
+ */
+CALLER_EXTERN int caller_call_direct(caller_t *c, caller_direct_fn fn, void *arg);
+
+/**
+ * Report a failure from a task (the seed's `raise`): when the task function
+ * returns, its Pending ends with @p code and the message instead of a
+ * result. In a caller_call_direct() function, the failure is logged. The
+ * last call before returning wins.
+ *
+ * Thread: a task or a direct call.
+ * @param code  negative; @p fmt may be NULL.
+ * @return 0; -EINVAL if @p code >= 0; -EPERM outside a task or direct call.
+ */
+CALLER_EXTERN int caller_raise(int code, const char *fmt, ...) CALLER_PRINTF(2, 3);
+
+/**
+ * Sleep: in a task, suspends it (the thread runs other tasks); elsewhere
+ * blocks the thread (signals do not cut it short).
+ *
+ * Thread: any. @return 0; -ECANCELED if the task was cancelled meanwhile;
+ *         -EINVAL for a negative or NaN duration; -ENOMEM.
+ */
+CALLER_EXTERN int caller_sleep(double seconds);
+
+/* ---- lookups and introspection ---------------------------------------- */
+
+/** This thread's Caller (until it stops), or NULL. Borrowed: no reference.
+ *  Thread: any. */
+CALLER_EXTERN caller_t *caller_current(void);
+
+/** The Caller of thread @p t (not stopping or stopped), or NULL. A
+ *  reference. Thread: any. */
+CALLER_EXTERN caller_t *caller_for_thread(pthread_t t);
+
+/**
+ * The Callers of the process that are not stopping or stopped (with
+ * @p running_only, only those running). Fills up to @p max references into
+ * @p out (which may be NULL when @p max is 0).
+ * Thread: any. @return how many there are (may exceed @p max).
+ */
+CALLER_EXTERN size_t caller_all(bool running_only, caller_t **out, size_t max);
+
+/** The Pending of the task running now in this thread, or NULL outside a
+ *  task. Borrowed. Thread: any. */
+CALLER_EXTERN caller_pending_t *caller_current_pending(void);
+
+/** The parent (the Caller that created @p c with caller_get() or as a
+ *  worker), or NULL. A reference. Thread: any. */
+CALLER_EXTERN caller_t *caller_parent(caller_t *c);
+
+/** The children that have not stopped: up to @p max references into @p out.
+ *  Thread: any. @return how many there are. */
+CALLER_EXTERN size_t caller_children(caller_t *c, caller_t **out, size_t max);
+
+/** The name (valid while @p c lives), or NULL for NULL. Thread: any. */
+CALLER_EXTERN const char *caller_name(const caller_t *c);
+
+/** The backend's name ("libuv"), or NULL for NULL. Thread: any. */
+CALLER_EXTERN const char *caller_backend(const caller_t *c);
+
+/** The thread the Caller runs in (for a manual Caller: the thread that
+ *  created it). Thread: any; @p c must not be NULL. */
+CALLER_EXTERN pthread_t caller_thread(const caller_t *c);
+
+/** 1 if protected, 0 if not, -EINVAL. Thread: any. */
+CALLER_EXTERN int caller_protected(const caller_t *c);
+
+/** 1 if running (accepting and running calls), 0 if not, -EINVAL. */
+CALLER_EXTERN int caller_running(const caller_t *c);
+
+/** The state (a caller_state_t, >= 0), or -EINVAL. Thread: any. */
+CALLER_EXTERN int caller_state(const caller_t *c);
+
+/** The libuv loop under @p c (NULL before it started and after it stopped),
+ *  so applications can run their own libuv I/O in the Caller's thread. Use
+ *  it only from that thread (libuv loops are not thread-safe); schedule
+ *  onto the Caller to get there. */
+CALLER_EXTERN struct uv_loop_s *caller_loop(caller_t *c);
+
+/**
+ * The text form: `Caller<name libuv 🏃 running 2 children>`; states are
+ * shown as "❗ not running", "starting", "🏃 running", "🏁 stopping",
+ * "🏁 stopped". Thread: any. snprintf semantics; -EINVAL.
+ */
+CALLER_EXTERN int caller_repr(const caller_t *c, char *buf, size_t len);
+
+/**
+ * Print the callers table (the seed's `%callers`): one row per Caller that
+ * is not stopped — Name, Running ✓, Protected 🔐, Thread (name and id) — and
+ * `← current` on the calling thread's row. Thread: any.
+ * @return 0, or -EINVAL if @p out is NULL.
+ */
+CALLER_EXTERN int caller_print_table(FILE *out);
+
+/** How many Callers exist (created and not yet freed), for leak checks.
+ *  Thread: any. */
+CALLER_EXTERN size_t caller_live_count(void);
 
 /** @} */
 

@@ -80,3 +80,213 @@ bool caller__pending_trackable(const caller_pending_t *p);
 size_t caller__pending_size(void);
 
 #endif /* CALLER_INTERNAL_H */
+
+/* ======================================================================= */
+/* Callers, tasks and the scheduler (caller.c, sched.c)                     */
+/* ======================================================================= */
+
+#include "backend.h"
+#include "heap.h"
+#include "sync.h"
+
+#include <stdint.h>
+#include <sys/types.h>
+
+struct caller__fiber;
+
+/* A message in a Caller's inbox (cross-thread submission). Every kind is
+ * embedded in the object it concerns, so posting never allocates except
+ * for call_direct. */
+typedef enum {
+    CALLER__MSG_TASK = 1, /* a new task (caller__task_t.msg) */
+    CALLER__MSG_RESUME,   /* a suspended task's wait was satisfied */
+    CALLER__MSG_CANCEL,   /* a task's Pending was cancelled (holds a ref) */
+    CALLER__MSG_DIRECT,   /* call_direct (allocated) */
+    CALLER__MSG_STOP,     /* carry out caller_stop in the loop thread */
+    CALLER__MSG_CHILD,    /* a child stopped (holds a ref on the child) */
+} caller__msg_kind_t;
+
+typedef struct caller__msg caller__msg_t;
+struct caller__msg {
+    caller__msg_t *next;
+    uint8_t kind;
+};
+
+/* A FIFO of messages (or of ready tasks, through the same link). */
+typedef struct {
+    caller__msg_t *head, *tail;
+} caller__fifo_t;
+
+static inline void caller__fifo_push(caller__fifo_t *q, caller__msg_t *m)
+{
+    m->next = NULL;
+    if (q->tail)
+        q->tail->next = m;
+    else
+        q->head = m;
+    q->tail = m;
+}
+
+static inline caller__msg_t *caller__fifo_pop(caller__fifo_t *q)
+{
+    caller__msg_t *m = q->head;
+    if (m) {
+        q->head = m->next;
+        if (!q->head)
+            q->tail = NULL;
+    }
+    return m;
+}
+
+/* An intrusive doubly-linked list node (live tasks). */
+typedef struct caller__link {
+    struct caller__link *prev, *next;
+} caller__link_t;
+
+typedef enum {
+    CALLER__TASK_QUEUED = 0, /* submitted, not yet seen by the loop */
+    CALLER__TASK_DELAYED,    /* call_later: in the timer heap */
+    CALLER__TASK_READY,      /* in the ready FIFO */
+    CALLER__TASK_RUNNING,
+    CALLER__TASK_SUSPENDED,
+    CALLER__TASK_DONE,
+} caller__task_state_t;
+
+typedef enum {
+    CALLER__WAKE_NONE = 0,
+    CALLER__WAKE_DONE,    /* what it waited for happened */
+    CALLER__WAKE_TIMEOUT, /* its deadline passed */
+    CALLER__WAKE_CANCEL,  /* its Pending was cancelled */
+    CALLER__WAKE_NOMEM,   /* no memory to arm the deadline: did not suspend */
+} caller__wake_t;
+
+/* A failure reported with caller_raise() (code 0: none). */
+typedef struct {
+    int code;
+    char *msg;
+} caller__raise_t;
+
+/*
+ * A task: lives in the same allocation as its Pending (after it), so a call
+ * costs one allocation. Loop-thread-only fields are marked (L).
+ */
+typedef struct caller__task {
+    caller__msg_t msg;        /* MSG_TASK, then the ready FIFO link */
+    caller__msg_t cancel_msg; /* MSG_CANCEL */
+    atomic_bool cancel_posted;
+    caller_t *caller; /* the Pending holds the reference */
+    caller_fn fn;
+    void *arg;
+    caller_pending_t *pending;
+    struct caller__fiber *fiber; /* (L) */
+    caller__timer_t timer;       /* (L) call_later delay, then wait timeouts */
+    caller__link_t live;         /* (L) in caller->live_tasks */
+    uint8_t state;               /* (L) caller__task_state_t */
+    uint8_t wake;                /* (L) caller__wake_t of the last resume */
+    bool uncancellable;          /* (L) the current suspension ignores cancel */
+    void *result;                /* what fn returned */
+    caller__raise_t raised;      /* what caller_raise recorded */
+} caller__task_t;
+
+struct caller {
+    atomic_int refs;
+    atomic_int state; /* caller_state_t */
+    char name[64];
+    const caller__backend_ops_t *ops;
+    bool protect;
+    bool owns_thread; /* NEW_THREAD: its own thread and loop */
+    bool owns_loop;   /* NEW_THREAD and MANUAL */
+    pthread_t thread;
+    pid_t tid;
+    caller_t *parent; /* a reference */
+    caller_log_fn log;
+    void *log_arg;
+    size_t stack_size;
+    void *zmq_context;
+    caller_pending_t *stopped; /* the stopped event */
+
+    /* children, under `lock` */
+    pthread_mutex_t lock;
+    caller_t **children; /* references */
+    size_t nchildren, children_cap;
+
+    /* the inbox, under inbox_lock; `closed` once the loop has finished */
+    caller__lock_t inbox_lock;
+    bool inbox_closed;
+    caller__fifo_t inbox;
+    caller__backend_t *backend; /* set and cleared under inbox_lock */
+
+    /* loop-thread-only */
+    caller__backend_t *loop_backend; /* from start until finished */
+    caller__fifo_t ready;
+    caller__heap_t timers;
+    caller__link_t live_tasks;
+    size_t nlive;
+    bool in_dispatch;
+    bool stop_seen;         /* MSG_STOP processed */
+    bool finishing;         /* backend close requested */
+    caller_pending_t *body; /* caller_run: the body's task */
+    caller__msg_t stop_msg;
+    caller__msg_t child_msg; /* posted to the parent when this one stops */
+
+    /* registry, under the registry lock */
+    caller__link_t reg;
+    bool registered;
+
+    atomic_uint started; /* NEW_THREAD: 1 once running (futex word) */
+    int start_error;
+};
+
+/* ---- sched.c ---- */
+/* The task running on this thread, or NULL. */
+caller__task_t *caller__task_current(void);
+/* Post a message; internal kinds are accepted while stopping. Returns false
+ * if the inbox is closed (the Caller finished). */
+bool caller__post(caller_t *c, caller__msg_t *m);
+/* Loop thread: the backend's on_work. */
+void caller__dispatch(caller_t *c);
+/* Loop thread: start dispatching (drain what was queued before start). */
+void caller__sched_started(caller_t *c);
+/* Loop thread, on MSG_STOP: cancel every task. */
+void caller__sched_stop(caller_t *c);
+/* Loop thread: all tasks ended? */
+static inline bool caller__sched_idle(const caller_t *c)
+{
+    return c->nlive == 0;
+}
+/* Loop thread, after the inbox is closed: fail what was left in it. */
+void caller__sched_drain_closed(caller_t *c, caller__msg_t *left);
+/* Suspend the current task on @p p (see caller_pending_wait). */
+int caller__task_wait(caller__task_t *t, caller_pending_t *p, int64_t deadline, int *code,
+                      void **value);
+/* Make a task for @p c (one allocation with its Pending). */
+caller_pending_t *caller__task_new(caller_t *c, caller_fn fn, void *arg, const char *name);
+/* Queue a task made by caller__task_new (delay_ns >= 0). Consumes the
+ * task's reference on failure. */
+int caller__task_submit(caller_t *c, caller_pending_t *p, int64_t deadline);
+
+/* ---- caller.c ---- */
+/* Loop thread: the stop criteria may now hold; finish if so. */
+void caller__check_finished(caller_t *c);
+/* Loop thread: carry out a stop. */
+void caller__on_stop(caller_t *c);
+/* Loop thread: a child stopped. */
+void caller__on_child_stopped(caller_t *c, caller_t *child);
+/* Log through the Caller's callback (or stderr). */
+void caller__log(caller_t *c, int level, const char *fmt, ...) CALLER_PRINTF(3, 4);
+/* This thread's Caller (also while stopping), or NULL. */
+caller_t *caller__thread_caller(void);
+/* "Caller<...> is stopped!" as an error. */
+int caller__fail_stopped(const caller_t *c, const char *fn);
+
+/* ---- pending.c, for tasks ---- */
+/* A Pending with @p extra bytes after it (the task); *extra gets them. */
+caller_pending_t *caller__pending_new_extra(unsigned flags, size_t extra, void **extra_out);
+/* The Caller whose work completes this Pending (a reference is taken, or,
+ * with @p weak, none: for the Caller's own stopped event). */
+void caller__pending_set_owner(caller_pending_t *p, caller_t *owner, bool weak);
+caller_t *caller__pending_owner(const caller_pending_t *p);
+/* Set owner (a reference), name and canceller of a Pending nobody else
+ * sees yet, without taking its lock (the task fast path). */
+void caller__pending_init_task(caller_pending_t *p, caller_t *owner, const char *name,
+                               caller_canceller_fn canceller, void *arg);

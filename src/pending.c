@@ -28,6 +28,7 @@ enum {
     F_FAILED = 1u << 2,
     F_UNTRACKED = 1u << 3,
     F_CANCELLER = 1u << 4,
+    F_WEAK_OWNER = 1u << 5,
 };
 
 #define PENDING_MAGIC 0x50656e64u /* "Pend" */
@@ -63,6 +64,7 @@ struct caller_pending {
     void *userdata;
     void (*finalizer)(void *);
     const char *name;
+    caller_t *owner; /* whose work completes it (a reference unless weak) */
     uint32_t magic;
 };
 
@@ -83,23 +85,54 @@ size_t caller_pending_live_count(void)
     return atomic_load_explicit(&live_pendings, memory_order_relaxed);
 }
 
-caller_pending_t *caller_pending_new(unsigned flags)
+caller_pending_t *caller__pending_new_extra(unsigned flags, size_t extra, void **extra_out)
 {
     if (flags & ~(unsigned)CALLER_PENDING_UNTRACKED) {
         caller__fail(-EINVAL, "caller_pending_new: unknown flags 0x%x", flags);
         return NULL;
     }
-    caller_pending_t *p = caller__calloc(1, sizeof *p);
+    caller_pending_t *p = caller__malloc(sizeof *p + extra);
     if (!p) {
         caller__fail(-ENOMEM, "caller_pending_new: out of memory");
         return NULL;
     }
+    memset(p, 0, sizeof *p);
     atomic_init(&p->refs, 1);
     atomic_init(&p->flags, (flags & CALLER_PENDING_UNTRACKED) ? F_UNTRACKED : 0u);
     atomic_init(&p->lock, CALLER__LOCK_INIT);
     p->magic = PENDING_MAGIC;
     atomic_fetch_add_explicit(&live_pendings, 1, memory_order_relaxed);
+    if (extra_out)
+        *extra_out = p + 1;
     return p;
+}
+
+caller_pending_t *caller_pending_new(unsigned flags)
+{
+    return caller__pending_new_extra(flags, 0, NULL);
+}
+
+void caller__pending_set_owner(caller_pending_t *p, caller_t *owner, bool weak)
+{
+    p->owner = weak ? owner : caller_ref(owner);
+    if (weak)
+        atomic_fetch_or_explicit(&p->flags, F_WEAK_OWNER, memory_order_relaxed);
+}
+
+void caller__pending_init_task(caller_pending_t *p, caller_t *owner, const char *name,
+                               caller_canceller_fn canceller, void *arg)
+{
+    /* Not shared yet: no lock needed. */
+    p->owner = caller_ref(owner);
+    p->name = name;
+    p->canceller = canceller;
+    p->canceller_arg = arg;
+    atomic_fetch_or_explicit(&p->flags, F_CANCELLER, memory_order_relaxed);
+}
+
+caller_t *caller__pending_owner(const caller_pending_t *p)
+{
+    return p->owner;
 }
 
 static void check_alive(const caller_pending_t *p, const char *fn)
@@ -141,6 +174,8 @@ void caller_pending_unref(caller_pending_t *p)
     caller__free(p->errmsg);
     caller__free(p->cancelmsg);
     caller__free(p->cbs);
+    if (p->owner && !(atomic_load_explicit(&p->flags, memory_order_relaxed) & F_WEAK_OWNER))
+        caller_unref(p->owner);
     p->magic = PENDING_DEAD;
     caller__free(p);
     atomic_fetch_sub_explicit(&live_pendings, 1, memory_order_relaxed);
@@ -568,6 +603,15 @@ static int block_thread(caller_pending_t *p, int64_t deadline, int *code, void *
     return 0;
 }
 
+/* Would blocking this thread on @p p wait for work only this thread's Caller
+ * can do? */
+static bool would_deadlock(const caller_pending_t *p)
+{
+    caller_t *self = caller__thread_caller();
+    return self && p->owner == self &&
+           !(atomic_load_explicit(&p->flags, memory_order_acquire) & F_DONE);
+}
+
 int caller_pending_wait(caller_pending_t *p, double timeout, bool protect, bool want_result,
                         void **value)
 {
@@ -575,14 +619,31 @@ int caller_pending_wait(caller_pending_t *p, double timeout, bool protect, bool 
         *value = NULL;
     if (!p)
         return caller__fail(-EINVAL, "caller_pending_wait: p is NULL");
-    int code = 0;
+    int code = 0, rc;
     void *v = NULL;
-    int rc = block_thread(p, caller__deadline(timeout), &code, &v);
-    if (rc == -ETIMEDOUT) {
+    int64_t deadline = caller__deadline(timeout);
+    caller__task_t *task = caller__task_current();
+    if (task) {
+        rc = caller__task_wait(task, p, deadline, &code, &v);
+    } else if (would_deadlock(p)) {
+        char text[160];
+        caller_pending_repr(p, text, sizeof text);
+        return caller__fail(-EDEADLK,
+                            "caller_pending_wait: blocking the thread of the Caller that "
+                            "must complete %s would never end",
+                            text);
+    } else {
+        rc = block_thread(p, deadline, &code, &v);
+    }
+    if (rc == -ETIMEDOUT || rc == -ECANCELED) {
         if (!protect)
             caller_pending_cancel(p, "Cancelled due to cancellation or timeout");
-        return caller__fail(-ETIMEDOUT, "caller_pending_wait: timed out after %g s", timeout);
+        if (rc == -ETIMEDOUT)
+            return caller__fail(rc, "caller_pending_wait: timed out after %g s", timeout);
+        return caller__fail(rc, "caller_pending_wait: the waiting task was cancelled");
     }
+    if (rc < 0)
+        return rc; /* -EDEADLK, -ENOMEM: recorded by the task wait */
     if (!want_result)
         return 0;
     if (code == 0) {
@@ -611,16 +672,22 @@ int caller_pending_repr(const caller_pending_t *cp, char *buf, size_t len)
     caller__trunc(emsg, sizeof emsg, msg_or_empty(p->errmsg), REPR_MAX);
     int code = p->code;
     const char *name = p->name;
+    caller_t *owner = p->owner;
     caller__unlock(&p->lock);
 
-    char cancelled[sizeof cmsg + 32] = "", failed[sizeof emsg + 64] = "", label[128] = "";
+    char cancelled[sizeof cmsg + 32] = "", failed[sizeof emsg + 64] = "", label[192] = "";
     if (flags & F_CANCELLED)
         snprintf(cancelled, sizeof cancelled, " \u26d4%s%s", *cmsg ? " message=" : "", cmsg);
     if ((flags & F_FAILED) && !(flags & F_CANCELLED))
         snprintf(failed, sizeof failed, " error=%s%s%s", caller_err_name(code), *emsg ? ": " : "",
                  emsg);
-    if (name)
-        snprintf(label, sizeof label, "| %s", name);
+    char ctext[96] = "";
+    if (owner) {
+        strcpy(ctext, " caller=");
+        caller_repr(owner, ctext + 8, sizeof ctext - 8);
+    }
+    if (name || owner)
+        snprintf(label, sizeof label, "|%s%s%s", name ? " " : "", name ? name : "", ctext);
     return snprintf(buf, len, "<Pending%s %s at %p%s%s >", cancelled,
                     (flags & F_DONE) ? "\U0001f3c1" : "\U0001f3c3", (void *)p, failed, label);
 }

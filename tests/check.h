@@ -154,9 +154,17 @@ int main(int argc, char **argv)
         if (argc > 1 && strcmp(argv[1], c->name) != 0)
             continue;
         c->fn();
-        size_t live = caller_pending_live_count();
-        if (live != 0) {
-            fprintf(stderr, "%s: %zu Pending(s) leaked\n", c->name, live);
+        /* A stopped Caller's thread lets go of its last references just
+         * after its stopped event fires: give it (at most) 10 s. */
+        double until = check_now() + 10 * check_time_scale();
+        while ((caller_pending_live_count() || caller_live_count()) && check_now() < until) {
+            struct timespec ts = {0, 1000000};
+            nanosleep(&ts, NULL);
+        }
+        size_t live = caller_pending_live_count(), callers = caller_live_count();
+        if (live || callers) {
+            fprintf(stderr, "%s: leaked %zu Pending(s) and %zu Caller(s)\n", c->name, live,
+                    callers);
             return 1;
         }
         printf("ok %s\n", c->name);

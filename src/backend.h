@@ -1,0 +1,52 @@
+/*
+ * The event-loop interface under every Caller (SPEC §11). A backend gives a
+ * Caller four things on its own thread — a cross-thread wake-up, one timer,
+ * a "more work is ready" flag that keeps the loop from blocking, and a way
+ * to run and to close — and calls back into the Caller through
+ * caller__backend_events_t. libuv (backend_uv.c) is the first; a second
+ * (GLib's main context) can be added beside it without touching the rest.
+ */
+#ifndef CALLER_BACKEND_H
+#define CALLER_BACKEND_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+typedef struct caller__backend caller__backend_t;
+
+typedef struct {
+    void (*on_work)(void *owner);   /* wake, timer or "more": dispatch now */
+    void (*on_closed)(void *owner); /* every handle is closed */
+} caller__backend_events_t;
+
+typedef struct {
+    const char *name;
+    /* On the loop's thread. @p loop is the application's loop to join, or
+     * NULL for a loop the backend creates and owns. 0 or -errno. */
+    int (*open)(caller__backend_t **out, void *loop, void *owner,
+                const caller__backend_events_t *events);
+    /* Any thread; safe until close() has been called. Coalesces. */
+    void (*wake)(caller__backend_t *b);
+    /* Loop thread: fire on_work at @p deadline_ns (monotonic); INT64_MAX
+     * disarms. The backend may fire early by up to its resolution: the
+     * Caller re-checks deadlines. */
+    void (*timer)(caller__backend_t *b, int64_t deadline_ns);
+    /* Loop thread: while on, the loop does not block and calls on_work on
+     * every iteration. */
+    void (*more)(caller__backend_t *b, bool on);
+    /* Loop thread: run an owned loop until close() finished. 0 or -errno. */
+    int (*run)(caller__backend_t *b);
+    /* Loop thread: close every handle; on_closed follows from the loop. */
+    void (*close)(caller__backend_t *b);
+    /* After on_closed (and after run returned, for an owned loop). */
+    void (*destroy)(caller__backend_t *b);
+    /* The native loop (uv_loop_t * for libuv). */
+    void *(*native)(caller__backend_t *b);
+} caller__backend_ops_t;
+
+extern const caller__backend_ops_t caller__backend_uv;
+
+/* The backend with this name, or NULL. NULL name = the default (libuv). */
+const caller__backend_ops_t *caller__backend_find(const char *name);
+
+#endif

@@ -1,0 +1,863 @@
+/*
+ * Callers: creation, the registry, children, stopping, and the text forms
+ * (SPEC §2, §3, §12).
+ *
+ * Lock order: registry_lock -> caller->lock -> caller->inbox_lock (a leaf,
+ * see sched.c) -> a Pending's lock. No user code runs under any of them.
+ * A parent's `lock` may be taken while holding nothing; a child never holds
+ * its own `lock` while taking its parent's.
+ *
+ * Lifetime: a Caller is reference-counted. Its thread (or, for a Caller
+ * attached to an application's loop, its open handles) holds a "running"
+ * reference from start to finish; the thread-local pointer behind
+ * caller_current() holds one too, dropped when the Caller finishes on its
+ * thread (or, if it was stopped from elsewhere before it ever ran, the next
+ * time that thread asks, or when the thread exits). The registry holds
+ * none: lookups only take a reference from a count that is not yet zero.
+ */
+#include "fiber.h"
+#include "internal.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define WORKER_NAME "caller-worker"
+
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static caller__link_t registry = {&registry, &registry};
+static atomic_size_t live_callers;
+
+static _Thread_local caller_t *tl_caller;
+
+/* Drops the thread-local reference when a thread that still holds one exits. */
+static pthread_key_t tl_key;
+static pthread_once_t tl_once = PTHREAD_ONCE_INIT;
+
+static void tl_release(void *c)
+{
+    caller_unref(c);
+}
+
+static void tl_key_init(void)
+{
+    pthread_key_create(&tl_key, tl_release);
+}
+
+static void tl_set(caller_t *c)
+{
+    pthread_once(&tl_once, tl_key_init);
+    caller_t *old = tl_caller;
+    tl_caller = c ? caller_ref(c) : NULL;
+    pthread_setspecific(tl_key, tl_caller);
+    caller_unref(old);
+}
+
+caller_t *caller__thread_caller(void)
+{
+    return tl_caller;
+}
+
+static const char *state_text(int st)
+{
+    switch (st) {
+    case CALLER_STATE_INITIAL:
+        return "\u2757 not running";
+    case CALLER_STATE_STARTING:
+        return "starting";
+    case CALLER_STATE_RUNNING:
+        return "\U0001f3c3 running";
+    case CALLER_STATE_STOPPING:
+        return "\U0001f3c1 stopping";
+    default:
+        return "\U0001f3c1 stopped";
+    }
+}
+
+static int load_state(const caller_t *c)
+{
+    return atomic_load_explicit(&((caller_t *)c)->state, memory_order_acquire);
+}
+
+/* ---- references --------------------------------------------------------- */
+
+caller_t *caller_ref(caller_t *c)
+{
+    if (c)
+        atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
+    return c;
+}
+
+/* A reference from a registry or child list entry whose count may already
+ * have reached zero (then the Caller is being freed: skip it). */
+static caller_t *ref_if_alive(caller_t *c)
+{
+    int n = atomic_load_explicit(&c->refs, memory_order_relaxed);
+    while (n > 0)
+        if (atomic_compare_exchange_weak_explicit(&c->refs, &n, n + 1, memory_order_acquire,
+                                                  memory_order_relaxed))
+            return c;
+    return NULL;
+}
+
+static void registry_remove(caller_t *c)
+{
+    pthread_mutex_lock(&registry_lock);
+    if (c->registered) {
+        c->reg.prev->next = c->reg.next;
+        c->reg.next->prev = c->reg.prev;
+        c->registered = false;
+    }
+    pthread_mutex_unlock(&registry_lock);
+}
+
+/* Adds @p c unless it is already stopping: whoever made it stop removes it
+ * after changing the state, so checking under the lock is enough. */
+static void registry_add(caller_t *c)
+{
+    pthread_mutex_lock(&registry_lock);
+    if (load_state(c) >= CALLER_STATE_STOPPING) {
+        pthread_mutex_unlock(&registry_lock);
+        return;
+    }
+    c->reg.prev = registry.prev;
+    c->reg.next = &registry;
+    registry.prev->next = &c->reg;
+    registry.prev = &c->reg;
+    c->registered = true;
+    pthread_mutex_unlock(&registry_lock);
+}
+
+void caller_unref(caller_t *c)
+{
+    if (!c)
+        return;
+    int old = atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel);
+    if (old > 1)
+        return;
+    if (old < 1) {
+        fprintf(stderr, "libcaller: caller_unref: %p released too often\n", (void *)c);
+        abort();
+    }
+    registry_remove(c);
+    caller_unref(c->parent);
+    caller_pending_unref(c->stopped);
+    for (size_t i = 0; i < c->nchildren; i++)
+        caller_unref(c->children[i]);
+    caller__free(c->children);
+    caller__heap_free(&c->timers);
+    pthread_mutex_destroy(&c->lock);
+    caller__free(c);
+    atomic_fetch_sub_explicit(&live_callers, 1, memory_order_relaxed);
+}
+
+size_t caller_live_count(void)
+{
+    return atomic_load_explicit(&live_callers, memory_order_relaxed);
+}
+
+/* ---- logging and errors --------------------------------------------------- */
+
+void caller__log(caller_t *c, int level, const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (c && c->log) {
+        c->log(c->log_arg, level, msg);
+        return;
+    }
+    const char *lv = level >= CALLER_LOG_ERROR     ? "ERROR"
+                     : level >= CALLER_LOG_WARNING ? "WARNING"
+                     : level >= CALLER_LOG_INFO    ? "INFO"
+                                                   : "DEBUG";
+    fprintf(stderr, "libcaller %s [%s]: %s\n", lv, c ? c->name : "-", msg);
+}
+
+int caller__fail_stopped(const caller_t *c, const char *fn)
+{
+    char text[128];
+    caller_repr(c, text, sizeof text);
+    return caller__fail(-ESHUTDOWN, "%s: %s is stopped!", fn, text);
+}
+
+/* ---- creation ---------------------------------------------------------------- */
+
+static void thread_name_of_self(char *buf, size_t len)
+{
+    if (pthread_getname_np(pthread_self(), buf, len) != 0 || !buf[0])
+        snprintf(buf, len, "thread-%ld", (long)syscall(SYS_gettid));
+}
+
+static caller_t *alloc_caller(const caller_options_t *o, const char *default_name)
+{
+    const caller__backend_ops_t *ops = caller__backend_find(o ? o->backend : NULL);
+    if (!ops) {
+        caller__fail(-EINVAL, "caller_create: unknown backend '%s' (available: libuv)", o->backend);
+        return NULL;
+    }
+    caller_t *c = caller__calloc(1, sizeof *c);
+    if (!c) {
+        caller__fail(-ENOMEM, "caller_create: out of memory");
+        return NULL;
+    }
+    c->stopped = caller_pending_new(CALLER_PENDING_UNTRACKED);
+    if (!c->stopped) {
+        caller__free(c);
+        caller__fail(-ENOMEM, "caller_create: out of memory");
+        return NULL;
+    }
+    atomic_init(&c->refs, 1);
+    atomic_init(&c->state, CALLER_STATE_INITIAL);
+    atomic_init(&c->inbox_lock, CALLER__LOCK_INIT);
+    atomic_init(&c->started, 0);
+    caller__pending_set_owner(c->stopped, c, true);
+    caller__pending_set_name(c->stopped, "stopped");
+    if (o && o->name && o->name[0])
+        snprintf(c->name, sizeof c->name, "%s", o->name);
+    else if (default_name)
+        snprintf(c->name, sizeof c->name, "%s", default_name);
+    else
+        thread_name_of_self(c->name, sizeof c->name);
+    c->ops = ops;
+    if (o) {
+        c->protect = o->protect;
+        c->zmq_context = o->zmq_context;
+        c->log = o->log;
+        c->log_arg = o->log_arg;
+        c->stack_size = o->stack_size;
+    }
+    pthread_mutex_init(&c->lock, NULL);
+    c->live_tasks.prev = c->live_tasks.next = &c->live_tasks;
+    c->stop_msg.kind = CALLER__MSG_STOP;
+    c->child_msg.kind = CALLER__MSG_CHILD;
+    atomic_fetch_add_explicit(&live_callers, 1, memory_order_relaxed);
+    return c;
+}
+
+static const caller__backend_events_t events;
+
+/*
+ * On the Caller's thread: open the backend (on @p app_loop, or an own loop),
+ * and make the Caller running. Calls queued before start get dispatched.
+ */
+static int start_loop(caller_t *c, void *app_loop)
+{
+    caller__backend_t *b;
+    int rc = c->ops->open(&b, app_loop, c, &events);
+    if (rc)
+        return caller__fail(rc, "caller: cannot open the %s loop: %s", c->ops->name,
+                            caller_strerror(rc));
+    c->loop_backend = b;
+    caller__lock(&c->inbox_lock);
+    c->backend = b;
+    int st = CALLER_STATE_STARTING;
+    atomic_compare_exchange_strong(&c->state, &st, CALLER_STATE_RUNNING);
+    bool queued = c->inbox.head != NULL;
+    caller__unlock(&c->inbox_lock);
+    if (queued)
+        c->ops->more(b, true);
+    return 0;
+}
+
+/* On the Caller's thread, once its loop has closed everything. */
+static void finish(caller_t *c)
+{
+    c->ops->destroy(c->loop_backend);
+    c->loop_backend = NULL;
+    caller__fiber_cache_clear();
+    registry_remove(c);
+    atomic_store_explicit(&c->state, CALLER_STATE_STOPPED, memory_order_release);
+    if (tl_caller == c)
+        tl_set(NULL);
+    caller_t *parent = c->parent;
+    if (parent) {
+        /* Hand the parent's reference on us to the message that tells it. */
+        bool found = false;
+        pthread_mutex_lock(&parent->lock);
+        for (size_t i = 0; i < parent->nchildren; i++) {
+            if (parent->children[i] == c) {
+                parent->children[i] = parent->children[--parent->nchildren];
+                found = true;
+                break;
+            }
+        }
+        pthread_mutex_unlock(&parent->lock);
+        if (found && !caller__post(parent, &c->child_msg))
+            caller_unref(c);
+    }
+    caller_pending_set_result(c->stopped, NULL, false);
+}
+
+static void on_closed(void *owner)
+{
+    caller_t *c = owner;
+    if (!c->owns_loop) {
+        /* Attached to the application's loop: nothing more will run here. */
+        finish(c);
+        caller_unref(c); /* the running reference */
+    }
+    /* An owned loop's run() returns now; its thread finishes. */
+}
+
+static void on_work(void *owner)
+{
+    caller__dispatch(owner);
+}
+
+static const caller__backend_events_t events = {.on_work = on_work, .on_closed = on_closed};
+
+void caller__check_finished(caller_t *c)
+{
+    /* Inside dispatch, wait for its end (it calls this again): the rest of
+     * its batch still needs the loop. */
+    if (c->in_dispatch || c->finishing || !c->stop_seen || !caller__sched_idle(c))
+        return;
+    pthread_mutex_lock(&c->lock);
+    size_t children = c->nchildren;
+    pthread_mutex_unlock(&c->lock);
+    if (children)
+        return;
+    c->finishing = true;
+    caller__lock(&c->inbox_lock);
+    c->inbox_closed = true;
+    caller__msg_t *left = c->inbox.head;
+    c->inbox.head = c->inbox.tail = NULL;
+    c->backend = NULL; /* no more wakes */
+    caller__unlock(&c->inbox_lock);
+    caller__sched_drain_closed(c, left);
+    c->ops->more(c->loop_backend, false);
+    c->ops->timer(c->loop_backend, INT64_MAX);
+    c->ops->close(c->loop_backend);
+}
+
+static void *thread_main(void *arg)
+{
+    caller_t *c = arg;
+    char tname[16]; /* the OS keeps 15 bytes of a thread's name */
+    snprintf(tname, sizeof tname, "%.15s", c->name);
+    pthread_setname_np(pthread_self(), tname);
+    c->thread = pthread_self();
+    c->tid = (pid_t)syscall(SYS_gettid);
+    tl_set(c);
+    int rc = start_loop(c, NULL);
+    c->start_error = rc;
+    atomic_store_explicit(&c->started, 1, memory_order_release);
+    caller__futex_wake(&c->started, 1);
+    if (rc == 0) {
+        c->ops->run(c->loop_backend);
+        finish(c);
+    }
+    caller_unref(c); /* the running reference */
+    return NULL;
+}
+
+/* Start a new thread for @p c; returns once it runs (or failed). */
+static int start_thread(caller_t *c)
+{
+    c->owns_thread = c->owns_loop = true;
+    atomic_store(&c->state, CALLER_STATE_STARTING);
+    caller_ref(c); /* the running reference, for the thread */
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_t t; /* the thread stores its own id in c->thread */
+    int rc = pthread_create(&t, &attr, thread_main, c);
+    pthread_attr_destroy(&attr);
+    if (rc) {
+        atomic_store(&c->state, CALLER_STATE_STOPPED);
+        caller_unref(c);
+        return caller__fail(-rc, "caller_create: cannot start a thread: %s", strerror(rc));
+    }
+    while (!atomic_load_explicit(&c->started, memory_order_acquire))
+        caller__futex_wait(&c->started, 0, INT64_MAX);
+    if (!c->start_error)
+        registry_add(c);
+    if (c->start_error)
+        return caller__fail(c->start_error, "caller_create: the new thread's loop did not start");
+    return 0;
+}
+
+static caller_t *find_main_caller(void)
+{
+    pid_t main_tid = getpid();
+    caller_t *found = NULL;
+    pthread_mutex_lock(&registry_lock);
+    for (caller__link_t *l = registry.next; l != &registry; l = l->next) {
+        caller_t *c = (caller_t *)((char *)l - offsetof(caller_t, reg));
+        if (c->tid == main_tid && (found = ref_if_alive(c)))
+            break;
+    }
+    pthread_mutex_unlock(&registry_lock);
+    return found;
+}
+
+/* This thread's Caller if it has one that has not stopped. Borrowed. */
+static caller_t *thread_current(void)
+{
+    caller_t *c = tl_caller;
+    if (c && load_state(c) == CALLER_STATE_STOPPED) {
+        tl_set(NULL); /* stopped from elsewhere before it ever ran */
+        c = NULL;
+    }
+    return c;
+}
+
+caller_t *caller_create(caller_mode_t mode, const caller_options_t *o)
+{
+    caller_t *c = thread_current();
+    switch (mode) {
+    case CALLER_CURRENT_THREAD:
+        if (c) {
+            if (o && o->name && o->name[0] && strcmp(o->name, c->name) != 0) {
+                caller__fail(-EINVAL,
+                             "The thread and caller's name do not match! (thread's Caller: "
+                             "'%s', asked for: '%s')",
+                             c->name, o->name);
+                return NULL;
+            }
+            if (o && o->backend && strcmp(o->backend, c->ops->name) != 0) {
+                caller__fail(-EINVAL,
+                             "The backend does not match! (thread's Caller: %s, "
+                             "asked for: %s)",
+                             c->ops->name, o->backend);
+                return NULL;
+            }
+            return caller_ref(c);
+        }
+        if (!o || !o->loop) {
+            caller__fail(-ENOENT, "caller_create: no event loop in this thread (give "
+                                  "options.loop to attach to one, or use CALLER_NEW_THREAD)");
+            return NULL;
+        }
+        c = alloc_caller(o, NULL);
+        if (!c)
+            return NULL;
+        c->thread = pthread_self();
+        c->tid = (pid_t)syscall(SYS_gettid);
+        atomic_store(&c->state, CALLER_STATE_STARTING);
+        if (start_loop(c, o->loop) < 0) {
+            caller_unref(c);
+            return NULL;
+        }
+        caller_ref(c); /* the running reference, held by the open handles */
+        registry_add(c);
+        tl_set(c);
+        return c;
+    case CALLER_MAIN_THREAD:
+        c = find_main_caller();
+        if (!c)
+            caller__fail(-ENOENT, "caller_create: there is no Caller in the main thread");
+        return c;
+    case CALLER_NEW_THREAD:
+        c = alloc_caller(o, WORKER_NAME);
+        if (!c)
+            return NULL;
+        if (start_thread(c) < 0) {
+            int code = caller_last_error(NULL);
+            const char *m;
+            caller_last_error(&m);
+            char msg[256];
+            snprintf(msg, sizeof msg, "%s", m);
+            caller_unref(c);
+            caller__fail(code, "%s", msg);
+            return NULL;
+        }
+        return c;
+    case CALLER_MANUAL:
+        if (c) {
+            char tname[32];
+            thread_name_of_self(tname, sizeof tname);
+            caller__fail(-EEXIST, "An instance already exists for thread %s: Caller '%s'", tname,
+                         c->name);
+            return NULL;
+        }
+        c = alloc_caller(o, NULL);
+        if (!c)
+            return NULL;
+        c->thread = pthread_self();
+        c->tid = (pid_t)syscall(SYS_gettid);
+        c->owns_loop = true;
+        registry_add(c);
+        tl_set(c);
+        return c;
+    }
+    caller__fail(-EINVAL, "caller_create: unknown mode %d", (int)mode);
+    return NULL;
+}
+
+static void body_done(caller_pending_t *p, void *arg)
+{
+    (void)p;
+    caller_stop(arg, true);
+}
+
+int caller_run(caller_t *c, caller_fn body, void *arg, void **result)
+{
+    if (result)
+        *result = NULL;
+    if (!c || !body)
+        return caller__fail(-EINVAL, "caller_run: %s is NULL", c ? "body" : "caller");
+    if (!c->owns_loop || c->owns_thread || !pthread_equal(c->thread, pthread_self()))
+        return caller__fail(-EPERM,
+                            "caller_run: Caller '%s' is not a manual Caller of this "
+                            "thread",
+                            c->name);
+    int st = CALLER_STATE_INITIAL;
+    if (!atomic_compare_exchange_strong(&c->state, &st, CALLER_STATE_STARTING)) {
+        if (st == CALLER_STATE_STARTING || st == CALLER_STATE_RUNNING)
+            return caller__fail(-EBUSY, "caller_run: Already starting/running");
+        return caller__fail(-EPERM, "caller_run: Restarting is not allowed");
+    }
+    caller_ref(c); /* the running reference */
+    if (start_loop(c, NULL) < 0) {
+        int rc = caller_last_error(NULL);
+        atomic_store(&c->state, CALLER_STATE_INITIAL);
+        caller_unref(c);
+        return rc;
+    }
+    caller_pending_t *p = caller__task_new(c, body, arg, "caller_run body");
+    int rc = p ? 0 : caller_last_error(NULL);
+    if (p) {
+        caller_pending_ref(p);
+        c->body = p;
+        rc = caller_pending_add_done_callback(p, body_done, c);
+        if (rc == 0)
+            rc = caller__task_submit(c, p, INT64_MIN);
+    }
+    if (rc < 0)
+        caller_stop(c, true); /* nothing to run: stop at once */
+    c->ops->run(c->loop_backend);
+    finish(c);
+    if (p) {
+        rc = caller_pending_result(p, result);
+        caller_pending_unref(p);
+        c->body = NULL;
+    }
+    caller_unref(c);
+    return rc;
+}
+
+/* ---- stopping ----------------------------------------------------------------- */
+
+static void stop_children(caller_t *c)
+{
+    pthread_mutex_lock(&c->lock);
+    size_t n = c->nchildren;
+    caller_t **kids = n ? caller__malloc(n * sizeof *kids) : NULL;
+    if (kids)
+        for (size_t i = 0; i < n; i++)
+            kids[i] = caller_ref(c->children[i]);
+    pthread_mutex_unlock(&c->lock);
+    if (n && !kids) {
+        /* No memory for a snapshot: stop them one at a time under the lock
+         * (caller_stop takes only the child's inbox lock). */
+        pthread_mutex_lock(&c->lock);
+        for (size_t i = 0; i < c->nchildren; i++)
+            caller_stop(c->children[i], true);
+        pthread_mutex_unlock(&c->lock);
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        caller_stop(kids[i], true);
+        caller_unref(kids[i]);
+    }
+    caller__free(kids);
+}
+
+int caller_stop(caller_t *c, bool force)
+{
+    if (!c)
+        return caller__fail(-EINVAL, "caller_stop: caller is NULL");
+    if (c->protect && !force)
+        return load_state(c);
+    caller__lock(&c->inbox_lock);
+    int st = load_state(c);
+    if (st >= CALLER_STATE_STOPPING) {
+        caller__unlock(&c->inbox_lock);
+        return st;
+    }
+    if (st == CALLER_STATE_INITIAL) {
+        /* A manual Caller that never ran: nothing runs; finish here. */
+        atomic_store(&c->state, CALLER_STATE_STOPPED);
+        c->inbox_closed = true;
+        caller__msg_t *left = c->inbox.head;
+        c->inbox.head = c->inbox.tail = NULL;
+        caller__unlock(&c->inbox_lock);
+        registry_remove(c);
+        stop_children(c);
+        caller__sched_drain_closed(c, left);
+        if (tl_caller == c)
+            tl_set(NULL);
+        caller_pending_set_result(c->stopped, NULL, false);
+        return CALLER_STATE_STOPPED;
+    }
+    atomic_store(&c->state, CALLER_STATE_STOPPING);
+    bool was_empty = c->inbox.head == NULL;
+    caller__fifo_push(&c->inbox, &c->stop_msg);
+    if (was_empty && c->backend)
+        c->ops->wake(c->backend);
+    caller__unlock(&c->inbox_lock);
+    registry_remove(c);
+    return CALLER_STATE_STOPPING;
+}
+
+void caller__on_stop(caller_t *c)
+{
+    c->stop_seen = true;
+    stop_children(c);
+    caller__sched_stop(c);
+    caller__check_finished(c);
+}
+
+void caller__on_child_stopped(caller_t *c, caller_t *child)
+{
+    caller_unref(child);
+    caller__check_finished(c);
+}
+
+int caller_wait_stopped(caller_t *c, double timeout)
+{
+    if (!c)
+        return caller__fail(-EINVAL, "caller_wait_stopped: caller is NULL");
+    if (!caller__task_current() && tl_caller == c && load_state(c) != CALLER_STATE_STOPPED)
+        return caller__fail(-EDEADLK,
+                            "caller_wait_stopped: the thread of Caller '%s' cannot "
+                            "block until that Caller stops",
+                            c->name);
+    return caller_pending_wait(c->stopped, timeout, true, false, NULL);
+}
+
+/* ---- children -------------------------------------------------------------------- */
+
+static caller_t *find_child(caller_t *parent, const char *name)
+{
+    for (size_t i = 0; i < parent->nchildren; i++) {
+        caller_t *k = parent->children[i];
+        if (strcmp(k->name, name) == 0 && load_state(k) < CALLER_STATE_STOPPING)
+            return k;
+    }
+    return NULL;
+}
+
+caller_t *caller_get(caller_t *parent, const caller_options_t *o)
+{
+    if (!parent) {
+        caller__fail(-EINVAL, "caller_get: parent is NULL");
+        return NULL;
+    }
+    const char *name = o && o->name && o->name[0] ? o->name : NULL;
+    pthread_mutex_lock(&parent->lock);
+    if (load_state(parent) >= CALLER_STATE_STOPPING) {
+        pthread_mutex_unlock(&parent->lock);
+        caller__fail_stopped(parent, "caller_get");
+        return NULL;
+    }
+    caller_t *k = name ? find_child(parent, name) : NULL;
+    if (k) {
+        if (o->backend && strcmp(o->backend, k->ops->name) != 0) {
+            pthread_mutex_unlock(&parent->lock);
+            caller__fail(-EINVAL, "Backend mismatch! (child '%s' runs %s, asked for %s)", name,
+                         k->ops->name, o->backend);
+            return NULL;
+        }
+        caller_ref(k);
+        pthread_mutex_unlock(&parent->lock);
+        return k;
+    }
+    caller_options_t merged = o ? *o : (caller_options_t){0};
+    if (!merged.backend)
+        merged.backend = parent->ops->name;
+    if (!merged.zmq_context)
+        merged.zmq_context = parent->zmq_context;
+    if (!merged.log) {
+        merged.log = parent->log;
+        merged.log_arg = parent->log_arg;
+    }
+    if (!merged.stack_size)
+        merged.stack_size = parent->stack_size;
+    if (parent->nchildren == parent->children_cap) {
+        size_t cap = parent->children_cap ? parent->children_cap * 2 : 4;
+        caller_t **kids = caller__realloc(parent->children, cap * sizeof *kids);
+        if (!kids) {
+            pthread_mutex_unlock(&parent->lock);
+            caller__fail(-ENOMEM, "caller_get: out of memory");
+            return NULL;
+        }
+        parent->children = kids;
+        parent->children_cap = cap;
+    }
+    k = alloc_caller(&merged, WORKER_NAME);
+    if (!k) {
+        pthread_mutex_unlock(&parent->lock);
+        return NULL;
+    }
+    k->parent = caller_ref(parent);
+    /* Listed before it starts, so a parent that stops meanwhile stops it. */
+    parent->children[parent->nchildren++] = caller_ref(k);
+    pthread_mutex_unlock(&parent->lock);
+    if (start_thread(k) < 0) {
+        pthread_mutex_lock(&parent->lock);
+        for (size_t i = 0; i < parent->nchildren; i++)
+            if (parent->children[i] == k) {
+                parent->children[i] = parent->children[--parent->nchildren];
+                caller_unref(k);
+                break;
+            }
+        pthread_mutex_unlock(&parent->lock);
+        caller_unref(k);
+        return NULL;
+    }
+    return k;
+}
+
+size_t caller_children(caller_t *c, caller_t **out, size_t max)
+{
+    if (!c)
+        return 0;
+    pthread_mutex_lock(&c->lock);
+    size_t n = c->nchildren, k = 0;
+    for (size_t i = 0; i < n && k < max; i++)
+        if (out && (out[k] = ref_if_alive(c->children[i])))
+            k++;
+    pthread_mutex_unlock(&c->lock);
+    return n;
+}
+
+caller_t *caller_parent(caller_t *c)
+{
+    return c ? caller_ref(c->parent) : NULL;
+}
+
+/* ---- lookups ------------------------------------------------------------------------ */
+
+caller_t *caller_current(void)
+{
+    return thread_current();
+}
+
+caller_t *caller_for_thread(pthread_t t)
+{
+    caller_t *found = NULL;
+    pthread_mutex_lock(&registry_lock);
+    for (caller__link_t *l = registry.next; l != &registry; l = l->next) {
+        caller_t *c = (caller_t *)((char *)l - offsetof(caller_t, reg));
+        if (pthread_equal(c->thread, t) && (found = ref_if_alive(c)))
+            break;
+    }
+    pthread_mutex_unlock(&registry_lock);
+    return found;
+}
+
+size_t caller_all(bool running_only, caller_t **out, size_t max)
+{
+    size_t n = 0, k = 0;
+    pthread_mutex_lock(&registry_lock);
+    for (caller__link_t *l = registry.next; l != &registry; l = l->next) {
+        caller_t *c = (caller_t *)((char *)l - offsetof(caller_t, reg));
+        if (running_only && load_state(c) != CALLER_STATE_RUNNING)
+            continue;
+        n++;
+        if (out && k < max && (out[k] = ref_if_alive(c)))
+            k++;
+    }
+    pthread_mutex_unlock(&registry_lock);
+    return n;
+}
+
+caller_pending_t *caller_current_pending(void)
+{
+    caller__task_t *t = caller__task_current();
+    return t ? t->pending : NULL;
+}
+
+const char *caller_name(const caller_t *c)
+{
+    return c ? c->name : NULL;
+}
+
+const char *caller_backend(const caller_t *c)
+{
+    return c ? c->ops->name : NULL;
+}
+
+pthread_t caller_thread(const caller_t *c)
+{
+    return c->thread;
+}
+
+int caller_protected(const caller_t *c)
+{
+    if (!c)
+        return caller__fail(-EINVAL, "caller_protected: caller is NULL");
+    return c->protect;
+}
+
+int caller_running(const caller_t *c)
+{
+    if (!c)
+        return caller__fail(-EINVAL, "caller_running: caller is NULL");
+    return load_state(c) == CALLER_STATE_RUNNING;
+}
+
+int caller_state(const caller_t *c)
+{
+    if (!c)
+        return caller__fail(-EINVAL, "caller_state: caller is NULL");
+    return load_state(c);
+}
+
+struct uv_loop_s *caller_loop(caller_t *c)
+{
+    if (!c || !c->loop_backend)
+        return NULL;
+    return c->ops->native(c->loop_backend);
+}
+
+/* ---- text forms ------------------------------------------------------------------------ */
+
+int caller_repr(const caller_t *c, char *buf, size_t len)
+{
+    if (!c || (!buf && len))
+        return caller__fail(-EINVAL, "caller_repr: %s is NULL", c ? "buf" : "caller");
+    caller_t *mc = (caller_t *)c;
+    pthread_mutex_lock(&mc->lock);
+    size_t n = c->nchildren;
+    pthread_mutex_unlock(&mc->lock);
+    char kids[32] = "";
+    if (n)
+        snprintf(kids, sizeof kids, " %zu %s", n, n == 1 ? "child" : "children");
+    return snprintf(buf, len, "Caller<%s %s %s%s>", c->name, c->ops->name,
+                    state_text(load_state(c)), kids);
+}
+
+int caller_print_table(FILE *out)
+{
+    if (!out)
+        return caller__fail(-EINVAL, "caller_print_table: out is NULL");
+    caller_t *list[256];
+    size_t n = caller_all(false, list, 256);
+    if (n > 256)
+        n = 256;
+    caller_t *self = tl_caller;
+    fprintf(out, "%-20s %-8s %-10s %s\n", "Name", "Running", "Protected", "Thread");
+    for (int i = 0; i < 79; i++)
+        fputs("\u2500", out);
+    fputc('\n', out);
+    for (size_t i = 0; i < n; i++) {
+        caller_t *c = list[i];
+        char thread[64];
+        snprintf(thread, sizeof thread, "<Thread(%.15s, %ld)>", c->name, (long)c->tid);
+        /* Pad by characters, not bytes: ✓ and 🔐 are multi-byte. */
+        fprintf(out, "%-20s %s%-7s %s%-8s %s%s\n", c->name,
+                load_state(c) == CALLER_STATE_RUNNING ? "\u2713" : " ", "",
+                c->protect ? "\U0001f510" : "  ", "", thread, c == self ? " \u2190 current" : "");
+        caller_unref(c);
+    }
+    return 0;
+}

@@ -1,0 +1,37 @@
+/*
+ * A min-heap of timers ordered by deadline, as an array of pointers; each
+ * timer knows its index so it can be removed in O(log n). Used only on a
+ * Caller's own thread, so it has no lock.
+ */
+#ifndef CALLER_HEAP_H
+#define CALLER_HEAP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct caller__timer {
+    int64_t deadline; /* monotonic ns */
+    size_t index;     /* position in the heap, or CALLER__HEAP_NONE */
+    uint64_t seq;     /* insertion order: equal deadlines stay FIFO */
+} caller__timer_t;
+
+#define CALLER__HEAP_NONE SIZE_MAX
+
+typedef struct {
+    caller__timer_t **items;
+    size_t n, cap;
+    uint64_t seq;
+} caller__heap_t;
+
+/* 0, or -ENOMEM (the timer is then not in the heap). */
+int caller__heap_insert(caller__heap_t *h, caller__timer_t *t);
+/* Remove @p t if it is in the heap. */
+void caller__heap_remove(caller__heap_t *h, caller__timer_t *t);
+/* The earliest timer, or NULL. */
+static inline caller__timer_t *caller__heap_min(const caller__heap_t *h)
+{
+    return h->n ? h->items[0] : NULL;
+}
+void caller__heap_free(caller__heap_t *h);
+
+#endif

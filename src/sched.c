@@ -1,0 +1,611 @@
+/*
+ * The scheduler: the inbox (cross-thread submission), tasks as fibers,
+ * call_soon / call_later / call_direct, suspension and cancellation.
+ *
+ * Threads: everything marked (L) in internal.h belongs to the Caller's own
+ * thread. Other threads reach a Caller only through its inbox, a FIFO under
+ * `inbox_lock` (a leaf lock: nothing else is taken while holding it; the
+ * backend's wake, a non-blocking write, is issued under it so that the loop
+ * cannot close the backend between a push and its wake). The inbox wakes
+ * the loop only when it goes from empty to non-empty; the loop takes the
+ * whole FIFO at once, so a burst costs one wake-up and none is lost: a push
+ * that finds the FIFO non-empty knows a wake is already due for it.
+ *
+ * A task lives in its Pending's allocation. Its Pending's reference count
+ * covers the task: the loop holds one reference from submission until the
+ * task ends; each message about the task in flight holds one more.
+ */
+#include "fiber.h"
+#include "internal.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#define container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
+
+static _Thread_local caller__task_t *tl_task;
+/* Where caller_raise records: the running task's slot or a direct call's. */
+static _Thread_local caller__raise_t *tl_raise;
+
+caller__task_t *caller__task_current(void)
+{
+    return tl_task;
+}
+
+static caller__task_t *task_of(caller_pending_t *p);
+
+/* ---- the inbox ------------------------------------------------------------ */
+
+/* Push under the inbox lock. User submissions (@p user) are refused once the
+ * Caller is stopping; the library's own messages until the inbox closes. */
+static bool post(caller_t *c, caller__msg_t *m, bool user)
+{
+    caller__lock(&c->inbox_lock);
+    if (c->inbox_closed ||
+        (user && atomic_load_explicit(&c->state, memory_order_relaxed) >= CALLER_STATE_STOPPING)) {
+        caller__unlock(&c->inbox_lock);
+        return false;
+    }
+    bool was_empty = c->inbox.head == NULL;
+    caller__fifo_push(&c->inbox, m);
+    if (was_empty && c->backend)
+        c->ops->wake(c->backend);
+    caller__unlock(&c->inbox_lock);
+    return true;
+}
+
+bool caller__post(caller_t *c, caller__msg_t *m)
+{
+    return post(c, m, false);
+}
+
+/* On the Caller's own thread, with its loop open? Then its loop-thread
+ * state may be touched directly instead of through the inbox. */
+static bool on_loop(const caller_t *c)
+{
+    return caller__thread_caller() == c && c->loop_backend && !c->finishing;
+}
+
+/* Loop thread: make sure dispatch runs soon for work queued outside it. */
+static void kick(caller_t *c)
+{
+    if (!c->in_dispatch && c->loop_backend)
+        c->ops->more(c->loop_backend, true);
+}
+
+/* ---- task life ----------------------------------------------------------- */
+
+static void task_canceller(caller_pending_t *p, const char *messages, void *arg);
+
+static void list_add(caller__link_t *head, caller__link_t *l)
+{
+    l->prev = head->prev;
+    l->next = head;
+    head->prev->next = l;
+    head->prev = l;
+}
+
+static void list_del(caller__link_t *l)
+{
+    l->prev->next = l->next;
+    l->next->prev = l->prev;
+    l->prev = l->next = l;
+}
+
+caller_pending_t *caller__task_new(caller_t *c, caller_fn fn, void *arg, const char *name)
+{
+    caller__task_t *t;
+    caller_pending_t *p = caller__pending_new_extra(0, sizeof *t, (void **)&t);
+    if (!p)
+        return NULL;
+    memset(t, 0, sizeof *t);
+    t->msg.kind = CALLER__MSG_TASK;
+    t->cancel_msg.kind = CALLER__MSG_CANCEL;
+    atomic_init(&t->cancel_posted, false);
+    t->caller = c;
+    t->fn = fn;
+    t->arg = arg;
+    t->pending = p;
+    t->timer.index = CALLER__HEAP_NONE;
+    t->live.prev = t->live.next = &t->live;
+    caller__pending_init_task(p, c, name, task_canceller, t);
+    return p;
+}
+
+static caller__task_t *task_of(caller_pending_t *p)
+{
+    return (caller__task_t *)((char *)p + caller__pending_size());
+}
+
+/* Loop thread: a task the loop now owns (from the inbox or submitted here). */
+static void accept_task(caller_t *c, caller__task_t *t)
+{
+    list_add(&c->live_tasks, &t->live);
+    c->nlive++;
+    /* INT64_MIN (call_soon) is due without asking the clock. */
+    if (t->timer.deadline != INT64_MIN && t->timer.deadline > caller__now_ns() &&
+        !caller_pending_cancelled(t->pending) &&
+        atomic_load_explicit(&c->state, memory_order_relaxed) < CALLER_STATE_STOPPING &&
+        caller__heap_insert(&c->timers, &t->timer) == 0) {
+        t->state = CALLER__TASK_DELAYED;
+        return;
+    }
+    /* Due, cancelled, stopping — or no memory for the timer: then it runs
+     * now rather than never (a late call beats a lost one). */
+    t->state = CALLER__TASK_READY;
+    caller__fifo_push(&c->ready, &t->msg);
+}
+
+int caller__task_submit(caller_t *c, caller_pending_t *p, int64_t deadline)
+{
+    caller__task_t *t = task_of(p);
+    t->timer.deadline = deadline;
+    if (on_loop(c) &&
+        atomic_load_explicit(&c->state, memory_order_relaxed) == CALLER_STATE_RUNNING) {
+        accept_task(c, t);
+        kick(c);
+        if (t->state == CALLER__TASK_DELAYED && !c->in_dispatch)
+            c->ops->timer(c->loop_backend, caller__heap_min(&c->timers)->deadline);
+        return 0;
+    }
+    if (post(c, &t->msg, true))
+        return 0;
+    return caller__fail_stopped(c, "caller_call_soon");
+}
+
+/* Loop thread: the task is over; drop the loop's reference (may free it). */
+static void task_end(caller_t *c, caller__task_t *t)
+{
+    t->state = CALLER__TASK_DONE;
+    list_del(&t->live);
+    c->nlive--;
+    caller_pending_unref(t->pending);
+}
+
+static void complete_cancelled_before_start(caller__task_t *t)
+{
+    caller_pending_cancel(t->pending, NULL);
+    caller_pending_set_exception(t->pending, -ECANCELED, "Cancelled before started.");
+}
+
+static void task_entry(void *arg)
+{
+    caller__task_t *t = arg;
+    t->result = t->fn(t->arg);
+}
+
+/* Loop thread, scheduler context: run @p t until it suspends or ends. */
+static void run_task(caller_t *c, caller__task_t *t)
+{
+    if (!t->fiber) {
+        if (caller_pending_cancelled(t->pending) ||
+            atomic_load_explicit(&c->state, memory_order_relaxed) >= CALLER_STATE_STOPPING) {
+            complete_cancelled_before_start(t);
+            task_end(c, t);
+            return;
+        }
+        t->fiber = caller__fiber_new(c->stack_size, task_entry, t);
+        if (!t->fiber) {
+            caller_pending_set_exception(t->pending, -ENOMEM, "no memory for the task's stack");
+            task_end(c, t);
+            return;
+        }
+    }
+    t->state = CALLER__TASK_RUNNING;
+    tl_task = t;
+    tl_raise = &t->raised;
+    caller__fiber_switch_to(t->fiber);
+    tl_task = NULL;
+    tl_raise = NULL;
+    if (!caller__fiber_finished(t->fiber))
+        return; /* suspended: it set its own state */
+    caller__fiber_free(t->fiber);
+    t->fiber = NULL;
+    if (t->raised.code) {
+        caller_pending_set_exception(t->pending, t->raised.code, "%s",
+                                     t->raised.msg ? t->raised.msg : "");
+        caller__free(t->raised.msg);
+        t->raised.msg = NULL;
+    } else {
+        caller_pending_set_result(t->pending, t->result, false);
+    }
+    task_end(c, t);
+}
+
+/* ---- suspension ------------------------------------------------------------ */
+
+/* Loop thread: make a suspended task ready again, for reason @p why. */
+static void task_resume(caller__task_t *t, caller__wake_t why)
+{
+    if (t->state != CALLER__TASK_SUSPENDED)
+        return;
+    if (why == CALLER__WAKE_CANCEL && t->uncancellable)
+        return;
+    caller_t *c = t->caller;
+    caller__heap_remove(&c->timers, &t->timer);
+    t->wake = why;
+    t->state = CALLER__TASK_READY;
+    caller__fifo_push(&c->ready, &t->msg);
+    kick(c);
+}
+
+/* In a task: give the thread back until resumed. Returns why it resumed. */
+static caller__wake_t task_suspend(caller__task_t *t, int64_t deadline, bool cancellable)
+{
+    caller_t *c = t->caller;
+    if (deadline != INT64_MAX) {
+        t->timer.deadline = deadline;
+        if (caller__heap_insert(&c->timers, &t->timer) < 0)
+            return CALLER__WAKE_NOMEM;
+    }
+    t->wake = CALLER__WAKE_NONE;
+    t->uncancellable = !cancellable;
+    t->state = CALLER__TASK_SUSPENDED;
+    caller__fiber_yield();
+    return t->wake;
+}
+
+static bool task_cancelled(caller__task_t *t)
+{
+    return caller_pending_cancelled(t->pending) == 1;
+}
+
+/* A task's waiter on a Pending: the node lives on the task's fiber stack. */
+typedef struct {
+    caller__waiter_t w;
+    caller__msg_t msg; /* MSG_RESUME */
+    caller__task_t *task;
+    bool woken; /* (L) */
+} fiber_waiter_t;
+
+static void on_resume(fiber_waiter_t *fw)
+{
+    fw->woken = true;
+    task_resume(fw->task, CALLER__WAKE_DONE);
+}
+
+/* Runs in the completing thread, after the Pending's callbacks. */
+static void fiber_wake(caller__waiter_t *w)
+{
+    fiber_waiter_t *fw = (fiber_waiter_t *)w;
+    caller_t *c = fw->task->caller;
+    if (on_loop(c)) {
+        on_resume(fw);
+        return;
+    }
+    /* The task is suspended, so its Caller cannot have finished. */
+    bool ok = post(c, &fw->msg, false);
+    (void)ok;
+}
+
+int caller__task_wait(caller__task_t *t, caller_pending_t *p, int64_t deadline, int *code,
+                      void **value)
+{
+    if (p == t->pending)
+        return caller__fail(-EDEADLK, "caller_pending_wait: a task cannot wait for its own "
+                                      "Pending");
+    if (task_cancelled(t))
+        return -ECANCELED;
+    fiber_waiter_t fw = {.w = {.wake = fiber_wake}, .msg = {.kind = CALLER__MSG_RESUME}, .task = t};
+    if (!caller__pending_add_waiter(p, &fw.w)) {
+        *code = caller_pending_result(p, value);
+        return 0;
+    }
+    caller__wake_t why = task_suspend(t, deadline, true);
+    if (!fw.woken) {
+        if (caller__pending_remove_waiter(p, &fw.w)) {
+            if (why == CALLER__WAKE_NOMEM)
+                return caller__fail(-ENOMEM, "caller_pending_wait: no memory for the timeout");
+            return why == CALLER__WAKE_CANCEL ? -ECANCELED : -ETIMEDOUT;
+        }
+        /* Completed just as we gave up: its wake is on the way, and this
+         * frame must outlive it. Wait for it; it will not be long. */
+        while (!fw.woken)
+            task_suspend(t, INT64_MAX, false);
+    }
+    *code = fw.w.code;
+    *value = fw.w.value;
+    return 0;
+}
+
+int caller_sleep(double seconds)
+{
+    if (!(seconds >= 0))
+        return caller__fail(-EINVAL, "caller_sleep: %g is not a duration", seconds);
+    int64_t deadline = caller__deadline(seconds);
+    caller__task_t *t = tl_task;
+    if (!t) {
+        if (deadline == INT64_MAX)
+            deadline = INT64_MAX - 1;
+        struct timespec ts = {deadline / 1000000000, deadline % 1000000000};
+        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+            ;
+        return 0;
+    }
+    if (task_cancelled(t))
+        return caller__fail(-ECANCELED, "caller_sleep: the task is cancelled");
+    switch (task_suspend(t, deadline, true)) {
+    case CALLER__WAKE_CANCEL:
+        return caller__fail(-ECANCELED, "caller_sleep: the task was cancelled");
+    case CALLER__WAKE_NOMEM:
+        return caller__fail(-ENOMEM, "caller_sleep: no memory for the timer");
+    default:
+        return 0;
+    }
+}
+
+/* ---- cancellation ------------------------------------------------------------ */
+
+/* Loop thread: a task's Pending was cancelled. */
+static void handle_cancel(caller__task_t *t)
+{
+    caller_t *c = t->caller;
+    switch (t->state) {
+    case CALLER__TASK_DELAYED:
+        /* It will never run: end it now rather than at its deadline. */
+        caller__heap_remove(&c->timers, &t->timer);
+        t->state = CALLER__TASK_READY;
+        caller__fifo_push(&c->ready, &t->msg);
+        kick(c);
+        break;
+    case CALLER__TASK_SUSPENDED:
+        task_resume(t, CALLER__WAKE_CANCEL);
+        break;
+    default:
+        /* queued or ready: the loop sees it when it gets there; running:
+         * its next suspension point sees it; done: nothing to do. */
+        break;
+    }
+}
+
+static void task_canceller(caller_pending_t *p, const char *messages, void *arg)
+{
+    (void)messages;
+    caller__task_t *t = arg;
+    caller_t *c = t->caller;
+    /* Always through the inbox, even from the loop's own thread: the task
+     * may still be in flight there, and only the loop may look at it. */
+    if (atomic_exchange(&t->cancel_posted, true))
+        return; /* a notice is already on its way */
+    caller_pending_ref(p);
+    if (!post(c, &t->cancel_msg, false)) {
+        atomic_store(&t->cancel_posted, false);
+        caller_pending_unref(p);
+    }
+}
+
+/* ---- dispatch ----------------------------------------------------------------- */
+
+static void run_direct(caller_t *c, caller__msg_t *m);
+
+static void process(caller_t *c, caller__msg_t *m)
+{
+    switch ((caller__msg_kind_t)m->kind) {
+    case CALLER__MSG_TASK:
+        accept_task(c, container_of(m, caller__task_t, msg));
+        break;
+    case CALLER__MSG_RESUME:
+        on_resume(container_of(m, fiber_waiter_t, msg));
+        break;
+    case CALLER__MSG_CANCEL: {
+        caller__task_t *t = container_of(m, caller__task_t, cancel_msg);
+        atomic_store(&t->cancel_posted, false);
+        handle_cancel(t);
+        caller_pending_unref(t->pending);
+        break;
+    }
+    case CALLER__MSG_DIRECT:
+        run_direct(c, m);
+        break;
+    case CALLER__MSG_STOP:
+        caller__on_stop(c);
+        break;
+    case CALLER__MSG_CHILD:
+        caller__on_child_stopped(c, container_of(m, caller_t, child_msg));
+        break;
+    }
+}
+
+void caller__dispatch(caller_t *c)
+{
+    if (c->in_dispatch || !c->loop_backend)
+        return;
+    c->in_dispatch = true;
+
+    caller__lock(&c->inbox_lock);
+    caller__msg_t *m = c->inbox.head;
+    c->inbox.head = c->inbox.tail = NULL;
+    caller__unlock(&c->inbox_lock);
+    while (m) {
+        caller__msg_t *next = m->next; /* processing may re-link m */
+        process(c, m);
+        m = next;
+    }
+
+    int64_t now = caller__now_ns();
+    caller__timer_t *tm;
+    while ((tm = caller__heap_min(&c->timers)) && tm->deadline <= now) {
+        caller__heap_remove(&c->timers, tm);
+        caller__task_t *t = container_of(tm, caller__task_t, timer);
+        if (t->state == CALLER__TASK_DELAYED) {
+            t->state = CALLER__TASK_READY;
+            caller__fifo_push(&c->ready, &t->msg);
+        } else {
+            task_resume(t, CALLER__WAKE_TIMEOUT);
+        }
+    }
+
+    /* Run what is ready now; what becomes ready meanwhile waits for the next
+     * round, so I/O and timers are not starved. */
+    caller__msg_t *last = c->ready.tail;
+    while ((m = caller__fifo_pop(&c->ready))) {
+        bool was_last = m == last;
+        run_task(c, container_of(m, caller__task_t, msg));
+        if (was_last)
+            break;
+    }
+
+    c->in_dispatch = false;
+    if (!c->finishing) {
+        c->ops->more(c->loop_backend, c->ready.head != NULL);
+        tm = caller__heap_min(&c->timers);
+        c->ops->timer(c->loop_backend, tm ? tm->deadline : INT64_MAX);
+    }
+    caller__check_finished(c);
+}
+
+void caller__sched_stop(caller_t *c)
+{
+    /* Cancelling may end tasks (and unlink them): walk a stable order by
+     * always restarting from the first task not yet cancelled. */
+    for (caller__link_t *l = c->live_tasks.next; l != &c->live_tasks;) {
+        caller__task_t *t = container_of(l, caller__task_t, live);
+        l = l->next;
+        if (!caller_pending_cancelled(t->pending))
+            caller_pending_cancel(t->pending, NULL);
+    }
+}
+
+/* Fail or drop what was left in a closed inbox (nothing can run any more). */
+void caller__sched_drain_closed(caller_t *c, caller__msg_t *m)
+{
+    while (m) {
+        caller__msg_t *next = m->next;
+        switch ((caller__msg_kind_t)m->kind) {
+        case CALLER__MSG_TASK: {
+            caller__task_t *t = container_of(m, caller__task_t, msg);
+            complete_cancelled_before_start(t);
+            caller_pending_unref(t->pending);
+            break;
+        }
+        case CALLER__MSG_CANCEL: {
+            caller__task_t *t = container_of(m, caller__task_t, cancel_msg);
+            atomic_store(&t->cancel_posted, false);
+            caller_pending_unref(t->pending);
+            break;
+        }
+        case CALLER__MSG_DIRECT:
+            caller__free(m);
+            break;
+        case CALLER__MSG_CHILD:
+            caller_unref(container_of(m, caller_t, child_msg));
+            break;
+        case CALLER__MSG_RESUME: /* no task is left to resume */
+        case CALLER__MSG_STOP:
+            break;
+        }
+        m = next;
+    }
+    (void)c;
+}
+
+/* ---- scheduling API ------------------------------------------------------------ */
+
+static caller_pending_t *schedule(caller_t *c, double delay, caller_fn fn, void *arg,
+                                  const char *name, const char *api)
+{
+    if (!c || !fn) {
+        caller__fail(-EINVAL, "%s: %s is NULL", api, c ? "fn" : "caller");
+        return NULL;
+    }
+    if (!(delay >= 0))
+        delay = 0; /* negative and NaN: now */
+    int64_t deadline = delay > 0 ? caller__deadline(delay) : INT64_MIN;
+    if (atomic_load_explicit(&c->state, memory_order_relaxed) >= CALLER_STATE_STOPPING) {
+        caller__fail_stopped(c, api);
+        return NULL;
+    }
+    caller_pending_t *p = caller__task_new(c, fn, arg, name);
+    if (!p)
+        return NULL;
+    caller_pending_ref(p); /* the caller's; the loop keeps the first */
+    if (caller__task_submit(c, p, deadline) < 0) {
+        caller__fail_stopped(c, api);
+        caller_pending_unref(p);
+        caller_pending_unref(p);
+        return NULL;
+    }
+    return p;
+}
+
+caller_pending_t *caller__call_soon_named(caller_t *c, caller_fn fn, void *arg, const char *name)
+{
+    return schedule(c, 0, fn, arg, name, "caller_call_soon");
+}
+
+caller_pending_t *caller__call_later_named(caller_t *c, double delay, caller_fn fn, void *arg,
+                                           const char *name)
+{
+    return schedule(c, delay, fn, arg, name, "caller_call_later");
+}
+
+caller_pending_t *(caller_call_soon)(caller_t *c, caller_fn fn, void *arg)
+{
+    return schedule(c, 0, fn, arg, NULL, "caller_call_soon");
+}
+
+caller_pending_t *(caller_call_later)(caller_t *c, double delay, caller_fn fn, void *arg)
+{
+    return schedule(c, delay, fn, arg, NULL, "caller_call_later");
+}
+
+typedef struct {
+    caller__msg_t msg;
+    caller_direct_fn fn;
+    void *arg;
+} direct_t;
+
+static void run_direct(caller_t *c, caller__msg_t *m)
+{
+    direct_t *d = (direct_t *)m;
+    caller__raise_t raised = {0};
+    caller__raise_t *outer = tl_raise;
+    tl_raise = &raised;
+    d->fn(d->arg);
+    tl_raise = outer;
+    if (raised.code) {
+        caller__log(c, CALLER_LOG_ERROR, "Execution of call_direct function %p failed: %s (%s)",
+                    (void *)(uintptr_t)d->fn, raised.msg ? raised.msg : "",
+                    caller_err_name(raised.code));
+        caller__free(raised.msg);
+    }
+    caller__free(d);
+}
+
+int caller_call_direct(caller_t *c, caller_direct_fn fn, void *arg)
+{
+    if (!c || !fn)
+        return caller__fail(-EINVAL, "caller_call_direct: %s is NULL", c ? "fn" : "caller");
+    direct_t *d = caller__malloc(sizeof *d);
+    if (!d)
+        return caller__fail(-ENOMEM, "caller_call_direct: out of memory");
+    d->msg.kind = CALLER__MSG_DIRECT;
+    d->fn = fn;
+    d->arg = arg;
+    if (!post(c, &d->msg, true)) {
+        caller__free(d);
+        return caller__fail_stopped(c, "caller_call_direct");
+    }
+    return 0;
+}
+
+int caller_raise(int code, const char *fmt, ...)
+{
+    if (code >= 0)
+        return caller__fail(-EINVAL, "caller_raise: code %d is not negative", code);
+    caller__raise_t *slot = tl_raise;
+    if (!slot)
+        return caller__fail(-EPERM, "caller_raise: not in a task or a direct call");
+    char *msg = NULL;
+    if (fmt) {
+        va_list ap;
+        va_start(ap, fmt);
+        msg = caller__vasprintf(fmt, ap);
+        va_end(ap);
+    }
+    caller__free(slot->msg);
+    slot->code = code;
+    slot->msg = msg;
+    return 0;
+}

@@ -1,0 +1,976 @@
+/* Callers, tasks, scheduling and stopping (SPEC §1–§5, §11, §12; issue #3). */
+// ALSO-UCONTEXT
+// TIMEOUT: 120
+#include "check.h"
+#include "fiber.h"
+#include "internal.h"
+
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <uv.h>
+
+#define P(x) ((void *)(intptr_t)(x))
+#define I(x) ((intptr_t)(x))
+
+static caller_t *new_thread(const char *name)
+{
+    caller_options_t o = {.name = name};
+    caller_t *c = caller_create(CALLER_NEW_THREAD, &o);
+    CHECK(c != NULL);
+    return c;
+}
+
+static void stop_and_release(caller_t *c)
+{
+    caller_stop(c, true);
+    CHECK_RC(caller_wait_stopped(c, 10), 0);
+    CHECK_EQ(caller_state(c), CALLER_STATE_STOPPED);
+    caller_unref(c);
+}
+
+/* Wait for a Pending and return its result, checking success. */
+static void *await(caller_pending_t *p)
+{
+    void *v = NULL;
+    CHECK_RC(caller_pending_wait(p, 10, false, true, &v), 0);
+    return v;
+}
+
+static void *ret_arg(void *arg)
+{
+    return arg;
+}
+
+static void *fail_with_eio(void *arg)
+{
+    caller_raise(-EIO, "failed with %d", (int)I(arg));
+    return NULL;
+}
+
+/* ---- manual Callers ------------------------------------------------------ */
+
+static void *body_schedules(void *arg)
+{
+    caller_t *self = caller_current();
+    CHECK(self != NULL);
+    CHECK_EQ(caller_state(self), CALLER_STATE_RUNNING);
+    caller_pending_t *p = caller_call_soon(self, ret_arg, P(41));
+    CHECK(p != NULL);
+    void *v = await(p);
+    caller_pending_unref(p);
+    return P(I(v) + I(arg));
+}
+
+TEST(manual_runs_body_then_is_stopped)
+{
+    caller_t *c = caller_create(CALLER_MANUAL, NULL);
+    CHECK(c != NULL);
+    CHECK_PTR_EQ(caller_current(), c);
+    CHECK_EQ(caller_state(c), CALLER_STATE_INITIAL);
+    void *result = NULL;
+    CHECK_RC(caller_run(c, body_schedules, P(1), &result), 0);
+    CHECK_EQ(I(result), 42);
+    CHECK_EQ(caller_state(c), CALLER_STATE_STOPPED);
+    CHECK_EQ(caller_children(c, NULL, 0), 0);
+    CHECK_PTR_EQ(caller_current(), NULL);
+    CHECK_RC(caller_wait_stopped(c, 0), 0);
+    caller_unref(c);
+}
+
+TEST(manual_when_one_exists_fails)
+{
+    caller_t *c = caller_create(CALLER_MANUAL, NULL);
+    CHECK(c != NULL);
+    CHECK(caller_create(CALLER_MANUAL, NULL) == NULL);
+    CHECK_RC(caller_last_error(NULL), -EEXIST);
+    CHECK_CONTAINS(check_last_message(), "An instance already exists for thread");
+    CHECK_EQ(caller_stop(c, false), CALLER_STATE_STOPPED); /* never ran */
+    caller_unref(c);
+    /* Once stopped, the thread may have a new one. */
+    c = caller_create(CALLER_MANUAL, NULL);
+    CHECK(c != NULL);
+    caller_stop(c, true);
+    caller_unref(c);
+}
+
+static atomic_int counter;
+
+static void *bump(void *arg)
+{
+    atomic_fetch_add(&counter, 1);
+    return arg;
+}
+
+static void *body_waits_for(void *arg)
+{
+    return await(arg);
+}
+
+TEST(call_soon_before_run_is_kept)
+{
+    atomic_store(&counter, 0);
+    caller_t *c = caller_create(CALLER_MANUAL, NULL);
+    caller_pending_t *early = caller_call_soon(c, bump, P(7));
+    CHECK(early != NULL);
+    CHECK_EQ(caller_pending_done(early), 0);
+    void *r;
+    CHECK_RC(caller_run(c, body_waits_for, early, &r), 0);
+    CHECK_EQ(I(r), 7);
+    CHECK_EQ(atomic_load(&counter), 1);
+    caller_pending_unref(early);
+    caller_unref(c);
+}
+
+TEST(body_error_is_run_result)
+{
+    caller_t *c = caller_create(CALLER_MANUAL, NULL);
+    CHECK_RC(caller_run(c, fail_with_eio, P(3), NULL), -EIO);
+    CHECK_STR_EQ(check_last_message(), "failed with 3");
+    caller_unref(c);
+}
+
+static void *body_runs_again(void *arg)
+{
+    caller_t *c = arg;
+    CHECK_RC(caller_run(c, ret_arg, NULL, NULL), -EBUSY);
+    CHECK_CONTAINS(check_last_message(), "Already starting/running");
+    return NULL;
+}
+
+TEST(enter_running_or_stopped_fails)
+{
+    caller_t *c = caller_create(CALLER_MANUAL, NULL);
+    CHECK_RC(caller_run(c, body_runs_again, c, NULL), 0);
+    CHECK_RC(caller_run(c, ret_arg, NULL, NULL), -EPERM);
+    CHECK_CONTAINS(check_last_message(), "Restarting is not allowed");
+    caller_unref(c);
+}
+
+/* ---- finding Callers ------------------------------------------------------ */
+
+static void *who_am_i(void *arg)
+{
+    (void)arg;
+    return caller_current();
+}
+
+static void *current_from_plain_thread(void *arg)
+{
+    (void)arg;
+    return caller_current();
+}
+
+TEST(caller_found_from_its_thread)
+{
+    caller_t *c = new_thread("finder");
+    caller_pending_t *p = caller_call_soon(c, who_am_i, NULL);
+    CHECK_PTR_EQ(await(p), c);
+    caller_pending_unref(p);
+    caller_t *f = caller_for_thread(caller_thread(c));
+    CHECK_PTR_EQ(f, c);
+    caller_unref(f);
+    CHECK(!pthread_equal(caller_thread(c), pthread_self()));
+    pthread_t t;
+    void *seen = (void *)1;
+    pthread_create(&t, NULL, current_from_plain_thread, NULL);
+    pthread_join(t, &seen);
+    CHECK_PTR_EQ(seen, NULL);
+    CHECK_PTR_EQ(caller_current(), NULL); /* the main thread has none */
+    caller_t *all[8];
+    size_t n = caller_all(true, all, 8);
+    CHECK_EQ(n, 1);
+    CHECK_PTR_EQ(all[0], c);
+    caller_unref(all[0]);
+    stop_and_release(c);
+    CHECK_EQ(caller_all(false, NULL, 0), 0);
+}
+
+TEST(new_thread_from_plain_main_with_blocking_wait)
+{
+    caller_t *c = new_thread(NULL);
+    CHECK_STR_EQ(caller_name(c), "caller-worker");
+    CHECK_STR_EQ(caller_backend(c), "libuv");
+    CHECK_EQ(caller_running(c), 1);
+    caller_pending_t *p = caller_call_soon(c, ret_arg, P(5));
+    CHECK_EQ(I(await(p)), 5);
+    caller_pending_unref(p);
+    p = caller_call_soon(c, fail_with_eio, P(9));
+    CHECK_RC(caller_pending_wait(p, 10, false, true, NULL), -EIO);
+    CHECK_STR_EQ(check_last_message(), "failed with 9");
+    caller_pending_unref(p);
+    stop_and_release(c);
+}
+
+TEST(current_thread_needs_a_loop)
+{
+    CHECK(caller_create(CALLER_CURRENT_THREAD, NULL) == NULL);
+    CHECK_RC(caller_last_error(NULL), -ENOENT);
+    CHECK_CONTAINS(check_last_message(), "no event loop in this thread");
+    CHECK(caller_create(CALLER_MAIN_THREAD, NULL) == NULL);
+    CHECK_RC(caller_last_error(NULL), -ENOENT);
+}
+
+static void *stop_self(void *arg)
+{
+    (void)arg;
+    CHECK_EQ(caller_stop(caller_current(), false), CALLER_STATE_STOPPING);
+    return P(1);
+}
+
+TEST(current_thread_attaches_to_application_loop)
+{
+    uv_loop_t loop;
+    CHECK_EQ(uv_loop_init(&loop), 0);
+    caller_options_t o = {.loop = &loop, .name = "app"};
+    caller_t *c = caller_create(CALLER_CURRENT_THREAD, &o);
+    CHECK(c != NULL);
+    CHECK_EQ(caller_state(c), CALLER_STATE_RUNNING);
+    CHECK_PTR_EQ(caller_loop(c), &loop);
+    caller_t *again = caller_create(CALLER_CURRENT_THREAD, NULL);
+    CHECK_PTR_EQ(again, c);
+    caller_unref(again);
+    caller_pending_t *p = caller_call_soon(c, stop_self, NULL);
+    /* The application runs its loop; it returns once the Caller stopped. */
+    CHECK_EQ(uv_run(&loop, UV_RUN_DEFAULT), 0);
+    CHECK_EQ(caller_state(c), CALLER_STATE_STOPPED);
+    void *v;
+    CHECK_RC(caller_pending_result(p, &v), 0);
+    CHECK_EQ(I(v), 1);
+    caller_pending_unref(p);
+    CHECK_EQ(uv_loop_close(&loop), 0);
+    caller_unref(c);
+}
+
+static void *main_caller_from_worker(void *arg)
+{
+    caller_t *m = caller_create(CALLER_MAIN_THREAD, NULL);
+    CHECK_PTR_EQ(m, arg);
+    caller_unref(m);
+    return NULL;
+}
+
+static void *body_asks_worker_for_main(void *arg)
+{
+    (void)arg;
+    caller_t *w = new_thread("asker");
+    caller_pending_t *p = caller_call_soon(w, main_caller_from_worker, caller_current());
+    await(p);
+    caller_pending_unref(p);
+    stop_and_release(w);
+    return NULL;
+}
+
+TEST(main_thread_caller_found_from_another_thread)
+{
+    caller_t *c = caller_create(CALLER_MANUAL, NULL);
+    CHECK_RC(caller_run(c, body_asks_worker_for_main, NULL, NULL), 0);
+    caller_unref(c);
+}
+
+/* ---- errors of creation --------------------------------------------------- */
+
+TEST(name_and_backend_mismatch)
+{
+    caller_options_t named = {.name = "Shell"};
+    caller_t *c = caller_create(CALLER_MANUAL, &named);
+    CHECK_STR_EQ(caller_name(c), "Shell");
+    caller_options_t other = {.name = "Other"};
+    CHECK(caller_create(CALLER_CURRENT_THREAD, &other) == NULL);
+    CHECK_RC(caller_last_error(NULL), -EINVAL);
+    CHECK_CONTAINS(check_last_message(), "The thread and caller's name do not match!");
+    caller_options_t glib = {.backend = "glib"};
+    CHECK(caller_create(CALLER_CURRENT_THREAD, &glib) == NULL);
+    CHECK_CONTAINS(check_last_message(), "The backend does not match!");
+    caller_t *same = caller_create(CALLER_CURRENT_THREAD, &named);
+    CHECK_PTR_EQ(same, c);
+    caller_unref(same);
+    /* An unknown backend for a new Caller. */
+    CHECK(caller_create(CALLER_NEW_THREAD, &glib) == NULL);
+    CHECK_CONTAINS(check_last_message(), "unknown backend");
+    caller_stop(c, true);
+    caller_unref(c);
+}
+
+TEST(get_named_child_or_create)
+{
+    caller_t *parent = new_thread("parent");
+    caller_options_t o = {.name = "ControlThread"};
+    caller_t *a = caller_get(parent, &o);
+    CHECK(a != NULL);
+    caller_t *b = caller_get(parent, &o);
+    CHECK_PTR_EQ(a, b);
+    caller_unref(b);
+    caller_t *pa = caller_parent(a);
+    CHECK_PTR_EQ(pa, parent);
+    caller_unref(pa);
+    caller_options_t glib = {.name = "ControlThread", .backend = "glib"};
+    CHECK(caller_get(parent, &glib) == NULL);
+    CHECK_CONTAINS(check_last_message(), "Backend mismatch!");
+    caller_t *u1 = caller_get(parent, NULL), *u2 = caller_get(parent, NULL);
+    CHECK(u1 && u2 && u1 != u2);
+    CHECK_EQ(caller_children(parent, NULL, 0), 3);
+    char text[128];
+    caller_repr(parent, text, sizeof text);
+    CHECK_STR_EQ(text, "Caller<parent libuv \U0001f3c3 running 3 children>");
+    /* Stopping the parent stops every child first. */
+    caller_stop(parent, false);
+    CHECK_RC(caller_wait_stopped(parent, 10), 0);
+    CHECK_EQ(caller_state(a), CALLER_STATE_STOPPED);
+    CHECK_EQ(caller_state(u1), CALLER_STATE_STOPPED);
+    CHECK_EQ(caller_state(u2), CALLER_STATE_STOPPED);
+    CHECK_EQ(caller_children(parent, NULL, 0), 0);
+    CHECK(caller_get(parent, &o) == NULL);
+    CHECK_RC(caller_last_error(NULL), -ESHUTDOWN);
+    caller_unref(a);
+    caller_unref(u1);
+    caller_unref(u2);
+    caller_unref(parent);
+}
+
+/* ---- scheduling ---------------------------------------------------------------- */
+
+typedef struct {
+    double submitted, ran;
+} timing_t;
+
+static void *record_time(void *arg)
+{
+    ((timing_t *)arg)->ran = check_now();
+    return NULL;
+}
+
+TEST(call_later_not_before_its_delay)
+{
+    caller_t *c = new_thread(NULL);
+    timing_t t[3];
+    double delays[3] = {0.05, 0.0, 0.02};
+    caller_pending_t *p[3];
+    for (int i = 0; i < 3; i++) {
+        t[i].submitted = check_now();
+        p[i] = caller_call_later(c, delays[i], record_time, &t[i]);
+        CHECK(p[i] != NULL);
+    }
+    for (int i = 0; i < 3; i++) {
+        await(p[i]);
+        caller_pending_unref(p[i]);
+        CHECK_GE((t[i].ran - t[i].submitted) * 1e3, delays[i] * 1e3);
+    }
+    CHECK(t[1].ran <= t[2].ran && t[2].ran <= t[0].ran); /* in deadline order */
+    stop_and_release(c);
+}
+
+typedef struct {
+    int seq[64];
+    int n;
+} order_t;
+
+typedef struct {
+    order_t *o;
+    int i;
+} order_arg_t;
+
+static void *append_order(void *arg)
+{
+    order_arg_t *a = arg;
+    a->o->seq[a->o->n++] = a->i;
+    return NULL;
+}
+
+TEST(call_soon_runs_in_submission_order)
+{
+    caller_t *c = new_thread(NULL);
+    order_t o = {0};
+    order_arg_t args[64];
+    caller_pending_t *p[64];
+    for (int i = 0; i < 64; i++) {
+        args[i] = (order_arg_t){&o, i};
+        p[i] = caller_call_soon(c, append_order, &args[i]);
+    }
+    for (int i = 0; i < 64; i++) {
+        await(p[i]);
+        caller_pending_unref(p[i]);
+    }
+    CHECK_EQ(o.n, 64);
+    for (int i = 0; i < 64; i++)
+        CHECK_EQ(o.seq[i], i);
+    stop_and_release(c);
+}
+
+typedef struct {
+    char messages[4][256];
+    int levels[4];
+    atomic_int n;
+} log_capture_t;
+
+static void capture_log(void *arg, int level, const char *message)
+{
+    log_capture_t *lc = arg;
+    int i = atomic_load(&lc->n);
+    if (i < 4) {
+        snprintf(lc->messages[i], sizeof lc->messages[i], "%s", message);
+        lc->levels[i] = level;
+        atomic_store(&lc->n, i + 1);
+    }
+}
+
+static void direct_fails(void *arg)
+{
+    (void)arg;
+    CHECK_PTR_EQ(caller_current_pending(), NULL); /* not a task */
+    caller_raise(-EIO, "direct call broke");
+}
+
+static void direct_sets(void *arg)
+{
+    caller_pending_set_result(arg, P(1), false);
+}
+
+TEST(call_direct_failure_is_logged_and_loop_goes_on)
+{
+    log_capture_t lc = {0};
+    caller_options_t o = {.log = capture_log, .log_arg = &lc};
+    caller_t *c = caller_create(CALLER_NEW_THREAD, &o);
+    caller_pending_t *done = caller_pending_new(0);
+    CHECK_RC(caller_call_direct(c, direct_fails, NULL), 0);
+    CHECK_RC(caller_call_direct(c, direct_sets, done), 0);
+    CHECK_EQ(I(await(done)), 1);
+    CHECK_EQ(atomic_load(&lc.n), 1);
+    CHECK_EQ(lc.levels[0], CALLER_LOG_ERROR);
+    CHECK_CONTAINS(lc.messages[0], "failed");
+    CHECK_CONTAINS(lc.messages[0], "direct call broke");
+    caller_pending_unref(done);
+    CHECK_RC(caller_raise(-EIO, "not in a task"), -EPERM);
+    stop_and_release(c);
+}
+
+/* ---- waiting from everywhere ----------------------------------------------------------- */
+
+static void *wait_on_same_caller(void *arg)
+{
+    caller_t *self = caller_current();
+    caller_pending_t *ok = caller_call_soon(self, ret_arg, arg);
+    caller_pending_t *bad = caller_call_soon(self, fail_with_eio, P(2));
+    void *v = NULL;
+    CHECK_RC(caller_pending_wait(ok, 10, false, true, &v), 0);
+    CHECK_RC(caller_pending_wait(bad, 10, false, true, NULL), -EIO);
+    CHECK_STR_EQ(check_last_message(), "failed with 2");
+    caller_pending_unref(ok);
+    caller_pending_unref(bad);
+    return v;
+}
+
+static void *wait_on_other_caller(void *arg)
+{
+    caller_t *other = arg;
+    caller_pending_t *ok = caller_call_soon(other, ret_arg, P(8));
+    caller_pending_t *bad = caller_call_soon(other, fail_with_eio, P(4));
+    void *v = NULL;
+    CHECK_RC(caller_pending_wait(ok, 10, false, true, &v), 0);
+    CHECK_RC(caller_pending_wait(bad, 10, false, true, NULL), -EIO);
+    CHECK_STR_EQ(check_last_message(), "failed with 4");
+    caller_pending_unref(ok);
+    caller_pending_unref(bad);
+    return v;
+}
+
+TEST(wait_result_and_error_from_thread_task_and_other_caller)
+{
+    caller_t *a = new_thread("a"), *b = new_thread("b");
+    caller_pending_t *p = caller_call_soon(a, wait_on_same_caller, P(6));
+    CHECK_EQ(I(await(p)), 6);
+    caller_pending_unref(p);
+    p = caller_call_soon(a, wait_on_other_caller, b);
+    CHECK_EQ(I(await(p)), 8);
+    caller_pending_unref(p);
+    stop_and_release(a);
+    stop_and_release(b);
+}
+
+static void *own_pending(void *arg)
+{
+    (void)arg;
+    caller_pending_t *me = caller_current_pending();
+    CHECK(me != NULL);
+    CHECK_RC(caller_pending_wait(me, 1, true, true, NULL), -EDEADLK);
+    return me;
+}
+
+TEST(current_pending_is_the_tasks_own)
+{
+    caller_t *c = new_thread(NULL);
+    caller_pending_t *p = caller_call_soon(c, own_pending, NULL);
+    CHECK_PTR_EQ(await(p), p);
+    caller_pending_unref(p);
+    CHECK_PTR_EQ(caller_current_pending(), NULL);
+    stop_and_release(c);
+}
+
+static void direct_blocks_on_own_task(void *arg)
+{
+    caller_pending_t **out = arg;
+    caller_t *self = caller_current();
+    caller_pending_t *p = caller_call_soon(self, ret_arg, NULL);
+    CHECK_RC(caller_pending_wait(p, 10, true, true, NULL), -EDEADLK);
+    CHECK_CONTAINS(check_last_message(), "would never end");
+    CHECK_RC(caller_wait_stopped(self, 1), -EDEADLK);
+    caller_pending_unref(p);
+    caller_pending_set_result(out[0], NULL, false);
+}
+
+TEST(blocking_on_own_thread_is_deadlock_error)
+{
+    caller_t *c = new_thread(NULL);
+    caller_pending_t *done = caller_pending_new(0);
+    caller_pending_t *box[1] = {done};
+    CHECK_RC(caller_call_direct(c, direct_blocks_on_own_task, box), 0);
+    await(done);
+    caller_pending_unref(done);
+    stop_and_release(c);
+}
+
+/* ---- cancellation ------------------------------------------------------------------- */
+
+typedef struct {
+    atomic_int rc;
+    atomic_int started;
+    caller_pending_t *gate; /* set once the task is about to suspend */
+} sleeper_t;
+
+static void *sleep_forever(void *arg)
+{
+    sleeper_t *s = arg;
+    atomic_store(&s->started, 1);
+    if (s->gate)
+        caller_pending_set_result(s->gate, NULL, false);
+    atomic_store(&s->rc, caller_sleep(1e6));
+    return NULL;
+}
+
+static void *body_leaves_a_sleeper(void *arg)
+{
+    caller_pending_t **out = arg;
+    sleeper_t *s = caller_pending_userdata(*out);
+    *out = caller_call_soon(caller_current(), sleep_forever, s);
+    CHECK_RC(caller_sleep(0.01), 0); /* let it start */
+    return NULL;
+}
+
+TEST(sleeping_task_cancelled_when_body_returns)
+{
+    sleeper_t s = {.rc = 1};
+    caller_pending_t *holder = caller_pending_new(0);
+    caller_pending_set_userdata(holder, &s, NULL);
+    caller_pending_t *box = holder;
+    caller_t *c = caller_create(CALLER_MANUAL, NULL);
+    CHECK_RC(caller_run(c, body_leaves_a_sleeper, &box, NULL), 0);
+    CHECK_EQ(atomic_load(&s.started), 1);
+    CHECK_RC(atomic_load(&s.rc), -ECANCELED); /* seen inside the task */
+    CHECK_EQ(caller_pending_cancelled(box), 1);
+    CHECK_EQ(caller_pending_done(box), 1);
+    caller_pending_unref(box);
+    caller_pending_unref(holder);
+    caller_unref(c);
+}
+
+TEST(stop_then_scheduling_fails)
+{
+    caller_t *c = new_thread("stopper");
+    CHECK_EQ(caller_stop(c, false), CALLER_STATE_STOPPING);
+    CHECK(caller_call_soon(c, ret_arg, NULL) == NULL);
+    CHECK_RC(caller_last_error(NULL), -ESHUTDOWN);
+    CHECK_CONTAINS(check_last_message(), "Caller<stopper libuv");
+    CHECK_CONTAINS(check_last_message(), "is stopped!");
+    CHECK_RC(caller_wait_stopped(c, 10), 0);
+    CHECK(caller_call_later(c, 1, ret_arg, NULL) == NULL);
+    CHECK_RC(caller_call_direct(c, direct_fails, NULL), -ESHUTDOWN);
+    /* Stopping again changes nothing. */
+    CHECK_EQ(caller_stop(c, false), CALLER_STATE_STOPPED);
+    CHECK_EQ(caller_stop(c, true), CALLER_STATE_STOPPED);
+    caller_unref(c);
+}
+
+static void *stop_own_caller(void *arg)
+{
+    (void)arg;
+    caller_stop(caller_current(), false);
+    /* This task is cancelled at its next suspension point. */
+    return P(caller_sleep(10));
+}
+
+TEST(stop_from_own_task)
+{
+    caller_t *c = new_thread(NULL);
+    caller_pending_t *p = caller_call_soon(c, stop_own_caller, NULL);
+    CHECK_RC(caller_wait_stopped(c, 10), 0);
+    CHECK_RC(caller_pending_result(p, NULL), -ECANCELED);
+    caller_pending_unref(p);
+    caller_unref(c);
+}
+
+TEST(protected_ignores_stop_unless_forced)
+{
+    caller_options_t o = {.protect = true, .name = "guarded"};
+    caller_t *c = caller_create(CALLER_NEW_THREAD, &o);
+    CHECK_EQ(caller_protected(c), 1);
+    CHECK_EQ(caller_stop(c, false), CALLER_STATE_RUNNING);
+    CHECK_RC(caller_wait_stopped(c, 0.02), -ETIMEDOUT);
+    CHECK_EQ(caller_stop(c, true), CALLER_STATE_STOPPING);
+    CHECK_RC(caller_wait_stopped(c, 10), 0);
+    caller_unref(c);
+    /* A protected manual Caller stops when its run ends. */
+    c = caller_create(CALLER_MANUAL, &o);
+    CHECK_RC(caller_run(c, ret_arg, NULL, NULL), 0);
+    CHECK_EQ(caller_state(c), CALLER_STATE_STOPPED);
+    caller_unref(c);
+}
+
+TEST(call_later_waiting_at_stop_ends_cancelled)
+{
+    caller_t *c = new_thread(NULL);
+    atomic_store(&counter, 0);
+    caller_pending_t *p = caller_call_later(c, 30, bump, NULL);
+    double t0 = check_now();
+    stop_and_release(c);
+    CHECK_LT(check_now() - t0, 20); /* did not wait for the delay */
+    CHECK_EQ(caller_pending_done(p), 1);
+    CHECK_EQ(caller_pending_cancelled(p), 1);
+    CHECK_RC(caller_pending_result(p, NULL), -ECANCELED);
+    CHECK_EQ(atomic_load(&counter), 0);
+    caller_pending_unref(p);
+}
+
+TEST(cancelled_before_start_never_runs)
+{
+    caller_t *c = caller_create(CALLER_MANUAL, NULL);
+    atomic_store(&counter, 0);
+    caller_pending_t *p = caller_call_soon(c, bump, NULL);
+    CHECK_EQ(caller_pending_cancel(p, "not wanted"), 1);
+    CHECK_RC(caller_run(c, ret_arg, NULL, NULL), 0);
+    CHECK_EQ(atomic_load(&counter), 0);
+    char buf[128];
+    CHECK_RC(caller_pending_exception(p, buf, sizeof buf), -ECANCELED);
+    CHECK_STR_EQ(buf, "not wanted");
+    caller_pending_unref(p);
+    caller_unref(c);
+    /* A delayed call cancelled early ends at once, not at its deadline. */
+    c = new_thread(NULL);
+    p = caller_call_later(c, 60, bump, NULL);
+    caller_pending_cancel(p, NULL);
+    CHECK_RC(caller_pending_wait(p, 10, true, false, NULL), 0);
+    CHECK_EQ(atomic_load(&counter), 0);
+    caller_pending_unref(p);
+    stop_and_release(c);
+}
+
+static void *cancel_from_same_thread(void *arg)
+{
+    caller_pending_t *victim = arg;
+    caller_pending_cancel(victim, "m1");
+    caller_pending_cancel(victim, "m2");
+    return NULL;
+}
+
+static void check_cancelled_sleeper(caller_pending_t *p, sleeper_t *s)
+{
+    CHECK_RC(caller_pending_wait(p, 10, true, false, NULL), 0);
+    CHECK_RC(atomic_load(&s->rc), -ECANCELED);
+    CHECK_RC(caller_pending_result(p, NULL), -ECANCELED);
+    CHECK_STR_EQ(check_last_message(), "m1\nm2");
+}
+
+TEST(cancel_suspended_task_from_same_and_other_thread)
+{
+    caller_t *c = new_thread(NULL);
+    for (int from_same = 0; from_same < 2; from_same++) {
+        sleeper_t s = {.rc = 1, .gate = caller_pending_new(0)};
+        caller_pending_t *p = caller_call_soon(c, sleep_forever, &s);
+        await(s.gate);
+        if (from_same) {
+            caller_pending_t *k = caller_call_soon(c, cancel_from_same_thread, p);
+            await(k);
+            caller_pending_unref(k);
+        } else {
+            CHECK_EQ(caller_pending_cancel(p, "m1"), 1);
+            CHECK_EQ(caller_pending_cancel(p, "m2"), 1);
+        }
+        check_cancelled_sleeper(p, &s);
+        caller_pending_unref(p);
+        caller_pending_unref(s.gate);
+    }
+    stop_and_release(c);
+}
+
+typedef struct {
+    caller_pending_t *target;
+    int rc;
+} waiter_t;
+
+static void *wait_with_timeout(void *arg)
+{
+    waiter_t *w = arg;
+    w->rc = caller_pending_wait(w->target, 0.05, false, true, NULL);
+    return NULL;
+}
+
+TEST(waiter_timeout_cancels_awaited_task)
+{
+    caller_t *c = new_thread(NULL);
+    sleeper_t s = {.rc = 1, .gate = caller_pending_new(0)};
+    caller_pending_t *victim = caller_call_soon(c, sleep_forever, &s);
+    await(s.gate);
+    waiter_t w = {.target = victim};
+    caller_pending_t *p = caller_call_soon(c, wait_with_timeout, &w);
+    await(p);
+    CHECK_RC(w.rc, -ETIMEDOUT);
+    CHECK_RC(caller_pending_wait(victim, 10, true, false, NULL), 0);
+    CHECK_RC(atomic_load(&s.rc), -ECANCELED);
+    CHECK_EQ(caller_pending_cancelled(victim), 1);
+    caller_pending_unref(p);
+    caller_pending_unref(victim);
+    caller_pending_unref(s.gate);
+    stop_and_release(c);
+}
+
+static void *timeout_becomes_error(void *arg)
+{
+    caller_pending_t *never = arg;
+    int rc = caller_pending_wait(never, 0.02, true, true, NULL);
+    if (rc < 0)
+        caller_raise(rc, "gave up waiting");
+    return NULL;
+}
+
+TEST(timeout_inside_task_is_its_error)
+{
+    caller_t *c = new_thread(NULL);
+    caller_pending_t *never = caller_pending_new(0);
+    caller_pending_t *p = caller_call_soon(c, timeout_becomes_error, never);
+    CHECK_RC(caller_pending_wait(p, 10, false, true, NULL), -ETIMEDOUT);
+    CHECK_STR_EQ(check_last_message(), "gave up waiting");
+    CHECK_EQ(caller_pending_cancelled(never), 0); /* protect */
+    caller_pending_unref(p);
+    caller_pending_unref(never);
+    stop_and_release(c);
+}
+
+/* ---- many tasks -------------------------------------------------------------------------- */
+
+static void *wait_gate(void *arg)
+{
+    void *v;
+    CHECK_RC(caller_pending_wait(arg, 60, true, true, &v), 0);
+    return v;
+}
+
+TEST(ten_thousand_suspended_tasks_complete)
+{
+    enum { N = 10000 };
+    caller_t *c = new_thread(NULL);
+    caller_pending_t *gate = caller_pending_new(0);
+    caller_pending_t **p = malloc(N * sizeof *p);
+    for (int i = 0; i < N; i++)
+        p[i] = caller_call_soon(c, wait_gate, gate);
+    caller_pending_set_result(gate, P(3), false);
+    for (int i = 0; i < N; i++) {
+        CHECK_EQ(I(await(p[i])), 3);
+        caller_pending_unref(p[i]);
+    }
+    free(p);
+    caller_pending_unref(gate);
+    stop_and_release(c);
+}
+
+enum { STRESS_THREADS = 4, STRESS_N = 250000 };
+
+typedef struct {
+    caller_t *c;
+    int id;
+    int last_seen[STRESS_THREADS]; /* only touched in the Caller's thread */
+    long ran;
+    caller_pending_t *last;
+} stress_t;
+
+static stress_t stress_shared;
+
+static void *stress_item(void *arg)
+{
+    intptr_t v = I(arg);
+    int thread = (int)(v / STRESS_N), seq = (int)(v % STRESS_N);
+    CHECK_EQ(stress_shared.last_seen[thread] + 1, seq); /* per-thread order */
+    stress_shared.last_seen[thread] = seq;
+    stress_shared.ran++;
+    return NULL;
+}
+
+static void *stress_producer(void *arg)
+{
+    intptr_t id = I(arg);
+    caller_pending_t *last = NULL;
+    for (int i = 0; i < STRESS_N; i++) {
+        caller_pending_t *p = caller_call_soon(stress_shared.c, stress_item, P(id * STRESS_N + i));
+        CHECK(p != NULL);
+        if (i == STRESS_N - 1)
+            last = p;
+        else
+            caller_pending_unref(p);
+    }
+    return last;
+}
+
+TEST(stress_four_threads_submit_250k_each)
+{
+    caller_t *c = new_thread("stress");
+    memset(&stress_shared, 0, sizeof stress_shared);
+    stress_shared.c = c;
+    for (int i = 0; i < STRESS_THREADS; i++)
+        stress_shared.last_seen[i] = -1;
+    pthread_t t[STRESS_THREADS];
+    for (intptr_t i = 0; i < STRESS_THREADS; i++)
+        pthread_create(&t[i], NULL, stress_producer, P(i));
+    for (int i = 0; i < STRESS_THREADS; i++) {
+        void *last;
+        pthread_join(t[i], &last);
+        CHECK_RC(caller_pending_wait(last, 60, false, false, NULL), 0);
+        caller_pending_unref(last);
+    }
+    /* Read the counters in the Caller's thread, where they live. */
+    caller_pending_t *p = caller_call_soon(c, ret_arg, NULL);
+    await(p);
+    caller_pending_unref(p);
+    CHECK_EQ(stress_shared.ran, (long)STRESS_THREADS * STRESS_N);
+    for (int i = 0; i < STRESS_THREADS; i++)
+        CHECK_EQ(stress_shared.last_seen[i], STRESS_N - 1);
+    stop_and_release(c);
+}
+
+/* ---- stacks ------------------------------------------------------------------------------- */
+
+/* Unbounded on purpose: it must end in the guard page. */
+static volatile int recurse_forever = 1;
+
+static int recurse(int depth)
+{
+    volatile char frame[1024];
+    frame[0] = (char)depth;
+    if (!recurse_forever)
+        return 0;
+    return frame[0] + recurse(depth + 1) + frame[1023];
+}
+
+static void *overflow(void *arg)
+{
+    (void)arg;
+    return P(recurse(0));
+}
+
+TEST(stack_overflow_in_task_hits_guard_page)
+{
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        freopen("/dev/null", "w", stderr); /* ASan's own report, if any */
+        caller_t *c = caller_create(CALLER_NEW_THREAD, NULL);
+        caller_pending_t *p = caller_call_soon(c, overflow, NULL);
+        caller_pending_wait(p, 30, true, false, NULL);
+        _exit(0); /* not reached */
+    }
+    int status;
+    CHECK_EQ(waitpid(pid, &status, 0), pid);
+    CHECK(WIFSIGNALED(status) || (WIFEXITED(status) && WEXITSTATUS(status) != 0));
+#if !defined(__SANITIZE_ADDRESS__)
+    CHECK(WIFSIGNALED(status));
+    CHECK_EQ(WTERMSIG(status), SIGSEGV);
+#endif
+}
+
+/* ---- introspection ------------------------------------------------------------------------- */
+
+TEST(repr_and_table)
+{
+    caller_options_t o = {.name = "Shell", .protect = true};
+    caller_t *c = caller_create(CALLER_MANUAL, &o);
+    char text[128];
+    caller_repr(c, text, sizeof text);
+    CHECK_STR_EQ(text, "Caller<Shell libuv \u2757 not running>");
+    caller_t *w = new_thread("Control");
+    caller_repr(w, text, sizeof text);
+    CHECK_STR_EQ(text, "Caller<Control libuv \U0001f3c3 running>");
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    CHECK_RC(caller_print_table(f), 0);
+    fclose(f);
+    CHECK_CONTAINS(buf, "Name");
+    CHECK_CONTAINS(buf, "Protected");
+    CHECK_CONTAINS(buf, "Shell");
+    CHECK_CONTAINS(buf, "\U0001f510");
+    CHECK_CONTAINS(buf, "Control");
+    CHECK_CONTAINS(buf, "\u2713");
+    /* "← current" on this thread's row only. */
+    char *cur = strstr(buf, "\u2190 current");
+    CHECK(cur != NULL);
+    char *row = cur;
+    while (row > buf && row[-1] != '\n')
+        row--;
+    CHECK(strncmp(row, "Shell", 5) == 0);
+    CHECK(strstr(cur + 1, "\u2190 current") == NULL);
+    printf("%s", buf);
+    free(buf);
+    /* A Pending's text names its function and Caller. */
+    caller_pending_t *p = caller_call_soon(w, ret_arg, NULL);
+    await(p);
+    caller_pending_repr(p, text, sizeof text);
+    CHECK_CONTAINS(text, "| ret_arg caller=Caller<Control libuv");
+    caller_pending_unref(p);
+    stop_and_release(w);
+    caller_stop(c, true);
+    caller_repr(c, text, sizeof text);
+    CHECK_STR_EQ(text, "Caller<Shell libuv \U0001f3c1 stopped>");
+    caller_unref(c);
+}
+
+TEST(null_arguments)
+{
+    CHECK(caller_call_soon(NULL, ret_arg, NULL) == NULL);
+    CHECK_RC(caller_last_error(NULL), -EINVAL);
+    CHECK(caller_call_later(NULL, 1, ret_arg, NULL) == NULL);
+    CHECK_RC(caller_call_direct(NULL, direct_fails, NULL), -EINVAL);
+    CHECK_RC(caller_stop(NULL, false), -EINVAL);
+    CHECK_RC(caller_wait_stopped(NULL, 0), -EINVAL);
+    CHECK_RC(caller_run(NULL, ret_arg, NULL, NULL), -EINVAL);
+    CHECK(caller_get(NULL, NULL) == NULL);
+    CHECK_RC(caller_state(NULL), -EINVAL);
+    CHECK_RC(caller_running(NULL), -EINVAL);
+    CHECK_RC(caller_protected(NULL), -EINVAL);
+    CHECK_RC(caller_repr(NULL, NULL, 0), -EINVAL);
+    CHECK_RC(caller_print_table(NULL), -EINVAL);
+    CHECK(caller_name(NULL) == NULL);
+    CHECK(caller_parent(NULL) == NULL);
+    CHECK_EQ(caller_children(NULL, NULL, 0), 0);
+    CHECK_RC(caller_sleep(-1), -EINVAL);
+    caller_t *c = new_thread(NULL);
+    CHECK(caller_call_soon(c, NULL, NULL) == NULL);
+    CHECK_RC(caller_last_error(NULL), -EINVAL);
+    CHECK_RC(caller_call_direct(c, NULL, NULL), -EINVAL);
+    stop_and_release(c);
+    caller_unref(NULL);
+    CHECK(caller_create((caller_mode_t)99, NULL) == NULL);
+}
+
+TEST(sleep_on_plain_thread_blocks)
+{
+    double t0 = check_now();
+    CHECK_RC(caller_sleep(0.02), 0);
+    CHECK_GE((check_now() - t0) * 1e3, 20);
+}
+
+/* Uses the fiber layer's report of which switch this build has. */
+TEST(fiber_implementation_reported)
+{
+    printf("fiber switch: %s\n", caller__fiber_impl());
+    CHECK(caller__fiber_impl() != NULL);
+}
