@@ -601,7 +601,10 @@ int caller_stop(caller_t *c, bool force)
     bool was_empty = c->inbox.head == NULL;
     caller__fifo_push(&c->inbox, &c->stop_msg);
     if (was_empty && c->backend)
+        {
+        c->wakes++;
         c->ops->wake(c->backend);
+    }
     caller__unlock(&c->inbox_lock);
     registry_remove(c);
     return CALLER_STATE_STOPPING;

@@ -215,6 +215,7 @@ struct caller {
     bool inbox_closed;
     caller__fifo_t inbox;
     caller__backend_t *backend; /* set and cleared under inbox_lock */
+    uint64_t wakes;             /* wake-ups issued (under inbox_lock), for tests */
 
     /* loop-thread-only */
     caller__backend_t *loop_backend; /* from start until finished */

@@ -58,6 +58,11 @@ static void *body_schedules(void *arg)
     caller_t *self = caller_current();
     CHECK(self != NULL);
     CHECK_EQ(caller_state(self), CALLER_STATE_RUNNING);
+    caller_options_t o = {.name = "kid"};
+    caller_t *kid = caller_get(self, &o);
+    CHECK(kid != NULL);
+    CHECK_EQ(caller_children(self, NULL, 0), 1);
+    caller_unref(kid); /* the parent keeps it, and stops it with itself */
     caller_pending_t *p = caller_call_soon(self, ret_arg, P(41));
     CHECK(p != NULL);
     void *v = await(p);
@@ -973,4 +978,130 @@ TEST(fiber_implementation_reported)
 {
     printf("fiber switch: %s\n", caller__fiber_impl());
     CHECK(caller__fiber_impl() != NULL);
+}
+
+/* ---- more ---------------------------------------------------------------------------------- */
+
+static void block_on(void *arg)
+{
+    /* Blocks the loop (a direct call is not a task) until the gate opens. */
+    CHECK_RC(caller_pending_wait(arg, 10, true, false, NULL), 0);
+}
+
+static void *wait_forever_on(void *arg)
+{
+    caller_pending_t *target = caller_pending_userdata(caller_current_pending());
+    bool protect = arg != NULL;
+    return P(caller_pending_wait(target, CALLER_FOREVER, protect, true, NULL));
+}
+
+TEST(cancelled_waiter_cancels_awaited_unless_protect)
+{
+    caller_t *c = new_thread(NULL);
+    for (int protect = 0; protect < 2; protect++) {
+        caller_pending_t *target = caller_pending_new(0);
+        caller_pending_t *gate = caller_pending_new(0);
+        /* The waiter finds its target through its own userdata, set before
+         * it can run: the Caller is blocked on `gate` until then. */
+        CHECK_RC(caller_call_direct(c, block_on, gate), 0);
+        caller_pending_t *w = caller_call_soon(c, wait_forever_on, protect ? P(1) : NULL);
+        caller_pending_set_userdata(w, target, NULL);
+        caller_pending_set_result(gate, NULL, false);
+        /* Let it suspend on the target, then cancel the waiter. */
+        caller_pending_t *probe = caller_call_soon(c, ret_arg, NULL);
+        await(probe);
+        caller_pending_unref(probe);
+        CHECK_EQ(caller_pending_cancel(w, "stop waiting"), 1);
+        CHECK_RC(caller_pending_wait(w, 10, true, false, NULL), 0);
+        void *v;
+        CHECK_RC(caller_pending_result(w, &v), -ECANCELED);
+        CHECK_EQ(caller_pending_cancelled(target), protect ? 0 : 1);
+        if (!protect) {
+            CHECK_RC(caller_pending_result(target, NULL), -ECANCELED);
+            CHECK_CONTAINS(check_last_message(), "Cancelled due to cancellation or timeout");
+        }
+        caller_pending_unref(w);
+        caller_pending_unref(gate);
+        caller_pending_unref(target);
+    }
+    stop_and_release(c);
+}
+
+TEST(a_burst_of_submissions_costs_one_wake_up)
+{
+    enum { N = 1000 };
+    caller_t *c = new_thread(NULL);
+    caller_pending_t *gate = caller_pending_new(0);
+    CHECK_RC(caller_call_direct(c, block_on, gate), 0);
+    /* The loop is inside block_on, or about to be: wait until the inbox is
+     * empty again, i.e. the loop took the direct call. */
+    for (;;) {
+        caller__lock(&c->inbox_lock);
+        bool empty = c->inbox.head == NULL;
+        caller__unlock(&c->inbox_lock);
+        if (empty)
+            break;
+        sched_yield();
+    }
+    caller__lock(&c->inbox_lock);
+    uint64_t before = c->wakes;
+    caller__unlock(&c->inbox_lock);
+    caller_pending_t *p[N];
+    for (int i = 0; i < N; i++)
+        p[i] = caller_call_soon(c, ret_arg, P(i));
+    caller__lock(&c->inbox_lock);
+    uint64_t after = c->wakes;
+    caller__unlock(&c->inbox_lock);
+    CHECK_EQ(after - before, 1);
+    caller_pending_set_result(gate, NULL, false);
+    for (int i = 0; i < N; i++) {
+        CHECK_EQ(I(await(p[i])), i);
+        caller_pending_unref(p[i]);
+    }
+    caller_pending_unref(gate);
+    stop_and_release(c);
+}
+
+static void on_uv_timer(uv_timer_t *t)
+{
+    caller_pending_set_result(t->data, P(99), false);
+}
+
+static void on_uv_close(uv_handle_t *h)
+{
+    caller_pending_set_result(h->data, NULL, false);
+}
+
+static void *use_the_loop(void *arg)
+{
+    (void)arg;
+    /* Application libuv I/O on the Caller's own loop, awaited from a task. */
+    uv_loop_t *loop = caller_loop(caller_current());
+    CHECK(loop != NULL);
+    caller_pending_t *fired = caller_pending_new(0), *closed = caller_pending_new(0);
+    uv_timer_t timer;
+    CHECK_EQ(uv_timer_init(loop, &timer), 0);
+    timer.data = fired;
+    CHECK_EQ(uv_timer_start(&timer, on_uv_timer, 10, 0), 0);
+    void *v = NULL;
+    CHECK_RC(caller_pending_wait(fired, 10, false, true, &v), 0);
+    timer.data = closed;
+    uv_close((uv_handle_t *)&timer, on_uv_close);
+    CHECK_RC(caller_pending_wait(closed, 10, false, true, NULL), 0);
+    caller_pending_unref(fired);
+    caller_pending_unref(closed);
+    return v;
+}
+
+TEST(libuv_io_in_a_callers_thread)
+{
+    caller_t *c = new_thread(NULL);
+    CHECK(caller_loop(c) != NULL);
+    caller_pending_t *p = caller_call_soon(c, use_the_loop, NULL);
+    CHECK_EQ(I(await(p)), 99);
+    caller_pending_unref(p);
+    caller_stop(c, false);
+    CHECK_RC(caller_wait_stopped(c, 10), 0);
+    CHECK(caller_loop(c) == NULL);
+    caller_unref(c);
 }
