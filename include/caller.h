@@ -539,7 +539,9 @@ CALLER_EXTERN caller_pending_t *caller_call_soon(caller_t *c, caller_fn fn, void
 CALLER_EXTERN caller_pending_t *caller_call_later(caller_t *c, double delay, caller_fn fn,
                                                   void *arg);
 
-/* The function's name becomes the Pending's label in its text form. */
+/* What the caller_call_soon / caller_call_later macros expand to: the same
+ * calls, with the function's name (as written) as the Pending's label in
+ * its text form. @p name must be a string with static lifetime. */
 CALLER_EXTERN caller_pending_t *caller__call_soon_named(caller_t *c, caller_fn fn, void *arg,
                                                         const char *name);
 CALLER_EXTERN caller_pending_t *caller__call_later_named(caller_t *c, double delay, caller_fn fn,
@@ -555,8 +557,9 @@ CALLER_EXTERN caller_pending_t *caller__call_later_named(caller_t *c, double del
  * the Caller's log callback; the loop goes on.
  *
  * Thread: any.
- * @return 0 (then @p fn runs exactly once, unless the Caller stops first:
- *         then it never runs); -ESHUTDOWN; -EINVAL; -ENOMEM.
+ * @return 0 (then @p fn runs exactly once, in submission order with the
+ *         Caller's other calls; only a manual Caller stopped before it ever
+ *         ran drops it unrun); -ESHUTDOWN; -EINVAL; -ENOMEM.
  */
 CALLER_EXTERN int caller_call_direct(caller_t *c, caller_direct_fn fn, void *arg);
 
