@@ -600,8 +600,7 @@ int caller_stop(caller_t *c, bool force)
     atomic_store(&c->state, CALLER_STATE_STOPPING);
     bool was_empty = c->inbox.head == NULL;
     caller__fifo_push(&c->inbox, &c->stop_msg);
-    if (was_empty && c->backend)
-        {
+    if (was_empty && c->backend) {
         c->wakes++;
         c->ops->wake(c->backend);
     }

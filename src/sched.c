@@ -49,8 +49,7 @@ static bool post(caller_t *c, caller__msg_t *m, bool user)
     }
     bool was_empty = c->inbox.head == NULL;
     caller__fifo_push(&c->inbox, m);
-    if (was_empty && c->backend)
-        {
+    if (was_empty && c->backend) {
         c->wakes++;
         c->ops->wake(c->backend);
     }
