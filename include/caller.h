@@ -584,6 +584,167 @@ CALLER_EXTERN int caller_raise(int code, const char *fmt, ...) CALLER_PRINTF(2, 
  */
 CALLER_EXTERN int caller_sleep(double seconds);
 
+/* ---- the worker pool (SPEC §6) ------------------------------------------ */
+
+/** Idle workers a Caller keeps for caller_to_thread() by default. */
+#define CALLER_MAX_IDLE_POOL_INSTANCES 10
+/** Seconds an idle worker stays before it is stopped, by default. */
+#define CALLER_IDLE_WORKER_SHUTDOWN_DURATION 60.0
+
+/** A Caller's worker pool settings (caller_pool_set_config()). */
+typedef struct caller_pool_config {
+    /** Idle workers kept; a worker that finishes a call when this many are
+     *  idle is stopped. Default CALLER_MAX_IDLE_POOL_INSTANCES. */
+    size_t max_idle;
+    /** Seconds an idle worker may stay idle before it is stopped (by a
+     *  timer on the pool owner's loop); 0 keeps them. Default
+     *  CALLER_IDLE_WORKER_SHUTDOWN_DURATION. */
+    double idle_shutdown;
+    /** At most this many workers at once (busy or idle); calls beyond it
+     *  wait in order for a worker, and can be cancelled while waiting.
+     *  0 (the default) = unbounded. */
+    size_t max_workers;
+} caller_pool_config_t;
+
+/**
+ * Run `fn(arg)` as a task in a worker: a child Caller of @p c on its own
+ * thread, named "caller-worker". Takes the most recently idled worker of
+ * @p c's pool, or starts one. When the call ends, the worker goes back to
+ * the pool — before the Pending's waiters wake — if fewer than `max_idle`
+ * are idle, else it stops. Inside `fn`, caller_current() is the worker.
+ *
+ * Thread: any.
+ * @return the call's Pending (a reference the caller owns), or NULL:
+ *         -ESHUTDOWN if @p c is stopping or stopped; -EINVAL; -ENOMEM;
+ *         -EAGAIN (no thread could be started). With `max_workers` reached
+ *         the Pending is returned at once and the call waits for a worker;
+ *         cancelling it meanwhile ends it ("Cancelled before started.").
+ */
+CALLER_EXTERN caller_pending_t *caller_to_thread(caller_t *c, caller_fn fn, void *arg);
+CALLER_EXTERN caller_pending_t *caller__to_thread_named(caller_t *c, caller_fn fn, void *arg,
+                                                        const char *name);
+#define caller_to_thread(c, fn, arg) caller__to_thread_named((c), (fn), (arg), #fn)
+
+/** @p c's pool settings into @p out. Thread: any. 0 or -EINVAL/-ENOMEM. */
+CALLER_EXTERN int caller_pool_get_config(caller_t *c, caller_pool_config_t *out);
+
+/** Change @p c's pool settings at run time: idle workers beyond a lower
+ *  `max_idle` stop now; a shorter `idle_shutdown` applies to workers
+ *  already idle. Thread: any. 0 or -EINVAL (negative idle_shutdown),
+ *  -ENOMEM. */
+CALLER_EXTERN int caller_pool_set_config(caller_t *c, const caller_pool_config_t *cfg);
+
+/** How many workers idle in @p c's pool now. Thread: any. */
+CALLER_EXTERN size_t caller_pool_idle(caller_t *c);
+
+/* ---- collecting results (SPEC §8) ---------------------------------------- */
+
+/**
+ * An iterator over Pendings in the order they complete (the seed's
+ * `as_completed`). Drive it in a plain loop:
+ *
+ *     caller_pending_t *p;
+ *     while (caller_iter_next(it, &p) == 0) { ...; caller_pending_unref(p); }
+ *     caller_iter_close(it);
+ *
+ * caller_iter_next() suspends a task and blocks a plain thread. An
+ * iterator is used by one thread (or task) at a time; the Pendings it
+ * watches may complete in any thread.
+ */
+typedef struct caller_iter caller_iter_t;
+
+/** A generator: returns the next Pending (a reference, passed to the
+ *  iterator) or NULL when exhausted. Called by caller_iter_next(), in the
+ *  iterating thread or task. */
+typedef caller_pending_t *(*caller_generator_fn)(void *arg);
+
+/** Options for caller_as_completed() / caller_as_completed_gen(). */
+typedef struct caller_as_completed_options {
+    /** At most this many Pendings outstanding (not yet yielded); the
+     *  generator is asked for more only below it. 0 = the default: for a
+     *  generator CALLER_MAX_IDLE_POOL_INSTANCES, for a fixed set no limit.
+     *  Negative = no limit. */
+    int max_concurrent;
+    /** The seed's `cancel_unfinished=False`: closing leaves unfinished
+     *  Pendings alone instead of cancelling them ("Cancelled by
+     *  as_completed"). */
+    bool keep_unfinished;
+} caller_as_completed_options_t;
+
+/** What caller_iter_next() returns when every Pending was yielded. */
+#define CALLER_ITER_END 1
+
+/**
+ * Iterate @p n Pendings (@p items may be NULL when @p n is 0) as they
+ * complete. The iterator takes its own references.
+ *
+ * Thread: any. @p options may be NULL.
+ * @return an iterator to close with caller_iter_close(), or NULL: -EINVAL;
+ *         -EDEADLK if one of @p items is the current task's own Pending;
+ *         -ENOMEM.
+ */
+CALLER_EXTERN caller_iter_t *caller_as_completed(caller_pending_t *const *items, size_t n,
+                                                 const caller_as_completed_options_t *options);
+
+/**
+ * Iterate the Pendings a generator produces, as they complete, with at most
+ * `max_concurrent` outstanding (the seed's example: an endless generator of
+ * caller_to_thread() calls, bounded this way).
+ *
+ * Thread: any. @return an iterator, or NULL (-EINVAL, -ENOMEM).
+ */
+CALLER_EXTERN caller_iter_t *caller_as_completed_gen(caller_generator_fn gen, void *arg,
+                                                     const caller_as_completed_options_t *options);
+
+/**
+ * The next completed Pending: yielded once each, after its done callbacks
+ * ran.
+ *
+ * Thread: the iterating thread or task.
+ * @param out  receives a reference the caller owns (NULL when none).
+ * @return 0; CALLER_ITER_END when all were yielded; -ECANCELED if the
+ *         waiting task was cancelled; -EDEADLK if the generator produced the
+ *         current task's own Pending; -EINVAL; -ENOMEM.
+ */
+CALLER_EXTERN int caller_iter_next(caller_iter_t *it, caller_pending_t **out);
+
+/** As caller_iter_next(), waiting at most @p timeout seconds (negative:
+ *  forever): -ETIMEDOUT when none completed in time (nothing is
+ *  cancelled). */
+CALLER_EXTERN int caller_iter_next_timeout(caller_iter_t *it, double timeout,
+                                           caller_pending_t **out);
+
+/**
+ * Close the iterator: unfinished Pendings are cancelled ("Cancelled by
+ * as_completed") unless `keep_unfinished`; its references are released.
+ * Closing before the end is how a loop stops early. Thread: the iterating
+ * one. NULL is ignored.
+ */
+CALLER_EXTERN void caller_iter_close(caller_iter_t *it);
+
+/** When caller_wait() returns. */
+typedef enum {
+    CALLER_ALL_COMPLETED = 0, /**< when every item is done */
+    CALLER_FIRST_COMPLETED,   /**< when any item is done */
+    CALLER_FIRST_EXCEPTION,   /**< when any item fails or is cancelled;
+                                   else when all are done */
+} caller_return_when_t;
+
+/**
+ * Wait for @p items (the seed's `wait`). Fills @p done (in completion
+ * order) and @p not_done (in the items' order), each with room for @p n
+ * pointers; no references are taken (they are @p items' own). A timeout is
+ * not an error: the unfinished stay in @p not_done. Nothing is cancelled.
+ *
+ * Thread: any (suspends a task, blocks a plain thread).
+ * @param ndone, nnot_done  receive the counts (may be NULL).
+ * @return 0; -ECANCELED if the waiting task was cancelled (the sets hold
+ *         what was known then); -EDEADLK; -EINVAL; -ENOMEM.
+ */
+CALLER_EXTERN int caller_wait(caller_pending_t *const *items, size_t n, double timeout,
+                              caller_return_when_t return_when, caller_pending_t **done,
+                              size_t *ndone, caller_pending_t **not_done, size_t *nnot_done);
+
 /* ---- lookups and introspection ---------------------------------------- */
 
 /** This thread's Caller (until it stops), or NULL. Borrowed: no reference.

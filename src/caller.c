@@ -149,6 +149,7 @@ void caller_unref(caller_t *c)
         caller_unref(c->children[i]);
     caller__free(c->children);
     caller__heap_free(&c->timers);
+    caller__pool_free(c->pool);
     pthread_mutex_destroy(&c->lock);
     caller__free(c);
     atomic_fetch_sub_explicit(&live_callers, 1, memory_order_relaxed);
@@ -606,12 +607,15 @@ int caller_stop(caller_t *c, bool force)
     }
     caller__unlock(&c->inbox_lock);
     registry_remove(c);
+    if (c->parent)
+        caller__pool_forget(c->parent, c);
     return CALLER_STATE_STOPPING;
 }
 
 void caller__on_stop(caller_t *c)
 {
     c->stop_seen = true;
+    caller__pool_stop(c);
     stop_children(c);
     caller__sched_stop(c);
     caller__check_finished(c);

@@ -93,6 +93,7 @@ size_t caller__pending_size(void);
 #include <sys/types.h>
 
 struct caller__fiber;
+typedef struct caller__pool caller_pool_t;
 
 /* A message in a Caller's inbox (cross-thread submission). Every kind is
  * embedded in the object it concerns, so posting never allocates except
@@ -230,6 +231,8 @@ struct caller {
     caller__msg_t stop_msg;
     caller__msg_t child_msg; /* posted to the parent when this one stops */
 
+    caller_pool_t *pool; /* to_thread workers; made on first use, under `lock` */
+
     /* registry, under the registry lock */
     caller__link_t reg;
     bool registered;
@@ -279,6 +282,13 @@ void caller__log(caller_t *c, int level, const char *fmt, ...) CALLER_PRINTF(3, 
 caller_t *caller__thread_caller(void);
 /* "Caller<...> is stopped!" as an error. */
 int caller__fail_stopped(const caller_t *c, const char *fn);
+
+/* ---- pool.c ---- */
+void caller__pool_free(caller_pool_t *pool);
+/* Loop thread of the owner, on stop. */
+void caller__pool_stop(caller_t *c);
+/* @p w is stopping: if it idles in @p parent's pool, it leaves it. */
+void caller__pool_forget(caller_t *parent, caller_t *w);
 
 /* ---- pending.c, for tasks ---- */
 /* A Pending with @p extra bytes after it (the task); *extra gets them. */

@@ -1,0 +1,380 @@
+/*
+ * Collecting results: as_completed (an iterator) and wait (SPEC §8).
+ *
+ * Each outstanding Pending gets an entry holding a waiter (internal.h):
+ * waiters are woken after a Pending's done callbacks ran, so an entry is
+ * delivered only then. The wake, in the completing thread, moves the entry
+ * to the iterator's done FIFO and completes the consumer's "notify" Pending
+ * if it is waiting; the consumer waits on that Pending, so a task suspends
+ * and a plain thread blocks with the same code.
+ *
+ * Locking: `it->lock` (a leaf) guards the done FIFO, `notify`, `closed` and
+ * each entry's `delivered`. Everything else belongs to the consumer.
+ * Lifetime: the iterator is reference-counted — the consumer holds one and
+ * every linked waiter one — so a wake that races with close never touches
+ * freed memory; after close, a late wake frees its own entry.
+ */
+#include "internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct entry {
+    caller__waiter_t w; /* first: the wake gets the entry from it */
+    struct caller_iter *it;
+    caller_pending_t *p; /* a reference */
+    size_t index;        /* position in a fixed set */
+    struct entry *next;  /* done FIFO */
+    struct entry *prev_out, *next_out;
+    bool delivered; /* in the done FIFO (under it->lock) */
+} entry_t;
+
+struct caller_iter {
+    atomic_int refs;
+    caller__lock_t lock;
+    entry_t *done_head, *done_tail;
+    caller_pending_t *notify;
+    bool closed;
+
+    /* the consumer's */
+    entry_t out; /* sentinel of the outstanding list */
+    size_t noutstanding;
+    caller_pending_t **items; /* fixed set: references not yet handed out */
+    size_t n, pos;
+    caller_generator_fn gen;
+    void *gen_arg;
+    bool exhausted;
+    size_t limit; /* 0 = none */
+    bool keep;
+};
+
+static void iter_unref(caller_iter_t *it)
+{
+    if (atomic_fetch_sub_explicit(&it->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    for (size_t i = it->pos; i < it->n; i++)
+        caller_pending_unref(it->items[i]);
+    caller__free(it->items);
+    caller__free(it);
+}
+
+static void free_entry(entry_t *e)
+{
+    caller_pending_unref(e->p);
+    caller__free(e);
+}
+
+static void entry_wake(caller__waiter_t *w)
+{
+    entry_t *e = (entry_t *)w;
+    caller_iter_t *it = e->it;
+    caller__lock(&it->lock);
+    bool closed = it->closed;
+    caller_pending_t *notify = NULL;
+    if (!closed) {
+        e->delivered = true;
+        e->next = NULL;
+        if (it->done_tail)
+            it->done_tail->next = e;
+        else
+            it->done_head = e;
+        it->done_tail = e;
+        notify = it->notify;
+        it->notify = NULL;
+    }
+    caller__unlock(&it->lock);
+    if (closed)
+        free_entry(e); /* the consumer let go of it */
+    if (notify) {
+        caller_pending_set_result(notify, NULL, false);
+        caller_pending_unref(notify);
+    }
+    iter_unref(it);
+}
+
+static caller_iter_t *iter_new(const caller_as_completed_options_t *o, bool generator)
+{
+    caller_iter_t *it = caller__calloc(1, sizeof *it);
+    if (!it) {
+        caller__fail(-ENOMEM, "caller_as_completed: out of memory");
+        return NULL;
+    }
+    atomic_init(&it->refs, 1);
+    atomic_init(&it->lock, CALLER__LOCK_INIT);
+    it->out.prev_out = it->out.next_out = &it->out;
+    int mc = o ? o->max_concurrent : 0;
+    if (mc > 0)
+        it->limit = (size_t)mc;
+    else if (mc == 0 && generator)
+        it->limit = CALLER_MAX_IDLE_POOL_INSTANCES;
+    it->keep = o && o->keep_unfinished;
+    return it;
+}
+
+caller_iter_t *caller_as_completed(caller_pending_t *const *items, size_t n,
+                                   const caller_as_completed_options_t *o)
+{
+    if (n && !items) {
+        caller__fail(-EINVAL, "caller_as_completed: items is NULL");
+        return NULL;
+    }
+    caller_pending_t *self = caller_current_pending();
+    for (size_t i = 0; i < n; i++) {
+        if (!items[i]) {
+            caller__fail(-EINVAL, "caller_as_completed: items[%zu] is NULL", i);
+            return NULL;
+        }
+        if (items[i] == self) {
+            caller__fail(-EDEADLK,
+                         "caller_as_completed: items[%zu] is the current task's own "
+                         "Pending: waiting for it would never end",
+                         i);
+            return NULL;
+        }
+    }
+    caller_iter_t *it = iter_new(o, false);
+    if (!it)
+        return NULL;
+    if (n) {
+        it->items = caller__malloc(n * sizeof *it->items);
+        if (!it->items) {
+            caller__free(it);
+            caller__fail(-ENOMEM, "caller_as_completed: out of memory");
+            return NULL;
+        }
+        for (size_t i = 0; i < n; i++)
+            it->items[i] = caller_pending_ref(items[i]);
+    }
+    it->n = n;
+    return it;
+}
+
+caller_iter_t *caller_as_completed_gen(caller_generator_fn gen, void *arg,
+                                       const caller_as_completed_options_t *o)
+{
+    if (!gen) {
+        caller__fail(-EINVAL, "caller_as_completed_gen: gen is NULL");
+        return NULL;
+    }
+    caller_iter_t *it = iter_new(o, true);
+    if (it) {
+        it->gen = gen;
+        it->gen_arg = arg;
+    }
+    return it;
+}
+
+/* Start watching @p p (a reference, passed on). */
+static int watch(caller_iter_t *it, caller_pending_t *p, size_t index)
+{
+    entry_t *e = caller__calloc(1, sizeof *e);
+    if (!e) {
+        caller_pending_unref(p);
+        return caller__fail(-ENOMEM, "caller_iter_next: out of memory");
+    }
+    e->w.wake = entry_wake;
+    e->it = it;
+    e->p = p;
+    e->index = index;
+    e->prev_out = it->out.prev_out;
+    e->next_out = &it->out;
+    it->out.prev_out->next_out = e;
+    it->out.prev_out = e;
+    it->noutstanding++;
+    atomic_fetch_add_explicit(&it->refs, 1, memory_order_relaxed); /* the waiter's */
+    if (!caller__pending_add_waiter(p, &e->w))
+        entry_wake(&e->w); /* already done (and its callbacks ran) */
+    return 0;
+}
+
+/* Ask for more while below the limit. */
+static int fill(caller_iter_t *it)
+{
+    while (!it->exhausted && (it->limit == 0 || it->noutstanding < it->limit)) {
+        caller_pending_t *p;
+        size_t index = it->pos;
+        if (it->gen) {
+            p = it->gen(it->gen_arg);
+            if (p && p == caller_current_pending()) {
+                caller_pending_unref(p);
+                return caller__fail(-EDEADLK, "caller_iter_next: the generator produced the "
+                                              "current task's own Pending");
+            }
+        } else {
+            p = it->pos < it->n ? it->items[it->pos++] : NULL;
+        }
+        if (!p) {
+            it->exhausted = true;
+            break;
+        }
+        int rc = watch(it, p, index);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+static void unlink_out(caller_iter_t *it, entry_t *e)
+{
+    e->prev_out->next_out = e->next_out;
+    e->next_out->prev_out = e->prev_out;
+    it->noutstanding--;
+}
+
+/* The next delivered entry (the caller frees it), or an error. */
+static int next_entry(caller_iter_t *it, int64_t deadline, entry_t **out)
+{
+    *out = NULL;
+    for (;;) {
+        int rc = fill(it);
+        if (rc < 0)
+            return rc;
+        caller__lock(&it->lock);
+        entry_t *e = it->done_head;
+        if (e) {
+            it->done_head = e->next;
+            if (!it->done_head)
+                it->done_tail = NULL;
+            caller__unlock(&it->lock);
+            unlink_out(it, e);
+            *out = e;
+            return 0;
+        }
+        if (it->noutstanding == 0 && it->exhausted) {
+            caller__unlock(&it->lock);
+            return CALLER_ITER_END;
+        }
+        caller_pending_t *notify = caller_pending_new(CALLER_PENDING_UNTRACKED);
+        if (!notify) {
+            caller__unlock(&it->lock);
+            return -ENOMEM;
+        }
+        it->notify = caller_pending_ref(notify);
+        caller__unlock(&it->lock);
+
+        int64_t now = caller__now_ns();
+        double left = deadline == INT64_MAX ? CALLER_FOREVER
+                      : deadline > now      ? (double)(deadline - now) / 1e9
+                                            : 0;
+        rc = caller_pending_wait(notify, left, true, false, NULL);
+        if (rc < 0) {
+            caller__lock(&it->lock);
+            bool ours = it->notify == notify;
+            if (ours)
+                it->notify = NULL;
+            caller__unlock(&it->lock);
+            if (ours)
+                caller_pending_unref(notify);
+        }
+        caller_pending_unref(notify);
+        if (rc < 0)
+            return rc;
+    }
+}
+
+int caller_iter_next_timeout(caller_iter_t *it, double timeout, caller_pending_t **out)
+{
+    if (out)
+        *out = NULL;
+    if (!it || !out)
+        return caller__fail(-EINVAL, "caller_iter_next: %s is NULL", it ? "out" : "it");
+    entry_t *e;
+    int rc = next_entry(it, caller__deadline(timeout), &e);
+    if (rc != 0)
+        return rc;
+    *out = e->p; /* the entry's reference goes to the caller */
+    caller__free(e);
+    return 0;
+}
+
+int caller_iter_next(caller_iter_t *it, caller_pending_t **out)
+{
+    return caller_iter_next_timeout(it, CALLER_FOREVER, out);
+}
+
+void caller_iter_close(caller_iter_t *it)
+{
+    if (!it)
+        return;
+    caller__lock(&it->lock);
+    it->closed = true;
+    caller_pending_t *notify = it->notify;
+    it->notify = NULL;
+    caller__unlock(&it->lock);
+    caller_pending_unref(notify);
+    /* Entries already delivered are done; the others are cancelled unless
+     * kept. An entry whose wake is in flight is freed by that wake. */
+    for (entry_t *e = it->out.next_out, *next; e != &it->out; e = next) {
+        next = e->next_out;
+        unlink_out(it, e);
+        caller__lock(&it->lock);
+        bool delivered = e->delivered;
+        caller__unlock(&it->lock);
+        if (delivered) {
+            free_entry(e);
+        } else if (caller__pending_remove_waiter(e->p, &e->w)) {
+            if (!it->keep)
+                caller_pending_cancel(e->p, "Cancelled by as_completed");
+            free_entry(e);
+            iter_unref(it); /* the waiter's */
+        }
+    }
+    /* A fixed set's items not watched yet are unfinished too. */
+    if (!it->keep)
+        for (size_t i = it->pos; i < it->n; i++)
+            caller_pending_cancel(it->items[i], "Cancelled by as_completed");
+    iter_unref(it);
+}
+
+/* ---- wait ---------------------------------------------------------------- */
+
+int caller_wait(caller_pending_t *const *items, size_t n, double timeout, caller_return_when_t when,
+                caller_pending_t **done, size_t *ndone, caller_pending_t **not_done,
+                size_t *nnot_done)
+{
+    if (ndone)
+        *ndone = 0;
+    if (nnot_done)
+        *nnot_done = 0;
+    if ((n && (!items || !done || !not_done)) || when > CALLER_FIRST_EXCEPTION)
+        return caller__fail(-EINVAL, "caller_wait: %s",
+                            when > CALLER_FIRST_EXCEPTION ? "unknown return_when"
+                                                          : "an array is NULL");
+    caller_as_completed_options_t o = {.max_concurrent = -1, .keep_unfinished = true};
+    caller_iter_t *it = caller_as_completed(items, n, &o);
+    if (!it)
+        return caller_last_error(NULL);
+    bool *finished = n ? caller__calloc(n, sizeof *finished) : NULL;
+    if (n && !finished) {
+        caller_iter_close(it);
+        return caller__fail(-ENOMEM, "caller_wait: out of memory");
+    }
+    int64_t deadline = caller__deadline(timeout);
+    size_t nd = 0;
+    int rc = 0;
+    while (nd < n) {
+        entry_t *e;
+        rc = next_entry(it, deadline, &e);
+        if (rc != 0)
+            break;
+        finished[e->index] = true;
+        done[nd++] = items[e->index];
+        bool failed = caller_pending_exception(e->p, NULL, 0) != 0;
+        free_entry(e);
+        if (when == CALLER_FIRST_COMPLETED || (when == CALLER_FIRST_EXCEPTION && failed))
+            break;
+    }
+    caller_iter_close(it);
+    size_t nn = 0;
+    for (size_t i = 0; i < n; i++)
+        if (!finished[i])
+            not_done[nn++] = items[i];
+    caller__free(finished);
+    if (ndone)
+        *ndone = nd;
+    if (nnot_done)
+        *nnot_done = nn;
+    if (rc == -ETIMEDOUT || rc == CALLER_ITER_END)
+        rc = 0; /* a timeout is not an error */
+    return rc;
+}

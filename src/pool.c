@@ -1,0 +1,505 @@
+/*
+ * The worker pool behind caller_to_thread (SPEC §6), built on the public
+ * calls: workers are children made with caller_get(), calls reach them with
+ * caller_call_soon(), idle workers are swept by a caller_call_later() task
+ * on the pool owner's loop.
+ *
+ * Lock order: pool->lock -> (a Caller's inbox lock, through call_soon /
+ * call_later). caller_stop() and caller_unref() of workers are called with
+ * no lock held. The done callback that hands a worker back runs in the
+ * worker's thread before the call's waiters wake, so a caller that waits
+ * for one to_thread and starts the next finds the worker idle again.
+ */
+#include "internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
+
+struct caller__pool {
+    pthread_mutex_t lock;
+    caller_t *owner; /* not a reference: the owner frees its pool */
+    caller_pool_config_t cfg;
+    caller_t **idle; /* references; the most recently idled last */
+    int64_t *since;  /* when each became idle (monotonic ns) */
+    size_t nidle, cap;
+    size_t alive;          /* workers counted against cfg.max_workers */
+    caller__fifo_t parked; /* calls waiting for a worker (cfg.max_workers) */
+    int64_t sweep_at;      /* the earliest sweep scheduled, or INT64_MAX */
+    bool stopped;
+};
+
+/* A call parked until a worker is free: lives in its proxy Pending. */
+typedef struct {
+    caller__msg_t link;
+    caller_pool_t *pool;
+    caller_fn fn;
+    void *arg;
+    const char *name;
+    caller_pending_t *proxy; /* what the user holds */
+    caller_pending_t *task;  /* once dispatched (under pool->lock) */
+    caller_t *worker;
+    bool dispatched;
+} parked_t;
+
+static const caller_pool_config_t defaults = {
+    .max_idle = CALLER_MAX_IDLE_POOL_INSTANCES,
+    .idle_shutdown = CALLER_IDLE_WORKER_SHUTDOWN_DURATION,
+    .max_workers = 0,
+};
+
+/* The pool of @p c, made on first use. NULL only for lack of memory. */
+static caller_pool_t *pool_of(caller_t *c)
+{
+    pthread_mutex_lock(&c->lock);
+    caller_pool_t *pool = c->pool;
+    if (!pool) {
+        pool = caller__calloc(1, sizeof *pool);
+        if (pool) {
+            pthread_mutex_init(&pool->lock, NULL);
+            pool->owner = c;
+            pool->cfg = defaults;
+            pool->sweep_at = INT64_MAX;
+            c->pool = pool;
+        }
+    }
+    pthread_mutex_unlock(&c->lock);
+    if (!pool)
+        caller__fail(-ENOMEM, "caller_to_thread: out of memory");
+    return pool;
+}
+
+void caller__pool_free(caller_pool_t *pool)
+{
+    if (!pool)
+        return;
+    for (size_t i = 0; i < pool->nidle; i++)
+        caller_unref(pool->idle[i]);
+    caller__free(pool->idle);
+    caller__free(pool->since);
+    pthread_mutex_destroy(&pool->lock);
+    caller__free(pool);
+}
+
+/* ---- idle workers ------------------------------------------------------- */
+
+static void *sweep(void *arg);
+
+/* Under the lock: make sure a sweep runs by @p at. */
+static void schedule_sweep_locked(caller_pool_t *pool, int64_t at)
+{
+    if (at >= pool->sweep_at || pool->stopped)
+        return;
+    double delay = (double)(at - caller__now_ns()) / 1e9;
+    caller_pending_t *p = caller__call_later_named(pool->owner, delay > 0 ? delay : 0, sweep, pool,
+                                                   "idle worker sweep");
+    if (p) {
+        pool->sweep_at = at;
+        caller_pending_unref(p);
+    }
+}
+
+/* Under the lock: the sweep due for the idle workers now in the pool. */
+static void reschedule_sweep_locked(caller_pool_t *pool)
+{
+    if (pool->cfg.idle_shutdown <= 0 || pool->nidle == 0)
+        return;
+    int64_t earliest = INT64_MAX;
+    for (size_t i = 0; i < pool->nidle; i++)
+        if (pool->since[i] < earliest)
+            earliest = pool->since[i];
+    schedule_sweep_locked(pool, earliest + (int64_t)(pool->cfg.idle_shutdown * 1e9));
+}
+
+/* A task on the owner's loop: stop the workers idle for too long. */
+static void *sweep(void *arg)
+{
+    caller_pool_t *pool = arg;
+    caller_t *expired[64];
+    size_t n;
+    do {
+        n = 0;
+        pthread_mutex_lock(&pool->lock);
+        pool->sweep_at = INT64_MAX;
+        int64_t limit = caller__now_ns() - (int64_t)(pool->cfg.idle_shutdown * 1e9);
+        for (size_t i = 0; pool->cfg.idle_shutdown > 0 && i < pool->nidle && n < 64;) {
+            if (pool->since[i] <= limit) {
+                expired[n++] = pool->idle[i];
+                memmove(&pool->idle[i], &pool->idle[i + 1],
+                        (pool->nidle - i - 1) * sizeof *pool->idle);
+                memmove(&pool->since[i], &pool->since[i + 1],
+                        (pool->nidle - i - 1) * sizeof *pool->since);
+                pool->nidle--;
+                pool->alive--;
+            } else {
+                i++;
+            }
+        }
+        reschedule_sweep_locked(pool);
+        pthread_mutex_unlock(&pool->lock);
+        for (size_t i = 0; i < n; i++) {
+            caller_stop(expired[i], true);
+            caller_unref(expired[i]);
+        }
+    } while (n == 64);
+    return NULL;
+}
+
+/* Under the lock: add @p w (a reference) to the idle workers. */
+static bool push_idle_locked(caller_pool_t *pool, caller_t *w)
+{
+    if (pool->nidle == pool->cap) {
+        size_t cap = pool->cap ? pool->cap * 2 : 16;
+        caller_t **idle = caller__realloc(pool->idle, cap * sizeof *idle);
+        if (!idle)
+            return false;
+        pool->idle = idle;
+        int64_t *since = caller__realloc(pool->since, cap * sizeof *since);
+        if (!since)
+            return false;
+        pool->since = since;
+        pool->cap = cap;
+    }
+    pool->idle[pool->nidle] = w;
+    pool->since[pool->nidle++] = caller__now_ns();
+    reschedule_sweep_locked(pool);
+    return true;
+}
+
+/* Under the lock: the most recently idled worker that still runs. */
+static caller_t *pop_idle_locked(caller_pool_t *pool, caller_t **stale, size_t *nstale)
+{
+    while (pool->nidle) {
+        caller_t *w = pool->idle[--pool->nidle];
+        if (caller_state(w) == CALLER_STATE_RUNNING)
+            return w;
+        pool->alive--; /* stopped while idle: it leaves the pool */
+        stale[(*nstale)++] = w;
+        if (*nstale == 8)
+            break;
+    }
+    return NULL;
+}
+
+void caller__pool_forget(caller_t *parent, caller_t *w)
+{
+    caller_pool_t *pool = parent->pool;
+    if (!pool)
+        return;
+    bool found = false;
+    pthread_mutex_lock(&pool->lock);
+    for (size_t i = 0; i < pool->nidle; i++) {
+        if (pool->idle[i] == w) {
+            memmove(&pool->idle[i], &pool->idle[i + 1], (pool->nidle - i - 1) * sizeof *pool->idle);
+            memmove(&pool->since[i], &pool->since[i + 1],
+                    (pool->nidle - i - 1) * sizeof *pool->since);
+            pool->nidle--;
+            pool->alive--;
+            found = true;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&pool->lock);
+    if (found)
+        caller_unref(w);
+}
+
+/* ---- running calls ----------------------------------------------------------- */
+
+static void worker_done(caller_pending_t *p, void *arg);
+static void parked_done(caller_pending_t *p, void *arg);
+static void dispatch_parked(caller_pool_t *pool, caller_t *w, parked_t *pk);
+
+/*
+ * A call on worker @p w finished (in w's thread). Hand w to a parked call,
+ * back to the pool, or stop it. Consumes the reference on @p w.
+ */
+static void release_worker(caller_t *w)
+{
+    caller_pool_t *pool = w->parent->pool;
+    pthread_mutex_lock(&pool->lock);
+    bool usable = caller_state(w) == CALLER_STATE_RUNNING && !pool->stopped;
+    if (usable && pool->parked.head) {
+        parked_t *pk = (parked_t *)caller__fifo_pop(&pool->parked);
+        pthread_mutex_unlock(&pool->lock);
+        dispatch_parked(pool, w, pk);
+        return;
+    }
+    if (usable && pool->nidle < pool->cfg.max_idle && push_idle_locked(pool, w)) {
+        pthread_mutex_unlock(&pool->lock);
+        return;
+    }
+    pool->alive--;
+    pthread_mutex_unlock(&pool->lock);
+    caller_stop(w, true);
+    caller_unref(w);
+}
+
+static void worker_done(caller_pending_t *p, void *arg)
+{
+    (void)p;
+    release_worker(arg);
+}
+
+/* Copy the outcome of @p from onto the proxy @p to. */
+static void forward(caller_pending_t *from, caller_pending_t *to)
+{
+    void *v;
+    char msg[512];
+    int rc = caller_pending_exception(from, msg, sizeof msg);
+    if (rc == 0) {
+        caller_pending_result(from, &v);
+        caller_pending_set_result(to, v, false);
+        return;
+    }
+    if (rc == -ECANCELED && caller_pending_cancelled(from))
+        caller_pending_cancel(to, msg);
+    caller_pending_set_exception(to, rc, "%s", msg);
+}
+
+static void parked_done(caller_pending_t *p, void *arg)
+{
+    parked_t *pk = arg;
+    caller_pool_t *pool = pk->pool;
+    pthread_mutex_lock(&pool->lock);
+    caller_pending_t *t = pk->task; /* == p; the canceller no longer reaches it */
+    pk->task = NULL;
+    pthread_mutex_unlock(&pool->lock);
+    release_worker(pk->worker); /* before the proxy's waiters wake */
+    forward(p, pk->proxy);
+    caller_pending_unref(t);
+    caller_pending_unref(pk->proxy); /* the pool's reference */
+}
+
+/* Run parked call @p pk on worker @p w (a reference, passed on). */
+static void dispatch_parked(caller_pool_t *pool, caller_t *w, parked_t *pk)
+{
+    caller_pending_t *t = caller__call_soon_named(w, pk->fn, pk->arg, pk->name);
+    pthread_mutex_lock(&pool->lock);
+    pk->task = t;
+    pk->worker = w;
+    pk->dispatched = true;
+    pthread_mutex_unlock(&pool->lock);
+    if (!t) {
+        /* The worker is stopping: the call fails like any call onto it. */
+        caller_pending_set_exception(pk->proxy, -ESHUTDOWN, "the worker stopped");
+        caller_pending_unref(pk->proxy);
+        release_worker(w);
+        return;
+    }
+    /* pk->task keeps its reference until parked_done. */
+    caller_pending_add_done_callback(t, parked_done, pk);
+}
+
+static void parked_canceller(caller_pending_t *proxy, const char *messages, void *arg)
+{
+    parked_t *pk = arg;
+    caller_pool_t *pool = pk->pool;
+    pthread_mutex_lock(&pool->lock);
+    if (!pk->dispatched) {
+        /* Still waiting for a worker: take it out; it never runs. */
+        caller__msg_t **pp = &pool->parked.head, *prev = NULL;
+        while (*pp && *pp != &pk->link) {
+            prev = *pp;
+            pp = &(*pp)->next;
+        }
+        bool found = *pp != NULL;
+        if (found) {
+            *pp = pk->link.next;
+            if (pool->parked.tail == &pk->link)
+                pool->parked.tail = prev;
+        }
+        pthread_mutex_unlock(&pool->lock);
+        if (found) {
+            caller_pending_set_exception(proxy, -ECANCELED, "Cancelled before started.");
+            caller_pending_unref(proxy); /* the pool's reference */
+        }
+        return;
+    }
+    caller_pending_t *t = caller_pending_ref(pk->task);
+    pthread_mutex_unlock(&pool->lock);
+    if (t) {
+        caller_pending_cancel(t, messages);
+        caller_pending_unref(t);
+    }
+}
+
+caller_pending_t *caller__to_thread_named(caller_t *c, caller_fn fn, void *arg, const char *name)
+{
+    if (!c || !fn) {
+        caller__fail(-EINVAL, "caller_to_thread: %s is NULL", c ? "fn" : "caller");
+        return NULL;
+    }
+    caller_pool_t *pool = pool_of(c);
+    if (!pool)
+        return NULL;
+    for (int attempt = 0; attempt < 100; attempt++) {
+        caller_t *stale[8];
+        size_t nstale = 0;
+        pthread_mutex_lock(&pool->lock);
+        if (pool->stopped) {
+            pthread_mutex_unlock(&pool->lock);
+            caller__fail_stopped(c, "caller_to_thread");
+            return NULL;
+        }
+        caller_t *w = pop_idle_locked(pool, stale, &nstale);
+        bool make = false;
+        parked_t *pk = NULL;
+        caller_pending_t *proxy = NULL;
+        if (!w && nstale == 0) {
+            if (pool->cfg.max_workers && pool->alive >= pool->cfg.max_workers) {
+                proxy = caller__pending_new_extra(0, sizeof *pk, (void **)&pk);
+                if (proxy) {
+                    memset(pk, 0, sizeof *pk);
+                    *pk = (parked_t){
+                        .pool = pool, .fn = fn, .arg = arg, .name = name, .proxy = proxy};
+                    caller__pending_set_name(proxy, name);
+                    caller_pending_set_canceller(proxy, parked_canceller, pk);
+                    caller_pending_ref(proxy); /* the pool's, until it ends */
+                    caller__fifo_push(&pool->parked, &pk->link);
+                }
+            } else {
+                pool->alive++;
+                make = true;
+            }
+        }
+        pthread_mutex_unlock(&pool->lock);
+        for (size_t i = 0; i < nstale; i++)
+            caller_unref(stale[i]);
+        if (proxy)
+            return proxy; /* parked until a worker is free */
+        if (!w && !make) {
+            if (nstale)
+                continue; /* dropped stopped workers: look again */
+            caller__fail(-ENOMEM, "caller_to_thread: out of memory");
+            return NULL;
+        }
+        if (make) {
+            w = caller_get(c, NULL);
+            if (!w) {
+                pthread_mutex_lock(&pool->lock);
+                pool->alive--;
+                pthread_mutex_unlock(&pool->lock);
+                return NULL;
+            }
+        }
+        caller_pending_t *p = caller__call_soon_named(w, fn, arg, name);
+        if (!p) {
+            /* The worker began stopping since we took it: try another. */
+            pthread_mutex_lock(&pool->lock);
+            pool->alive--;
+            pthread_mutex_unlock(&pool->lock);
+            caller_unref(w);
+            if (caller_state(c) >= CALLER_STATE_STOPPING) {
+                caller__fail_stopped(c, "caller_to_thread");
+                return NULL;
+            }
+            continue;
+        }
+        if (caller_pending_add_done_callback(p, worker_done, w) < 0) {
+            /* No memory to hand it back later: the call still runs; let the
+             * worker go when it stops with its parent. */
+            pthread_mutex_lock(&pool->lock);
+            pool->alive--;
+            pthread_mutex_unlock(&pool->lock);
+            caller_unref(w);
+        }
+        return p;
+    }
+    caller__fail(-EAGAIN, "caller_to_thread: no worker could take the call");
+    return NULL;
+}
+
+caller_pending_t *(caller_to_thread)(caller_t *c, caller_fn fn, void *arg)
+{
+    return caller__to_thread_named(c, fn, arg, NULL);
+}
+
+/* Loop thread of the owner, on stop: idle workers go (they are children,
+ * stopped with it), parked calls end cancelled. */
+void caller__pool_stop(caller_t *c)
+{
+    caller_pool_t *pool = c->pool;
+    if (!pool)
+        return;
+    pthread_mutex_lock(&pool->lock);
+    pool->stopped = true;
+    size_t n = pool->nidle;
+    caller_t **idle = pool->idle;
+    pool->idle = NULL;
+    pool->nidle = pool->cap = 0;
+    pool->alive -= n;
+    caller__free(pool->since);
+    pool->since = NULL;
+    caller__msg_t *parked = pool->parked.head;
+    pool->parked.head = pool->parked.tail = NULL;
+    pthread_mutex_unlock(&pool->lock);
+    for (size_t i = 0; i < n; i++)
+        caller_unref(idle[i]);
+    caller__free(idle);
+    while (parked) {
+        parked_t *pk = (parked_t *)parked;
+        parked = parked->next;
+        caller_pending_cancel(pk->proxy, NULL);
+        caller_pending_set_exception(pk->proxy, -ECANCELED, "Cancelled before started.");
+        caller_pending_unref(pk->proxy);
+    }
+}
+
+/* ---- configuration ------------------------------------------------------------ */
+
+int caller_pool_get_config(caller_t *c, caller_pool_config_t *out)
+{
+    if (!c || !out)
+        return caller__fail(-EINVAL, "caller_pool_get_config: %s is NULL", c ? "out" : "caller");
+    caller_pool_t *pool = pool_of(c);
+    if (!pool)
+        return -ENOMEM;
+    pthread_mutex_lock(&pool->lock);
+    *out = pool->cfg;
+    pthread_mutex_unlock(&pool->lock);
+    return 0;
+}
+
+int caller_pool_set_config(caller_t *c, const caller_pool_config_t *cfg)
+{
+    if (!c || !cfg)
+        return caller__fail(-EINVAL, "caller_pool_set_config: %s is NULL", c ? "cfg" : "caller");
+    if (!(cfg->idle_shutdown >= 0))
+        return caller__fail(-EINVAL, "caller_pool_set_config: idle_shutdown %g is negative",
+                            cfg->idle_shutdown);
+    caller_pool_t *pool = pool_of(c);
+    if (!pool)
+        return -ENOMEM;
+    caller_t *excess[64];
+    size_t n = 0;
+    pthread_mutex_lock(&pool->lock);
+    pool->cfg = *cfg;
+    /* Fewer idle workers allowed now: stop the oldest beyond the limit. */
+    while (pool->nidle > cfg->max_idle && n < 64) {
+        excess[n++] = pool->idle[0];
+        memmove(&pool->idle[0], &pool->idle[1], (pool->nidle - 1) * sizeof *pool->idle);
+        memmove(&pool->since[0], &pool->since[1], (pool->nidle - 1) * sizeof *pool->since);
+        pool->nidle--;
+        pool->alive--;
+    }
+    pool->sweep_at = INT64_MAX; /* a shorter duration needs an earlier sweep */
+    reschedule_sweep_locked(pool);
+    pthread_mutex_unlock(&pool->lock);
+    for (size_t i = 0; i < n; i++) {
+        caller_stop(excess[i], true);
+        caller_unref(excess[i]);
+    }
+    return 0;
+}
+
+size_t caller_pool_idle(caller_t *c)
+{
+    if (!c || !c->pool)
+        return 0;
+    pthread_mutex_lock(&c->pool->lock);
+    size_t n = c->pool->nidle;
+    pthread_mutex_unlock(&c->pool->lock);
+    return n;
+}

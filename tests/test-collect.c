@@ -1,0 +1,422 @@
+/* Collecting results: as_completed and wait (SPEC §8; issue #4). */
+// ALSO-UCONTEXT
+#include "check.h"
+#include "internal.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+#define P(x) ((void *)(intptr_t)(x))
+#define I(x) ((intptr_t)(x))
+
+static caller_t *new_thread(void)
+{
+    caller_t *c = caller_create(CALLER_NEW_THREAD, NULL);
+    CHECK(c != NULL);
+    return c;
+}
+
+static void stop_and_release(caller_t *c)
+{
+    caller_stop(c, true);
+    CHECK_RC(caller_wait_stopped(c, 10), 0);
+    caller_unref(c);
+}
+
+/* Sleeps arg ms (low bits), fails if bit 16 is set. */
+static void *sleeper(void *arg)
+{
+    intptr_t v = I(arg);
+    int rc = caller_sleep((double)(v & 0xffff) / 1000);
+    if (rc < 0)
+        return NULL;
+    if (v & 0x10000)
+        caller_raise(-EIO, "sleeper %ld failed", (long)(v & 0xffff));
+    return arg;
+}
+
+TEST(already_done_pendings)
+{
+    caller_pending_t *p[3];
+    for (int i = 0; i < 3; i++) {
+        p[i] = caller_pending_new(0);
+        caller_pending_set_result(p[i], P(i), false);
+    }
+    caller_iter_t *it = caller_as_completed(p, 3, NULL);
+    CHECK(it != NULL);
+    int seen = 0;
+    caller_pending_t *q;
+    while (caller_iter_next(it, &q) == 0) {
+        void *v;
+        CHECK_RC(caller_pending_result(q, &v), 0);
+        seen |= 1 << I(v);
+        caller_pending_unref(q);
+    }
+    CHECK_EQ(seen, 7);
+    CHECK_RC(caller_iter_next(it, &q), CALLER_ITER_END); /* stays at the end */
+    caller_iter_close(it);
+    for (int i = 0; i < 3; i++)
+        caller_pending_unref(p[i]);
+}
+
+TEST(empty_set_ends_at_once)
+{
+    caller_iter_t *it = caller_as_completed(NULL, 0, NULL);
+    caller_pending_t *q;
+    CHECK_RC(caller_iter_next(it, &q), CALLER_ITER_END);
+    CHECK_PTR_EQ(q, NULL);
+    caller_iter_close(it);
+    caller_pending_t *done[1], *not_done[1];
+    size_t nd = 9, nn = 9;
+    CHECK_RC(caller_wait(NULL, 0, 1, CALLER_ALL_COMPLETED, done, &nd, not_done, &nn), 0);
+    CHECK_EQ(nd, 0);
+    CHECK_EQ(nn, 0);
+}
+
+TEST(completion_order_and_errors)
+{
+    caller_t *c = new_thread();
+    caller_pending_t *p[3] = {
+        caller_call_soon(c, sleeper, P(60)),
+        caller_call_soon(c, sleeper, P(0x10000 | 10)),
+        caller_call_soon(c, sleeper, P(30)),
+    };
+    caller_iter_t *it = caller_as_completed(p, 3, NULL);
+    caller_pending_t *q;
+    int order[3], n = 0;
+    while (caller_iter_next(it, &q) == 0) {
+        for (int i = 0; i < 3; i++)
+            if (q == p[i])
+                order[n++] = i;
+        caller_pending_unref(q);
+    }
+    caller_iter_close(it);
+    CHECK_EQ(n, 3);
+    CHECK_EQ(order[0], 1);
+    CHECK_EQ(order[1], 2);
+    CHECK_EQ(order[2], 0);
+    CHECK_RC(caller_pending_result(p[1], NULL), -EIO);
+    CHECK_STR_EQ(check_last_message(), "sleeper 10 failed");
+    for (int i = 0; i < 3; i++)
+        caller_pending_unref(p[i]);
+    stop_and_release(c);
+}
+
+TEST(early_close_cancels_unfinished_unless_kept)
+{
+    caller_t *c = new_thread();
+    for (int keep = 0; keep < 2; keep++) {
+        caller_pending_t *p[3] = {
+            caller_call_soon(c, sleeper, P(1)),
+            caller_call_soon(c, sleeper, P(5000)),
+            caller_call_soon(c, sleeper, P(5000)),
+        };
+        caller_as_completed_options_t o = {.keep_unfinished = keep};
+        caller_iter_t *it = caller_as_completed(p, 3, &o);
+        caller_pending_t *q;
+        CHECK_RC(caller_iter_next(it, &q), 0);
+        CHECK_PTR_EQ(q, p[0]);
+        caller_pending_unref(q);
+        caller_iter_close(it); /* break out early */
+        for (int i = 1; i < 3; i++) {
+            CHECK_EQ(caller_pending_cancelled(p[i]), keep ? 0 : 1);
+            if (!keep) {
+                CHECK_RC(caller_pending_wait(p[i], 10, true, false, NULL), 0);
+                CHECK_RC(caller_pending_result(p[i], NULL), -ECANCELED);
+                CHECK_STR_EQ(check_last_message(), "Cancelled by as_completed");
+            } else {
+                CHECK_EQ(caller_pending_done(p[i]), 0);
+                caller_pending_cancel(p[i], NULL);
+            }
+        }
+        for (int i = 0; i < 3; i++) {
+            caller_pending_wait(p[i], 10, true, false, NULL);
+            caller_pending_unref(p[i]);
+        }
+    }
+    stop_and_release(c);
+}
+
+typedef struct {
+    atomic_int flag;
+} cb_flag_t;
+
+static void slow_callback(caller_pending_t *p, void *arg)
+{
+    (void)p;
+    struct timespec ts = {0, 20000000};
+    nanosleep(&ts, NULL);
+    atomic_store(&((cb_flag_t *)arg)->flag, 1);
+}
+
+static void *set_later(void *arg)
+{
+    CHECK_RC(caller_sleep(0.01), 0);
+    caller_pending_set_result(arg, P(1), false);
+    return NULL;
+}
+
+TEST(yielded_after_done_callbacks_ran)
+{
+    caller_t *c = new_thread();
+    caller_pending_t *p = caller_pending_new(0);
+    cb_flag_t f = {0};
+    caller_pending_add_done_callback(p, slow_callback, &f);
+    caller_iter_t *it = caller_as_completed(&p, 1, NULL);
+    caller_pending_t *setter = caller_call_soon(c, set_later, p);
+    caller_pending_t *q;
+    CHECK_RC(caller_iter_next(it, &q), 0);
+    CHECK_EQ(atomic_load(&f.flag), 1);
+    caller_pending_unref(q);
+    caller_iter_close(it);
+    caller_pending_wait(setter, 10, false, false, NULL);
+    caller_pending_unref(setter);
+    caller_pending_unref(p);
+    stop_and_release(c);
+}
+
+typedef struct {
+    caller_t *c;
+    int made, total, outstanding, max_outstanding;
+} gen_t;
+
+static caller_pending_t *gen_sleepers(void *arg)
+{
+    gen_t *g = arg;
+    if (g->made == g->total)
+        return NULL;
+    g->made++;
+    if (++g->outstanding > g->max_outstanding)
+        g->max_outstanding = g->outstanding;
+    return caller_call_soon(g->c, sleeper, P(1 + g->made % 3));
+}
+
+TEST(generator_asked_only_below_max_concurrent)
+{
+    caller_t *c = new_thread();
+    gen_t g = {.c = c, .total = 30};
+    caller_as_completed_options_t o = {.max_concurrent = 4};
+    caller_iter_t *it = caller_as_completed_gen(gen_sleepers, &g, &o);
+    caller_pending_t *q;
+    int n = 0;
+    while (caller_iter_next(it, &q) == 0) {
+        g.outstanding--;
+        n++;
+        caller_pending_unref(q);
+    }
+    caller_iter_close(it);
+    CHECK_EQ(n, 30);
+    CHECK_EQ(g.max_outstanding, 4);
+    stop_and_release(c);
+}
+
+static void *as_completed_in_task(void *arg)
+{
+    caller_t *other = arg;
+    caller_t *self = caller_current();
+    /* While this task is suspended in caller_iter_next, its Caller runs
+     * other tasks: `ticker` completes before the slow item does. */
+    caller_pending_t *ticker = caller_call_soon(self, sleeper, P(1));
+    caller_pending_t *items[2] = {caller_call_soon(other, sleeper, P(40)),
+                                  caller_call_soon(other, sleeper, P(50))};
+    caller_iter_t *it = caller_as_completed(items, 2, NULL);
+    caller_pending_t *q;
+    int n = 0;
+    while (caller_iter_next(it, &q) == 0) {
+        CHECK_EQ(caller_pending_done(ticker), 1);
+        caller_pending_unref(q);
+        n++;
+    }
+    caller_iter_close(it);
+    /* Its own Pending is refused. */
+    caller_pending_t *me = caller_current_pending();
+    CHECK(caller_as_completed(&me, 1, NULL) == NULL);
+    CHECK_RC(caller_last_error(NULL), -EDEADLK);
+    caller_pending_unref(items[0]);
+    caller_pending_unref(items[1]);
+    caller_pending_unref(ticker);
+    return P(n);
+}
+
+TEST(as_completed_inside_a_task_suspends_it)
+{
+    caller_t *a = new_thread(), *b = new_thread();
+    caller_pending_t *p = caller_call_soon(a, as_completed_in_task, b);
+    void *v;
+    CHECK_RC(caller_pending_wait(p, 10, false, true, &v), 0);
+    CHECK_EQ(I(v), 2);
+    caller_pending_unref(p);
+    stop_and_release(a);
+    stop_and_release(b);
+}
+
+static caller_pending_t *gen_self(void *arg)
+{
+    (void)arg;
+    return caller_pending_ref(caller_current_pending());
+}
+
+static void *iterate_own(void *arg)
+{
+    (void)arg;
+    caller_iter_t *it = caller_as_completed_gen(gen_self, NULL, NULL);
+    caller_pending_t *q;
+    int rc = caller_iter_next(it, &q);
+    caller_iter_close(it);
+    return P(rc);
+}
+
+TEST(generator_yielding_own_pending_is_refused)
+{
+    caller_t *c = new_thread();
+    caller_pending_t *p = caller_call_soon(c, iterate_own, NULL);
+    void *v;
+    CHECK_RC(caller_pending_wait(p, 10, false, true, &v), 0);
+    CHECK_RC((int)I(v), -EDEADLK);
+    caller_pending_unref(p);
+    stop_and_release(c);
+}
+
+typedef struct {
+    caller_pending_t *prev;
+    int ms;
+    bool fail;
+} link_t;
+
+/* A chain: wait for the previous link, sleep, then succeed or fail. */
+static void *chain_link(void *arg)
+{
+    link_t *l = arg;
+    if (l->prev)
+        caller_pending_wait(l->prev, 10, true, false, NULL);
+    caller_sleep((double)l->ms / 1000);
+    if (l->fail)
+        caller_raise(-EIO, "link failed");
+    return arg;
+}
+
+static void run_chain(caller_return_when_t when, size_t want_done)
+{
+    caller_t *c = new_thread();
+    link_t l[3] = {{NULL, 10, false}, {NULL, 10, true}, {NULL, 30, false}};
+    caller_pending_t *p[3];
+    for (int i = 0; i < 3; i++) {
+        l[i].prev = i ? p[i - 1] : NULL;
+        p[i] = caller_call_soon(c, chain_link, &l[i]);
+    }
+    caller_pending_t *done[3], *not_done[3];
+    size_t nd, nn;
+    CHECK_RC(caller_wait(p, 3, 10, when, done, &nd, not_done, &nn), 0);
+    CHECK_EQ(nd, want_done);
+    CHECK_EQ(nn, 3 - want_done);
+    for (size_t i = 0; i < nd; i++)
+        CHECK_PTR_EQ(done[i], p[i]); /* the chain completes in order */
+    for (size_t i = 0; i < nn; i++) {
+        CHECK_PTR_EQ(not_done[i], p[nd + i]);
+        CHECK_EQ(caller_pending_cancelled(not_done[i]), 0); /* wait cancels nothing */
+    }
+    for (int i = 2; i >= 0; i--) {
+        CHECK_RC(caller_pending_wait(p[i], 10, true, false, NULL), 0);
+        caller_pending_unref(p[i]);
+    }
+    stop_and_release(c);
+}
+
+TEST(wait_first_completed)
+{
+    run_chain(CALLER_FIRST_COMPLETED, 1);
+}
+
+TEST(wait_first_exception)
+{
+    run_chain(CALLER_FIRST_EXCEPTION, 2);
+}
+
+TEST(wait_all_completed)
+{
+    run_chain(CALLER_ALL_COMPLETED, 3);
+}
+
+TEST(wait_timeout_leaves_unfinished)
+{
+    caller_t *c = new_thread();
+    caller_pending_t *p[2] = {caller_call_soon(c, sleeper, P(1)),
+                              caller_call_soon(c, sleeper, P(5000))};
+    caller_pending_t *done[2], *not_done[2];
+    size_t nd, nn;
+    double t0 = check_now();
+    CHECK_RC(caller_wait(p, 2, 0.1, CALLER_ALL_COMPLETED, done, &nd, not_done, &nn), 0);
+    CHECK_GE((check_now() - t0) * 1000, 100 - 1);
+    CHECK_EQ(nd, 1);
+    CHECK_PTR_EQ(done[0], p[0]);
+    CHECK_EQ(nn, 1);
+    CHECK_PTR_EQ(not_done[0], p[1]);
+    CHECK_EQ(caller_pending_done(p[1]), 0);
+    CHECK_EQ(caller_pending_cancelled(p[1]), 0);
+    caller_pending_cancel(p[1], NULL);
+    caller_pending_wait(p[1], 10, true, false, NULL);
+    caller_pending_unref(p[0]);
+    caller_pending_unref(p[1]);
+    stop_and_release(c);
+}
+
+TEST(iterator_timeout_and_misuse)
+{
+    caller_pending_t *never = caller_pending_new(0);
+    caller_iter_t *it = caller_as_completed(&never, 1, NULL);
+    caller_pending_t *q;
+    CHECK_RC(caller_iter_next_timeout(it, 0.02, &q), -ETIMEDOUT);
+    CHECK_EQ(caller_pending_cancelled(never), 0);
+    caller_iter_close(it);
+    CHECK_EQ(caller_pending_cancelled(never), 1); /* closed unfinished */
+    caller_pending_unref(never);
+    CHECK_RC(caller_iter_next(NULL, &q), -EINVAL);
+    CHECK(caller_as_completed_gen(NULL, NULL, NULL) == NULL);
+    CHECK(caller_as_completed(NULL, 2, NULL) == NULL);
+    caller_pending_t *holes[1] = {NULL};
+    CHECK(caller_as_completed(holes, 1, NULL) == NULL);
+    CHECK_RC(caller_last_error(NULL), -EINVAL);
+    caller_iter_close(NULL);
+}
+
+/* Many threads complete the items of one iterator at once. */
+static void *complete_range(void *arg)
+{
+    caller_pending_t **p = arg;
+    for (int i = 0; i < 1000; i++)
+        caller_pending_set_result(p[i], P(i), false);
+    return NULL;
+}
+
+TEST(concurrent_completions_each_yielded_once)
+{
+    enum { T = 4, N = 1000 };
+    caller_pending_t **p = malloc(T * N * sizeof *p);
+    for (int i = 0; i < T * N; i++)
+        p[i] = caller_pending_new(0);
+    caller_iter_t *it = caller_as_completed(p, T * N, NULL);
+    pthread_t t[T];
+    for (int k = 0; k < T; k++)
+        pthread_create(&t[k], NULL, complete_range, p + k * N);
+    unsigned char *seen = calloc(T * N, 1);
+    caller_pending_t *q;
+    int n = 0;
+    while (caller_iter_next(it, &q) == 0) {
+        size_t idx = 0;
+        while (p[idx] != q)
+            idx++;
+        CHECK_EQ(seen[idx], 0);
+        seen[idx] = 1;
+        caller_pending_unref(q);
+        n++;
+    }
+    caller_iter_close(it);
+    for (int k = 0; k < T; k++)
+        pthread_join(t[k], NULL);
+    CHECK_EQ(n, T * N);
+    for (int i = 0; i < T * N; i++)
+        caller_pending_unref(p[i]);
+    free(p);
+    free(seen);
+}

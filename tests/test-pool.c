@@ -1,0 +1,389 @@
+/* The worker pool: caller_to_thread (SPEC §6; issue #4). */
+// ALSO-UCONTEXT
+// TIMEOUT: 120
+#include "check.h"
+#include "internal.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+#define P(x) ((void *)(intptr_t)(x))
+#define I(x) ((intptr_t)(x))
+
+static caller_t *new_owner(size_t max_idle, double idle_shutdown, size_t max_workers)
+{
+    caller_t *c = caller_create(CALLER_NEW_THREAD, &(caller_options_t){.name = "owner"});
+    CHECK(c != NULL);
+    caller_pool_config_t cfg = {max_idle, idle_shutdown, max_workers};
+    CHECK_RC(caller_pool_set_config(c, &cfg), 0);
+    return c;
+}
+
+static void stop_and_release(caller_t *c)
+{
+    caller_stop(c, true);
+    CHECK_RC(caller_wait_stopped(c, 10), 0);
+    caller_unref(c);
+}
+
+/* Distinct worker Callers seen, recorded from inside the calls. */
+static struct {
+    pthread_mutex_t lock;
+    caller_t *seen[256];
+    int n;
+    atomic_int running, max_running;
+} workers = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+static void reset_workers(void)
+{
+    pthread_mutex_lock(&workers.lock);
+    workers.n = 0;
+    pthread_mutex_unlock(&workers.lock);
+    atomic_store(&workers.running, 0);
+    atomic_store(&workers.max_running, 0);
+}
+
+static int distinct_workers(void)
+{
+    pthread_mutex_lock(&workers.lock);
+    int n = workers.n;
+    pthread_mutex_unlock(&workers.lock);
+    return n;
+}
+
+static void note_worker(void)
+{
+    caller_t *me = caller_current();
+    pthread_mutex_lock(&workers.lock);
+    int i = 0;
+    while (i < workers.n && workers.seen[i] != me)
+        i++;
+    if (i == workers.n && workers.n < 256)
+        workers.seen[workers.n++] = me;
+    pthread_mutex_unlock(&workers.lock);
+}
+
+/* A job: notes its worker, sleeps arg milliseconds in it, returns arg. */
+static void *job(void *arg)
+{
+    note_worker();
+    int now = atomic_fetch_add(&workers.running, 1) + 1;
+    int max = atomic_load(&workers.max_running);
+    while (now > max && !atomic_compare_exchange_weak(&workers.max_running, &max, now))
+        ;
+    if (I(arg) > 0)
+        CHECK_RC(caller_sleep((double)I(arg) / 1000), 0);
+    atomic_fetch_sub(&workers.running, 1);
+    return arg;
+}
+
+static void *thread_name_and_worker(void *arg)
+{
+    char name[32];
+    pthread_getname_np(pthread_self(), name, sizeof name);
+    CHECK_STR_EQ(name, "caller-worker");
+    caller_t *me = caller_current();
+    CHECK(me != NULL && me != arg);
+    CHECK_STR_EQ(caller_name(me), "caller-worker");
+    caller_t *parent = caller_parent(me);
+    CHECK_PTR_EQ(parent, arg);
+    caller_unref(parent);
+    /* A worker is a full Caller: it schedules and waits like any. */
+    caller_pending_t *p = caller_call_soon(me, job, P(0));
+    void *v;
+    CHECK_RC(caller_pending_wait(p, 10, false, true, &v), 0);
+    caller_pending_unref(p);
+    CHECK_RC(caller_sleep(0.001), 0);
+    return P(123);
+}
+
+TEST(to_thread_runs_on_a_named_worker)
+{
+    caller_t *c = new_owner(10, 0, 0);
+    caller_pending_t *p = caller_to_thread(c, thread_name_and_worker, c);
+    CHECK(p != NULL);
+    void *v;
+    CHECK_RC(caller_pending_wait(p, 10, false, true, &v), 0);
+    CHECK_EQ(I(v), 123);
+    char text[256];
+    caller_pending_repr(p, text, sizeof text);
+    CHECK_CONTAINS(text, "| thread_name_and_worker caller=Caller<caller-worker");
+    caller_pending_unref(p);
+    CHECK_EQ(caller_pool_idle(c), 1);
+    CHECK_EQ(caller_children(c, NULL, 0), 1);
+    stop_and_release(c);
+}
+
+typedef struct {
+    caller_t *c;
+    int made, total;
+} gen_t;
+
+static caller_pending_t *make_jobs(void *arg)
+{
+    gen_t *g = arg;
+    if (g->made == g->total)
+        return NULL;
+    g->made++;
+    return caller_to_thread(g->c, job, P(2));
+}
+
+static void run_jobs(caller_t *c, int total, int max_concurrent)
+{
+    gen_t g = {c, 0, total};
+    caller_as_completed_options_t o = {.max_concurrent = max_concurrent};
+    caller_iter_t *it = caller_as_completed_gen(make_jobs, &g, &o);
+    CHECK(it != NULL);
+    caller_pending_t *p;
+    int got = 0;
+    while (caller_iter_next(it, &p) == 0) {
+        void *v;
+        CHECK_RC(caller_pending_result(p, &v), 0);
+        CHECK_EQ(I(v), 2);
+        caller_pending_unref(p);
+        got++;
+    }
+    caller_iter_close(it);
+    CHECK_EQ(got, total);
+}
+
+TEST(generator_bounded_by_max_concurrent_uses_that_many_workers)
+{
+    reset_workers();
+    caller_t *c = new_owner(2, 0, 0);
+    run_jobs(c, 40, 2);
+    CHECK_EQ(distinct_workers(), 2);
+    CHECK_EQ(caller_pool_idle(c), 2);
+    CHECK_LE(atomic_load(&workers.max_running), 2);
+    stop_and_release(c);
+}
+
+TEST(more_concurrency_more_threads_pool_keeps_max_idle)
+{
+    reset_workers();
+    caller_t *c = new_owner(2, 0, 0);
+    run_jobs(c, 40, 20);
+    CHECK_GE(distinct_workers(), 3);
+    CHECK_EQ(caller_pool_idle(c), 2);
+    /* The extra workers were stopped as they finished. */
+    double until = check_now() + 10;
+    while (caller_children(c, NULL, 0) > 2 && check_now() < until)
+        sched_yield();
+    CHECK_EQ(caller_children(c, NULL, 0), 2);
+    stop_and_release(c);
+}
+
+TEST(back_to_back_calls_reuse_one_worker)
+{
+    reset_workers();
+    caller_t *c = new_owner(10, 0, 0);
+    for (int i = 0; i < 20; i++) {
+        caller_pending_t *p = caller_to_thread(c, job, P(0));
+        CHECK_RC(caller_pending_wait(p, 10, false, false, NULL), 0);
+        caller_pending_unref(p);
+    }
+    CHECK_EQ(distinct_workers(), 1);
+    CHECK_EQ(caller_pool_idle(c), 1);
+    stop_and_release(c);
+}
+
+TEST(idle_workers_stop_after_idle_shutdown)
+{
+    reset_workers();
+    caller_t *c = new_owner(10, 0.1, 0);
+    caller_pending_t *p[3];
+    for (int i = 0; i < 3; i++)
+        p[i] = caller_to_thread(c, job, P(20));
+    for (int i = 0; i < 3; i++) {
+        CHECK_RC(caller_pending_wait(p[i], 10, false, false, NULL), 0);
+        caller_pending_unref(p[i]);
+    }
+    double idle_from = check_now();
+    CHECK_EQ(caller_pool_idle(c), 3);
+    double until = idle_from + 10 * check_time_scale();
+    while ((caller_pool_idle(c) > 0 || caller_children(c, NULL, 0) > 0) && check_now() < until) {
+        struct timespec ts = {0, 2000000};
+        nanosleep(&ts, NULL);
+    }
+    CHECK_EQ(caller_pool_idle(c), 0);
+    CHECK_EQ(caller_children(c, NULL, 0), 0);
+    CHECK_GE((check_now() - idle_from) * 1000, 100 - 5); /* not before its time */
+    /* The pool still works: a new worker is made. */
+    caller_pending_t *q = caller_to_thread(c, job, P(0));
+    CHECK_RC(caller_pending_wait(q, 10, false, false, NULL), 0);
+    caller_pending_unref(q);
+    stop_and_release(c);
+}
+
+static void *my_worker(void *arg)
+{
+    (void)arg;
+    return caller_ref(caller_current());
+}
+
+TEST(worker_stopped_while_idle_is_not_reused)
+{
+    caller_t *c = new_owner(10, 0, 0);
+    caller_pending_t *p = caller_to_thread(c, my_worker, NULL);
+    void *w1;
+    CHECK_RC(caller_pending_wait(p, 10, false, true, &w1), 0);
+    caller_pending_unref(p);
+    CHECK_EQ(caller_pool_idle(c), 1);
+    caller_stop(w1, false);
+    CHECK_EQ(caller_pool_idle(c), 0); /* it left the pool */
+    CHECK_RC(caller_wait_stopped(w1, 10), 0);
+    p = caller_to_thread(c, my_worker, NULL);
+    void *w2;
+    CHECK_RC(caller_pending_wait(p, 10, false, true, &w2), 0);
+    caller_pending_unref(p);
+    CHECK(w2 != w1);
+    caller_unref(w1);
+    caller_unref(w2);
+    stop_and_release(c);
+}
+
+TEST(worker_cap_holds_under_1000_submissions)
+{
+    enum { N = 1000, CAP = 3 };
+    reset_workers();
+    caller_t *c = new_owner(10, 0, CAP);
+    caller_pending_t **p = malloc(N * sizeof *p);
+    for (int i = 0; i < N; i++) {
+        p[i] = caller_to_thread(c, job, P(i % 7 == 0 ? 1 : 0));
+        CHECK(p[i] != NULL);
+        CHECK_LE(caller_children(c, NULL, 0), CAP);
+    }
+    for (int i = 0; i < N; i++) {
+        void *v;
+        CHECK_RC(caller_pending_wait(p[i], 30, false, true, &v), 0);
+        CHECK_EQ(I(v), i % 7 == 0 ? 1 : 0);
+        caller_pending_unref(p[i]);
+        CHECK_LE(caller_children(c, NULL, 0), CAP);
+    }
+    free(p);
+    CHECK_LE(distinct_workers(), CAP);
+    CHECK_LE(atomic_load(&workers.max_running), CAP);
+    stop_and_release(c);
+}
+
+static atomic_int ran_parked;
+
+static void *mark_ran(void *arg)
+{
+    atomic_fetch_add(&ran_parked, 1);
+    return arg;
+}
+
+TEST(a_call_waiting_for_a_worker_can_be_cancelled)
+{
+    caller_t *c = new_owner(10, 0, 1);
+    /* Occupy the only worker for a while. */
+    caller_pending_t *hold = caller_to_thread(c, job, P(50));
+    caller_pending_t *parked = caller_to_thread(c, mark_ran, P(1));
+    CHECK(parked != NULL);
+    CHECK_EQ(caller_pending_done(parked), 0);
+    CHECK_EQ(caller_pending_cancel(parked, "no longer needed"), 1);
+    CHECK_RC(caller_pending_wait(parked, 10, true, false, NULL), 0);
+    CHECK_RC(caller_pending_result(parked, NULL), -ECANCELED);
+    CHECK_RC(caller_pending_wait(hold, 10, false, false, NULL), 0);
+    /* The next parked call runs once the worker is free. */
+    caller_pending_t *next = caller_to_thread(c, mark_ran, P(2));
+    void *v;
+    CHECK_RC(caller_pending_wait(next, 10, false, true, &v), 0);
+    CHECK_EQ(I(v), 2);
+    CHECK_EQ(atomic_load(&ran_parked), 1);
+    caller_pending_unref(next);
+    caller_pending_unref(hold);
+    caller_pending_unref(parked);
+    stop_and_release(c);
+}
+
+static void *tiny(void *arg)
+{
+    return arg;
+}
+
+typedef struct {
+    caller_t *c;
+    int made, total;
+} tiny_gen_t;
+
+static caller_pending_t *make_tiny(void *arg)
+{
+    tiny_gen_t *g = arg;
+    if (g->made == g->total)
+        return NULL;
+    return caller_to_thread(g->c, tiny, P(g->made++));
+}
+
+TEST(stress_100k_tiny_calls_through_as_completed)
+{
+    enum { N = 100000 };
+    caller_t *c = new_owner(10, 0, 0);
+    tiny_gen_t g = {c, 0, N};
+    unsigned char *seen = calloc(N, 1);
+    caller_iter_t *it = caller_as_completed_gen(make_tiny, &g, NULL);
+    caller_pending_t *p;
+    int got = 0;
+    while (caller_iter_next(it, &p) == 0) {
+        void *v;
+        CHECK_RC(caller_pending_result(p, &v), 0);
+        CHECK(I(v) >= 0 && I(v) < N);
+        CHECK_EQ(seen[I(v)], 0);
+        seen[I(v)] = 1;
+        caller_pending_unref(p);
+        got++;
+    }
+    caller_iter_close(it);
+    CHECK_EQ(got, N);
+    free(seen);
+    CHECK_LE(caller_children(c, NULL, 0), 10);
+    stop_and_release(c);
+}
+
+static void *to_thread_from_task(void *arg)
+{
+    (void)arg;
+    caller_t *self = caller_current();
+    caller_pending_t *p[4];
+    for (int i = 0; i < 4; i++)
+        p[i] = caller_to_thread(self, job, P(5));
+    for (int i = 0; i < 4; i++) {
+        CHECK_RC(caller_pending_wait(p[i], 10, false, false, NULL), 0);
+        caller_pending_unref(p[i]);
+    }
+    return NULL;
+}
+
+TEST(to_thread_from_a_task_and_stop_ends_the_pool)
+{
+    caller_t *c = caller_create(CALLER_MANUAL, NULL);
+    CHECK_RC(caller_run(c, to_thread_from_task, NULL, NULL), 0);
+    CHECK_EQ(caller_children(c, NULL, 0), 0);
+    CHECK(caller_to_thread(c, job, P(0)) == NULL);
+    CHECK_RC(caller_last_error(NULL), -ESHUTDOWN);
+    caller_unref(c);
+}
+
+TEST(config_errors)
+{
+    caller_pool_config_t cfg;
+    CHECK_RC(caller_pool_get_config(NULL, &cfg), -EINVAL);
+    CHECK(caller_to_thread(NULL, job, NULL) == NULL);
+    CHECK_RC(caller_last_error(NULL), -EINVAL);
+    caller_t *c = new_owner(10, 0, 0);
+    CHECK_RC(caller_pool_get_config(c, &cfg), 0);
+    CHECK_EQ(cfg.max_idle, 10);
+    cfg.idle_shutdown = -1;
+    CHECK_RC(caller_pool_set_config(c, &cfg), -EINVAL);
+    CHECK(caller_to_thread(c, NULL, NULL) == NULL);
+    caller_pool_config_t d = {0};
+    caller_t *fresh = caller_create(CALLER_NEW_THREAD, NULL);
+    CHECK_RC(caller_pool_get_config(fresh, &d), 0);
+    CHECK_EQ(d.max_idle, CALLER_MAX_IDLE_POOL_INSTANCES);
+    CHECK(d.idle_shutdown == CALLER_IDLE_WORKER_SHUTDOWN_DURATION);
+    CHECK_EQ(d.max_workers, 0);
+    stop_and_release(fresh);
+    stop_and_release(c);
+}
