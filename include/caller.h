@@ -637,6 +637,54 @@ CALLER_EXTERN int caller_pool_set_config(caller_t *c, const caller_pool_config_t
 /** How many workers idle in @p c's pool now. Thread: any. */
 CALLER_EXTERN size_t caller_pool_idle(caller_t *c);
 
+/* ---- execution queues (SPEC §7) ----------------------------------------- */
+
+/**
+ * Append `fn(arg)` to the execution queue of (@p fn, @p c), creating it: one
+ * task on @p c that runs the queue's items one at a time, in order (an item
+ * that suspends holds the queue). Each time the queue runs dry, its Pending
+ * is set to the last item's result with reset — so waiting on it waits for
+ * the queue to drain — and later items start a new round on the same
+ * Pending. An item that fails (caller_raise) is logged ("Execution of ...
+ * failed") and skipped. Items from one thread keep their order.
+ *
+ * Thread: any.
+ * @return the queue's Pending (a reference the caller owns), or NULL:
+ *         -ESHUTDOWN, -EINVAL, -ENOMEM. Cancelling that Pending closes the
+ *         queue (as caller_queue_close does).
+ */
+CALLER_EXTERN caller_pending_t *caller_queue_call(caller_t *c, caller_fn fn, void *arg);
+
+/** As caller_queue_call(), for the queue of an explicit @p key (not NULL),
+ *  e.g. one queue per object of the application. */
+CALLER_EXTERN caller_pending_t *caller_queue_call_key(caller_t *c, const void *key, caller_fn fn,
+                                                      void *arg);
+
+#define caller_queue_call(c, fn, arg) caller__queue_call((c), (fn), NULL, (fn), (arg), #fn)
+#define caller_queue_call_key(c, key, fn, arg)                                                     \
+    caller__queue_call((c), NULL, (key), (fn), (arg), #fn)
+
+/** The Pending of the queue of (@p fn, @p c) (a reference), or NULL if there
+ *  is none (never made, closed, or ending). Thread: any. */
+CALLER_EXTERN caller_pending_t *caller_queue_get(caller_t *c, caller_fn fn);
+
+/** As caller_queue_get(), for an explicit @p key. */
+CALLER_EXTERN caller_pending_t *caller_queue_get_key(caller_t *c, const void *key);
+
+/**
+ * Close the queue of (@p fn, @p c): its Pending is cancelled, the item that
+ * runs is cancelled at its next suspension point and the rest never run.
+ * Afterwards caller_queue_get() finds none and caller_queue_call() starts a
+ * fresh queue. Stopping @p c closes all its queues.
+ *
+ * Thread: any. @return 1 if a queue was closed, 0 if there was none,
+ *         -EINVAL.
+ */
+CALLER_EXTERN int caller_queue_close(caller_t *c, caller_fn fn);
+
+/** As caller_queue_close(), for an explicit @p key. */
+CALLER_EXTERN int caller_queue_close_key(caller_t *c, const void *key);
+
 /* ---- collecting results (SPEC §8) ---------------------------------------- */
 
 /**

@@ -831,10 +831,8 @@ int caller_repr(const caller_t *c, char *buf, size_t len)
 {
     if (!c || (!buf && len))
         return caller__fail(-EINVAL, "caller_repr: %s is NULL", c ? "buf" : "caller");
-    caller_t *mc = (caller_t *)c;
-    pthread_mutex_lock(&mc->lock);
-    size_t n = c->nchildren;
-    pthread_mutex_unlock(&mc->lock);
+    /* No lock: repr may be called under this Caller's lock (error paths). */
+    size_t n = atomic_load_explicit(&((caller_t *)c)->nchildren, memory_order_relaxed);
     char kids[32] = "";
     if (n)
         snprintf(kids, sizeof kids, " %zu %s", n, n == 1 ? "child" : "children");

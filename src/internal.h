@@ -94,6 +94,7 @@ size_t caller__pending_size(void);
 
 struct caller__fiber;
 typedef struct caller__pool caller_pool_t;
+typedef struct caller__queue caller__queue_t;
 
 /* A message in a Caller's inbox (cross-thread submission). Every kind is
  * embedded in the object it concerns, so posting never allocates except
@@ -186,6 +187,8 @@ typedef struct caller__task {
     uint8_t wake;                /* (L) caller__wake_t of the last resume */
     bool uncancellable;          /* (L) the current suspension ignores cancel */
     void *result;                /* what fn returned */
+    caller_direct_fn on_end;     /* library tasks: called with arg once the
+                                    task is over, whether it ran or not */
     caller__raise_t raised;      /* what caller_raise recorded */
 } caller__task_t;
 
@@ -208,8 +211,9 @@ struct caller {
 
     /* children, under `lock` */
     pthread_mutex_t lock;
-    caller_t **children; /* references */
-    size_t nchildren, children_cap;
+    caller_t **children;     /* references */
+    atomic_size_t nchildren; /* changed under `lock`; read without it by repr */
+    size_t children_cap;
 
     /* the inbox, under inbox_lock; `closed` once the loop has finished */
     caller__lock_t inbox_lock;
@@ -231,7 +235,8 @@ struct caller {
     caller__msg_t stop_msg;
     caller__msg_t child_msg; /* posted to the parent when this one stops */
 
-    caller_pool_t *pool; /* to_thread workers; made on first use, under `lock` */
+    caller_pool_t *pool;          /* to_thread workers; made on first use, under `lock` */
+    struct caller__queue *queues; /* execution queues, under `lock` */
 
     /* registry, under the registry lock */
     caller__link_t reg;
@@ -263,6 +268,10 @@ void caller__sched_drain_closed(caller_t *c, caller__msg_t *left);
 /* Suspend the current task on @p p (see caller_pending_wait). */
 int caller__task_wait(caller__task_t *t, caller_pending_t *p, int64_t deadline, int *code,
                       void **value);
+/* call_soon for the library's own tasks: @p on_end(arg) runs once the task
+ * is over (in the Caller's thread), even if it never started. */
+caller_pending_t *caller__call_soon_ex(caller_t *c, caller_fn fn, void *arg, const char *name,
+                                       caller_direct_fn on_end);
 /* Make a task for @p c (one allocation with its Pending). */
 caller_pending_t *caller__task_new(caller_t *c, caller_fn fn, void *arg, const char *name);
 /* Queue a task made by caller__task_new (delay_ns >= 0). Consumes the
@@ -282,6 +291,14 @@ void caller__log(caller_t *c, int level, const char *fmt, ...) CALLER_PRINTF(3, 
 caller_t *caller__thread_caller(void);
 /* "Caller<...> is stopped!" as an error. */
 int caller__fail_stopped(const caller_t *c, const char *fn);
+
+/* Read and clear what caller_raise recorded in the current task (true if
+ * something was). For runners of several calls in one task (queues). */
+bool caller__task_take_raised(int *code, char **msg);
+
+/* ---- queue.c ---- */
+caller_pending_t *caller__queue_call(caller_t *c, caller_fn key_fn, const void *key, caller_fn fn,
+                                     void *arg, const char *name);
 
 /* ---- pool.c ---- */
 void caller__pool_free(caller_pool_t *pool);

@@ -162,6 +162,8 @@ static void task_end(caller_t *c, caller__task_t *t)
     t->state = CALLER__TASK_DONE;
     list_del(&t->live);
     c->nlive--;
+    if (t->on_end)
+        t->on_end(t->arg);
     caller_pending_unref(t->pending);
 }
 
@@ -478,6 +480,8 @@ void caller__sched_drain_closed(caller_t *c, caller__msg_t *m)
         case CALLER__MSG_TASK: {
             caller__task_t *t = container_of(m, caller__task_t, msg);
             complete_cancelled_before_start(t);
+            if (t->on_end)
+                t->on_end(t->arg);
             caller_pending_unref(t->pending);
             break;
         }
@@ -505,7 +509,7 @@ void caller__sched_drain_closed(caller_t *c, caller__msg_t *m)
 /* ---- scheduling API ------------------------------------------------------------ */
 
 static caller_pending_t *schedule(caller_t *c, double delay, caller_fn fn, void *arg,
-                                  const char *name, const char *api)
+                                  const char *name, const char *api, caller_direct_fn on_end)
 {
     if (!c || !fn) {
         caller__fail(-EINVAL, "%s: %s is NULL", api, c ? "fn" : "caller");
@@ -521,9 +525,11 @@ static caller_pending_t *schedule(caller_t *c, double delay, caller_fn fn, void 
     caller_pending_t *p = caller__task_new(c, fn, arg, name);
     if (!p)
         return NULL;
+    task_of(p)->on_end = on_end;
     caller_pending_ref(p); /* the caller's; the loop keeps the first */
     if (caller__task_submit(c, p, deadline) < 0) {
         caller__fail_stopped(c, api);
+        task_of(p)->on_end = NULL; /* refused: the caller cleans up */
         caller_pending_unref(p);
         caller_pending_unref(p);
         return NULL;
@@ -531,25 +537,31 @@ static caller_pending_t *schedule(caller_t *c, double delay, caller_fn fn, void 
     return p;
 }
 
+caller_pending_t *caller__call_soon_ex(caller_t *c, caller_fn fn, void *arg, const char *name,
+                                       caller_direct_fn on_end)
+{
+    return schedule(c, 0, fn, arg, name, "caller_call_soon", on_end);
+}
+
 caller_pending_t *caller__call_soon_named(caller_t *c, caller_fn fn, void *arg, const char *name)
 {
-    return schedule(c, 0, fn, arg, name, "caller_call_soon");
+    return schedule(c, 0, fn, arg, name, "caller_call_soon", NULL);
 }
 
 caller_pending_t *caller__call_later_named(caller_t *c, double delay, caller_fn fn, void *arg,
                                            const char *name)
 {
-    return schedule(c, delay, fn, arg, name, "caller_call_later");
+    return schedule(c, delay, fn, arg, name, "caller_call_later", NULL);
 }
 
 caller_pending_t *(caller_call_soon)(caller_t *c, caller_fn fn, void *arg)
 {
-    return schedule(c, 0, fn, arg, NULL, "caller_call_soon");
+    return schedule(c, 0, fn, arg, NULL, "caller_call_soon", NULL);
 }
 
 caller_pending_t *(caller_call_later)(caller_t *c, double delay, caller_fn fn, void *arg)
 {
-    return schedule(c, delay, fn, arg, NULL, "caller_call_later");
+    return schedule(c, delay, fn, arg, NULL, "caller_call_later", NULL);
 }
 
 typedef struct {
@@ -590,6 +602,18 @@ int caller_call_direct(caller_t *c, caller_direct_fn fn, void *arg)
         return caller__fail_stopped(c, "caller_call_direct");
     }
     return 0;
+}
+
+bool caller__task_take_raised(int *code, char **msg)
+{
+    caller__raise_t *slot = tl_raise;
+    if (!slot || !slot->code)
+        return false;
+    *code = slot->code;
+    *msg = slot->msg;
+    slot->code = 0;
+    slot->msg = NULL;
+    return true;
 }
 
 int caller_raise(int code, const char *fmt, ...)

@@ -1,0 +1,258 @@
+/*
+ * Execution queues (SPEC §7): caller_queue_call appends to the queue of
+ * (fn, caller) — or of an explicit key — whose items run one at a time, in
+ * order, inside one task on the Caller: the queue's task, whose Pending is
+ * the queue's Pending. Each time the queue runs dry that Pending is set to
+ * the last item's result with reset, so a waiter sees the queue drained.
+ *
+ * Locking: a Caller's queues (the list and each queue's items) are under
+ * that Caller's `lock`; no user code and no Pending completion runs under
+ * it. A queue is freed by its own task when it ends, after leaving the
+ * list, so whoever finds it under the lock may use it until unlocking.
+ */
+#include "internal.h"
+
+#include <stdio.h>
+#include <string.h>
+
+typedef struct item {
+    struct item *next;
+    caller_fn fn;
+    void *arg;
+    const char *name;
+} item_t;
+
+struct caller__queue {
+    struct caller__queue *next; /* in caller->queues */
+    caller_t *caller;
+    caller_fn key_fn;          /* the queue of (fn, caller) ... */
+    const void *key;           /* ... or of an explicit key */
+    caller_pending_t *pending; /* the queue's task; a reference */
+    item_t *head, *tail;
+    caller_pending_t *wake; /* the idle task waits on it (a reference) */
+    bool closed;
+};
+
+/* Under c->lock. */
+static caller__queue_t *find(caller_t *c, caller_fn fn, const void *key)
+{
+    for (caller__queue_t *q = c->queues; q; q = q->next)
+        if (q->key_fn == fn && q->key == key && !q->closed)
+            return q;
+    return NULL;
+}
+
+/* Under c->lock. */
+static void unlist(caller_t *c, caller__queue_t *q)
+{
+    for (caller__queue_t **pp = &c->queues; *pp; pp = &(*pp)->next)
+        if (*pp == q) {
+            *pp = q->next;
+            return;
+        }
+}
+
+static void free_items(item_t *it)
+{
+    while (it) {
+        item_t *next = it->next;
+        caller__free(it);
+        it = next;
+    }
+}
+
+/* The queue's task: runs items until the queue is closed or cancelled. */
+static void *queue_loop(void *arg)
+{
+    caller__queue_t *q = arg;
+    caller_t *c = q->caller;
+    caller_pending_t *self = caller_current_pending();
+    void *last = NULL;
+    for (;;) {
+        pthread_mutex_lock(&c->lock);
+        item_t *it = q->closed ? NULL : q->head;
+        if (it) {
+            q->head = it->next;
+            if (!q->head)
+                q->tail = NULL;
+        }
+        caller_pending_t *wake = NULL;
+        if (!it && !q->closed) {
+            wake = caller_pending_new(CALLER_PENDING_UNTRACKED);
+            q->wake = caller_pending_ref(wake);
+        }
+        bool closed = q->closed;
+        pthread_mutex_unlock(&c->lock);
+
+        if (it) {
+            void *r = it->fn(it->arg);
+            int code;
+            char *msg;
+            if (caller__task_take_raised(&code, &msg)) {
+                caller__log(c, CALLER_LOG_ERROR, "Execution of %s(%p) failed: %s (%s)",
+                            it->name ? it->name : "item", it->arg, msg ? msg : "",
+                            caller_err_name(code));
+                caller__free(msg);
+            } else {
+                last = r;
+            }
+            caller__free(it);
+            if (caller_pending_cancelled(self) == 1)
+                break;
+            continue;
+        }
+        if (closed || !wake)
+            break; /* closed, or no memory to wait: end the queue */
+        /* Drained: this round's result, then wait for the next item. */
+        caller_pending_set_result(self, last, true);
+        int rc = caller_pending_wait(wake, CALLER_FOREVER, true, false, NULL);
+        caller_pending_unref(wake);
+        if (rc < 0)
+            break; /* cancelled: queue_close, the Pending, or the Caller stopping */
+    }
+    return last;
+}
+
+/* The queue's task is over (ran or not): the queue goes. Loop thread. */
+static void queue_end(void *arg)
+{
+    caller__queue_t *q = arg;
+    caller_t *c = q->caller;
+    pthread_mutex_lock(&c->lock);
+    q->closed = true;
+    unlist(c, q);
+    item_t *left = q->head;
+    caller_pending_t *wake = q->wake;
+    q->head = q->tail = NULL;
+    q->wake = NULL;
+    pthread_mutex_unlock(&c->lock);
+    free_items(left); /* the rest never run */
+    caller_pending_unref(wake);
+    caller_pending_unref(q->pending);
+    caller__free(q);
+}
+
+caller_pending_t *caller__queue_call(caller_t *c, caller_fn key_fn, const void *key, caller_fn fn,
+                                     void *arg, const char *name)
+{
+    if (!c || !fn || (!key_fn && !key)) {
+        caller__fail(-EINVAL, "caller_queue_call: %s is NULL", !c ? "caller" : !fn ? "fn" : "key");
+        return NULL;
+    }
+    item_t *it = caller__malloc(sizeof *it);
+    if (!it) {
+        caller__fail(-ENOMEM, "caller_queue_call: out of memory");
+        return NULL;
+    }
+    *it = (item_t){.fn = fn, .arg = arg, .name = name};
+    pthread_mutex_lock(&c->lock);
+    if (caller_state(c) >= CALLER_STATE_STOPPING) {
+        pthread_mutex_unlock(&c->lock);
+        caller__free(it);
+        caller__fail_stopped(c, "caller_queue_call");
+        return NULL;
+    }
+    caller__queue_t *q = find(c, key_fn, key);
+    if (q && caller_pending_cancelled(q->pending) == 1) {
+        /* Its Pending was cancelled: the queue is ending; start afresh. */
+        q->closed = true;
+        q = NULL;
+    }
+    if (!q) {
+        q = caller__calloc(1, sizeof *q);
+        if (q) { /* set before its task can look */
+            q->caller = c;
+            q->key_fn = key_fn;
+            q->key = key;
+        }
+        caller_pending_t *p =
+            q ? caller__call_soon_ex(c, queue_loop, q, name ? name : "queue", queue_end) : NULL;
+        if (!p) {
+            pthread_mutex_unlock(&c->lock);
+            if (q)
+                caller__free(q);
+            else
+                caller__fail(-ENOMEM, "caller_queue_call: out of memory");
+            caller__free(it);
+            return NULL;
+        }
+        q->pending = p; /* the queue's reference, dropped when it ends */
+        q->next = c->queues;
+        c->queues = q;
+    }
+    if (q->tail)
+        q->tail->next = it;
+    else
+        q->head = it;
+    q->tail = it;
+    caller_pending_t *wake = q->wake;
+    q->wake = NULL;
+    caller_pending_t *p = caller_pending_ref(q->pending);
+    pthread_mutex_unlock(&c->lock);
+    if (wake) {
+        caller_pending_set_result(wake, NULL, false);
+        caller_pending_unref(wake);
+    }
+    return p;
+}
+
+caller_pending_t *(caller_queue_call)(caller_t *c, caller_fn fn, void *arg)
+{
+    return caller__queue_call(c, fn, NULL, fn, arg, NULL);
+}
+
+caller_pending_t *(caller_queue_call_key)(caller_t *c, const void *key, caller_fn fn, void *arg)
+{
+    return caller__queue_call(c, NULL, key, fn, arg, NULL);
+}
+
+static caller_pending_t *get(caller_t *c, caller_fn fn, const void *key, bool close)
+{
+    if (!c || (!fn && !key)) {
+        caller__fail(-EINVAL, "caller_queue_%s: %s is NULL", close ? "close" : "get",
+                     c ? "the key" : "caller");
+        return NULL;
+    }
+    pthread_mutex_lock(&c->lock);
+    caller__queue_t *q = find(c, fn, key);
+    caller_pending_t *p = NULL;
+    if (q && (close || caller_pending_cancelled(q->pending) != 1)) {
+        p = caller_pending_ref(q->pending);
+        if (close) {
+            q->closed = true; /* queue_get no longer finds it */
+            unlist(c, q);
+        }
+    }
+    pthread_mutex_unlock(&c->lock);
+    return p;
+}
+
+caller_pending_t *caller_queue_get(caller_t *c, caller_fn fn)
+{
+    return get(c, fn, NULL, false);
+}
+
+caller_pending_t *caller_queue_get_key(caller_t *c, const void *key)
+{
+    return get(c, NULL, key, false);
+}
+
+static int close_queue(caller_t *c, caller_fn fn, const void *key)
+{
+    caller_pending_t *p = get(c, fn, key, true);
+    if (!p)
+        return c && (fn || key) ? 0 : -EINVAL;
+    caller_pending_cancel(p, "queue closed");
+    caller_pending_unref(p);
+    return 1;
+}
+
+int caller_queue_close(caller_t *c, caller_fn fn)
+{
+    return close_queue(c, fn, NULL);
+}
+
+int caller_queue_close_key(caller_t *c, const void *key)
+{
+    return close_queue(c, NULL, key);
+}
