@@ -384,6 +384,17 @@ static int start_thread(caller_t *c)
     return 0;
 }
 
+/* A Caller for the calling thread (attached or manual). */
+static caller_t *alloc_for_this_thread(const caller_options_t *o)
+{
+    caller_t *c = alloc_caller(o, NULL);
+    if (c) {
+        c->thread = pthread_self();
+        c->tid = (pid_t)syscall(SYS_gettid);
+    }
+    return c;
+}
+
 static caller_t *find_main_caller(void)
 {
     pid_t main_tid = getpid();
@@ -436,11 +447,9 @@ caller_t *caller_create(caller_mode_t mode, const caller_options_t *o)
                                   "options.loop to attach to one, or use CALLER_NEW_THREAD)");
             return NULL;
         }
-        c = alloc_caller(o, NULL);
+        c = alloc_for_this_thread(o);
         if (!c)
             return NULL;
-        c->thread = pthread_self();
-        c->tid = (pid_t)syscall(SYS_gettid);
         atomic_store(&c->state, CALLER_STATE_STARTING);
         if (start_loop(c, o->loop) < 0) {
             caller_unref(c);
@@ -460,13 +469,7 @@ caller_t *caller_create(caller_mode_t mode, const caller_options_t *o)
         if (!c)
             return NULL;
         if (start_thread(c) < 0) {
-            int code = caller_last_error(NULL);
-            const char *m;
-            caller_last_error(&m);
-            char msg[256];
-            snprintf(msg, sizeof msg, "%s", m);
-            caller_unref(c);
-            caller__fail(code, "%s", msg);
+            caller_unref(c); /* keeps this thread's last error */
             return NULL;
         }
         return c;
@@ -478,11 +481,9 @@ caller_t *caller_create(caller_mode_t mode, const caller_options_t *o)
                          c->name);
             return NULL;
         }
-        c = alloc_caller(o, NULL);
+        c = alloc_for_this_thread(o);
         if (!c)
             return NULL;
-        c->thread = pthread_self();
-        c->tid = (pid_t)syscall(SYS_gettid);
         c->owns_loop = true;
         registry_add(c);
         tl_set(c);

@@ -17,6 +17,7 @@
 #include "caller.h"
 
 #include <inttypes.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -121,14 +122,6 @@ __attribute__((noreturn)) static void check__fail(const char *file, int line, co
         }                                                                                          \
     } while (0)
 
-/* The detailed message of this thread's last error. */
-static inline const char *check_last_message(void)
-{
-    const char *m;
-    caller_last_error(&m);
-    return m;
-}
-
 /*
  * Timing in tests: lower bounds only, scaled for slow machines (sanitizers,
  * loaded CI) by CALLER_TEST_TIME_SCALE (default 1).
@@ -145,6 +138,44 @@ static inline double check_now(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* Integers through void * task arguments and results. */
+#define P(x) ((void *)(intptr_t)(x))
+#define I(x) ((intptr_t)(x))
+
+/* A new Caller on its own thread (NULL name: the default). */
+static inline caller_t *check_new_thread(const char *name)
+{
+    caller_options_t o = {.name = name};
+    caller_t *c = caller_create(CALLER_NEW_THREAD, &o);
+    if (!c) {
+        const char *m;
+        caller_last_error(&m);
+        fprintf(stderr, "caller_create: %s\n", m);
+        abort();
+    }
+    return c;
+}
+
+/* Stop a Caller, wait until it stopped, and release it. */
+static inline void check_stop(caller_t *c)
+{
+    caller_stop(c, true);
+    if (caller_wait_stopped(c, 10 * check_time_scale()) != 0 ||
+        caller_state(c) != CALLER_STATE_STOPPED) {
+        fprintf(stderr, "check_stop: the Caller did not stop\n");
+        abort();
+    }
+    caller_unref(c);
+}
+
+/* The detailed message of this thread's last error. */
+static inline const char *check_last_message(void)
+{
+    const char *m;
+    caller_last_error(&m);
+    return m;
 }
 
 int main(int argc, char **argv)

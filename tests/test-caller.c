@@ -13,25 +13,6 @@
 #include <unistd.h>
 #include <uv.h>
 
-#define P(x) ((void *)(intptr_t)(x))
-#define I(x) ((intptr_t)(x))
-
-static caller_t *new_thread(const char *name)
-{
-    caller_options_t o = {.name = name};
-    caller_t *c = caller_create(CALLER_NEW_THREAD, &o);
-    CHECK(c != NULL);
-    return c;
-}
-
-static void stop_and_release(caller_t *c)
-{
-    caller_stop(c, true);
-    CHECK_RC(caller_wait_stopped(c, 10), 0);
-    CHECK_EQ(caller_state(c), CALLER_STATE_STOPPED);
-    caller_unref(c);
-}
-
 /* Wait for a Pending and return its result, checking success. */
 static void *await(caller_pending_t *p)
 {
@@ -171,7 +152,7 @@ static void *current_from_plain_thread(void *arg)
 
 TEST(caller_found_from_its_thread)
 {
-    caller_t *c = new_thread("finder");
+    caller_t *c = check_new_thread("finder");
     caller_pending_t *p = caller_call_soon(c, who_am_i, NULL);
     CHECK_PTR_EQ(await(p), c);
     caller_pending_unref(p);
@@ -190,13 +171,13 @@ TEST(caller_found_from_its_thread)
     CHECK_EQ(n, 1);
     CHECK_PTR_EQ(all[0], c);
     caller_unref(all[0]);
-    stop_and_release(c);
+    check_stop(c);
     CHECK_EQ(caller_all(false, NULL, 0), 0);
 }
 
 TEST(new_thread_from_plain_main_with_blocking_wait)
 {
-    caller_t *c = new_thread(NULL);
+    caller_t *c = check_new_thread(NULL);
     CHECK_STR_EQ(caller_name(c), "caller-worker");
     CHECK_STR_EQ(caller_backend(c), "libuv");
     CHECK_EQ(caller_running(c), 1);
@@ -207,7 +188,7 @@ TEST(new_thread_from_plain_main_with_blocking_wait)
     CHECK_RC(caller_pending_wait(p, 10, false, true, NULL), -EIO);
     CHECK_STR_EQ(check_last_message(), "failed with 9");
     caller_pending_unref(p);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 TEST(current_thread_needs_a_loop)
@@ -261,11 +242,11 @@ static void *main_caller_from_worker(void *arg)
 static void *body_asks_worker_for_main(void *arg)
 {
     (void)arg;
-    caller_t *w = new_thread("asker");
+    caller_t *w = check_new_thread("asker");
     caller_pending_t *p = caller_call_soon(w, main_caller_from_worker, caller_current());
     await(p);
     caller_pending_unref(p);
-    stop_and_release(w);
+    check_stop(w);
     return NULL;
 }
 
@@ -302,7 +283,7 @@ TEST(name_and_backend_mismatch)
 
 TEST(get_named_child_or_create)
 {
-    caller_t *parent = new_thread("parent");
+    caller_t *parent = check_new_thread("parent");
     caller_options_t o = {.name = "ControlThread"};
     caller_t *a = caller_get(parent, &o);
     CHECK(a != NULL);
@@ -350,7 +331,7 @@ static void *record_time(void *arg)
 
 TEST(call_later_not_before_its_delay)
 {
-    caller_t *c = new_thread(NULL);
+    caller_t *c = check_new_thread(NULL);
     timing_t t[3];
     double delays[3] = {0.05, 0.0, 0.02};
     caller_pending_t *p[3];
@@ -365,7 +346,7 @@ TEST(call_later_not_before_its_delay)
         CHECK_GE((t[i].ran - t[i].submitted) * 1e3, delays[i] * 1e3);
     }
     CHECK(t[1].ran <= t[2].ran && t[2].ran <= t[0].ran); /* in deadline order */
-    stop_and_release(c);
+    check_stop(c);
 }
 
 typedef struct {
@@ -387,7 +368,7 @@ static void *append_order(void *arg)
 
 TEST(call_soon_runs_in_submission_order)
 {
-    caller_t *c = new_thread(NULL);
+    caller_t *c = check_new_thread(NULL);
     order_t o = {0};
     order_arg_t args[64];
     caller_pending_t *p[64];
@@ -402,7 +383,7 @@ TEST(call_soon_runs_in_submission_order)
     CHECK_EQ(o.n, 64);
     for (int i = 0; i < 64; i++)
         CHECK_EQ(o.seq[i], i);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 typedef struct {
@@ -449,7 +430,7 @@ TEST(call_direct_failure_is_logged_and_loop_goes_on)
     CHECK_CONTAINS(lc.messages[0], "direct call broke");
     caller_pending_unref(done);
     CHECK_RC(caller_raise(-EIO, "not in a task"), -EPERM);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 /* ---- waiting from everywhere ----------------------------------------------------------- */
@@ -484,15 +465,15 @@ static void *wait_on_other_caller(void *arg)
 
 TEST(wait_result_and_error_from_thread_task_and_other_caller)
 {
-    caller_t *a = new_thread("a"), *b = new_thread("b");
+    caller_t *a = check_new_thread("a"), *b = check_new_thread("b");
     caller_pending_t *p = caller_call_soon(a, wait_on_same_caller, P(6));
     CHECK_EQ(I(await(p)), 6);
     caller_pending_unref(p);
     p = caller_call_soon(a, wait_on_other_caller, b);
     CHECK_EQ(I(await(p)), 8);
     caller_pending_unref(p);
-    stop_and_release(a);
-    stop_and_release(b);
+    check_stop(a);
+    check_stop(b);
 }
 
 static void *own_pending(void *arg)
@@ -506,12 +487,12 @@ static void *own_pending(void *arg)
 
 TEST(current_pending_is_the_tasks_own)
 {
-    caller_t *c = new_thread(NULL);
+    caller_t *c = check_new_thread(NULL);
     caller_pending_t *p = caller_call_soon(c, own_pending, NULL);
     CHECK_PTR_EQ(await(p), p);
     caller_pending_unref(p);
     CHECK_PTR_EQ(caller_current_pending(), NULL);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 static void direct_blocks_on_own_task(void *arg)
@@ -528,13 +509,13 @@ static void direct_blocks_on_own_task(void *arg)
 
 TEST(blocking_on_own_thread_is_deadlock_error)
 {
-    caller_t *c = new_thread(NULL);
+    caller_t *c = check_new_thread(NULL);
     caller_pending_t *done = caller_pending_new(0);
     caller_pending_t *box[1] = {done};
     CHECK_RC(caller_call_direct(c, direct_blocks_on_own_task, box), 0);
     await(done);
     caller_pending_unref(done);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 /* ---- cancellation ------------------------------------------------------------------- */
@@ -583,7 +564,7 @@ TEST(sleeping_task_cancelled_when_body_returns)
 
 TEST(stop_then_scheduling_fails)
 {
-    caller_t *c = new_thread("stopper");
+    caller_t *c = check_new_thread("stopper");
     CHECK_EQ(caller_stop(c, false), CALLER_STATE_STOPPING);
     CHECK(caller_call_soon(c, ret_arg, NULL) == NULL);
     CHECK_RC(caller_last_error(NULL), -ESHUTDOWN);
@@ -608,7 +589,7 @@ static void *stop_own_caller(void *arg)
 
 TEST(stop_from_own_task)
 {
-    caller_t *c = new_thread(NULL);
+    caller_t *c = check_new_thread(NULL);
     caller_pending_t *p = caller_call_soon(c, stop_own_caller, NULL);
     CHECK_RC(caller_wait_stopped(c, 10), 0);
     CHECK_RC(caller_pending_result(p, NULL), -ECANCELED);
@@ -635,11 +616,11 @@ TEST(protected_ignores_stop_unless_forced)
 
 TEST(call_later_waiting_at_stop_ends_cancelled)
 {
-    caller_t *c = new_thread(NULL);
+    caller_t *c = check_new_thread(NULL);
     atomic_store(&counter, 0);
     caller_pending_t *p = caller_call_later(c, 30, bump, NULL);
     double t0 = check_now();
-    stop_and_release(c);
+    check_stop(c);
     CHECK_LT(check_now() - t0, 20); /* did not wait for the delay */
     CHECK_EQ(caller_pending_done(p), 1);
     CHECK_EQ(caller_pending_cancelled(p), 1);
@@ -662,13 +643,13 @@ TEST(cancelled_before_start_never_runs)
     caller_pending_unref(p);
     caller_unref(c);
     /* A delayed call cancelled early ends at once, not at its deadline. */
-    c = new_thread(NULL);
+    c = check_new_thread(NULL);
     p = caller_call_later(c, 60, bump, NULL);
     caller_pending_cancel(p, NULL);
     CHECK_RC(caller_pending_wait(p, 10, true, false, NULL), 0);
     CHECK_EQ(atomic_load(&counter), 0);
     caller_pending_unref(p);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 static void *cancel_from_same_thread(void *arg)
@@ -689,7 +670,7 @@ static void check_cancelled_sleeper(caller_pending_t *p, sleeper_t *s)
 
 TEST(cancel_suspended_task_from_same_and_other_thread)
 {
-    caller_t *c = new_thread(NULL);
+    caller_t *c = check_new_thread(NULL);
     for (int from_same = 0; from_same < 2; from_same++) {
         sleeper_t s = {.rc = 1, .gate = caller_pending_new(0)};
         caller_pending_t *p = caller_call_soon(c, sleep_forever, &s);
@@ -706,7 +687,7 @@ TEST(cancel_suspended_task_from_same_and_other_thread)
         caller_pending_unref(p);
         caller_pending_unref(s.gate);
     }
-    stop_and_release(c);
+    check_stop(c);
 }
 
 typedef struct {
@@ -723,7 +704,7 @@ static void *wait_with_timeout(void *arg)
 
 TEST(waiter_timeout_cancels_awaited_task)
 {
-    caller_t *c = new_thread(NULL);
+    caller_t *c = check_new_thread(NULL);
     sleeper_t s = {.rc = 1, .gate = caller_pending_new(0)};
     caller_pending_t *victim = caller_call_soon(c, sleep_forever, &s);
     await(s.gate);
@@ -737,7 +718,7 @@ TEST(waiter_timeout_cancels_awaited_task)
     caller_pending_unref(p);
     caller_pending_unref(victim);
     caller_pending_unref(s.gate);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 static void *timeout_becomes_error(void *arg)
@@ -751,7 +732,7 @@ static void *timeout_becomes_error(void *arg)
 
 TEST(timeout_inside_task_is_its_error)
 {
-    caller_t *c = new_thread(NULL);
+    caller_t *c = check_new_thread(NULL);
     caller_pending_t *never = caller_pending_new(0);
     caller_pending_t *p = caller_call_soon(c, timeout_becomes_error, never);
     CHECK_RC(caller_pending_wait(p, 10, false, true, NULL), -ETIMEDOUT);
@@ -759,7 +740,7 @@ TEST(timeout_inside_task_is_its_error)
     CHECK_EQ(caller_pending_cancelled(never), 0); /* protect */
     caller_pending_unref(p);
     caller_pending_unref(never);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 /* ---- many tasks -------------------------------------------------------------------------- */
@@ -774,7 +755,7 @@ static void *wait_gate(void *arg)
 TEST(ten_thousand_suspended_tasks_complete)
 {
     enum { N = 10000 };
-    caller_t *c = new_thread(NULL);
+    caller_t *c = check_new_thread(NULL);
     caller_pending_t *gate = caller_pending_new(0);
     caller_pending_t **p = malloc(N * sizeof *p);
     for (int i = 0; i < N; i++)
@@ -786,7 +767,7 @@ TEST(ten_thousand_suspended_tasks_complete)
     }
     free(p);
     caller_pending_unref(gate);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 enum { STRESS_THREADS = 4, STRESS_N = 250000 };
@@ -828,7 +809,7 @@ static void *stress_producer(void *arg)
 
 TEST(stress_four_threads_submit_250k_each)
 {
-    caller_t *c = new_thread("stress");
+    caller_t *c = check_new_thread("stress");
     memset(&stress_shared, 0, sizeof stress_shared);
     stress_shared.c = c;
     for (int i = 0; i < STRESS_THREADS; i++)
@@ -849,7 +830,7 @@ TEST(stress_four_threads_submit_250k_each)
     CHECK_EQ(stress_shared.ran, (long)STRESS_THREADS * STRESS_N);
     for (int i = 0; i < STRESS_THREADS; i++)
         CHECK_EQ(stress_shared.last_seen[i], STRESS_N - 1);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 /* ---- stacks ------------------------------------------------------------------------------- */
@@ -901,7 +882,7 @@ TEST(repr_and_table)
     char text[128];
     caller_repr(c, text, sizeof text);
     CHECK_STR_EQ(text, "Caller<Shell libuv \u2757 not running>");
-    caller_t *w = new_thread("Control");
+    caller_t *w = check_new_thread("Control");
     caller_repr(w, text, sizeof text);
     CHECK_STR_EQ(text, "Caller<Control libuv \U0001f3c3 running>");
     char *buf = NULL;
@@ -931,7 +912,7 @@ TEST(repr_and_table)
     caller_pending_repr(p, text, sizeof text);
     CHECK_CONTAINS(text, "| ret_arg caller=Caller<Control libuv");
     caller_pending_unref(p);
-    stop_and_release(w);
+    check_stop(w);
     caller_stop(c, true);
     caller_repr(c, text, sizeof text);
     CHECK_STR_EQ(text, "Caller<Shell libuv \U0001f3c1 stopped>");
@@ -957,11 +938,11 @@ TEST(null_arguments)
     CHECK(caller_parent(NULL) == NULL);
     CHECK_EQ(caller_children(NULL, NULL, 0), 0);
     CHECK_RC(caller_sleep(-1), -EINVAL);
-    caller_t *c = new_thread(NULL);
+    caller_t *c = check_new_thread(NULL);
     CHECK(caller_call_soon(c, NULL, NULL) == NULL);
     CHECK_RC(caller_last_error(NULL), -EINVAL);
     CHECK_RC(caller_call_direct(c, NULL, NULL), -EINVAL);
-    stop_and_release(c);
+    check_stop(c);
     caller_unref(NULL);
     CHECK(caller_create((caller_mode_t)99, NULL) == NULL);
 }
@@ -997,7 +978,7 @@ static void *wait_forever_on(void *arg)
 
 TEST(cancelled_waiter_cancels_awaited_unless_protect)
 {
-    caller_t *c = new_thread(NULL);
+    caller_t *c = check_new_thread(NULL);
     for (int protect = 0; protect < 2; protect++) {
         caller_pending_t *target = caller_pending_new(0);
         caller_pending_t *gate = caller_pending_new(0);
@@ -1024,13 +1005,13 @@ TEST(cancelled_waiter_cancels_awaited_unless_protect)
         caller_pending_unref(gate);
         caller_pending_unref(target);
     }
-    stop_and_release(c);
+    check_stop(c);
 }
 
 TEST(a_burst_of_submissions_costs_one_wake_up)
 {
     enum { N = 1000 };
-    caller_t *c = new_thread(NULL);
+    caller_t *c = check_new_thread(NULL);
     caller_pending_t *gate = caller_pending_new(0);
     CHECK_RC(caller_call_direct(c, block_on, gate), 0);
     /* The loop is inside block_on, or about to be: wait until the inbox is
@@ -1059,7 +1040,7 @@ TEST(a_burst_of_submissions_costs_one_wake_up)
         caller_pending_unref(p[i]);
     }
     caller_pending_unref(gate);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 static void on_uv_timer(uv_timer_t *t)
@@ -1095,7 +1076,7 @@ static void *use_the_loop(void *arg)
 
 TEST(libuv_io_in_a_callers_thread)
 {
-    caller_t *c = new_thread(NULL);
+    caller_t *c = check_new_thread(NULL);
     CHECK(caller_loop(c) != NULL);
     caller_pending_t *p = caller_call_soon(c, use_the_loop, NULL);
     CHECK_EQ(I(await(p)), 99);

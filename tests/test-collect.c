@@ -7,23 +7,6 @@
 #include <stdatomic.h>
 #include <stdint.h>
 
-#define P(x) ((void *)(intptr_t)(x))
-#define I(x) ((intptr_t)(x))
-
-static caller_t *new_thread(void)
-{
-    caller_t *c = caller_create(CALLER_NEW_THREAD, NULL);
-    CHECK(c != NULL);
-    return c;
-}
-
-static void stop_and_release(caller_t *c)
-{
-    caller_stop(c, true);
-    CHECK_RC(caller_wait_stopped(c, 10), 0);
-    caller_unref(c);
-}
-
 /* Sleeps arg ms (low bits), fails if bit 16 is set. */
 static void *sleeper(void *arg)
 {
@@ -76,7 +59,7 @@ TEST(empty_set_ends_at_once)
 
 TEST(completion_order_and_errors)
 {
-    caller_t *c = new_thread();
+    caller_t *c = check_new_thread(NULL);
     caller_pending_t *p[3] = {
         caller_call_soon(c, sleeper, P(60)),
         caller_call_soon(c, sleeper, P(0x10000 | 10)),
@@ -100,12 +83,12 @@ TEST(completion_order_and_errors)
     CHECK_STR_EQ(check_last_message(), "sleeper 10 failed");
     for (int i = 0; i < 3; i++)
         caller_pending_unref(p[i]);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 TEST(early_close_cancels_unfinished_unless_kept)
 {
-    caller_t *c = new_thread();
+    caller_t *c = check_new_thread(NULL);
     for (int keep = 0; keep < 2; keep++) {
         caller_pending_t *p[3] = {
             caller_call_soon(c, sleeper, P(1)),
@@ -135,7 +118,7 @@ TEST(early_close_cancels_unfinished_unless_kept)
             caller_pending_unref(p[i]);
         }
     }
-    stop_and_release(c);
+    check_stop(c);
 }
 
 typedef struct {
@@ -159,7 +142,7 @@ static void *set_later(void *arg)
 
 TEST(yielded_after_done_callbacks_ran)
 {
-    caller_t *c = new_thread();
+    caller_t *c = check_new_thread(NULL);
     caller_pending_t *p = caller_pending_new(0);
     cb_flag_t f = {0};
     caller_pending_add_done_callback(p, slow_callback, &f);
@@ -173,7 +156,7 @@ TEST(yielded_after_done_callbacks_ran)
     caller_pending_wait(setter, 10, false, false, NULL);
     caller_pending_unref(setter);
     caller_pending_unref(p);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 typedef struct {
@@ -194,7 +177,7 @@ static caller_pending_t *gen_sleepers(void *arg)
 
 TEST(generator_asked_only_below_max_concurrent)
 {
-    caller_t *c = new_thread();
+    caller_t *c = check_new_thread(NULL);
     gen_t g = {.c = c, .total = 30};
     caller_as_completed_options_t o = {.max_concurrent = 4};
     caller_iter_t *it = caller_as_completed_gen(gen_sleepers, &g, &o);
@@ -208,7 +191,7 @@ TEST(generator_asked_only_below_max_concurrent)
     caller_iter_close(it);
     CHECK_EQ(n, 30);
     CHECK_EQ(g.max_outstanding, 4);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 static void *as_completed_in_task(void *arg)
@@ -241,14 +224,14 @@ static void *as_completed_in_task(void *arg)
 
 TEST(as_completed_inside_a_task_suspends_it)
 {
-    caller_t *a = new_thread(), *b = new_thread();
+    caller_t *a = check_new_thread(NULL), *b = check_new_thread(NULL);
     caller_pending_t *p = caller_call_soon(a, as_completed_in_task, b);
     void *v;
     CHECK_RC(caller_pending_wait(p, 10, false, true, &v), 0);
     CHECK_EQ(I(v), 2);
     caller_pending_unref(p);
-    stop_and_release(a);
-    stop_and_release(b);
+    check_stop(a);
+    check_stop(b);
 }
 
 static caller_pending_t *gen_self(void *arg)
@@ -269,13 +252,13 @@ static void *iterate_own(void *arg)
 
 TEST(generator_yielding_own_pending_is_refused)
 {
-    caller_t *c = new_thread();
+    caller_t *c = check_new_thread(NULL);
     caller_pending_t *p = caller_call_soon(c, iterate_own, NULL);
     void *v;
     CHECK_RC(caller_pending_wait(p, 10, false, true, &v), 0);
     CHECK_RC((int)I(v), -EDEADLK);
     caller_pending_unref(p);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 typedef struct {
@@ -298,7 +281,7 @@ static void *chain_link(void *arg)
 
 static void run_chain(caller_return_when_t when, size_t want_done)
 {
-    caller_t *c = new_thread();
+    caller_t *c = check_new_thread(NULL);
     link_t l[3] = {{NULL, 10, false}, {NULL, 10, true}, {NULL, 30, false}};
     caller_pending_t *p[3];
     for (int i = 0; i < 3; i++) {
@@ -320,7 +303,7 @@ static void run_chain(caller_return_when_t when, size_t want_done)
         CHECK_RC(caller_pending_wait(p[i], 10, true, false, NULL), 0);
         caller_pending_unref(p[i]);
     }
-    stop_and_release(c);
+    check_stop(c);
 }
 
 TEST(wait_first_completed)
@@ -340,7 +323,7 @@ TEST(wait_all_completed)
 
 TEST(wait_timeout_leaves_unfinished)
 {
-    caller_t *c = new_thread();
+    caller_t *c = check_new_thread(NULL);
     caller_pending_t *p[2] = {caller_call_soon(c, sleeper, P(1)),
                               caller_call_soon(c, sleeper, P(5000))};
     caller_pending_t *done[2], *not_done[2];
@@ -358,7 +341,7 @@ TEST(wait_timeout_leaves_unfinished)
     caller_pending_wait(p[1], 10, true, false, NULL);
     caller_pending_unref(p[0]);
     caller_pending_unref(p[1]);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 TEST(iterator_timeout_and_misuse)

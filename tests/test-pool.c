@@ -8,9 +8,6 @@
 #include <stdatomic.h>
 #include <stdint.h>
 
-#define P(x) ((void *)(intptr_t)(x))
-#define I(x) ((intptr_t)(x))
-
 static caller_t *new_owner(size_t max_idle, double idle_shutdown, size_t max_workers)
 {
     caller_t *c = caller_create(CALLER_NEW_THREAD, &(caller_options_t){.name = "owner"});
@@ -18,13 +15,6 @@ static caller_t *new_owner(size_t max_idle, double idle_shutdown, size_t max_wor
     caller_pool_config_t cfg = {max_idle, idle_shutdown, max_workers};
     CHECK_RC(caller_pool_set_config(c, &cfg), 0);
     return c;
-}
-
-static void stop_and_release(caller_t *c)
-{
-    caller_stop(c, true);
-    CHECK_RC(caller_wait_stopped(c, 10), 0);
-    caller_unref(c);
 }
 
 /* Distinct worker Callers seen, recorded from inside the calls. */
@@ -112,7 +102,7 @@ TEST(to_thread_runs_on_a_named_worker)
     caller_pending_unref(p);
     CHECK_EQ(caller_pool_idle(c), 1);
     CHECK_EQ(caller_children(c, NULL, 0), 1);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 typedef struct {
@@ -156,7 +146,7 @@ TEST(generator_bounded_by_max_concurrent_uses_that_many_workers)
     CHECK_EQ(distinct_workers(), 2);
     CHECK_EQ(caller_pool_idle(c), 2);
     CHECK_LE(atomic_load(&workers.max_running), 2);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 TEST(more_concurrency_more_threads_pool_keeps_max_idle)
@@ -171,7 +161,7 @@ TEST(more_concurrency_more_threads_pool_keeps_max_idle)
     while (caller_children(c, NULL, 0) > 2 && check_now() < until)
         sched_yield();
     CHECK_EQ(caller_children(c, NULL, 0), 2);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 TEST(back_to_back_calls_reuse_one_worker)
@@ -185,7 +175,7 @@ TEST(back_to_back_calls_reuse_one_worker)
     }
     CHECK_EQ(distinct_workers(), 1);
     CHECK_EQ(caller_pool_idle(c), 1);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 TEST(idle_workers_stop_after_idle_shutdown)
@@ -213,7 +203,7 @@ TEST(idle_workers_stop_after_idle_shutdown)
     caller_pending_t *q = caller_to_thread(c, job, P(0));
     CHECK_RC(caller_pending_wait(q, 10, false, false, NULL), 0);
     caller_pending_unref(q);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 static void *my_worker(void *arg)
@@ -240,7 +230,7 @@ TEST(worker_stopped_while_idle_is_not_reused)
     CHECK(w2 != w1);
     caller_unref(w1);
     caller_unref(w2);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 TEST(worker_cap_holds_under_1000_submissions)
@@ -264,7 +254,7 @@ TEST(worker_cap_holds_under_1000_submissions)
     free(p);
     CHECK_LE(distinct_workers(), CAP);
     CHECK_LE(atomic_load(&workers.max_running), CAP);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 static atomic_int ran_parked;
@@ -296,7 +286,7 @@ TEST(a_call_waiting_for_a_worker_can_be_cancelled)
     caller_pending_unref(next);
     caller_pending_unref(hold);
     caller_pending_unref(parked);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 static void *tiny(void *arg)
@@ -339,7 +329,7 @@ TEST(stress_100k_tiny_calls_through_as_completed)
     CHECK_EQ(got, N);
     free(seen);
     CHECK_LE(caller_children(c, NULL, 0), 10);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 static void *to_thread_from_task(void *arg)
@@ -384,6 +374,6 @@ TEST(config_errors)
     CHECK_EQ(d.max_idle, CALLER_MAX_IDLE_POOL_INSTANCES);
     CHECK(d.idle_shutdown == CALLER_IDLE_WORKER_SHUTDOWN_DURATION);
     CHECK_EQ(d.max_workers, 0);
-    stop_and_release(fresh);
-    stop_and_release(c);
+    check_stop(fresh);
+    check_stop(c);
 }

@@ -8,23 +8,6 @@
 #include <stdatomic.h>
 #include <stdint.h>
 
-#define P(x) ((void *)(intptr_t)(x))
-#define I(x) ((intptr_t)(x))
-
-static caller_t *new_thread(void)
-{
-    caller_t *c = caller_create(CALLER_NEW_THREAD, NULL);
-    CHECK(c != NULL);
-    return c;
-}
-
-static void stop_and_release(caller_t *c)
-{
-    caller_stop(c, true);
-    CHECK_RC(caller_wait_stopped(c, 10), 0);
-    caller_unref(c);
-}
-
 static atomic_int ran, first_rc;
 static caller_pending_t *first_started; /* set when item 0 runs */
 
@@ -43,7 +26,7 @@ static void *item_first_blocks(void *arg)
 
 TEST(first_item_suspends_close_ends_the_queue_twice)
 {
-    caller_t *c = new_thread();
+    caller_t *c = check_new_thread(NULL);
     for (int round = 0; round < 2; round++) {
         atomic_store(&ran, 0);
         atomic_store(&first_rc, 1);
@@ -70,7 +53,7 @@ TEST(first_item_suspends_close_ends_the_queue_twice)
         for (int i = 0; i < 10; i++)
             caller_pending_unref(p[i]);
     }
-    stop_and_release(c);
+    check_stop(c);
 }
 
 static void *pass_through(void *arg)
@@ -105,11 +88,11 @@ static void *rounds(void *arg)
 
 TEST(drained_queue_gives_last_result_each_round)
 {
-    caller_t *c = new_thread();
+    caller_t *c = check_new_thread(NULL);
     caller_pending_t *p = caller_call_soon(c, rounds, NULL);
     CHECK_RC(caller_pending_wait(p, 10, false, true, NULL), 0);
     caller_pending_unref(p);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 typedef struct {
@@ -164,7 +147,7 @@ TEST(failing_item_is_logged_and_skipped)
     CHECK_CONTAINS(lc.messages[0], "Execution of maybe_fail");
     CHECK_CONTAINS(lc.messages[0], "failed");
     CHECK_CONTAINS(lc.messages[0], "item one broke");
-    stop_and_release(c);
+    check_stop(c);
 }
 
 typedef struct {
@@ -191,7 +174,7 @@ static void *queue_from_worker(void *arg)
 
 TEST(queue_call_from_a_worker_runs_on_the_caller)
 {
-    caller_t *c = new_thread();
+    caller_t *c = check_new_thread(NULL);
     relay_t r = {c, caller_pending_new(0)};
     caller_pending_t *w = caller_to_thread(c, queue_from_worker, &r);
     CHECK_RC(caller_pending_wait(w, 10, false, true, NULL), 0);
@@ -201,12 +184,12 @@ TEST(queue_call_from_a_worker_runs_on_the_caller)
     CHECK_PTR_EQ(who, c);
     caller_pending_unref(r.ran_on);
     CHECK_EQ(caller_queue_close(c, report_caller), 1);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 TEST(cancelling_the_queue_pending_ends_the_queue)
 {
-    caller_t *c = new_thread();
+    caller_t *c = check_new_thread(NULL);
     atomic_store(&ran, 0);
     atomic_store(&first_rc, 1);
     first_started = caller_pending_new(0);
@@ -228,7 +211,7 @@ TEST(cancelling_the_queue_pending_ends_the_queue)
     caller_pending_wait(fresh, 10, true, false, NULL);
     caller_pending_unref(fresh);
     caller_pending_unref(p);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 static void *sleep_long(void *arg)
@@ -239,12 +222,12 @@ static void *sleep_long(void *arg)
 
 TEST(stopping_the_caller_closes_every_queue)
 {
-    caller_t *c = new_thread();
+    caller_t *c = check_new_thread(NULL);
     int keys[3];
     caller_pending_t *p[3];
     for (int i = 0; i < 3; i++)
         p[i] = caller_queue_call_key(c, &keys[i], sleep_long, P(i));
-    stop_and_release(c);
+    check_stop(c);
     for (int i = 0; i < 3; i++) {
         CHECK_EQ(caller_pending_done(p[i]), 1);
         CHECK_RC(caller_pending_result(p[i], NULL), -ECANCELED);
@@ -261,7 +244,7 @@ static void *record_key(void *arg)
 
 TEST(two_keys_are_two_queues)
 {
-    caller_t *c = new_thread();
+    caller_t *c = check_new_thread(NULL);
     int a = 0, b = 0, ka, kb;
     atomic_store(&first_rc, 1);
     /* Queue A is held by a suspended item; queue B still runs. */
@@ -285,7 +268,7 @@ TEST(two_keys_are_two_queues)
     caller_pending_wait(qa, 10, true, false, NULL);
     caller_pending_unref(qa);
     caller_pending_unref(qb);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 enum { BURST_THREADS = 4, BURST_N = 50000 };
@@ -332,7 +315,7 @@ static void *queue_then_read(void *arg)
 
 TEST(four_threads_50k_items_into_one_queue)
 {
-    caller_t *c = new_thread();
+    caller_t *c = check_new_thread(NULL);
     memset(&burst, 0, sizeof burst);
     burst.c = c;
     for (int i = 0; i < BURST_THREADS; i++)
@@ -364,7 +347,7 @@ TEST(four_threads_50k_items_into_one_queue)
         CHECK_EQ(burst.last[i], BURST_N - 1);
     caller_queue_close(c, burst_item);
     caller_queue_close_key(c, (const void *)burst_item);
-    stop_and_release(c);
+    check_stop(c);
 }
 
 TEST(misuse)
@@ -374,7 +357,7 @@ TEST(misuse)
     CHECK(caller_queue_call_key(NULL, "k", pass_through, NULL) == NULL);
     CHECK(caller_queue_get(NULL, pass_through) == NULL);
     CHECK_RC(caller_queue_close(NULL, pass_through), -EINVAL);
-    caller_t *c = new_thread();
+    caller_t *c = check_new_thread(NULL);
     CHECK(caller_queue_call_key(c, NULL, pass_through, NULL) == NULL);
     CHECK(caller_queue_get(c, pass_through) == NULL);
     CHECK_EQ(caller_queue_close(c, pass_through), 0);
