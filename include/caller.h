@@ -793,6 +793,173 @@ CALLER_EXTERN int caller_wait(caller_pending_t *const *items, size_t n, double t
                               caller_return_when_t return_when, caller_pending_t **done,
                               size_t *ndone, caller_pending_t **not_done, size_t *nnot_done);
 
+/* ---- structured concurrency (SPEC §9) ------------------------------------ */
+
+/**
+ * Contexts. Code carries a context: each task runs with the context that
+ * was current where it was scheduled (caller_call_soon, caller_call_later,
+ * caller_to_thread, caller_queue_call); a plain thread has its own. A
+ * tracker (a PendingGroup or a PendingManager) that is active in a context
+ * tracks every Pending created in it — including Pendings created by tasks
+ * scheduled from it, on any Caller and thread — unless created with
+ * CALLER_PENDING_UNTRACKED. The innermost group and the innermost manager
+ * of a context track.
+ */
+
+/**
+ * Cancel scopes: the mechanism under cancellation, for code that needs it
+ * directly (a cleanup step that must not be interrupted, a deadline on a
+ * stretch of code). A scope covers the suspension points of the task
+ * between caller_scope_enter() and caller_scope_exit(); scopes nest and
+ * must be exited in reverse order.
+ *
+ * - cancelled (caller_scope_cancel(), from any thread) or past its
+ *   deadline, its suspension points return -ECANCELED;
+ * - CALLER_SCOPE_SHIELD: cancellation from outside (the task's Pending, an
+ *   enclosing scope) does not reach inside;
+ * - a deadline: "move on after" by default (exit returns 0), "fail after"
+ *   with CALLER_SCOPE_FAIL (exit returns -ETIMEDOUT once it passed).
+ */
+typedef struct caller_scope caller_scope_t;
+
+enum {
+    CALLER_SCOPE_SHIELD = 1u << 0, /**< keep outside cancellation out */
+    CALLER_SCOPE_FAIL = 1u << 1,   /**< exit reports a passed deadline */
+};
+
+/**
+ * Enter a cancel scope in the running task.
+ * Thread: a task. @param timeout seconds until the deadline; negative: none.
+ * @return the scope (freed by caller_scope_exit), or NULL (-EPERM outside a
+ *         task, -EINVAL, -ENOMEM).
+ */
+CALLER_EXTERN caller_scope_t *caller_scope_enter(double timeout, unsigned flags);
+
+/** Leave (and free) the innermost scope of the running task. Thread: that
+ *  task. @return 0; -ETIMEDOUT for a CALLER_SCOPE_FAIL scope whose deadline
+ *  passed; -EINVAL if @p s is not the innermost scope. */
+CALLER_EXTERN int caller_scope_exit(caller_scope_t *s);
+
+/** Cancel a scope: its task's suspension points inside it return
+ *  -ECANCELED (the current one at once). Thread: any, while the scope is
+ *  entered. @return 0 or -EINVAL. */
+CALLER_EXTERN int caller_scope_cancel(caller_scope_t *s);
+
+/** 1 if cancelled (or past its deadline and noticed), 0 if not. */
+CALLER_EXTERN int caller_scope_cancelled(const caller_scope_t *s);
+
+/**
+ * A PendingGroup: while entered, it tracks every new Pending of its context.
+ * If a tracked Pending fails or is cancelled, or the group is cancelled,
+ * every other tracked Pending is cancelled and the body is cancelled at its
+ * next suspension point. caller_group_exit() waits until every tracked
+ * Pending is done or removed.
+ *
+ *     caller_group_t *g = caller_create_pending_group(NULL, false);
+ *     caller_group_enter(g);
+ *     ... caller_call_soon(...), caller_to_thread(...) ...
+ *     int rc = caller_group_exit(g);   // 0, -ECANCELED or -ETIMEDOUT
+ *     caller_group_unref(g);
+ *
+ * Entered, a group is also a Pending of the enclosing context: an enclosing
+ * group sees an inner group that ends cancelled like any failed Pending it
+ * tracks (and is cancelled in turn).
+ *
+ * Reference-counted: caller_create_pending_group() gives one reference.
+ */
+typedef struct caller_group caller_group_t;
+
+/** A new group, not entered. @p c: the Caller whose task will run the body
+ *  (NULL: the current one; informational). @p shield: cancellation from
+ *  outside does not reach the body. Thread: any. NULL on -ENOMEM. */
+CALLER_EXTERN caller_group_t *caller_create_pending_group(caller_t *c, bool shield);
+
+/** Cancel after @p seconds from entering (call before entering): the group
+ *  is cancelled ("PendingGroup timed out") and exit returns -ETIMEDOUT.
+ *  @return 0, -EINVAL, CALLER_EINVALSTATE if already entered. */
+CALLER_EXTERN int caller_group_set_timeout(caller_group_t *g, double seconds);
+
+/** Enter: from now on new Pendings of this task's context are tracked.
+ *  Thread: a task (the body runs in it). A group is entered once.
+ *  @return 0, -EPERM (not in a task), CALLER_EINVALSTATE, -ENOMEM. */
+CALLER_EXTERN int caller_group_enter(caller_group_t *g);
+
+/**
+ * Exit: wait (suspending the task) until every tracked Pending is done or
+ * removed; if the body is cancelled meanwhile, cancel what is left and wait
+ * for it anyway. Restores the enclosing context.
+ * Thread: the task that entered, groups exited in reverse order.
+ * @return 0; -ECANCELED if the group was cancelled (caller_last_error()
+ *         gives the messages, "\n"-joined, e.g. the failing Pending's);
+ *         -ETIMEDOUT if its timeout passed; CALLER_EINVALSTATE.
+ */
+CALLER_EXTERN int caller_group_exit(caller_group_t *g);
+
+/** Cancel the group (thread-safe): every tracked Pending and the body.
+ *  @p message may be NULL. @return 1, 0 if it already exited, -EINVAL. */
+CALLER_EXTERN int caller_group_cancel(caller_group_t *g, const char *message);
+
+/** 1 if the group was cancelled, 0 if not, -EINVAL. Thread: any. */
+CALLER_EXTERN int caller_group_cancelled(const caller_group_t *g);
+
+/** Stop tracking @p p (its failure no longer cancels the group, and exit
+ *  does not wait for it). @return 1 if it was tracked, 0 if not; -EINVAL. */
+CALLER_EXTERN int caller_group_remove(caller_group_t *g, caller_pending_t *p);
+
+/** The tracked Pendings now: up to @p max references into @p out.
+ *  @return how many are tracked. Thread: any. */
+CALLER_EXTERN size_t caller_group_pending(caller_group_t *g, caller_pending_t **out, size_t max);
+
+CALLER_EXTERN caller_group_t *caller_group_ref(caller_group_t *g);
+CALLER_EXTERN void caller_group_unref(caller_group_t *g);
+
+/**
+ * A PendingManager: a tracker activated and deactivated explicitly, and made
+ * current in a context with a token (any thread or task, not only in one
+ * body). Reference-counted.
+ */
+typedef struct caller_manager caller_manager_t;
+
+/** What caller_manager_start() gives back to caller_manager_stop(). */
+typedef struct caller_manager_token {
+    struct caller__ctx *outer, *node;
+} caller_manager_token_t;
+
+/** A new, idle manager (one reference), or NULL (-ENOMEM). */
+CALLER_EXTERN caller_manager_t *caller_manager_new(void);
+CALLER_EXTERN void caller_manager_unref(caller_manager_t *m);
+
+/** Activate (from idle, or again after it stopped). @return 0,
+ *  CALLER_EINVALSTATE if active, -EINVAL. Thread: any. */
+CALLER_EXTERN int caller_manager_activate(caller_manager_t *m);
+
+/** Track new Pendings of the current context (this thread's, or this
+ *  task's) until caller_manager_stop() with the same token. Thread: any;
+ *  start and stop in the same thread or task, in reverse order of others.
+ *  @return 0, CALLER_EINVALSTATE (not active), -EINVAL, -ENOMEM. */
+CALLER_EXTERN int caller_manager_start(caller_manager_t *m, caller_manager_token_t *token);
+
+/** Stop tracking in the context where @p token was made. @return 0,
+ *  -EINVAL, CALLER_EINVALSTATE (another context was entered since). */
+CALLER_EXTERN int caller_manager_stop(caller_manager_t *m, caller_manager_token_t *token);
+
+/**
+ * Deactivate: the tracked Pendings are cancelled ("PendingManager has been
+ * deactivated") or, without @p cancel_pending, released (no longer
+ * tracked). @return 1 if some are still finishing (caller_manager_wait()
+ * waits for them), 0 if none; CALLER_EINVALSTATE if not active.
+ */
+CALLER_EXTERN int caller_manager_deactivate(caller_manager_t *m, bool cancel_pending);
+
+/** Wait until the manager tracks nothing. @return 0, -ETIMEDOUT,
+ *  -ECANCELED. Thread: any (suspends a task). */
+CALLER_EXTERN int caller_manager_wait(caller_manager_t *m, double timeout);
+
+/** The tracked Pendings now (references into @p out, up to @p max).
+ *  @return how many. */
+CALLER_EXTERN size_t caller_manager_pending(caller_manager_t *m, caller_pending_t **out,
+                                            size_t max);
+
 /* ---- lookups and introspection ---------------------------------------- */
 
 /** This thread's Caller (until it stops), or NULL. Borrowed: no reference.

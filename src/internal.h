@@ -162,6 +162,17 @@ typedef enum {
     CALLER__WAKE_NOMEM,   /* no memory to arm the deadline: did not suspend */
 } caller__wake_t;
 
+/* A cancel scope (caller_scope_enter): on its task's fiber stack of scopes. */
+struct caller_scope {
+    caller_scope_t *parent;
+    struct caller__task *task;
+    atomic_bool cancelled; /* cancel called, or the deadline passed */
+    bool shield;
+    bool fail;    /* "fail after": exit reports -ETIMEDOUT when expired */
+    bool expired; /* (L) */
+    int64_t deadline;
+};
+
 /* A failure reported with caller_raise() (code 0: none). */
 typedef struct {
     int code;
@@ -189,6 +200,9 @@ typedef struct caller__task {
     void *result;                /* what fn returned */
     caller_direct_fn on_end;     /* library tasks: called with arg once the
                                     task is over, whether it ran or not */
+    struct caller__ctx *ctx;     /* its context: captured when scheduled (a
+                                    reference), changed by entering groups */
+    caller_scope_t *scope;       /* (L) innermost cancel scope, or NULL */
     caller__raise_t raised;      /* what caller_raise recorded */
 } caller__task_t;
 
@@ -272,6 +286,9 @@ int caller__task_wait(caller__task_t *t, caller_pending_t *p, int64_t deadline, 
  * is over (in the Caller's thread), even if it never started. */
 caller_pending_t *caller__call_soon_ex(caller_t *c, caller_fn fn, void *arg, const char *name,
                                        caller_direct_fn on_end);
+/* call_later for the library's housekeeping: in no context, untracked. */
+caller_pending_t *caller__call_later_detached(caller_t *c, double delay, caller_fn fn, void *arg,
+                                              const char *name);
 /* Make a task for @p c (one allocation with its Pending). */
 caller_pending_t *caller__task_new(caller_t *c, caller_fn fn, void *arg, const char *name);
 /* Queue a task made by caller__task_new (delay_ns >= 0). Consumes the
@@ -296,6 +313,21 @@ int caller__fail_stopped(const caller_t *c, const char *fn);
  * something was). For runners of several calls in one task (queues). */
 bool caller__task_take_raised(int *code, char **msg);
 
+/* True if the running task's current suspension point would be cancelled
+ * (scope-aware); false outside a task. */
+bool caller__task_cancel_requested(void);
+
+/* ---- group.c: contexts and trackers ---- */
+typedef struct caller__ctx caller__ctx_t;
+/* The calling thread's (or running task's) context; borrowed. */
+caller__ctx_t *caller__ctx_current(void);
+/* Make @p ctx current (borrowed); returns the previous one. */
+caller__ctx_t *caller__ctx_swap(caller__ctx_t *ctx);
+caller__ctx_t *caller__ctx_ref(caller__ctx_t *ctx);
+void caller__ctx_unref(caller__ctx_t *ctx);
+/* A new Pending joins the trackers active in the current context. */
+void caller__ctx_track(caller_pending_t *p);
+
 /* ---- queue.c ---- */
 caller_pending_t *caller__queue_call(caller_t *c, caller_fn key_fn, const void *key, caller_fn fn,
                                      void *arg, const char *name);
@@ -308,7 +340,12 @@ void caller__pool_stop(caller_t *c);
 void caller__pool_forget(caller_t *parent, caller_t *w);
 
 /* ---- pending.c, for tasks ---- */
-/* A Pending with @p extra bytes after it (the task); *extra gets them. */
+/* Let the trackers of the current context see @p p (unless untracked).
+ * Called once @p p is fully set up: from then on other threads can reach
+ * it. caller_pending_new() does this; users of the _extra form call it. */
+void caller__pending_track(caller_pending_t *p);
+/* A Pending with @p extra bytes after it (the task); *extra gets them. Not
+ * yet tracked: see caller__pending_track. */
 caller_pending_t *caller__pending_new_extra(unsigned flags, size_t extra, void **extra_out);
 /* The Caller whose work completes this Pending (a reference is taken, or,
  * with @p weak, none: for the Caller's own stopped event). */

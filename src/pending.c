@@ -107,9 +107,19 @@ caller_pending_t *caller__pending_new_extra(unsigned flags, size_t extra, void *
     return p;
 }
 
+void caller__pending_track(caller_pending_t *p)
+{
+    if (!(atomic_load_explicit(&p->flags, memory_order_relaxed) & F_UNTRACKED) &&
+        caller__ctx_current())
+        caller__ctx_track(p);
+}
+
 caller_pending_t *caller_pending_new(unsigned flags)
 {
-    return caller__pending_new_extra(flags, 0, NULL);
+    caller_pending_t *p = caller__pending_new_extra(flags, 0, NULL);
+    if (p)
+        caller__pending_track(p);
+    return p;
 }
 
 void caller__pending_set_owner(caller_pending_t *p, caller_t *owner, bool weak)

@@ -40,6 +40,7 @@ typedef struct {
     caller_pending_t *proxy; /* what the user holds */
     caller_pending_t *task;  /* once dispatched (under pool->lock) */
     caller_t *worker;
+    struct caller__ctx *ctx; /* the context of the caller_to_thread call */
     bool dispatched;
 } parked_t;
 
@@ -92,8 +93,8 @@ static void schedule_sweep_locked(caller_pool_t *pool, int64_t at)
     if (at >= pool->sweep_at || pool->stopped)
         return;
     double delay = (double)(at - caller__now_ns()) / 1e9;
-    caller_pending_t *p = caller__call_later_named(pool->owner, delay > 0 ? delay : 0, sweep, pool,
-                                                   "idle worker sweep");
+    caller_pending_t *p = caller__call_later_detached(pool->owner, delay > 0 ? delay : 0, sweep,
+                                                      pool, "idle worker sweep");
     if (p) {
         pool->sweep_at = at;
         caller_pending_unref(p);
@@ -275,7 +276,13 @@ static void parked_done(caller_pending_t *p, void *arg)
 /* Run parked call @p pk on worker @p w (a reference, passed on). */
 static void dispatch_parked(caller_pool_t *pool, caller_t *w, parked_t *pk)
 {
+    /* The call runs in the context of its caller_to_thread, as unparked
+     * calls do. */
+    caller__ctx_t *outer = caller__ctx_swap(pk->ctx);
     caller_pending_t *t = caller__call_soon_named(w, pk->fn, pk->arg, pk->name);
+    caller__ctx_swap(outer);
+    caller__ctx_unref(pk->ctx);
+    pk->ctx = NULL;
     pthread_mutex_lock(&pool->lock);
     pk->task = t;
     pk->worker = w;
@@ -312,6 +319,8 @@ static void parked_canceller(caller_pending_t *proxy, const char *messages, void
         }
         pthread_mutex_unlock(&pool->lock);
         if (found) {
+            caller__ctx_unref(pk->ctx);
+            pk->ctx = NULL;
             caller_pending_set_exception(proxy, -ECANCELED, "Cancelled before started.");
             caller_pending_unref(proxy); /* the pool's reference */
         }
@@ -352,10 +361,15 @@ caller_pending_t *caller__to_thread_named(caller_t *c, caller_fn fn, void *arg, 
                 proxy = caller__pending_new_extra(0, sizeof *pk, (void **)&pk);
                 if (proxy) {
                     memset(pk, 0, sizeof *pk);
-                    *pk = (parked_t){
-                        .pool = pool, .fn = fn, .arg = arg, .name = name, .proxy = proxy};
+                    *pk = (parked_t){.pool = pool,
+                                     .fn = fn,
+                                     .arg = arg,
+                                     .name = name,
+                                     .proxy = proxy,
+                                     .ctx = caller__ctx_ref(caller__ctx_current())};
                     caller__pending_set_name(proxy, name);
                     caller_pending_set_canceller(proxy, parked_canceller, pk);
+                    caller__pending_track(proxy);
                     caller_pending_ref(proxy); /* the pool's, until it ends */
                     caller__fifo_push(&pool->parked, &pk->link);
                 }
@@ -441,6 +455,8 @@ void caller__pool_stop(caller_t *c)
     while (parked) {
         parked_t *pk = (parked_t *)parked;
         parked = parked->next;
+        caller__ctx_unref(pk->ctx);
+        pk->ctx = NULL;
         caller_pending_cancel(pk->proxy, NULL);
         caller_pending_set_exception(pk->proxy, -ECANCELED, "Cancelled before started.");
         caller_pending_unref(pk->proxy);

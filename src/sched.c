@@ -111,7 +111,9 @@ caller_pending_t *caller__task_new(caller_t *c, caller_fn fn, void *arg, const c
     t->pending = p;
     t->timer.index = CALLER__HEAP_NONE;
     t->live.prev = t->live.next = &t->live;
+    t->ctx = caller__ctx_ref(caller__ctx_current()); /* runs in its scheduler's context */
     caller__pending_init_task(p, c, name, task_canceller, t);
+    caller__pending_track(p); /* last: from here other threads may cancel it */
     return p;
 }
 
@@ -164,6 +166,8 @@ static void task_end(caller_t *c, caller__task_t *t)
     c->nlive--;
     if (t->on_end)
         t->on_end(t->arg);
+    caller__ctx_unref(t->ctx);
+    t->ctx = NULL;
     caller_pending_unref(t->pending);
 }
 
@@ -199,7 +203,9 @@ static void run_task(caller_t *c, caller__task_t *t)
     t->state = CALLER__TASK_RUNNING;
     tl_task = t;
     tl_raise = &t->raised;
+    caller__ctx_t *outside = caller__ctx_swap(t->ctx);
     caller__fiber_switch_to(t->fiber);
+    t->ctx = caller__ctx_swap(outside);
     tl_task = NULL;
     tl_raise = NULL;
     if (!caller__fiber_finished(t->fiber))
@@ -250,9 +256,68 @@ static caller__wake_t task_suspend(caller__task_t *t, int64_t deadline, bool can
     return t->wake;
 }
 
+/*
+ * Cancel scopes. A task's scopes form a stack (innermost first) on its
+ * fiber; the task's own Pending is the outermost. A suspension point is
+ * cancelled if a scope up to and including the first shielded one is
+ * cancelled (explicitly, or because its deadline passed), or — with no
+ * shield in the way — if the task's Pending is.
+ */
 static bool task_cancelled(caller__task_t *t)
 {
+    int64_t now = INT64_MIN;
+    for (caller_scope_t *s = t->scope; s; s = s->parent) {
+        if (atomic_load_explicit(&s->cancelled, memory_order_acquire))
+            return true;
+        if (s->deadline != INT64_MAX) {
+            if (now == INT64_MIN)
+                now = caller__now_ns();
+            if (now >= s->deadline) {
+                s->expired = true;
+                atomic_store_explicit(&s->cancelled, true, memory_order_release);
+                return true;
+            }
+        }
+        if (s->shield)
+            return false;
+    }
     return caller_pending_cancelled(t->pending) == 1;
+}
+
+/* The earliest deadline of the scopes that can cancel the task now. */
+static int64_t scope_deadline(const caller__task_t *t)
+{
+    int64_t d = INT64_MAX;
+    for (caller_scope_t *s = t->scope; s; s = s->parent) {
+        if (s->deadline < d)
+            d = s->deadline;
+        if (s->shield)
+            break;
+    }
+    return d;
+}
+
+/* Suspend until woken (*@p woken, if given, turns true), @p deadline, or
+ * cancellation. CALLER__WAKE_TIMEOUT only for @p deadline itself; a
+ * scope's deadline shows as CANCEL. */
+static caller__wake_t suspend_point(caller__task_t *t, int64_t deadline, const bool *woken)
+{
+    for (;;) {
+        /* The wake may have come while we were ready for another reason
+         * (a cancel notice a shield kept out): then it did not resume us. */
+        if (woken && *woken)
+            return CALLER__WAKE_DONE;
+        if (task_cancelled(t))
+            return CALLER__WAKE_CANCEL;
+        int64_t sd = scope_deadline(t);
+        caller__wake_t why = task_suspend(t, sd < deadline ? sd : deadline, true);
+        if (why == CALLER__WAKE_DONE || why == CALLER__WAKE_NOMEM)
+            return why;
+        if (why == CALLER__WAKE_TIMEOUT && caller__now_ns() >= deadline)
+            return CALLER__WAKE_TIMEOUT;
+        /* A cancel notice or a scope's deadline: look again (a shield may
+         * keep it out, and then we suspend again). */
+    }
 }
 
 /* A task's waiter on a Pending: the node lives on the task's fiber stack. */
@@ -296,7 +361,7 @@ int caller__task_wait(caller__task_t *t, caller_pending_t *p, int64_t deadline, 
         *code = caller_pending_result(p, value);
         return 0;
     }
-    caller__wake_t why = task_suspend(t, deadline, true);
+    caller__wake_t why = suspend_point(t, deadline, &fw.woken);
     if (!fw.woken) {
         if (caller__pending_remove_waiter(p, &fw.w)) {
             if (why == CALLER__WAKE_NOMEM)
@@ -327,9 +392,7 @@ int caller_sleep(double seconds)
             ;
         return 0;
     }
-    if (task_cancelled(t))
-        return caller__fail(-ECANCELED, "caller_sleep: the task is cancelled");
-    switch (task_suspend(t, deadline, true)) {
+    switch (suspend_point(t, deadline == INT64_MAX ? INT64_MAX - 1 : deadline, NULL)) {
     case CALLER__WAKE_CANCEL:
         return caller__fail(-ECANCELED, "caller_sleep: the task was cancelled");
     case CALLER__WAKE_NOMEM:
@@ -363,20 +426,90 @@ static void handle_cancel(caller__task_t *t)
     }
 }
 
-static void task_canceller(caller_pending_t *p, const char *messages, void *arg)
+/* Any thread: tell @p t's loop to look at its cancellation (always through
+ * the inbox, even from the loop's own thread: the task may still be in
+ * flight there, and only the loop may look at it). */
+static void nudge(caller__task_t *t)
 {
-    (void)messages;
-    caller__task_t *t = arg;
-    caller_t *c = t->caller;
-    /* Always through the inbox, even from the loop's own thread: the task
-     * may still be in flight there, and only the loop may look at it. */
     if (atomic_exchange(&t->cancel_posted, true))
         return; /* a notice is already on its way */
-    caller_pending_ref(p);
-    if (!post(c, &t->cancel_msg, false)) {
+    caller_pending_ref(t->pending);
+    if (!post(t->caller, &t->cancel_msg, false)) {
         atomic_store(&t->cancel_posted, false);
-        caller_pending_unref(p);
+        caller_pending_unref(t->pending);
     }
+}
+
+static void task_canceller(caller_pending_t *p, const char *messages, void *arg)
+{
+    (void)p;
+    (void)messages;
+    nudge(arg);
+}
+
+/* ---- cancel scopes (public) -------------------------------------------- */
+
+caller_scope_t *caller_scope_enter(double timeout, unsigned flags)
+{
+    caller__task_t *t = tl_task;
+    if (!t) {
+        caller__fail(-EPERM, "caller_scope_enter: not in a task");
+        return NULL;
+    }
+    if (flags & ~(unsigned)(CALLER_SCOPE_SHIELD | CALLER_SCOPE_FAIL)) {
+        caller__fail(-EINVAL, "caller_scope_enter: unknown flags 0x%x", flags);
+        return NULL;
+    }
+    caller_scope_t *s = caller__calloc(1, sizeof *s);
+    if (!s) {
+        caller__fail(-ENOMEM, "caller_scope_enter: out of memory");
+        return NULL;
+    }
+    atomic_init(&s->cancelled, false);
+    s->task = t;
+    s->shield = flags & CALLER_SCOPE_SHIELD;
+    s->fail = flags & CALLER_SCOPE_FAIL;
+    s->deadline = timeout >= 0 ? caller__deadline(timeout) : INT64_MAX;
+    s->parent = t->scope;
+    t->scope = s;
+    return s;
+}
+
+int caller_scope_exit(caller_scope_t *s)
+{
+    caller__task_t *t = tl_task;
+    if (!s || !t || t->scope != s)
+        return caller__fail(-EINVAL, "caller_scope_exit: %s",
+                            !s ? "scope is NULL" : "not the innermost scope of this task");
+    t->scope = s->parent;
+    if (!s->expired && s->deadline != INT64_MAX && caller__now_ns() >= s->deadline)
+        s->expired = true;
+    bool expired = s->expired, fail = s->fail;
+    caller__free(s);
+    if (expired && fail)
+        return caller__fail(-ETIMEDOUT, "caller_scope_exit: the scope's deadline passed");
+    return 0;
+}
+
+int caller_scope_cancel(caller_scope_t *s)
+{
+    if (!s)
+        return caller__fail(-EINVAL, "caller_scope_cancel: scope is NULL");
+    atomic_store_explicit(&s->cancelled, true, memory_order_release);
+    nudge(s->task);
+    return 0;
+}
+
+int caller_scope_cancelled(const caller_scope_t *s)
+{
+    if (!s)
+        return caller__fail(-EINVAL, "caller_scope_cancelled: scope is NULL");
+    return atomic_load_explicit(&((caller_scope_t *)s)->cancelled, memory_order_acquire);
+}
+
+bool caller__task_cancel_requested(void)
+{
+    return tl_task && task_cancelled(tl_task);
 }
 
 /* ---- dispatch ----------------------------------------------------------------- */
@@ -482,6 +615,8 @@ void caller__sched_drain_closed(caller_t *c, caller__msg_t *m)
             complete_cancelled_before_start(t);
             if (t->on_end)
                 t->on_end(t->arg);
+            caller__ctx_unref(t->ctx);
+            t->ctx = NULL;
             caller_pending_unref(t->pending);
             break;
         }
@@ -509,7 +644,8 @@ void caller__sched_drain_closed(caller_t *c, caller__msg_t *m)
 /* ---- scheduling API ------------------------------------------------------------ */
 
 static caller_pending_t *schedule(caller_t *c, double delay, caller_fn fn, void *arg,
-                                  const char *name, const char *api, caller_direct_fn on_end)
+                                  const char *name, const char *api, caller_direct_fn on_end,
+                                  bool detached)
 {
     if (!c || !fn) {
         caller__fail(-EINVAL, "%s: %s is NULL", api, c ? "fn" : "caller");
@@ -522,7 +658,12 @@ static caller_pending_t *schedule(caller_t *c, double delay, caller_fn fn, void 
         caller__fail_stopped(c, api);
         return NULL;
     }
+    /* A detached task (the library's housekeeping) belongs to no context:
+     * no tracker sees it, nor what it creates. */
+    caller__ctx_t *outer = detached ? caller__ctx_swap(NULL) : NULL;
     caller_pending_t *p = caller__task_new(c, fn, arg, name);
+    if (detached)
+        caller__ctx_swap(outer);
     if (!p)
         return NULL;
     task_of(p)->on_end = on_end;
@@ -530,6 +671,8 @@ static caller_pending_t *schedule(caller_t *c, double delay, caller_fn fn, void 
     if (caller__task_submit(c, p, deadline) < 0) {
         caller__fail_stopped(c, api);
         task_of(p)->on_end = NULL; /* refused: the caller cleans up */
+        caller__ctx_unref(task_of(p)->ctx);
+        task_of(p)->ctx = NULL;
         caller_pending_unref(p);
         caller_pending_unref(p);
         return NULL;
@@ -537,31 +680,37 @@ static caller_pending_t *schedule(caller_t *c, double delay, caller_fn fn, void 
     return p;
 }
 
+caller_pending_t *caller__call_later_detached(caller_t *c, double delay, caller_fn fn, void *arg,
+                                              const char *name)
+{
+    return schedule(c, delay, fn, arg, name, "caller_call_later", NULL, true);
+}
+
 caller_pending_t *caller__call_soon_ex(caller_t *c, caller_fn fn, void *arg, const char *name,
                                        caller_direct_fn on_end)
 {
-    return schedule(c, 0, fn, arg, name, "caller_call_soon", on_end);
+    return schedule(c, 0, fn, arg, name, "caller_call_soon", on_end, false);
 }
 
 caller_pending_t *caller__call_soon_named(caller_t *c, caller_fn fn, void *arg, const char *name)
 {
-    return schedule(c, 0, fn, arg, name, "caller_call_soon", NULL);
+    return schedule(c, 0, fn, arg, name, "caller_call_soon", NULL, false);
 }
 
 caller_pending_t *caller__call_later_named(caller_t *c, double delay, caller_fn fn, void *arg,
                                            const char *name)
 {
-    return schedule(c, delay, fn, arg, name, "caller_call_later", NULL);
+    return schedule(c, delay, fn, arg, name, "caller_call_later", NULL, false);
 }
 
 caller_pending_t *(caller_call_soon)(caller_t *c, caller_fn fn, void *arg)
 {
-    return schedule(c, 0, fn, arg, NULL, "caller_call_soon", NULL);
+    return schedule(c, 0, fn, arg, NULL, "caller_call_soon", NULL, false);
 }
 
 caller_pending_t *(caller_call_later)(caller_t *c, double delay, caller_fn fn, void *arg)
 {
-    return schedule(c, delay, fn, arg, NULL, "caller_call_later", NULL);
+    return schedule(c, delay, fn, arg, NULL, "caller_call_later", NULL, false);
 }
 
 typedef struct {

@@ -1,0 +1,642 @@
+/* Structured concurrency: contexts, groups, managers, cancel scopes
+ * (SPEC §9; issue #6). */
+// ALSO-UCONTEXT
+// TIMEOUT: 120
+#include "check.h"
+#include "internal.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+
+/* Run @p body as a task on a new Caller and return its result code. */
+static int run_in_task(caller_fn body, void *arg, void **result)
+{
+    caller_t *c = check_new_thread("group-test");
+    caller_pending_t *p = caller_call_soon(c, body, arg);
+    void *v = NULL;
+    int rc = caller_pending_wait(p, 60, false, true, &v);
+    if (result)
+        *result = v;
+    caller_pending_unref(p);
+    check_stop(c);
+    return rc;
+}
+
+static bool tracked(caller_group_t *g, caller_pending_t *p)
+{
+    caller_pending_t *list[64];
+    size_t n = caller_group_pending(g, list, 64);
+    bool found = false;
+    for (size_t i = 0; i < n && i < 64; i++) {
+        found |= list[i] == p;
+        caller_pending_unref(list[i]);
+    }
+    return found;
+}
+
+static void *ret_arg(void *arg)
+{
+    return arg;
+}
+
+/* Sleeps arg ms; fails with "boom <ms>" if arg is negative. */
+static void *nap(void *arg)
+{
+    intptr_t ms = I(arg);
+    int rc = caller_sleep((double)(ms < 0 ? -ms : ms) / 1000);
+    if (rc < 0)
+        return P(rc);
+    if (ms < 0)
+        caller_raise(-EIO, "boom %ld", (long)-ms);
+    return arg;
+}
+
+/* ---- tracking ------------------------------------------------------------ */
+
+static void *body_tracks(void *arg)
+{
+    (void)arg;
+    caller_t *self = caller_current();
+    caller_group_t *g = caller_create_pending_group(self, false);
+    CHECK_RC(caller_group_enter(g), 0);
+    caller_pending_t *p = caller_call_soon(self, ret_arg, P(1));
+    caller_pending_t *mine = caller_pending_new(0);
+    caller_pending_t *untracked = caller_pending_new(CALLER_PENDING_UNTRACKED);
+    caller_pending_t *later = caller_call_later(self, 0.01, ret_arg, P(2));
+    CHECK(tracked(g, p));
+    CHECK(tracked(g, mine));
+    CHECK(tracked(g, later));
+    CHECK(!tracked(g, untracked));
+    caller_pending_set_result(mine, NULL, false);
+    CHECK_RC(caller_group_exit(g), 0);
+    CHECK_EQ(caller_pending_done(p), 1);     /* exit waited for it */
+    CHECK_EQ(caller_pending_done(later), 1); /* and for the delayed one */
+    CHECK_EQ(caller_group_pending(g, NULL, 0), 0);
+    caller_pending_t *after = caller_pending_new(0);
+    CHECK(!tracked(g, after));
+    CHECK_EQ(caller_group_pending(g, NULL, 0), 0);
+    caller_pending_unref(after);
+    caller_pending_unref(p);
+    caller_pending_unref(mine);
+    caller_pending_unref(untracked);
+    caller_pending_unref(later);
+    caller_group_unref(g);
+    return NULL;
+}
+
+TEST(pending_made_inside_is_tracked_and_nothing_after_exit)
+{
+    CHECK_RC(run_in_task(body_tracks, NULL, NULL), 0);
+}
+
+typedef struct {
+    caller_pending_t *made;       /* a Pending the task made, for the body to see */
+    caller_pending_t *made_ready; /* set once `made` exists */
+} spawn_t;
+
+/* A task scheduled from inside the group: the Pending it makes is tracked. */
+static void *make_one(void *arg)
+{
+    spawn_t *s = arg;
+    s->made = caller_pending_new(0);
+    caller_pending_set_result(s->made_ready, NULL, false);
+    caller_pending_wait(s->made, 10, true, false, NULL); /* until the body releases it */
+    return NULL;
+}
+
+static void *body_nested_tasks(void *arg)
+{
+    caller_t *other = arg;
+    caller_t *self = caller_current();
+    caller_group_t *g = caller_create_pending_group(self, false);
+    CHECK_RC(caller_group_enter(g), 0);
+    spawn_t a = {.made_ready = caller_pending_new(CALLER_PENDING_UNTRACKED)};
+    spawn_t b = {.made_ready = caller_pending_new(CALLER_PENDING_UNTRACKED)};
+    caller_pending_t *pa = caller_call_soon(other, make_one, &a); /* another Caller */
+    caller_pending_t *pb = caller_to_thread(self, make_one, &b);  /* a worker */
+    CHECK_RC(caller_pending_wait(a.made_ready, 10, false, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(b.made_ready, 10, false, false, NULL), 0);
+    CHECK(tracked(g, pa));
+    CHECK(tracked(g, pb));
+    CHECK(tracked(g, a.made));
+    CHECK(tracked(g, b.made));
+    caller_pending_set_result(a.made, NULL, false);
+    caller_pending_set_result(b.made, NULL, false);
+    CHECK_RC(caller_group_exit(g), 0);
+    CHECK_EQ(caller_pending_done(pa) + caller_pending_done(pb), 2);
+    caller_pending_unref(a.made);
+    caller_pending_unref(b.made);
+    caller_pending_unref(a.made_ready);
+    caller_pending_unref(b.made_ready);
+    caller_pending_unref(pa);
+    caller_pending_unref(pb);
+    caller_group_unref(g);
+    return NULL;
+}
+
+TEST(pendings_of_tasks_scheduled_from_inside_are_tracked)
+{
+    caller_t *other = check_new_thread("other");
+    CHECK_RC(run_in_task(body_nested_tasks, other, NULL), 0);
+    check_stop(other);
+}
+
+/* ---- failure and cancellation ---------------------------------------------- */
+
+static void *body_one_fails(void *arg)
+{
+    (void)arg;
+    caller_t *self = caller_current();
+    caller_group_t *g = caller_create_pending_group(self, false);
+    CHECK_RC(caller_group_enter(g), 0);
+    caller_pending_t *slow = caller_call_soon(self, nap, P(10000));
+    caller_pending_t *bad = caller_call_soon(self, nap, P(-10));
+    /* The body is cancelled at its next suspension point. */
+    CHECK_RC(caller_sleep(10), -ECANCELED);
+    CHECK_EQ(caller_group_cancelled(g), 1);
+    CHECK_RC(caller_group_exit(g), -ECANCELED);
+    CHECK_CONTAINS(check_last_message(), "boom 10");
+    CHECK_RC(caller_pending_result(bad, NULL), -EIO);
+    CHECK_EQ(caller_pending_cancelled(slow), 1); /* the other was cancelled */
+    CHECK_EQ(caller_pending_done(slow), 1);      /* and exit waited for it */
+    caller_pending_unref(slow);
+    caller_pending_unref(bad);
+    caller_group_unref(g);
+    return NULL;
+}
+
+TEST(one_failure_cancels_the_others_and_the_body)
+{
+    CHECK_RC(run_in_task(body_one_fails, NULL, NULL), 0);
+}
+
+typedef struct {
+    caller_group_t *g;
+    caller_pending_t *entered;
+    int wait_rc, exit_rc;
+    char exit_msg[256];
+} remote_t;
+
+static void *body_waits(void *arg)
+{
+    remote_t *r = arg;
+    caller_group_t *g = r->g;
+    CHECK_RC(caller_group_enter(g), 0);
+    /* Untracked: exit would wait for it (and nobody completes it). */
+    caller_pending_t *never = caller_pending_new(CALLER_PENDING_UNTRACKED);
+    caller_pending_set_result(r->entered, NULL, false);
+    r->wait_rc = caller_pending_wait(never, 30, false, false, NULL);
+    r->exit_rc = caller_group_exit(g);
+    snprintf(r->exit_msg, sizeof r->exit_msg, "%s", check_last_message());
+    caller_pending_unref(never);
+    return NULL;
+}
+
+TEST(cancel_from_another_thread_while_the_body_waits)
+{
+    caller_t *c = check_new_thread(NULL);
+    remote_t r = {.g = caller_create_pending_group(c, false), .entered = caller_pending_new(0)};
+    caller_pending_t *p = caller_call_soon(c, body_waits, &r);
+    CHECK_RC(caller_pending_wait(r.entered, 10, false, false, NULL), 0);
+    CHECK_EQ(caller_group_cancel(r.g, "from outside"), 1);
+    CHECK_RC(caller_pending_wait(p, 10, false, true, NULL), 0);
+    CHECK_RC(r.wait_rc, -ECANCELED);
+    CHECK_RC(r.exit_rc, -ECANCELED);
+    CHECK_CONTAINS(r.exit_msg, "from outside");
+    caller_pending_unref(p);
+    caller_pending_unref(r.entered);
+    caller_group_unref(r.g);
+    check_stop(c);
+}
+
+static void *body_removes(void *arg)
+{
+    (void)arg;
+    caller_group_t *g = caller_create_pending_group(NULL, false);
+    CHECK_RC(caller_group_enter(g), 0);
+    caller_pending_t *never = caller_pending_new(0);
+    CHECK(tracked(g, never));
+    CHECK_EQ(caller_group_remove(g, never), 1);
+    CHECK_EQ(caller_group_remove(g, never), 0);
+    CHECK(!tracked(g, never));
+    CHECK_RC(caller_group_exit(g), 0); /* does not wait for it */
+    CHECK_EQ(caller_pending_cancelled(never), 0);
+    caller_pending_unref(never);
+    caller_group_unref(g);
+    return NULL;
+}
+
+TEST(remove_lets_the_group_exit_without_it)
+{
+    CHECK_RC(run_in_task(body_removes, NULL, NULL), 0);
+}
+
+typedef struct {
+    bool shield;
+    caller_pending_t *inside; /* set when the body is in its nap */
+    int nap_rc, after_rc;
+} shield_t;
+
+static void *shielded_body(void *arg)
+{
+    shield_t *s = arg;
+    caller_group_t *g = caller_create_pending_group(NULL, s->shield);
+    CHECK_RC(caller_group_enter(g), 0);
+    caller_pending_set_result(s->inside, NULL, false);
+    s->nap_rc = caller_sleep(0.05);
+    caller_group_exit(g);
+    caller_group_unref(g);
+    s->after_rc = caller_sleep(0.001); /* outside the group: cancellation arrives */
+    return NULL;
+}
+
+TEST(shield_keeps_outside_cancellation_from_the_body)
+{
+    for (int shield = 0; shield < 2; shield++) {
+        caller_t *c = check_new_thread(NULL);
+        shield_t s = {.shield = shield, .inside = caller_pending_new(0)};
+        caller_pending_t *p = caller_call_soon(c, shielded_body, &s);
+        CHECK_RC(caller_pending_wait(s.inside, 10, false, false, NULL), 0);
+        CHECK_EQ(caller_pending_cancel(p, "stop the task"), 1);
+        CHECK_RC(caller_pending_wait(p, 10, true, false, NULL), 0);
+        CHECK_RC(s.nap_rc, shield ? 0 : -ECANCELED);
+        CHECK_RC(s.after_rc, -ECANCELED);
+        caller_pending_unref(p);
+        caller_pending_unref(s.inside);
+        check_stop(c);
+    }
+}
+
+static void *nested_body(void *arg)
+{
+    int *out = arg;
+    caller_group_t *outer = caller_create_pending_group(NULL, false);
+    caller_group_t *inner = caller_create_pending_group(NULL, false);
+    CHECK_RC(caller_group_enter(outer), 0);
+    caller_pending_t *outer_task = caller_call_soon(caller_current(), nap, P(10000));
+    CHECK_RC(caller_group_enter(inner), 0);
+    caller_pending_t *inner_bad = caller_call_soon(caller_current(), nap, P(-5));
+    CHECK(tracked(inner, inner_bad));
+    CHECK(!tracked(outer, inner_bad)); /* the innermost group tracks */
+    out[0] = caller_group_exit(inner); /* -ECANCELED: its task failed */
+    /* The inner group, a Pending of the outer one, failed: the outer is
+     * cancelled too. */
+    out[1] = caller_sleep(10);
+    out[2] = caller_group_exit(outer);
+    out[3] = caller_pending_cancelled(outer_task);
+    caller_pending_unref(outer_task);
+    caller_pending_unref(inner_bad);
+    caller_group_unref(inner);
+    caller_group_unref(outer);
+    return NULL;
+}
+
+static void *nested_ok_body(void *arg)
+{
+    (void)arg;
+    caller_group_t *outer = caller_create_pending_group(NULL, false);
+    caller_group_t *inner = caller_create_pending_group(NULL, false);
+    CHECK_RC(caller_group_enter(outer), 0);
+    CHECK_RC(caller_group_enter(inner), 0);
+    caller_pending_t *p = caller_call_soon(caller_current(), nap, P(5));
+    CHECK_RC(caller_group_exit(outer), CALLER_EINVALSTATE); /* inner first */
+    CHECK_RC(caller_group_exit(inner), 0);
+    CHECK_RC(caller_group_exit(outer), 0);
+    caller_pending_unref(p);
+    caller_group_unref(inner);
+    caller_group_unref(outer);
+    return NULL;
+}
+
+TEST(nested_groups)
+{
+    int out[4];
+    CHECK_RC(run_in_task(nested_body, out, NULL), 0);
+    CHECK_RC(out[0], -ECANCELED);
+    CHECK_RC(out[1], -ECANCELED);
+    CHECK_RC(out[2], -ECANCELED);
+    CHECK_EQ(out[3], 1);
+    CHECK_RC(run_in_task(nested_ok_body, NULL, NULL), 0);
+}
+
+static void *timeout_body(void *arg)
+{
+    double *elapsed = arg;
+    caller_group_t *g = caller_create_pending_group(NULL, false);
+    CHECK_RC(caller_group_set_timeout(g, 0.05), 0);
+    double t0 = check_now();
+    CHECK_RC(caller_group_enter(g), 0);
+    CHECK_RC(caller_group_set_timeout(g, 1), CALLER_EINVALSTATE);
+    caller_pending_t *p = caller_call_soon(caller_current(), nap, P(10000));
+    CHECK_RC(caller_sleep(10), -ECANCELED);
+    CHECK_RC(caller_group_exit(g), -ETIMEDOUT);
+    CHECK_CONTAINS(check_last_message(), "timed out");
+    *elapsed = check_now() - t0;
+    CHECK_EQ(caller_pending_cancelled(p), 1);
+    caller_pending_unref(p);
+    caller_group_unref(g);
+    return NULL;
+}
+
+TEST(group_timeout)
+{
+    double elapsed = 0;
+    CHECK_RC(run_in_task(timeout_body, &elapsed, NULL), 0);
+    CHECK_GE(elapsed * 1000, 50 - 1);
+}
+
+TEST(enter_outside_a_task_is_refused)
+{
+    caller_group_t *g = caller_create_pending_group(NULL, false);
+    CHECK_RC(caller_group_enter(g), -EPERM);
+    CHECK_RC(caller_group_exit(g), CALLER_EINVALSTATE);
+    caller_group_unref(g);
+    CHECK_RC(caller_group_enter(NULL), -EINVAL);
+    CHECK_RC(caller_group_cancel(NULL, NULL), -EINVAL);
+}
+
+/* ---- PendingManager ------------------------------------------------------------ */
+
+TEST(manager_activate_start_stop_deactivate)
+{
+    caller_manager_t *m = caller_manager_new();
+    caller_manager_token_t tok;
+    CHECK_RC(caller_manager_start(m, &tok), CALLER_EINVALSTATE); /* not active */
+    CHECK_RC(caller_manager_activate(m), 0);
+    CHECK_RC(caller_manager_activate(m), CALLER_EINVALSTATE);
+    CHECK_RC(caller_manager_start(m, &tok), 0);
+    caller_pending_t *a = caller_pending_new(0), *b = caller_pending_new(0);
+    caller_pending_t *u = caller_pending_new(CALLER_PENDING_UNTRACKED);
+    CHECK_RC(caller_manager_stop(m, &tok), 0);
+    caller_pending_t *outside = caller_pending_new(0);
+    CHECK_EQ(caller_manager_pending(m, NULL, 0), 2);
+    /* Deactivating cancels them; they are still finishing until done. */
+    CHECK_EQ(caller_manager_deactivate(m, true), 1);
+    CHECK_EQ(caller_pending_cancelled(a), 1);
+    CHECK_EQ(caller_pending_cancelled(b), 1);
+    CHECK_EQ(caller_pending_cancelled(u), 0);
+    CHECK_EQ(caller_pending_cancelled(outside), 0);
+    CHECK_RC(caller_manager_wait(m, 0.01), -ETIMEDOUT);
+    caller_pending_set_result(a, NULL, false);
+    caller_pending_set_result(b, NULL, false);
+    CHECK_RC(caller_manager_wait(m, 10), 0);
+    CHECK_EQ(caller_manager_pending(m, NULL, 0), 0);
+
+    /* Again, releasing instead of cancelling. */
+    CHECK_RC(caller_manager_activate(m), 0);
+    CHECK_RC(caller_manager_start(m, &tok), 0);
+    caller_pending_t *c = caller_pending_new(0);
+    CHECK_RC(caller_manager_stop(m, &tok), 0);
+    CHECK_EQ(caller_manager_pending(m, NULL, 0), 1);
+    CHECK_EQ(caller_manager_deactivate(m, false), 0);
+    CHECK_EQ(caller_pending_cancelled(c), 0);
+    CHECK_EQ(caller_manager_pending(m, NULL, 0), 0);
+    CHECK_RC(caller_manager_deactivate(m, false), CALLER_EINVALSTATE);
+    caller_pending_unref(a);
+    caller_pending_unref(b);
+    caller_pending_unref(c);
+    caller_pending_unref(u);
+    caller_pending_unref(outside);
+    caller_manager_unref(m);
+}
+
+static void *made_in_task(void *arg)
+{
+    (void)arg;
+    return caller_pending_new(0);
+}
+
+TEST(manager_follows_tasks_scheduled_in_its_context)
+{
+    caller_t *c = check_new_thread(NULL);
+    caller_manager_t *m = caller_manager_new();
+    caller_manager_token_t tok;
+    caller_manager_activate(m);
+    caller_manager_start(m, &tok);
+    caller_pending_t *p = caller_call_soon(c, made_in_task, NULL);
+    caller_manager_stop(m, &tok);
+    void *made;
+    CHECK_RC(caller_pending_wait(p, 10, false, true, &made), 0);
+    caller_pending_t *list[4];
+    size_t n = caller_manager_pending(m, list, 4);
+    CHECK_EQ(n, 1); /* p is done (released); the Pending its task made is not */
+    CHECK_PTR_EQ(list[0], made);
+    caller_pending_unref(list[0]);
+    caller_manager_deactivate(m, true);
+    caller_pending_set_result(made, NULL, false);
+    CHECK_RC(caller_manager_wait(m, 10), 0);
+    caller_pending_unref(made);
+    caller_pending_unref(p);
+    caller_manager_unref(m);
+    check_stop(c);
+}
+
+/* ---- cancel scopes ----------------------------------------------------------------- */
+
+static void *scopes_body(void *arg)
+{
+    (void)arg;
+    /* move on after */
+    caller_scope_t *s = caller_scope_enter(0.02, 0);
+    CHECK(s != NULL);
+    double t0 = check_now();
+    CHECK_RC(caller_sleep(10), -ECANCELED);
+    CHECK_GE((check_now() - t0) * 1000, 20 - 1);
+    CHECK_EQ(caller_scope_cancelled(s), 1);
+    CHECK_RC(caller_scope_exit(s), 0);
+    CHECK_RC(caller_sleep(0.001), 0); /* the task itself is fine */
+    /* fail after */
+    s = caller_scope_enter(0.01, CALLER_SCOPE_FAIL);
+    CHECK_RC(caller_sleep(10), -ECANCELED);
+    CHECK_RC(caller_scope_exit(s), -ETIMEDOUT);
+    /* an explicit cancel */
+    s = caller_scope_enter(-1, 0);
+    caller_scope_cancel(s);
+    CHECK_RC(caller_sleep(10), -ECANCELED);
+    CHECK_RC(caller_scope_exit(s), 0);
+    /* nesting order */
+    caller_scope_t *a = caller_scope_enter(-1, 0), *b = caller_scope_enter(-1, 0);
+    CHECK_RC(caller_scope_exit(a), -EINVAL);
+    CHECK_RC(caller_scope_exit(b), 0);
+    CHECK_RC(caller_scope_exit(a), 0);
+    return NULL;
+}
+
+TEST(scopes_move_on_after_fail_after_and_cancel)
+{
+    CHECK_RC(run_in_task(scopes_body, NULL, NULL), 0);
+    CHECK(caller_scope_enter(1, 0) == NULL);
+    CHECK_RC(caller_last_error(NULL), -EPERM);
+}
+
+typedef struct {
+    caller_pending_t *inside;
+    int cleanup_rc, after_rc;
+} cleanup_t;
+
+static void *shielded_cleanup(void *arg)
+{
+    cleanup_t *c = arg;
+    caller_scope_t *s = caller_scope_enter(-1, CALLER_SCOPE_SHIELD);
+    caller_pending_set_result(c->inside, NULL, false);
+    c->cleanup_rc = caller_sleep(0.05); /* must not be interrupted */
+    caller_scope_exit(s);
+    c->after_rc = caller_sleep(10);
+    return NULL;
+}
+
+TEST(shielded_scope_finishes_its_cleanup)
+{
+    caller_t *c = check_new_thread(NULL);
+    cleanup_t cl = {.inside = caller_pending_new(0)};
+    caller_pending_t *p = caller_call_soon(c, shielded_cleanup, &cl);
+    CHECK_RC(caller_pending_wait(cl.inside, 10, false, false, NULL), 0);
+    caller_pending_cancel(p, "now");
+    CHECK_RC(caller_pending_wait(p, 10, true, false, NULL), 0);
+    CHECK_RC(cl.cleanup_rc, 0);
+    CHECK_RC(cl.after_rc, -ECANCELED);
+    caller_pending_unref(p);
+    caller_pending_unref(cl.inside);
+    check_stop(c);
+}
+
+/* ---- stress -------------------------------------------------------------------------- */
+
+enum { STRESS_GROUPS = 100, STRESS_TASKS = 100, STRESS_CALLERS = 3 };
+
+static caller_t *stress_callers[STRESS_CALLERS];
+static atomic_int stress_exits_ok, stress_exits_cancelled, stress_failures_planned;
+
+/* Task i of group g sleeps 0-2 ms; in every third group, task 50 fails. */
+static bool stress_fails(intptr_t g, int i)
+{
+    return g % 3 == 0 && i == 50;
+}
+
+static void *stress_task(void *arg)
+{
+    intptr_t v = I(arg), g = v / STRESS_TASKS;
+    int i = (int)(v % STRESS_TASKS);
+    int rc = caller_sleep((double)((g + i) % 3) / 1000);
+    if (rc < 0)
+        return NULL;
+    if (stress_fails(g, i))
+        caller_raise(-EIO, "stress failure in group %ld", (long)g);
+    return arg;
+}
+
+static void *stress_group(void *arg)
+{
+    intptr_t gi = I(arg);
+    caller_group_t *g = caller_create_pending_group(NULL, false);
+    CHECK_RC(caller_group_enter(g), 0);
+    caller_pending_t *p[STRESS_TASKS];
+    bool plans_failure = false;
+    for (int i = 0; i < STRESS_TASKS; i++) {
+        intptr_t v = gi * STRESS_TASKS + i;
+        plans_failure |= stress_fails(gi, i);
+        caller_t *target = stress_callers[(gi + i) % STRESS_CALLERS];
+        p[i] = (i % 10 == 0) ? caller_to_thread(target, stress_task, P(v))
+                             : caller_call_soon(target, stress_task, P(v));
+        CHECK(p[i] != NULL);
+    }
+    int rc = caller_group_exit(g);
+    if (plans_failure)
+        atomic_fetch_add(&stress_failures_planned, 1);
+    if (rc == 0) {
+        CHECK(!plans_failure);
+        atomic_fetch_add(&stress_exits_ok, 1);
+    } else {
+        CHECK_RC(rc, -ECANCELED);
+        atomic_fetch_add(&stress_exits_cancelled, 1);
+    }
+    for (int i = 0; i < STRESS_TASKS; i++) {
+        CHECK_EQ(caller_pending_done(p[i]), 1); /* every tracked Pending ended */
+        caller_pending_unref(p[i]);
+    }
+    caller_group_unref(g);
+    return NULL;
+}
+
+TEST(stress_100_groups_of_100_tasks_with_failures)
+{
+    for (int i = 0; i < STRESS_CALLERS; i++)
+        stress_callers[i] = check_new_thread(NULL);
+    atomic_store(&stress_exits_ok, 0);
+    atomic_store(&stress_exits_cancelled, 0);
+    atomic_store(&stress_failures_planned, 0);
+    caller_pending_t *bodies[STRESS_GROUPS];
+    for (int gi = 0; gi < STRESS_GROUPS; gi++)
+        bodies[gi] = caller_call_soon(stress_callers[gi % STRESS_CALLERS], stress_group, P(gi));
+    for (int gi = 0; gi < STRESS_GROUPS; gi++) {
+        CHECK_RC(caller_pending_wait(bodies[gi], 60, false, true, NULL), 0);
+        caller_pending_unref(bodies[gi]);
+    }
+    int ok = atomic_load(&stress_exits_ok), cancelled = atomic_load(&stress_exits_cancelled);
+    printf("groups: %d exited cleanly, %d cancelled (%d planned a failure)\n", ok, cancelled,
+           atomic_load(&stress_failures_planned));
+    CHECK_EQ(ok + cancelled, STRESS_GROUPS);
+    CHECK_EQ(cancelled, atomic_load(&stress_failures_planned));
+    CHECK_GE(cancelled, 1);
+    CHECK_GE(ok, 1);
+    for (int i = 0; i < STRESS_CALLERS; i++)
+        check_stop(stress_callers[i]);
+}
+
+/* Regression: a wake that arrives while the task is already ready for a
+ * cancel notice its shield keeps out must not be lost. */
+typedef struct {
+    caller_pending_t *inside, *target;
+    int rc;
+} late_wake_t;
+
+static void *shielded_wait(void *arg)
+{
+    late_wake_t *w = arg;
+    caller_scope_t *s = caller_scope_enter(-1, CALLER_SCOPE_SHIELD);
+    caller_pending_set_result(w->inside, NULL, false);
+    w->rc = caller_pending_wait(w->target, 30, true, false, NULL);
+    caller_scope_exit(s);
+    return NULL;
+}
+
+typedef struct {
+    caller_pending_t *blocked, *gate;
+} hold_t;
+
+/* A direct call that holds the loop until the gate opens. */
+static void hold_loop(void *arg)
+{
+    hold_t *h = arg;
+    caller_pending_set_result(h->blocked, NULL, false);
+    caller_pending_wait(h->gate, 30, true, false, NULL);
+}
+
+TEST(wake_during_a_shielded_cancel_notice_is_not_lost)
+{
+    caller_t *c = check_new_thread(NULL);
+    late_wake_t w = {.inside = caller_pending_new(0),
+                     .target = caller_pending_new(CALLER_PENDING_UNTRACKED),
+                     .rc = 1};
+    hold_t h = {caller_pending_new(0), caller_pending_new(0)};
+    caller_pending_t *p = caller_call_soon(c, shielded_wait, &w);
+    CHECK_RC(caller_pending_wait(w.inside, 10, false, false, NULL), 0);
+    /* The task is running now; this direct call runs after it suspended,
+     * and holds the loop so both notices queue up: the cancel first, then
+     * the wake. The loop then readies the task for the cancel and sees the
+     * wake while it is ready. */
+    CHECK_RC(caller_call_direct(c, hold_loop, &h), 0);
+    CHECK_RC(caller_pending_wait(h.blocked, 10, false, false, NULL), 0);
+    caller_pending_cancel(p, "shielded away");
+    caller_pending_set_result(w.target, NULL, false);
+    caller_pending_set_result(h.gate, NULL, false);
+    CHECK_RC(caller_pending_wait(p, 5, true, false, NULL), 0); /* not the 30 s */
+    CHECK_RC(w.rc, 0);
+    caller_pending_unref(p);
+    caller_pending_unref(h.blocked);
+    caller_pending_unref(h.gate);
+    caller_pending_unref(w.inside);
+    caller_pending_unref(w.target);
+    check_stop(c);
+}
