@@ -640,3 +640,37 @@ TEST(wake_during_a_shielded_cancel_notice_is_not_lost)
     caller_pending_unref(w.target);
     check_stop(c);
 }
+
+static void *queue_item_makes(void *arg)
+{
+    caller_pending_t **out = arg;
+    *out = caller_pending_new(0); /* left unfinished for the body to see */
+    return NULL;
+}
+
+static void *body_queue(void *arg)
+{
+    (void)arg;
+    caller_t *self = caller_current();
+    caller_group_t *g = caller_create_pending_group(self, false);
+    CHECK_RC(caller_group_enter(g), 0);
+    caller_pending_t *made = NULL;
+    caller_pending_t *q = caller_queue_call(self, queue_item_makes, &made);
+    CHECK(tracked(g, q)); /* the queue's Pending, until its round ends */
+    CHECK_RC(caller_pending_wait(q, 10, false, false, NULL), 0); /* the round */
+    CHECK(made != NULL);
+    CHECK(tracked(g, made)); /* the item ran in the group's context */
+    caller_pending_set_result(made, NULL, false);
+    CHECK_RC(caller_group_exit(g), 0);
+    CHECK_EQ(caller_group_pending(g, NULL, 0), 0);
+    caller_queue_close(self, queue_item_makes);
+    caller_pending_unref(made);
+    caller_pending_unref(q);
+    caller_group_unref(g);
+    return NULL;
+}
+
+TEST(queue_call_carries_the_context)
+{
+    CHECK_RC(run_in_task(body_queue, NULL, NULL), 0);
+}
