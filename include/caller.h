@@ -418,9 +418,12 @@ typedef struct caller_options {
     const char *backend;
     /** A protected Caller ignores caller_stop() unless forced. */
     bool protect;
-    /** A ZeroMQ context (void * so this header does not need zmq.h); for
-     *  the iopub sockets. Children inherit it. */
+    /** A ZeroMQ context (void * so this header does not need zmq.h): the
+     *  Caller opens an iopub PUB socket with it in its thread (see "ZeroMQ
+     *  iopub"). Children and workers inherit the parent's unless `no_zmq`. */
     void *zmq_context;
+    /** caller_get(): do not inherit the parent's zmq context. */
+    bool no_zmq;
     /** Logging callback and its argument; NULL logs to stderr. */
     caller_log_fn log;
     void *log_arg;
@@ -959,6 +962,45 @@ CALLER_EXTERN int caller_manager_wait(caller_manager_t *m, double timeout);
  *  @return how many. */
 CALLER_EXTERN size_t caller_manager_pending(caller_manager_t *m, caller_pending_t **out,
                                             size_t max);
+
+/* ---- ZeroMQ iopub (SPEC §10) ---------------------------------------------- */
+
+/**
+ * A Caller created with a ZeroMQ context (`options.zmq_context`) opens, in
+ * its own thread as it starts, a PUB socket (linger 50 ms) connected to the
+ * process-wide iopub URL, and registers it in the process-wide map thread ->
+ * socket; the socket is closed and unregistered in its thread when the
+ * Caller stops (before its stopped event), so zmq_ctx_term() returns once
+ * every such Caller has stopped.
+ *
+ * ZeroMQ sockets are not thread-safe: use a socket only in the thread it
+ * belongs to — the Caller's own thread, i.e. from its tasks and direct
+ * calls. Built without ZeroMQ (-DCALLER_WITH_ZMQ=OFF), a Caller given a
+ * context fails to start (-ENOTSUP) and the accessors return NULL.
+ */
+
+/** The iopub URL for Callers that start from now on; default
+ *  "inproc://iopub" (a SUB socket binds there). Thread: any.
+ *  @return 0, or -EINVAL (NULL, empty, or longer than 255 bytes). */
+CALLER_EXTERN int caller_iopub_set_url(const char *url);
+
+/** The iopub URL, snprintf-style into @p buf. Thread: any. */
+CALLER_EXTERN int caller_iopub_url(char *buf, size_t len);
+
+/** The calling thread's iopub socket (its Caller's), or NULL. Thread: any;
+ *  the socket may be used only in this thread. */
+CALLER_EXTERN void *caller_iopub_socket(void);
+
+/** The iopub socket registered for @p thread, or NULL. Thread: any — but
+ *  the socket may be used only in @p thread (this is for lookups and
+ *  checks, not for sending from elsewhere). */
+CALLER_EXTERN void *caller_iopub_socket_for(pthread_t thread);
+
+/** How many iopub sockets are open in the process. Thread: any. */
+CALLER_EXTERN size_t caller_iopub_count(void);
+
+/** @p c's ZeroMQ context, or NULL. Thread: any (contexts are thread-safe). */
+CALLER_EXTERN void *caller_zmq_context(const caller_t *c);
 
 /* ---- lookups and introspection ---------------------------------------- */
 

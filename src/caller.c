@@ -228,7 +228,7 @@ static caller_t *alloc_caller(const caller_options_t *o, const char *default_nam
     c->ops = ops;
     if (o) {
         c->protect = o->protect;
-        c->zmq_context = o->zmq_context;
+        c->zmq_context = o->no_zmq ? NULL : o->zmq_context;
         c->log = o->log;
         c->log_arg = o->log_arg;
         c->stack_size = o->stack_size;
@@ -249,11 +249,16 @@ static const caller__backend_events_t events;
  */
 static int start_loop(caller_t *c, void *app_loop)
 {
-    caller__backend_t *b;
-    int rc = c->ops->open(&b, app_loop, c, &events);
+    int rc = caller__iopub_open(c);
     if (rc)
+        return rc;
+    caller__backend_t *b;
+    rc = c->ops->open(&b, app_loop, c, &events);
+    if (rc) {
+        caller__iopub_close(c);
         return caller__fail(rc, "caller: cannot open the %s loop: %s", c->ops->name,
                             caller_strerror(rc));
+    }
     c->loop_backend = b;
     caller__lock(&c->inbox_lock);
     c->backend = b;
@@ -271,6 +276,7 @@ static void finish(caller_t *c)
 {
     c->ops->destroy(c->loop_backend);
     c->loop_backend = NULL;
+    caller__iopub_close(c); /* before the stopped event: zmq_ctx_term may follow */
     caller__fiber_cache_clear();
     registry_remove(c);
     atomic_store_explicit(&c->state, CALLER_STATE_STOPPED, memory_order_release);
@@ -348,11 +354,20 @@ static void *thread_main(void *arg)
     tl_set(c);
     int rc = start_loop(c, NULL);
     c->start_error = rc;
+    if (rc) {
+        const char *m;
+        caller_last_error(&m);
+        snprintf(c->start_msg, sizeof c->start_msg, "%s", m);
+    }
     atomic_store_explicit(&c->started, 1, memory_order_release);
     caller__futex_wake(&c->started, 1);
     if (rc == 0) {
         c->ops->run(c->loop_backend);
         finish(c);
+    } else {
+        atomic_store(&c->state, CALLER_STATE_STOPPED);
+        tl_set(NULL);
+        caller_pending_set_result(c->stopped, NULL, false);
     }
     caller_unref(c); /* the running reference */
     return NULL;
@@ -380,7 +395,8 @@ static int start_thread(caller_t *c)
     if (!c->start_error)
         registry_add(c);
     if (c->start_error)
-        return caller__fail(c->start_error, "caller_create: the new thread's loop did not start");
+        return caller__fail(c->start_error, "caller_create: the new thread did not start: %s",
+                            c->start_msg);
     return 0;
 }
 
@@ -680,7 +696,7 @@ caller_t *caller_get(caller_t *parent, const caller_options_t *o)
     caller_options_t merged = o ? *o : (caller_options_t){0};
     if (!merged.backend)
         merged.backend = parent->ops->name;
-    if (!merged.zmq_context)
+    if (!merged.zmq_context && !merged.no_zmq)
         merged.zmq_context = parent->zmq_context;
     if (!merged.log) {
         merged.log = parent->log;

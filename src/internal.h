@@ -221,6 +221,7 @@ struct caller {
     void *log_arg;
     size_t stack_size;
     void *zmq_context;
+    void *iopub;               /* its PUB socket, in its own thread only (iopub.c) */
     caller_pending_t *stopped; /* the stopped event */
 
     /* children, under `lock` */
@@ -258,6 +259,7 @@ struct caller {
 
     atomic_uint started; /* NEW_THREAD: 1 once running (futex word) */
     int start_error;
+    char start_msg[200]; /* the thread's error message when it failed */
 };
 
 /* ---- sched.c ---- */
@@ -331,6 +333,12 @@ void caller__ctx_track(caller_pending_t *p);
 /* ---- queue.c ---- */
 caller_pending_t *caller__queue_call(caller_t *c, caller_fn key_fn, const void *key, caller_fn fn,
                                      void *arg, const char *name);
+
+/* ---- iopub.c ---- */
+/* In the Caller's thread: open and register its PUB socket if it has a
+ * ZeroMQ context (0 or an error); close and unregister it. */
+int caller__iopub_open(caller_t *c);
+void caller__iopub_close(caller_t *c);
 
 /* ---- pool.c ---- */
 void caller__pool_free(caller_pool_t *pool);
