@@ -17,6 +17,9 @@ typedef struct caller__backend caller__backend_t;
 typedef struct {
     void (*on_work)(void *owner);   /* wake, timer or "more": dispatch now */
     void (*on_closed)(void *owner); /* every handle is closed */
+    /* The loop is about to block waiting for events (it may dispatch here
+     * and turn "more" on, and the loop will not block then). */
+    void (*before_sleep)(void *owner);
 } caller__backend_events_t;
 
 typedef struct {

@@ -16,6 +16,7 @@ struct caller__backend {
     uv_async_t async;
     uv_timer_t timer;
     uv_idle_t idle;
+    uv_prepare_t prepare; /* runs right before the loop polls */
     int open_handles;
     bool idle_on;
     void *owner;
@@ -38,6 +39,14 @@ static void on_idle(uv_idle_t *h)
 {
     caller__backend_t *b = h->data;
     b->events->on_work(b->owner);
+}
+
+static void on_prepare(uv_prepare_t *h)
+{
+    caller__backend_t *b = h->data;
+    /* Only when the loop would block: with idle on it polls without waiting. */
+    if (!b->idle_on)
+        b->events->before_sleep(b->owner);
 }
 
 static int uvb_open(caller__backend_t **out, void *loop, void *owner,
@@ -63,8 +72,11 @@ static int uvb_open(caller__backend_t **out, void *loop, void *owner,
         goto fail_loop;
     uv_timer_init(b->loop, &b->timer);
     uv_idle_init(b->loop, &b->idle);
-    b->async.data = b->timer.data = b->idle.data = b;
-    b->open_handles = 3;
+    uv_prepare_init(b->loop, &b->prepare);
+    b->async.data = b->timer.data = b->idle.data = b->prepare.data = b;
+    b->open_handles = 4;
+    uv_prepare_start(&b->prepare, on_prepare);
+    uv_unref((uv_handle_t *)&b->prepare);
     /* The async handle keeps the loop alive while the Caller is open (an
      * application loop too: work can arrive at any time); timer and idle
      * never hold a loop open by themselves. */
@@ -127,6 +139,7 @@ static void uvb_close(caller__backend_t *b)
     uv_close((uv_handle_t *)&b->async, on_close);
     uv_close((uv_handle_t *)&b->timer, on_close);
     uv_close((uv_handle_t *)&b->idle, on_close);
+    uv_close((uv_handle_t *)&b->prepare, on_close);
 }
 
 static void uvb_destroy(caller__backend_t *b)

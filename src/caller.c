@@ -235,6 +235,8 @@ static caller_t *alloc_caller(const caller_options_t *o, const char *default_nam
     }
     pthread_mutex_init(&c->lock, NULL);
     c->live_tasks.prev = c->live_tasks.next = &c->live_tasks;
+    c->spin.budget = CALLER__SPIN_PROBE;
+    atomic_init(&c->poked, 0);
     c->stop_msg.kind = CALLER__MSG_STOP;
     c->child_msg.kind = CALLER__MSG_CHILD;
     atomic_fetch_add_explicit(&live_callers, 1, memory_order_relaxed);
@@ -317,7 +319,13 @@ static void on_work(void *owner)
     caller__dispatch(owner);
 }
 
-static const caller__backend_events_t events = {.on_work = on_work, .on_closed = on_closed};
+static void before_sleep(void *owner)
+{
+    caller__before_sleep(owner);
+}
+
+static const caller__backend_events_t events = {
+    .on_work = on_work, .on_closed = on_closed, .before_sleep = before_sleep};
 
 void caller__check_finished(caller_t *c)
 {

@@ -236,6 +236,8 @@ struct caller {
     caller__fifo_t inbox;
     caller__backend_t *backend; /* set and cleared under inbox_lock */
     uint64_t wakes;             /* wake-ups issued (under inbox_lock), for tests */
+    bool spinning;              /* the loop spins for work (under inbox_lock) */
+    atomic_uint poked;          /* work arrived while it spun */
 
     /* loop-thread-only */
     caller__backend_t *loop_backend; /* from start until finished */
@@ -244,6 +246,7 @@ struct caller {
     caller__link_t live_tasks;
     size_t nlive;
     bool in_dispatch;
+    caller__spin_t spin;    /* adaptive spin before the loop blocks */
     bool stop_seen;         /* MSG_STOP processed */
     bool finishing;         /* backend close requested */
     caller_pending_t *body; /* caller_run: the body's task */
@@ -270,6 +273,8 @@ caller__task_t *caller__task_current(void);
 bool caller__post(caller_t *c, caller__msg_t *m);
 /* Loop thread: the backend's on_work. */
 void caller__dispatch(caller_t *c);
+/* Loop thread: the loop is about to block; spin briefly for work first. */
+void caller__before_sleep(caller_t *c);
 /* Loop thread: start dispatching (drain what was queued before start). */
 void caller__sched_started(caller_t *c);
 /* Loop thread, on MSG_STOP: cancel every task. */

@@ -29,6 +29,7 @@ enum {
     F_UNTRACKED = 1u << 3,
     F_CANCELLER = 1u << 4,
     F_WEAK_OWNER = 1u << 5,
+    F_COMPLETING = 1u << 6, /* done, its callbacks still running */
 };
 
 #define PENDING_MAGIC 0x50656e64u /* "Pend" */
@@ -265,7 +266,7 @@ static int complete(caller_pending_t *p, void *value, int code, char *msg, bool 
         caller__free(msg);
         return caller__fail(CALLER_EINVALSTATE, "%s: the Pending is already done", fn);
     }
-    flags |= F_DONE | (code ? F_FAILED : 0u);
+    flags |= F_DONE | F_COMPLETING | (code ? F_FAILED : 0u);
     p->value = value;
     p->code = code;
     p->errmsg = msg;
@@ -283,21 +284,32 @@ static int complete(caller_pending_t *p, void *value, int code, char *msg, bool 
 
     run_callbacks(p, cb0, cbs);
 
+    /* Waiters that came while the callbacks ran were queued too (see
+     * caller__pending_add_waiter): nobody sees the Pending done, through a
+     * wait, before its callbacks ran. */
+    caller__lock(&p->lock);
+    caller__waiter_t *late = p->waiters;
+    p->waiters = NULL;
+    for (caller__waiter_t *w = late; w; w = w->next)
+        w->linked = false;
+    unsigned clear = F_COMPLETING;
     if (reset) {
-        caller__lock(&p->lock);
         p->value = NULL;
-        atomic_fetch_and_explicit(&p->flags, ~(unsigned)F_DONE, memory_order_release);
-        caller__unlock(&p->lock);
+        clear |= F_DONE;
     }
+    atomic_fetch_and_explicit(&p->flags, ~clear, memory_order_release);
+    caller__unlock(&p->lock);
 
     /* Waiters last, as in the original: when a waiter wakes, the done
      * callbacks have run. Read `next` before waking: the node may vanish. */
-    caller__waiter_t *next;
-    for (caller__waiter_t *w = waiters; w; w = next) {
-        next = w->next;
-        w->value = value;
-        w->code = outcome;
-        w->wake(w);
+    caller__waiter_t *lists[2] = {waiters, late}, *next;
+    for (int i = 0; i < 2; i++) {
+        for (caller__waiter_t *w = lists[i]; w; w = next) {
+            next = w->next;
+            w->value = value;
+            w->code = outcome;
+            w->wake(w);
+        }
     }
     return 0;
 }
@@ -547,7 +559,8 @@ int caller_pending_remove_done_callback(caller_pending_t *p, caller_done_fn fn, 
 bool caller__pending_add_waiter(caller_pending_t *p, caller__waiter_t *w)
 {
     caller__lock(&p->lock);
-    if (atomic_load_explicit(&p->flags, memory_order_relaxed) & F_DONE) {
+    unsigned flags = atomic_load_explicit(&p->flags, memory_order_relaxed);
+    if ((flags & F_DONE) && !(flags & F_COMPLETING)) {
         caller__unlock(&p->lock);
         return false;
     }
@@ -573,19 +586,27 @@ bool caller__pending_remove_waiter(caller_pending_t *p, caller__waiter_t *w)
     return was;
 }
 
-/* A plain thread's waiter: a futex word on the waiting thread's stack. */
+/* A plain thread's waiter: a futex word on the waiting thread's stack.
+ * WAITING while it spins, SLEEPING once it may be in futex_wait, WOKEN when
+ * the completion arrived: the waker makes the system call only for a
+ * sleeper. */
+enum { TW_WAITING = 0, TW_WOKEN = 1, TW_SLEEPING = 2 };
+
 typedef struct {
     caller__waiter_t w;
-    atomic_uint woken;
+    atomic_uint state;
 } thread_waiter_t;
+
+static _Thread_local caller__spin_t wait_spin = {.budget = CALLER__SPIN_PROBE};
 
 static void thread_wake(caller__waiter_t *w)
 {
     thread_waiter_t *tw = (thread_waiter_t *)w;
-    atomic_store_explicit(&tw->woken, 1, memory_order_release);
-    /* The waiter may already have returned: waking a stale stack address
-     * is harmless (futex waiters tolerate spurious wakes). */
-    caller__futex_wake(&tw->woken, 1);
+    /* After this exchange the waiter may return at once and its frame go:
+     * only the futex word's address is used below, and waking a stale
+     * address is harmless (futex waiters tolerate spurious wakes). */
+    if (atomic_exchange_explicit(&tw->state, TW_WOKEN, memory_order_acq_rel) == TW_SLEEPING)
+        caller__futex_wake(&tw->state, 1);
 }
 
 /* Block this thread until @p p is done or @p deadline; 0 or -ETIMEDOUT.
@@ -593,20 +614,31 @@ static void thread_wake(caller__waiter_t *w)
 static int block_thread(caller_pending_t *p, int64_t deadline, int *code, void **value)
 {
     thread_waiter_t tw = {.w = {.wake = thread_wake}};
-    atomic_init(&tw.woken, 0);
+    atomic_init(&tw.state, TW_WAITING);
     if (!caller__pending_add_waiter(p, &tw.w)) {
         *code = outcome(p, value, NULL, 0, "caller_pending_wait");
         return 0;
     }
-    while (!atomic_load_explicit(&tw.woken, memory_order_acquire)) {
-        if (caller__futex_wait(&tw.woken, 0, deadline) != -ETIMEDOUT)
+    if (deadline != INT64_MAX && caller__now_ns() >= deadline)
+        goto timed_out;
+    if (!caller__spin_while(&wait_spin, &tw.state, TW_WAITING)) {
+        unsigned expected = TW_WAITING;
+        atomic_compare_exchange_strong_explicit(&tw.state, &expected, TW_SLEEPING,
+                                                memory_order_acq_rel, memory_order_acquire);
+    }
+    while (atomic_load_explicit(&tw.state, memory_order_acquire) != TW_WOKEN) {
+        if (caller__futex_wait(&tw.state, TW_SLEEPING, deadline) != -ETIMEDOUT)
             continue; /* woken, or spurious: re-check */
+    timed_out:
         if (caller__pending_remove_waiter(p, &tw.w))
             return -ETIMEDOUT;
         /* A completion detached us just before the deadline: the Pending
          * is done and our wake is on its way; it must arrive before this
          * frame goes away. */
         deadline = INT64_MAX;
+        unsigned expected = TW_WAITING;
+        atomic_compare_exchange_strong_explicit(&tw.state, &expected, TW_SLEEPING,
+                                                memory_order_acq_rel, memory_order_acquire);
     }
     *code = tw.w.code;
     *value = tw.w.value;

@@ -50,11 +50,36 @@ static bool post(caller_t *c, caller__msg_t *m, bool user)
     bool was_empty = c->inbox.head == NULL;
     caller__fifo_push(&c->inbox, m);
     if (was_empty && c->backend) {
-        c->wakes++;
-        c->ops->wake(c->backend);
+        if (c->spinning) {
+            /* The loop is spinning for work: no system call needed. */
+            atomic_store_explicit(&c->poked, 1, memory_order_release);
+        } else {
+            c->wakes++;
+            c->ops->wake(c->backend);
+        }
     }
     caller__unlock(&c->inbox_lock);
     return true;
+}
+
+void caller__before_sleep(caller_t *c)
+{
+    if (c->finishing || c->ready.head)
+        return;
+    caller__lock(&c->inbox_lock);
+    bool queued = c->inbox.head != NULL;
+    c->spinning = !queued;
+    atomic_store_explicit(&c->poked, 0, memory_order_relaxed);
+    caller__unlock(&c->inbox_lock);
+    if (!queued) {
+        caller__spin_while(&c->spin, &c->poked, 0);
+        caller__lock(&c->inbox_lock);
+        c->spinning = false; /* from here producers wake the loop again */
+        queued = c->inbox.head != NULL;
+        caller__unlock(&c->inbox_lock);
+    }
+    if (queued)
+        caller__dispatch(c); /* the loop then does not block: see dispatch's end */
 }
 
 bool caller__post(caller_t *c, caller__msg_t *m)

@@ -3,6 +3,7 @@
 #include "internal.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <sys/wait.h>
@@ -828,5 +829,39 @@ TEST(null_arguments_are_einval)
     CHECK_RC(caller_pending_result(p, NULL), 0);
     CHECK_RC(caller_pending_exception(p, NULL, 0), 0);
     CHECK_RC(caller_pending_wait(p, 0, false, true, NULL), 0);
+    caller_pending_unref(p);
+}
+
+/* A wait that starts while the done callbacks still run returns only after
+ * they ran (the worker pool relies on it: a worker is back in the pool
+ * before anyone waiting for its call sees the call done). */
+static void slow_then_flag(caller_pending_t *p, void *arg)
+{
+    (void)p;
+    struct timespec ts = {0, 50000000};
+    nanosleep(&ts, NULL);
+    atomic_store((atomic_int *)arg, 1);
+}
+
+static void *complete_it(void *arg)
+{
+    caller_pending_set_result(arg, (void *)5, false);
+    return NULL;
+}
+
+TEST(wait_during_done_callbacks_returns_after_them)
+{
+    caller_pending_t *p = new_pending();
+    atomic_int flag = 0;
+    CHECK_RC(caller_pending_add_done_callback(p, slow_then_flag, &flag), 0);
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, complete_it, p), 0);
+    while (caller_pending_done(p) != 1) /* done is set before the callbacks run */
+        sched_yield();
+    void *v = NULL;
+    CHECK_RC(caller_pending_wait(p, 10, true, true, &v), 0);
+    CHECK_EQ(atomic_load(&flag), 1);
+    CHECK_PTR_EQ(v, (void *)5);
+    pthread_join(t, NULL);
     caller_pending_unref(p);
 }
