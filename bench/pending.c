@@ -9,6 +9,9 @@
  *  P2 ping-pong    two threads hand a token back and forth, each hop
  *                  completing a fresh Pending the other blocks on: µs per
  *                  round trip. Floor: the same hops on a mutex + condvar.
+ *
+ * Run by the harness of bench.h: each run in its own forked process,
+ * interleaved with the floor's.
  */
 #include "bench.h"
 
@@ -29,7 +32,7 @@ static void on_done(caller_pending_t *p, void *arg)
     atomic_fetch_add_explicit(&sink, (long)(intptr_t)arg, memory_order_relaxed);
 }
 
-static double p1_ours(void)
+static int p1_ours(double *out)
 {
     double t0 = bench_now();
     for (long i = 0; i < P1_N; i++) {
@@ -38,7 +41,8 @@ static double p1_ours(void)
         caller_pending_set_result(p, (void *)i, false);
         caller_pending_unref(p);
     }
-    return (bench_now() - t0) * 1e9 / P1_N;
+    out[0] = (bench_now() - t0) * 1e9 / P1_N;
+    return caller_pending_live_count() == 0 ? 0 : 1;
 }
 
 typedef struct {
@@ -55,7 +59,7 @@ static void raw_done(void *f, void *arg)
     atomic_fetch_add_explicit(&sink, (long)(intptr_t)arg, memory_order_relaxed);
 }
 
-static double p1_floor(void)
+static int p1_floor(double *out)
 {
     double t0 = bench_now();
     for (long i = 0; i < P1_N; i++) {
@@ -74,7 +78,8 @@ static double p1_floor(void)
         pthread_mutex_destroy(&f->lock);
         free(f);
     }
-    return (bench_now() - t0) * 1e9 / P1_N;
+    out[0] = (bench_now() - t0) * 1e9 / P1_N;
+    return 0;
 }
 
 /* P2: slot[i] is the Pending for hop i, created by the main thread ahead. */
@@ -90,7 +95,7 @@ static void *p2_ours_peer(void *arg)
     return NULL;
 }
 
-static double p2_ours(void)
+static int p2_ours(double *out)
 {
     slots = malloc(sizeof *slots * 2 * P2_N);
     for (int i = 0; i < 2 * P2_N; i++)
@@ -107,7 +112,8 @@ static double p2_ours(void)
     for (int i = 0; i < 2 * P2_N; i++)
         caller_pending_unref(slots[i]);
     free(slots);
-    return dt * 1e6 / P2_N;
+    out[0] = dt * 1e6 / P2_N;
+    return caller_pending_live_count() == 0 ? 0 : 1;
 }
 
 static struct {
@@ -134,7 +140,7 @@ static void *p2_floor_peer(void *arg)
     return NULL;
 }
 
-static double p2_floor(void)
+static int p2_floor(double *out)
 {
     pp.turn = 0;
     pthread_t t;
@@ -148,15 +154,37 @@ static double p2_floor(void)
     pthread_mutex_unlock(&pp.lock);
     double dt = bench_now() - t0;
     pthread_join(t, NULL);
-    return dt * 1e6 / P2_N;
+    out[0] = dt * 1e6 / P2_N;
+    return 0;
 }
+
+static const bench_workload_t p1 = {
+    "P1",
+    "pending lifecycle",
+    "create a Pending, add 1 done callback, set the result (runs it), release; 1e6 times",
+    1,
+    {{"per Pending", "ns"}},
+    {{"caller_pending_*", p1_ours}, {"malloc+mutex record", p1_floor}, {NULL, NULL}},
+    60,
+    0,
+};
+
+static const bench_workload_t p2 = {
+    "P2",
+    "cross-thread ping-pong",
+    "two threads hand a token back and forth, each hop completing a Pending the other waits on",
+    1,
+    {{"round trip", "us"}},
+    {{"caller_pending_wait", p2_ours}, {"mutex+condvar", p2_floor}, {NULL, NULL}},
+    60,
+    0,
+};
 
 int main(void)
 {
+    bench_begin();
     printf("sizeof(struct caller_pending) = %zu bytes\n", caller__pending_size());
-    bench_header();
-    bench_compare("P1 pending lifecycle (1 callback)", "ns", "malloc+mutex record", p1_ours,
-                  p1_floor);
-    bench_compare("P2 cross-thread ping-pong", "us/rt", "mutex+condvar", p2_ours, p2_floor);
-    return caller_pending_live_count() == 0 ? 0 : 1;
+    bench_workload(&p1);
+    bench_workload(&p2);
+    return bench_end();
 }
