@@ -17,8 +17,17 @@ typedef struct caller__timer {
 
 #define CALLER__HEAP_NONE SIZE_MAX
 
+/* The key is kept in the array beside the pointer, so sifting compares
+ * neighbouring memory instead of chasing each timer (a 100 000-entry heap
+ * of pointers spent most of its time in cache misses, measured in W5). */
 typedef struct {
-    caller__timer_t **items;
+    int64_t deadline;
+    uint64_t seq;
+    caller__timer_t *timer;
+} caller__heap_entry_t;
+
+typedef struct {
+    caller__heap_entry_t *items;
     size_t n, cap;
     uint64_t seq;
 } caller__heap_t;
@@ -30,7 +39,7 @@ void caller__heap_remove(caller__heap_t *h, caller__timer_t *t);
 /* The earliest timer, or NULL. */
 static inline caller__timer_t *caller__heap_min(const caller__heap_t *h)
 {
-    return h->n ? h->items[0] : NULL;
+    return h->n ? h->items[0].timer : NULL;
 }
 void caller__heap_free(caller__heap_t *h);
 

@@ -610,9 +610,13 @@ void caller__dispatch(caller_t *c)
 
     c->in_dispatch = false;
     if (!c->finishing) {
-        c->ops->more(c->loop_backend, c->ready.head != NULL);
         tm = caller__heap_min(&c->timers);
-        c->ops->timer(c->loop_backend, tm ? tm->deadline : INT64_MAX);
+        /* A timer due within a few microseconds: keep the loop turning
+         * instead of arming the timer (a system call, and the poll's own
+         * latency, would make it later than that). */
+        bool soon = tm && tm->deadline - caller__now_ns() < 20000;
+        c->ops->more(c->loop_backend, c->ready.head != NULL || soon);
+        c->ops->timer(c->loop_backend, tm && !soon ? tm->deadline : INT64_MAX);
     }
     caller__check_finished(c);
 }
