@@ -6,7 +6,10 @@
 #   make test-asan     ASan+UBSan build in build-asan/, run CTest
 #   make test-tsan     TSan build in build-tsan/, run CTest
 #   make bench         Release build in build-release/, run bench/run.sh
-#   make demo          run build/example-$(DEMO)
+#   make demo          run build/example-$(DEMO) $(DEMO_ARGS): the live demo
+#                      (DEMO_ARGS='--seconds 10 --workers 20')
+#   make docs          API reference from include/caller.h into build/docs/html
+#                      (installs doxygen; fails on anything undocumented)
 #   make install       install build/ into $(PREFIX)
 #   make format, format-check, clean
 #
@@ -14,7 +17,8 @@
 
 WERROR ?= ON
 PREFIX ?= /usr/local
-DEMO ?= pending_thread
+DEMO ?= demo
+DEMO_ARGS ?=
 JOBS ?= 2
 ARGS ?=
 
@@ -28,7 +32,7 @@ MAKEFLAGS += --no-print-directory
 
 FORMAT_FILES = $(wildcard include/*.h src/*.c src/*.h tests/*.c tests/*.h bench/*.c examples/*.c)
 
-.PHONY: build deps test test-asan test-tsan bench demo install format format-check clean
+.PHONY: build deps test test-asan test-tsan bench demo docs install format format-check clean
 
 build: deps
 	cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_ARGS)
@@ -72,7 +76,16 @@ bench: deps
 	bash bench/run.sh build-release
 
 demo: build
-	build/example-$(DEMO)
+	build/example-$(DEMO) $(DEMO_ARGS)
+
+# Doxygen reads the header only; docs/Doxyfile makes every warning (an
+# undocumented public symbol) fail the run.
+CALLER_VERSION = $(shell sed -n 's/^project.caller VERSION \([0-9.]*\).*/\1/p' CMakeLists.txt)
+docs:
+	@bash scripts/ensure-deps.sh doxygen
+	@mkdir -p build/docs
+	CALLER_VERSION=$(CALLER_VERSION) doxygen docs/Doxyfile
+	@echo "docs: build/docs/html/index.html"
 
 install: build
 	cmake --install build --prefix $(PREFIX)

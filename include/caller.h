@@ -1,4 +1,5 @@
-/*
+/**
+ * @file
  * libcaller — call code in other threads and tasks.
  *
  * One event loop per thread (a Caller), tasks that can suspend, thread-safe
@@ -36,7 +37,10 @@ extern "C" {
 #endif
 
 #if defined(__GNUC__)
+/** Marks the functions the shared library exports (it hides the rest). */
 #define CALLER_EXTERN __attribute__((visibility("default")))
+/** Lets the compiler check a printf-style format: argument @p f is the
+ *  format, the variable arguments start at @p a. */
 #define CALLER_PRINTF(f, a) __attribute__((format(printf, f, a)))
 #else
 #define CALLER_EXTERN
@@ -44,17 +48,23 @@ extern "C" {
 #endif
 
 /* ======================================================================== */
-/** @name Errors                                                            */
+/** @name Errors */
 /* ======================================================================== */
 /** @{ */
 
-/*
+/**
  * The library's error codes. Each is negative. Where an errno value fits,
  * the code equals -errno (so `-ECANCELED` and CALLER_ECANCELED are the same
  * number); codes with no errno live in a reserved block starting at -4000,
  * far from any errno value.
  *
- * X(NAME, value, "description")
+ * The table, one `X(NAME, value, "description")` per code, from which the
+ * enum caller_errno_t (`CALLER_<NAME>`), caller_strerror() and
+ * caller_err_name() are made: CALLER_EINVAL, CALLER_ENOMEM,
+ * CALLER_ECANCELED, CALLER_ETIMEDOUT, CALLER_EDEADLK, CALLER_ESHUTDOWN,
+ * CALLER_EBUSY, CALLER_EAGAIN, CALLER_ENOENT, CALLER_EEXIST, CALLER_EPERM
+ * (each `-errno`) and CALLER_EINVALSTATE (-4001: the object is not in a
+ * state that allows the call, e.g. completing a done Pending).
  */
 #define CALLER_ERRNO_MAP(X)                                                                        \
     X(EINVAL, -EINVAL, "invalid argument")                                                         \
@@ -109,7 +119,7 @@ CALLER_EXTERN int caller_last_error(const char **message);
 /** @} */
 
 /* ======================================================================== */
-/** @name Pending: a thread-safe future                                     */
+/** @name Pending: a thread-safe future */
 /* ======================================================================== */
 /** @{ */
 
@@ -210,6 +220,7 @@ CALLER_EXTERN int caller_pending_set_result(caller_pending_t *p, void *value, bo
  * Set an error (the seed's exception), making the Pending done.
  *
  * Thread: any.
+ * @param p     the Pending.
  * @param code  a negative error code (e.g. -EIO, or any negative value of
  *              the application's choosing); 0 or positive is -EINVAL.
  * @param fmt   printf-style message; may be NULL (no message).
@@ -256,6 +267,7 @@ CALLER_EXTERN int caller_pending_cancelled(const caller_pending_t *p);
  * The outcome.
  *
  * Thread: any.
+ * @param p      the Pending.
  * @param value  if not NULL, receives the result (NULL when there is none).
  * @return 0 with the result; -ECANCELED if cancelled (caller_last_error()
  *         gives the messages) — whether done or not; the error code if an
@@ -268,6 +280,7 @@ CALLER_EXTERN int caller_pending_result(const caller_pending_t *p, void **value)
  * The error, if any (the seed's `exception()`).
  *
  * Thread: any.
+ * @param p         the Pending.
  * @param buf, len  if @p buf is not NULL and @p len > 0, receive the message
  *                  (cut to fit, always NUL-terminated; "" for a result).
  * @return 0 if the Pending is done with a result; the error code if it
@@ -302,10 +315,10 @@ CALLER_EXTERN int caller_pending_remove_done_callback(caller_pending_t *p, calle
  * Wait until the Pending is done.
  *
  * On a plain thread this blocks the thread (the seed's `wait_sync`);
- * signals do not interrupt it. (Inside a task it will suspend only the
- * task.)
+ * signals do not interrupt it. Inside a task it suspends only the task.
  *
  * Thread: any.
+ * @param p            the Pending.
  * @param timeout      seconds; negative (CALLER_FOREVER) waits forever; 0
  *                     only checks.
  * @param protect      if false, a timeout cancels the Pending with the
@@ -343,7 +356,7 @@ CALLER_EXTERN size_t caller_pending_live_count(void);
 /** @} */
 
 /* ======================================================================== */
-/** @name Callers: one event loop per thread                                */
+/** @name Callers: one event loop per thread */
 /* ======================================================================== */
 /** @{ */
 
@@ -424,8 +437,9 @@ typedef struct caller_options {
     void *zmq_context;
     /** caller_get(): do not inherit the parent's zmq context. */
     bool no_zmq;
-    /** Logging callback and its argument; NULL logs to stderr. */
+    /** Logging callback; NULL logs to stderr. */
     caller_log_fn log;
+    /** The first argument passed to `log`. */
     void *log_arg;
     /** Stack size for tasks in bytes; 0 = 256 KiB. Rounded up to pages. */
     size_t stack_size;
@@ -463,6 +477,9 @@ CALLER_EXTERN caller_t *caller_create(caller_mode_t mode, const caller_options_t
  * ended and every child stopped, and returns.
  *
  * Thread: the thread that created the Caller with CALLER_MANUAL.
+ * @param c       the manual Caller.
+ * @param body    the first task; when it returns, the Caller stops.
+ * @param arg     passed to @p body.
  * @param result  if not NULL, receives body's return value.
  * @return 0 if body returned normally; body's error code if it called
  *         caller_raise(); -EBUSY "Already starting/running"; -EPERM
@@ -499,6 +516,7 @@ CALLER_EXTERN int caller_stop(caller_t *c, bool force);
  *
  * Thread: any. Blocking on the Caller's own thread outside a task would
  * never end: -EDEADLK.
+ * @param c        the Caller.
  * @param timeout  seconds; negative waits forever.
  * @return 0 once stopped; -ETIMEDOUT; -ECANCELED (the waiting task was
  *         cancelled); -EDEADLK; -EINVAL.
@@ -517,7 +535,12 @@ CALLER_EXTERN int caller_wait_stopped(caller_t *c, double timeout);
  */
 CALLER_EXTERN caller_t *caller_get(caller_t *parent, const caller_options_t *options);
 
-/* ---- scheduling ------------------------------------------------------- */
+/** @} */
+
+/* ======================================================================== */
+/** @name Scheduling: tasks from any thread */
+/* ======================================================================== */
+/** @{ */
 
 /**
  * Run `fn(arg)` as a task in @p c's thread as soon as possible; calls run in
@@ -549,7 +572,11 @@ CALLER_EXTERN caller_pending_t *caller__call_soon_named(caller_t *c, caller_fn f
                                                         const char *name);
 CALLER_EXTERN caller_pending_t *caller__call_later_named(caller_t *c, double delay, caller_fn fn,
                                                          void *arg, const char *name);
+/** caller_call_soon() is a macro over the function of the same name that
+ *  also records `fn`'s name for the Pending's text form. */
 #define caller_call_soon(c, fn, arg) caller__call_soon_named((c), (fn), (arg), #fn)
+/** caller_call_later() is a macro over the function of the same name that
+ *  also records `fn`'s name for the Pending's text form. */
 #define caller_call_later(c, delay, fn, arg)                                                       \
     caller__call_later_named((c), (delay), (fn), (arg), #fn)
 
@@ -573,7 +600,8 @@ CALLER_EXTERN int caller_call_direct(caller_t *c, caller_direct_fn fn, void *arg
  * last call before returning wins.
  *
  * Thread: a task or a direct call.
- * @param code  negative; @p fmt may be NULL.
+ * @param code  negative.
+ * @param fmt   printf-style message; may be NULL (no message).
  * @return 0; -EINVAL if @p code >= 0; -EPERM outside a task or direct call.
  */
 CALLER_EXTERN int caller_raise(int code, const char *fmt, ...) CALLER_PRINTF(2, 3);
@@ -587,7 +615,12 @@ CALLER_EXTERN int caller_raise(int code, const char *fmt, ...) CALLER_PRINTF(2, 
  */
 CALLER_EXTERN int caller_sleep(double seconds);
 
-/* ---- the worker pool (SPEC §6) ------------------------------------------ */
+/** @} */
+
+/* ======================================================================== */
+/** @name The worker pool (SPEC §6) */
+/* ======================================================================== */
+/** @{ */
 
 /** Idle workers a Caller keeps for caller_to_thread() by default. */
 #define CALLER_MAX_IDLE_POOL_INSTANCES 10
@@ -626,6 +659,8 @@ typedef struct caller_pool_config {
 CALLER_EXTERN caller_pending_t *caller_to_thread(caller_t *c, caller_fn fn, void *arg);
 CALLER_EXTERN caller_pending_t *caller__to_thread_named(caller_t *c, caller_fn fn, void *arg,
                                                         const char *name);
+/** caller_to_thread() is a macro over the function of the same name that
+ *  also records `fn`'s name for the Pending's text form. */
 #define caller_to_thread(c, fn, arg) caller__to_thread_named((c), (fn), (arg), #fn)
 
 /** @p c's pool settings into @p out. Thread: any. 0 or -EINVAL/-ENOMEM. */
@@ -640,7 +675,12 @@ CALLER_EXTERN int caller_pool_set_config(caller_t *c, const caller_pool_config_t
 /** How many workers idle in @p c's pool now. Thread: any. */
 CALLER_EXTERN size_t caller_pool_idle(caller_t *c);
 
-/* ---- execution queues (SPEC §7) ----------------------------------------- */
+/** @} */
+
+/* ======================================================================== */
+/** @name Execution queues (SPEC §7) */
+/* ======================================================================== */
+/** @{ */
 
 /**
  * Append `fn(arg)` to the execution queue of (@p fn, @p c), creating it: one
@@ -663,7 +703,11 @@ CALLER_EXTERN caller_pending_t *caller_queue_call(caller_t *c, caller_fn fn, voi
 CALLER_EXTERN caller_pending_t *caller_queue_call_key(caller_t *c, const void *key, caller_fn fn,
                                                       void *arg);
 
+/** caller_queue_call() is a macro over the function of the same name that
+ *  also records `fn`'s name for the queue's Pending. */
 #define caller_queue_call(c, fn, arg) caller__queue_call((c), (fn), NULL, (fn), (arg), #fn)
+/** caller_queue_call_key() is a macro over the function of the same name
+ *  that also records `fn`'s name for the queue's Pending. */
 #define caller_queue_call_key(c, key, fn, arg)                                                     \
     caller__queue_call((c), NULL, (key), (fn), (arg), #fn)
 
@@ -688,7 +732,12 @@ CALLER_EXTERN int caller_queue_close(caller_t *c, caller_fn fn);
 /** As caller_queue_close(), for an explicit @p key. */
 CALLER_EXTERN int caller_queue_close_key(caller_t *c, const void *key);
 
-/* ---- collecting results (SPEC §8) ---------------------------------------- */
+/** @} */
+
+/* ======================================================================== */
+/** @name Collecting results (SPEC §8) */
+/* ======================================================================== */
+/** @{ */
 
 /**
  * An iterator over Pendings in the order they complete (the seed's
@@ -752,6 +801,7 @@ CALLER_EXTERN caller_iter_t *caller_as_completed_gen(caller_generator_fn gen, vo
  * ran.
  *
  * Thread: the iterating thread or task.
+ * @param it   the iterator.
  * @param out  receives a reference the caller owns (NULL when none).
  * @return 0; CALLER_ITER_END when all were yielded; -ECANCELED if the
  *         waiting task was cancelled; -EDEADLK if the generator produced the
@@ -788,6 +838,10 @@ typedef enum {
  * not an error: the unfinished stay in @p not_done. Nothing is cancelled.
  *
  * Thread: any (suspends a task, blocks a plain thread).
+ * @param items, n          the Pendings to wait for.
+ * @param timeout           seconds; negative waits forever.
+ * @param return_when       when to return (see caller_return_when_t).
+ * @param done, not_done    receive the two sets (room for @p n each).
  * @param ndone, nnot_done  receive the counts (may be NULL).
  * @return 0; -ECANCELED if the waiting task was cancelled (the sets hold
  *         what was known then); -EDEADLK; -EINVAL; -ENOMEM.
@@ -796,9 +850,12 @@ CALLER_EXTERN int caller_wait(caller_pending_t *const *items, size_t n, double t
                               caller_return_when_t return_when, caller_pending_t **done,
                               size_t *ndone, caller_pending_t **not_done, size_t *nnot_done);
 
-/* ---- structured concurrency (SPEC §9) ------------------------------------ */
+/** @} */
 
+/* ======================================================================== */
 /**
+ * @name Structured concurrency (SPEC §9)
+ *
  * Contexts. Code carries a context: each task runs with the context that
  * was current where it was scheduled (caller_call_soon, caller_call_later,
  * caller_to_thread, caller_queue_call); a plain thread has its own. A
@@ -808,6 +865,8 @@ CALLER_EXTERN int caller_wait(caller_pending_t *const *items, size_t n, double t
  * CALLER_PENDING_UNTRACKED. The innermost group and the innermost manager
  * of a context track.
  */
+/* ======================================================================== */
+/** @{ */
 
 /**
  * Cancel scopes: the mechanism under cancellation, for code that needs it
@@ -832,7 +891,9 @@ enum {
 
 /**
  * Enter a cancel scope in the running task.
- * Thread: a task. @param timeout seconds until the deadline; negative: none.
+ * Thread: a task.
+ * @param timeout  seconds until the deadline; negative: none.
+ * @param flags    0, or CALLER_SCOPE_SHIELD and/or CALLER_SCOPE_FAIL.
  * @return the scope (freed by caller_scope_exit), or NULL (-EPERM outside a
  *         task, -EINVAL, -ENOMEM).
  */
@@ -913,7 +974,10 @@ CALLER_EXTERN int caller_group_remove(caller_group_t *g, caller_pending_t *p);
  *  @return how many are tracked. Thread: any. */
 CALLER_EXTERN size_t caller_group_pending(caller_group_t *g, caller_pending_t **out, size_t max);
 
+/** Take a reference. Thread: any. @return @p g (NULL for NULL). */
 CALLER_EXTERN caller_group_t *caller_group_ref(caller_group_t *g);
+/** Release a reference; the last one frees the group (which must not be
+ *  entered then). Thread: any. NULL is ignored. */
 CALLER_EXTERN void caller_group_unref(caller_group_t *g);
 
 /**
@@ -923,13 +987,20 @@ CALLER_EXTERN void caller_group_unref(caller_group_t *g);
  */
 typedef struct caller_manager caller_manager_t;
 
-/** What caller_manager_start() gives back to caller_manager_stop(). */
+/** What caller_manager_start() gives back to caller_manager_stop(). Its
+ *  fields are the library's: treat the token as opaque. */
 typedef struct caller_manager_token {
+    /** @var outer
+     *  The library's: the context to restore.
+     *  @var node
+     *  The library's: the context made current. */
     struct caller__ctx *outer, *node;
 } caller_manager_token_t;
 
 /** A new, idle manager (one reference), or NULL (-ENOMEM). */
 CALLER_EXTERN caller_manager_t *caller_manager_new(void);
+/** Release a reference; the last one frees the manager. Thread: any. NULL
+ *  is ignored. */
 CALLER_EXTERN void caller_manager_unref(caller_manager_t *m);
 
 /** Activate (from idle, or again after it stopped). @return 0,
@@ -963,9 +1034,12 @@ CALLER_EXTERN int caller_manager_wait(caller_manager_t *m, double timeout);
 CALLER_EXTERN size_t caller_manager_pending(caller_manager_t *m, caller_pending_t **out,
                                             size_t max);
 
-/* ---- ZeroMQ iopub (SPEC §10) ---------------------------------------------- */
+/** @} */
 
+/* ======================================================================== */
 /**
+ * @name ZeroMQ iopub (SPEC §10)
+ *
  * A Caller created with a ZeroMQ context (`options.zmq_context`) opens, in
  * its own thread as it starts, a PUB socket (linger 50 ms) connected to the
  * process-wide iopub URL, and registers it in the process-wide map thread ->
@@ -978,6 +1052,8 @@ CALLER_EXTERN size_t caller_manager_pending(caller_manager_t *m, caller_pending_
  * calls. Built without ZeroMQ (-DCALLER_WITH_ZMQ=OFF), a Caller given a
  * context fails to start (-ENOTSUP) and the accessors return NULL.
  */
+/* ======================================================================== */
+/** @{ */
 
 /** The iopub URL for Callers that start from now on; default
  *  "inproc://iopub" (a SUB socket binds there). Thread: any.
@@ -1002,7 +1078,12 @@ CALLER_EXTERN size_t caller_iopub_count(void);
 /** @p c's ZeroMQ context, or NULL. Thread: any (contexts are thread-safe). */
 CALLER_EXTERN void *caller_zmq_context(const caller_t *c);
 
-/* ---- lookups and introspection ---------------------------------------- */
+/** @} */
+
+/* ======================================================================== */
+/** @name Lookups and introspection */
+/* ======================================================================== */
+/** @{ */
 
 /** This thread's Caller (until it stops), or NULL. Borrowed: no reference.
  *  Thread: any. */

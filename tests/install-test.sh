@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Installs the build into a temporary prefix and builds a small program
+# outside the tree against it, as a user would: once with pkg-config, once
+# with a CMake project using find_package(caller) (shared and static). Runs
+# each and checks its output, and that the shared one loads the installed
+# library by its SONAME.
+#
+#   install-test.sh <build dir> <cmake> <cc> [sanitizer flags...]
+#
+# In a sanitizer build the installed library is sanitized too, so the
+# programs are compiled and linked with the same flags (passed by CMake).
+set -euo pipefail
+
+build=$(cd "$1" && pwd)
+cmake=$2
+cc=$3
+shift 3
+san=("$@")
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+prefix=$tmp/prefix
+
+fail() {
+    echo "install-test: $*" >&2
+    exit 1
+}
+
+echo "install-test: cmake --install $build --prefix $prefix"
+"$cmake" --install "$build" --prefix "$prefix" >"$tmp/install.log" ||
+    { cat "$tmp/install.log" >&2; fail "cmake --install failed"; }
+
+# What must be there. The library directory is lib/ or lib/<multiarch>/,
+# depending on how the build was configured: find it from caller.pc.
+pc=$(find "$prefix" -name caller.pc -path '*/pkgconfig/*' | head -n1)
+[[ -n $pc ]] || fail "no caller.pc installed"
+libdir=$(dirname "$(dirname "$pc")")
+[[ -f $prefix/include/caller.h ]] || fail "no include/caller.h"
+for f in libcaller.a libcaller.so libcaller.so.0 "$(basename "$(readlink -f "$libdir/libcaller.so")")"; do
+    [[ -e $libdir/$f ]] || fail "no $libdir/$f"
+done
+[[ $(readlink "$libdir/libcaller.so") == libcaller.so.0 ]] || fail "libcaller.so is not a link to libcaller.so.0"
+soname=$(objdump -p "$libdir/libcaller.so" | awk '$1 == "SONAME" { print $2 }')
+[[ $soname == libcaller.so.0 ]] || fail "SONAME is '$soname', expected libcaller.so.0"
+[[ -f $libdir/cmake/caller/callerConfig.cmake ]] || fail "no CMake package config"
+
+mkdir "$tmp/app"
+cat >"$tmp/app/prog.c" <<'EOF'
+/* A user's first program: a Caller on a new thread runs a call. */
+#include <caller.h>
+#include <stdint.h>
+#include <stdio.h>
+
+static void *twice(void *arg) /* runs in the new thread */
+{
+    return (void *)((uintptr_t)arg * 2);
+}
+
+int main(void)
+{
+    caller_t *c = caller_create(CALLER_NEW_THREAD, &(caller_options_t){.name = "installed"});
+    if (!c)
+        return 1;
+    caller_pending_t *p = caller_call_soon(c, twice, (void *)21);
+    void *v = NULL;
+    int rc = caller_pending_wait(p, 10.0, false, true, &v);
+    printf("%s says %lu\n", caller_name(c), (unsigned long)(uintptr_t)v);
+    caller_pending_unref(p);
+    caller_stop(c, false);
+    if (rc == 0)
+        rc = caller_wait_stopped(c, 10.0);
+    caller_unref(c);
+    return rc != 0;
+}
+EOF
+
+cat >"$tmp/app/CMakeLists.txt" <<'EOF'
+cmake_minimum_required(VERSION 3.25)
+project(app C)
+find_package(caller 0.1 REQUIRED)
+add_executable(prog-shared prog.c)
+target_link_libraries(prog-shared PRIVATE caller::caller)
+add_executable(prog-static prog.c)
+target_link_libraries(prog-static PRIVATE caller::caller_static)
+EOF
+
+# Runs a program and checks what it printed; the shared ones must load the
+# installed libcaller.so.0.
+check_run() {
+    local prog=$1 shared=$2 out loads
+    if [[ $shared == shared ]]; then
+        loads=$(LD_LIBRARY_PATH=$libdir ldd "$prog" | grep 'libcaller\.so' || true)
+        [[ $loads == *"libcaller.so.0 => $libdir/libcaller.so.0 "* ]] ||
+            fail "$prog does not load $libdir/libcaller.so.0: $loads"
+    fi
+    out=$(LD_LIBRARY_PATH=$libdir "$prog") || fail "$prog failed (status $?), printed: $out"
+    [[ $out == "installed says 42" ]] || fail "$prog printed '$out'"
+    echo "install-test: $(basename "$prog"): $out"
+}
+
+# 1. pkg-config, as the README shows.
+flags=$(PKG_CONFIG_PATH=$libdir/pkgconfig pkg-config --cflags --libs caller)
+echo "install-test: $cc prog.c $flags ${san[*]}"
+(cd "$tmp/app" && "$cc" "${san[@]}" prog.c $flags -o prog-pkgconfig) ||
+    fail "building with pkg-config failed"
+check_run "$tmp/app/prog-pkgconfig" shared
+
+# 2. CMake: find_package(caller), caller::caller and caller::caller_static.
+echo "install-test: cmake -DCMAKE_PREFIX_PATH=$prefix"
+"$cmake" -S "$tmp/app" -B "$tmp/app/build" -DCMAKE_PREFIX_PATH="$prefix" \
+    -DCMAKE_C_COMPILER="$cc" -DCMAKE_C_FLAGS="${san[*]}" \
+    -DCMAKE_EXE_LINKER_FLAGS="${san[*]}" >"$tmp/cmake.log" 2>&1 ||
+    { cat "$tmp/cmake.log" >&2; fail "configuring the CMake project failed"; }
+"$cmake" --build "$tmp/app/build" >"$tmp/build.log" 2>&1 ||
+    { cat "$tmp/build.log" >&2; fail "building the CMake project failed"; }
+check_run "$tmp/app/build/prog-shared" shared
+check_run "$tmp/app/build/prog-static" static
+
+echo "install-test: ok"
