@@ -39,12 +39,10 @@ static void *all_done(void *arg) /* the last item: runs after the deposits */
     return NULL;
 }
 
-/* Appends an item to the queue of @p key. The parentheses call the function
- * rather than the macro of the same name, whose helper this version of the
- * library does not export yet. */
+/* Appends an item to the queue of @p key. */
 static int enqueue(caller_t *c, const void *key, caller_fn fn, void *arg)
 {
-    caller_pending_t *q = (caller_queue_call_key)(c, key, fn, arg);
+    caller_pending_t *q = caller_queue_call_key(c, key, fn, arg);
     caller_pending_unref(q); /* the queue's Pending: not needed here */
     return q ? 0 : -1;
 }

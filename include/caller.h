@@ -703,6 +703,15 @@ CALLER_EXTERN caller_pending_t *caller_queue_call(caller_t *c, caller_fn fn, voi
 CALLER_EXTERN caller_pending_t *caller_queue_call_key(caller_t *c, const void *key, caller_fn fn,
                                                       void *arg);
 
+/**
+ * What the caller_queue_call / caller_queue_call_key macros expand to: the
+ * queue of @p key_fn (when not NULL) or of @p key, with @p name (a string
+ * with static lifetime) as the label of the queue's Pending. Thread: any.
+ * @return as caller_queue_call().
+ */
+CALLER_EXTERN caller_pending_t *caller__queue_call(caller_t *c, caller_fn key_fn, const void *key,
+                                                   caller_fn fn, void *arg, const char *name);
+
 /** caller_queue_call() is a macro over the function of the same name that
  *  also records `fn`'s name for the queue's Pending. */
 #define caller_queue_call(c, fn, arg) caller__queue_call((c), (fn), NULL, (fn), (arg), #fn)

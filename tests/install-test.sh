@@ -64,6 +64,17 @@ int main(void)
     caller_pending_t *p = caller_call_soon(c, twice, (void *)21);
     void *v = NULL;
     int rc = caller_pending_wait(p, 10.0, false, true, &v);
+    /* The other convenience macros resolve to exported functions too. */
+    caller_pending_t *w = caller_to_thread(c, twice, (void *)1);
+    caller_pending_t *q = caller_queue_call(c, twice, (void *)2);
+    caller_pending_t *l = caller_call_later(c, 0.001, twice, (void *)3);
+    if (!w || !q || !l || caller_pending_wait(w, 10.0, false, false, NULL) != 0 ||
+        caller_pending_wait(l, 10.0, false, false, NULL) != 0)
+        rc = 1;
+    caller_queue_close(c, twice);
+    caller_pending_unref(w);
+    caller_pending_unref(q);
+    caller_pending_unref(l);
     printf("%s says %lu\n", caller_name(c), (unsigned long)(uintptr_t)v);
     caller_pending_unref(p);
     caller_stop(c, false);
@@ -101,7 +112,7 @@ check_run() {
 # 1. pkg-config, as the README shows.
 flags=$(PKG_CONFIG_PATH=$libdir/pkgconfig pkg-config --cflags --libs caller)
 echo "install-test: $cc prog.c $flags ${san[*]}"
-(cd "$tmp/app" && "$cc" "${san[@]}" prog.c $flags -o prog-pkgconfig) ||
+(cd "$tmp/app" && "$cc" -Wall -Werror "${san[@]}" prog.c $flags -o prog-pkgconfig) ||
     fail "building with pkg-config failed"
 check_run "$tmp/app/prog-pkgconfig" shared
 
