@@ -235,7 +235,7 @@ static caller_t *alloc_caller(const caller_options_t *o, const char *default_nam
     }
     pthread_mutex_init(&c->lock, NULL);
     c->live_tasks.prev = c->live_tasks.next = &c->live_tasks;
-    c->spin.budget = CALLER__SPIN_PROBE;
+    c->spin.budget = CALLER__SPIN_MAX_NS;
     atomic_init(&c->poked, 0);
     c->stop_msg.kind = CALLER__MSG_STOP;
     c->child_msg.kind = CALLER__MSG_CHILD;

@@ -663,7 +663,7 @@ typedef struct {
     atomic_uint state;
 } thread_waiter_t;
 
-static _Thread_local caller__spin_t wait_spin = {.budget = CALLER__SPIN_PROBE};
+static _Thread_local caller__spin_t wait_spin = {.budget = CALLER__SPIN_MAX_NS};
 
 static void thread_wake(caller__waiter_t *w)
 {

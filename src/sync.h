@@ -121,12 +121,13 @@ static inline void caller__unlock(caller__lock_t *l)
  * quickly drops to nothing; it probes again now and then.
  */
 typedef struct {
-    unsigned budget; /* iterations; 0 = do not spin */
-    unsigned idle;   /* sleeps since the last probe while budget is 0 */
+    int64_t budget; /* ns to spin; 0 = do not spin */
+    unsigned idle;  /* sleeps since the last probe while budget is 0 */
 } caller__spin_t;
 
-#define CALLER__SPIN_MAX 4096u
-#define CALLER__SPIN_PROBE 64u
+/* Up to the wake-up latency we want to save; a probe is short. */
+#define CALLER__SPIN_MAX_NS 50000
+#define CALLER__SPIN_PROBE_NS 5000
 
 static inline void caller__cpu_relax(void)
 {
@@ -137,25 +138,31 @@ static inline void caller__cpu_relax(void)
 #endif
 }
 
-/* Spin while *word == value, within the budget. True if it changed. */
+/*
+ * Spin while *word == value, within the budget. True if it changed. A
+ * success restores the full budget (the other side answers quickly: keep
+ * spinning for it); a failure halves it, and under 1 µs it stops.
+ */
 static inline bool caller__spin_while(caller__spin_t *s, atomic_uint *word, unsigned value)
 {
-    unsigned n = s->budget;
-    if (n == 0 && ++s->idle >= 16) {
+    int64_t budget = s->budget;
+    if (budget == 0 && ++s->idle >= 16) {
         s->idle = 0;
-        n = CALLER__SPIN_PROBE;
+        budget = CALLER__SPIN_PROBE_NS;
     }
-    for (unsigned i = 0; i < n; i++) {
+    if (budget == 0)
+        return atomic_load_explicit(word, memory_order_acquire) != value;
+    int64_t until = caller__now_ns() + budget;
+    for (unsigned i = 1;; i++) {
         if (atomic_load_explicit(word, memory_order_acquire) != value) {
-            s->budget = s->budget
-                            ? (s->budget * 2 > CALLER__SPIN_MAX ? CALLER__SPIN_MAX : s->budget * 2)
-                            : CALLER__SPIN_PROBE;
+            s->budget = CALLER__SPIN_MAX_NS;
             return true;
         }
         caller__cpu_relax();
+        if ((i & 63) == 0 && caller__now_ns() >= until)
+            break;
     }
-    if (n)
-        s->budget /= 2;
+    s->budget = s->budget / 2 < 1000 ? 0 : s->budget / 2;
     return atomic_load_explicit(word, memory_order_acquire) != value;
 }
 
