@@ -22,6 +22,11 @@
  *    (done callbacks: once, unless removed first).
  *  - "Thread: any" means the function may be called from any thread at any
  *    time, concurrently with any other function on the same object.
+ *  - fork(): the child starts with no Callers (the parent's do not run
+ *    there and must not be touched) and may create its own; fork from a
+ *    plain thread (see docs/guide.md, "fork()").
+ *  - Signals: no function may be called from a signal handler; a signal
+ *    does not end a blocking wait or sleep early.
  */
 #ifndef CALLER_H
 #define CALLER_H

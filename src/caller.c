@@ -195,8 +195,52 @@ static void thread_name_of_self(char *buf, size_t len)
         snprintf(buf, len, "thread-%ld", (long)syscall(SYS_gettid));
 }
 
+/* ---- fork ----------------------------------------------------------------- */
+
+/*
+ * fork(): the child has only the forking thread, so no Caller of the parent
+ * runs there. Around fork the library's process-wide locks are taken, and
+ * in the child its process-wide state is reset: no Callers, no iopub
+ * sockets, live counts from zero. The parent's Callers and Pendings are
+ * left as they were copied — the child must not touch them — and the child
+ * may create Callers of its own. Forking from a Caller's own thread (a task
+ * or a direct call) leaves the child inside that Caller's loop: there, only
+ * exec or _exit.
+ */
+static void fork_prepare(void)
+{
+    pthread_mutex_lock(&registry_lock);
+    caller__pending_fork(0);
+    caller__iopub_fork(0);
+}
+
+static void fork_parent(void)
+{
+    caller__iopub_fork(1);
+    caller__pending_fork(1);
+    pthread_mutex_unlock(&registry_lock);
+}
+
+static void fork_child(void)
+{
+    caller__iopub_fork(2);
+    caller__pending_fork(2);
+    pthread_mutex_init(&registry_lock, NULL);
+    registry.prev = registry.next = &registry;
+    atomic_store(&live_callers, 0);
+    tl_caller = NULL; /* the parent's reference stays with the parent's copy */
+}
+
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+
+static void fork_init(void)
+{
+    pthread_atfork(fork_prepare, fork_parent, fork_child);
+}
+
 static caller_t *alloc_caller(const caller_options_t *o, const char *default_name)
 {
+    pthread_once(&fork_once, fork_init);
     const caller__backend_ops_t *ops = caller__backend_find(o ? o->backend : NULL);
     if (!ops) {
         caller__fail(-EINVAL, "caller_create: unknown backend '%s' (available: libuv)", o->backend);

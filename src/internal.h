@@ -345,6 +345,11 @@ caller_pending_t *caller__queue_call(caller_t *c, caller_fn key_fn, const void *
 int caller__iopub_open(caller_t *c);
 void caller__iopub_close(caller_t *c);
 
+/* fork(): 0 = prepare (take the module's process-wide locks), 1 = in the
+ * parent after (release them), 2 = in the child (reset the state). */
+void caller__pending_fork(int phase);
+void caller__iopub_fork(int phase);
+
 /* ---- pool.c ---- */
 void caller__pool_free(caller_pool_t *pool);
 /* Loop thread of the owner, on stop. */

@@ -144,6 +144,21 @@ size_t caller_iopub_count(void)
 
 #endif
 
+void caller__iopub_fork(int phase)
+{
+    if (phase == 0) {
+        pthread_mutex_lock(&map_lock);
+    } else if (phase == 1) {
+        pthread_mutex_unlock(&map_lock);
+    } else {
+        pthread_mutex_init(&map_lock, NULL);
+#ifdef CALLER_WITH_ZMQ
+        map = NULL; /* the parent's sockets: not ours to use or close */
+        tl_socket = NULL;
+#endif
+    }
+}
+
 int caller_iopub_set_url(const char *url)
 {
     if (!url || !*url || strlen(url) >= sizeof iopub_url)

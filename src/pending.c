@@ -104,6 +104,24 @@ static void counter_key_init(void)
     counters = &spare_counter;
 }
 
+void caller__pending_fork(int phase)
+{
+    if (phase == 0) {
+        pthread_mutex_lock(&counters_lock);
+    } else if (phase == 1) {
+        pthread_mutex_unlock(&counters_lock);
+    } else {
+        /* The child counts its own Pendings from zero; every block but this
+         * thread's belonged to a thread that does not exist here. */
+        pthread_mutex_init(&counters_lock, NULL);
+        for (counter_t *c = counters; c; c = c->next) {
+            atomic_store(&c->created, 0);
+            atomic_store(&c->freed, 0);
+            c->in_use = c == tl_counter;
+        }
+    }
+}
+
 static counter_t *my_counter(void)
 {
     counter_t *c = tl_counter;

@@ -1086,3 +1086,47 @@ TEST(libuv_io_in_a_callers_thread)
     CHECK(caller_loop(c) == NULL);
     caller_unref(c);
 }
+
+/* ---- fork ---------------------------------------------------------------------------------- */
+
+static void *double_it(void *arg)
+{
+    return P(I(arg) * 2);
+}
+
+TEST(fork_child_starts_with_no_callers_and_may_make_its_own)
+{
+    caller_t *parent_c = check_new_thread("parent-side");
+    caller_pending_t *p = caller_call_soon(parent_c, double_it, P(4));
+    CHECK_EQ(I(await(p)), 8);
+    caller_pending_unref(p);
+    pid_t pid = fork(); /* from this plain thread */
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        int bad = 0;
+        bad |= caller_all(false, NULL, 0) != 0; /* the parent's are not here */
+        bad |= caller_current() != NULL;
+        bad |= caller_pending_live_count() != 0; /* counts from zero */
+        caller_t *mine = caller_create(CALLER_NEW_THREAD, NULL);
+        bad |= mine == NULL;
+        if (mine) {
+            caller_pending_t *q = caller_call_soon(mine, double_it, P(21));
+            void *v = NULL;
+            bad |= caller_pending_wait(q, 10, false, true, &v) != 0 || I(v) != 42;
+            caller_pending_unref(q);
+            caller_stop(mine, false);
+            bad |= caller_wait_stopped(mine, 10) != 0;
+            caller_unref(mine);
+        }
+        _exit(bad ? 1 : 0);
+    }
+    int status;
+    CHECK_EQ(waitpid(pid, &status, 0), pid);
+    CHECK(WIFEXITED(status));
+    CHECK_EQ(WEXITSTATUS(status), 0);
+    /* The parent's Caller is untouched. */
+    p = caller_call_soon(parent_c, double_it, P(5));
+    CHECK_EQ(I(await(p)), 10);
+    caller_pending_unref(p);
+    check_stop(parent_c);
+}
