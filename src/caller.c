@@ -84,10 +84,26 @@ static int load_state(const caller_t *c)
 
 /* ---- references --------------------------------------------------------- */
 
+#define CALLER_MAGIC 0x43616c6cu /* "Call" */
+#define CALLER_DEAD 0xdeadca11u
+
+/* A released Caller is detected as far as its memory still shows it (the
+ * magic word is cleared on free): a broken invariant, so abort. */
+static void check_alive(const caller_t *c, const char *fn)
+{
+    if (c->magic != CALLER_MAGIC) {
+        fprintf(stderr, "libcaller: %s: %p is not a live Caller (released too often?)\n", fn,
+                (const void *)c);
+        abort();
+    }
+}
+
 caller_t *caller_ref(caller_t *c)
 {
-    if (c)
+    if (c) {
+        check_alive(c, "caller_ref");
         atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
+    }
     return c;
 }
 
@@ -135,6 +151,7 @@ void caller_unref(caller_t *c)
 {
     if (!c)
         return;
+    check_alive(c, "caller_unref");
     int old = atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel);
     if (old > 1)
         return;
@@ -151,6 +168,7 @@ void caller_unref(caller_t *c)
     caller__heap_free(&c->timers);
     caller__pool_free(c->pool);
     pthread_mutex_destroy(&c->lock);
+    c->magic = CALLER_DEAD;
     caller__free(c);
     atomic_fetch_sub_explicit(&live_callers, 1, memory_order_relaxed);
 }
@@ -258,6 +276,7 @@ static caller_t *alloc_caller(const caller_options_t *o, const char *default_nam
         return NULL;
     }
     atomic_init(&c->refs, 1);
+    c->magic = CALLER_MAGIC;
     atomic_init(&c->state, CALLER_STATE_INITIAL);
     atomic_init(&c->inbox_lock, CALLER__LOCK_INIT);
     atomic_init(&c->started, 0);

@@ -212,6 +212,7 @@ typedef struct caller__task {
 
 struct caller {
     atomic_int refs;
+    uint32_t magic;   /* CALLER_MAGIC while alive (caller.c) */
     atomic_int state; /* caller_state_t */
     char name[64];
     const caller__backend_ops_t *ops;

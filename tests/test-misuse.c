@@ -1,0 +1,225 @@
+/* Misuse: every public function given NULL or invalid arguments, a stopped
+ * Caller, the wrong thread, a double release — a clear code and message,
+ * never undefined behaviour (issue #10). */
+#include "check.h"
+#include "internal.h"
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+/* An error code, and a message saying something. */
+#define EXPECT(expr, code)                                                                         \
+    do {                                                                                           \
+        CHECK_RC((expr), (code));                                                                  \
+        CHECK(strlen(check_last_message()) > 0);                                                   \
+    } while (0)
+
+/* A NULL result, with the code recorded. */
+#define EXPECT_NULL(expr, code)                                                                    \
+    do {                                                                                           \
+        CHECK((expr) == NULL);                                                                     \
+        CHECK_RC(caller_last_error(NULL), (code));                                                 \
+        CHECK(strlen(check_last_message()) > 0);                                                   \
+    } while (0)
+
+static void *fn(void *arg)
+{
+    return arg;
+}
+
+static void direct(void *arg)
+{
+    (void)arg;
+}
+
+static void done_cb(caller_pending_t *p, void *arg)
+{
+    (void)p;
+    (void)arg;
+}
+
+static void canceller(caller_pending_t *p, const char *m, void *arg)
+{
+    (void)p;
+    (void)m;
+    (void)arg;
+}
+
+static caller_pending_t *gen(void *arg)
+{
+    (void)arg;
+    return NULL;
+}
+
+TEST(null_arguments_across_the_api)
+{
+    char buf[16];
+    void *v;
+    caller_pending_t *list[2];
+    size_t n;
+    caller_manager_token_t tok = {0};
+    caller_pool_config_t cfg = {0};
+    /* Pending */
+    EXPECT_NULL(caller_pending_new(0x80), -EINVAL);
+    EXPECT(caller_pending_set_result(NULL, NULL, false), -EINVAL);
+    EXPECT(caller_pending_set_exception(NULL, -EIO, NULL), -EINVAL);
+    EXPECT(caller_pending_cancel(NULL, NULL), -EINVAL);
+    EXPECT(caller_pending_set_canceller(NULL, canceller, NULL), -EINVAL);
+    EXPECT(caller_pending_done(NULL), -EINVAL);
+    EXPECT(caller_pending_cancelled(NULL), -EINVAL);
+    EXPECT(caller_pending_result(NULL, &v), -EINVAL);
+    EXPECT(caller_pending_exception(NULL, buf, sizeof buf), -EINVAL);
+    EXPECT(caller_pending_add_done_callback(NULL, done_cb, NULL), -EINVAL);
+    EXPECT(caller_pending_remove_done_callback(NULL, done_cb, NULL), -EINVAL);
+    EXPECT(caller_pending_wait(NULL, 0, false, true, &v), -EINVAL);
+    EXPECT(caller_pending_repr(NULL, buf, sizeof buf), -EINVAL);
+    EXPECT(caller_pending_set_userdata(NULL, NULL, NULL), -EINVAL);
+    CHECK(caller_pending_userdata(NULL) == NULL);
+    CHECK(caller_pending_ref(NULL) == NULL);
+    caller_pending_unref(NULL);
+    /* Callers */
+    EXPECT_NULL(caller_create((caller_mode_t)42, NULL), -EINVAL);
+    EXPECT(caller_run(NULL, fn, NULL, NULL), -EINVAL);
+    EXPECT(caller_stop(NULL, false), -EINVAL);
+    EXPECT(caller_wait_stopped(NULL, 0), -EINVAL);
+    EXPECT_NULL(caller_get(NULL, NULL), -EINVAL);
+    EXPECT_NULL(caller_call_soon(NULL, fn, NULL), -EINVAL);
+    EXPECT_NULL(caller_call_later(NULL, 1, fn, NULL), -EINVAL);
+    EXPECT(caller_call_direct(NULL, direct, NULL), -EINVAL);
+    EXPECT_NULL(caller_to_thread(NULL, fn, NULL), -EINVAL);
+    EXPECT_NULL(caller_queue_call(NULL, fn, NULL), -EINVAL);
+    EXPECT_NULL(caller_queue_call_key(NULL, "k", fn, NULL), -EINVAL);
+    CHECK(caller_queue_get(NULL, fn) == NULL);
+    CHECK(caller_queue_get_key(NULL, "k") == NULL);
+    EXPECT(caller_queue_close(NULL, fn), -EINVAL);
+    EXPECT(caller_queue_close_key(NULL, "k"), -EINVAL);
+    EXPECT(caller_state(NULL), -EINVAL);
+    EXPECT(caller_running(NULL), -EINVAL);
+    EXPECT(caller_protected(NULL), -EINVAL);
+    EXPECT(caller_repr(NULL, buf, sizeof buf), -EINVAL);
+    EXPECT(caller_print_table(NULL), -EINVAL);
+    EXPECT(caller_pool_get_config(NULL, &cfg), -EINVAL);
+    EXPECT(caller_pool_set_config(NULL, &cfg), -EINVAL);
+    EXPECT(caller_raise(-EIO, "outside a task"), -EPERM);
+    EXPECT(caller_raise(5, "positive"), -EINVAL);
+    EXPECT(caller_sleep(-1), -EINVAL);
+    CHECK(caller_name(NULL) == NULL);
+    CHECK(caller_backend(NULL) == NULL);
+    CHECK(caller_parent(NULL) == NULL);
+    CHECK(caller_loop(NULL) == NULL);
+    CHECK(caller_zmq_context(NULL) == NULL);
+    CHECK_EQ(caller_children(NULL, NULL, 0), 0);
+    CHECK_EQ(caller_pool_idle(NULL), 0);
+    caller_unref(NULL);
+    CHECK(caller_ref(NULL) == NULL);
+    /* Collection */
+    EXPECT_NULL(caller_as_completed(NULL, 1, NULL), -EINVAL);
+    EXPECT_NULL(caller_as_completed_gen(NULL, NULL, NULL), -EINVAL);
+    EXPECT(caller_iter_next(NULL, list), -EINVAL);
+    EXPECT(caller_iter_next_timeout(NULL, 0, list), -EINVAL);
+    caller_iter_close(NULL);
+    EXPECT(caller_wait(NULL, 1, 0, CALLER_ALL_COMPLETED, list, &n, list, &n), -EINVAL);
+    caller_iter_t *it = caller_as_completed_gen(gen, NULL, NULL);
+    EXPECT(caller_iter_next(it, NULL), -EINVAL);
+    caller_iter_close(it);
+    /* Groups, managers, scopes */
+    EXPECT(caller_group_enter(NULL), -EINVAL);
+    EXPECT(caller_group_exit(NULL), -EINVAL);
+    EXPECT(caller_group_cancel(NULL, NULL), -EINVAL);
+    EXPECT(caller_group_cancelled(NULL), -EINVAL);
+    EXPECT(caller_group_remove(NULL, NULL), -EINVAL);
+    EXPECT(caller_group_set_timeout(NULL, 1), -EINVAL);
+    CHECK_EQ(caller_group_pending(NULL, NULL, 0), 0);
+    caller_group_unref(NULL);
+    EXPECT(caller_manager_activate(NULL), -EINVAL);
+    EXPECT(caller_manager_start(NULL, &tok), -EINVAL);
+    EXPECT(caller_manager_stop(NULL, &tok), -EINVAL);
+    EXPECT(caller_manager_deactivate(NULL, true), -EINVAL);
+    EXPECT(caller_manager_wait(NULL, 0), -EINVAL);
+    CHECK_EQ(caller_manager_pending(NULL, NULL, 0), 0);
+    caller_manager_unref(NULL);
+    EXPECT_NULL(caller_scope_enter(1, 0), -EPERM); /* not in a task */
+    EXPECT(caller_scope_exit(NULL), -EINVAL);
+    EXPECT(caller_scope_cancel(NULL), -EINVAL);
+    EXPECT(caller_scope_cancelled(NULL), -EINVAL);
+    /* iopub */
+    EXPECT(caller_iopub_set_url(NULL), -EINVAL);
+    EXPECT(caller_iopub_url(NULL, 5), -EINVAL);
+    CHECK(caller_iopub_socket() == NULL);
+}
+
+TEST(invalid_arguments_on_live_objects)
+{
+    caller_t *c = check_new_thread(NULL);
+    caller_pending_t *p = caller_pending_new(0);
+    EXPECT(caller_pending_set_exception(p, 0, "zero is not an error"), -EINVAL);
+    EXPECT(caller_pending_set_canceller(p, NULL, NULL), -EINVAL);
+    EXPECT(caller_pending_add_done_callback(p, NULL, NULL), -EINVAL);
+    EXPECT(caller_pending_repr(p, NULL, 4), -EINVAL);
+    EXPECT_NULL(caller_call_soon(c, NULL, NULL), -EINVAL);
+    EXPECT(caller_call_direct(c, NULL, NULL), -EINVAL);
+    EXPECT_NULL(caller_queue_call_key(c, NULL, fn, NULL), -EINVAL);
+    caller_pool_config_t bad = {.idle_shutdown = -1};
+    EXPECT(caller_pool_set_config(c, &bad), -EINVAL);
+    EXPECT(caller_wait(&p, 1, 0, (caller_return_when_t)9, &p, NULL, &p, NULL), -EINVAL);
+    EXPECT_NULL(caller_create(CALLER_NEW_THREAD, &(caller_options_t){.backend = "gtk"}), -EINVAL);
+    EXPECT(caller_run(c, fn, NULL, NULL), -EPERM); /* not a manual Caller of this thread */
+    caller_group_t *g = caller_create_pending_group(c, false);
+    EXPECT(caller_group_enter(g), -EPERM); /* not in a task */
+    EXPECT(caller_group_exit(g), CALLER_EINVALSTATE);
+    caller_group_unref(g);
+    caller_manager_t *m = caller_manager_new();
+    caller_manager_token_t tok;
+    EXPECT(caller_manager_start(m, &tok), CALLER_EINVALSTATE); /* not active */
+    EXPECT(caller_manager_deactivate(m, true), CALLER_EINVALSTATE);
+    caller_manager_unref(m);
+    /* A stopped Caller: scheduling fails, stopping again is harmless. */
+    caller_stop(c, false);
+    CHECK_RC(caller_wait_stopped(c, 10), 0);
+    EXPECT_NULL(caller_call_soon(c, fn, NULL), -ESHUTDOWN);
+    EXPECT_NULL(caller_to_thread(c, fn, NULL), -ESHUTDOWN);
+    EXPECT_NULL(caller_queue_call(c, fn, NULL), -ESHUTDOWN);
+    EXPECT(caller_call_direct(c, direct, NULL), -ESHUTDOWN);
+    EXPECT_NULL(caller_get(c, NULL), -ESHUTDOWN);
+    CHECK_EQ(caller_stop(c, false), CALLER_STATE_STOPPED);
+    CHECK_EQ(caller_stop(c, true), CALLER_STATE_STOPPED);
+    caller_pending_set_result(p, NULL, false);
+    EXPECT(caller_pending_set_result(p, NULL, false), CALLER_EINVALSTATE);
+    caller_pending_unref(p);
+    caller_unref(c);
+}
+
+/* Releasing more references than were taken is a broken invariant: it is
+ * detected (as long as the memory still shows it) and aborts with a
+ * message, in a child process here. */
+static void over_release(int which)
+{
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        freopen("/dev/null", "w", stderr); /* ASan reports it its own way */
+        if (which == 0) {
+            caller_t *c = caller_create(CALLER_MANUAL, NULL);
+            caller_stop(c, false);
+            caller_unref(c);
+            caller_unref(c); /* the thread-local one went at stop: this is one too many */
+            caller_unref(c);
+        } else {
+            caller_group_t *g = caller_create_pending_group(NULL, false);
+            caller_group_unref(g);
+            caller_pending_t *p = caller_pending_new(0);
+            caller_pending_unref(p);
+            caller_pending_unref(p);
+        }
+        _exit(0); /* not reached when detected */
+    }
+    int status;
+    CHECK_EQ(waitpid(pid, &status, 0), pid);
+    CHECK(!(WIFEXITED(status) && WEXITSTATUS(status) == 0));
+}
+
+TEST(over_release_of_caller_and_pending_aborts)
+{
+    over_release(0);
+    over_release(1);
+}
