@@ -32,7 +32,7 @@ MAKEFLAGS += --no-print-directory
 
 FORMAT_FILES = $(wildcard include/*.h src/*.c src/*.h tests/*.c tests/*.h bench/*.c examples/*.c)
 
-.PHONY: build deps test test-asan test-tsan bench demo docs install format format-check clean
+.PHONY: soak build deps test test-asan test-tsan bench demo docs install format format-check clean
 
 build: deps
 	cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_ARGS)
@@ -74,6 +74,11 @@ bench: deps
 	cmake -S . -B build-release -DCMAKE_BUILD_TYPE=Release -DCALLER_BENCH=ON $(CMAKE_ARGS)
 	cmake --build build-release -j$(JOBS)
 	bash bench/run.sh build-release
+
+# Ten minutes of the load mix (SOAK_SECONDS to change), RSS and threads
+# printed each minute; fails if they grew after the first minute.
+soak: build
+	build/soak
 
 demo: build
 	build/example-$(DEMO) $(DEMO_ARGS)

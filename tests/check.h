@@ -178,6 +178,7 @@ static inline const char *check_last_message(void)
     return m;
 }
 
+#ifndef CHECK_NO_MAIN /* programs that reuse the tests (make soak) have their own */
 int main(int argc, char **argv)
 {
     int ran = 0;
@@ -207,5 +208,7 @@ int main(int argc, char **argv)
     }
     return 0;
 }
+
+#endif /* CHECK_NO_MAIN */
 
 #endif /* CALLER_CHECK_H */

@@ -23,6 +23,7 @@ enum { OPS = 1000000 };
 static caller_t *callers[CALLERS];
 static int queue_keys[CALLERS];
 static atomic_uchar *ended; /* per operation: done callbacks run */
+static long round_ops;      /* operations in the current round */
 static atomic_long n_ended, n_results, n_errors, n_cancelled, n_queue_items, n_tracked;
 static atomic_long expected;       /* Pendings watched */
 static atomic_long cancels_landed; /* cancel calls that found the Pending not done */
@@ -107,7 +108,7 @@ static void *producer(void *arg)
 {
     long k = (long)I(arg);
     unsigned seed = (unsigned)k * 2654435761u;
-    for (long i = k; i < OPS; i += PRODUCERS) {
+    for (long i = k; i < round_ops; i += PRODUCERS) {
         int r = rand_r(&seed) % CALLERS;
         caller_t *c = callers[r];
         bool cancel = rand_r(&seed) % 10 == 0;
@@ -126,7 +127,7 @@ static void *producer(void *arg)
             continue;
         }
         case 9:
-            p = caller_call_soon(c, group_body, P(i * 4 + OPS));
+            p = caller_call_soon(c, group_body, P(i * 4 + round_ops));
             break;
         default:
             p = caller_call_soon(c, work, P(i));
@@ -167,16 +168,19 @@ static void *canceller(void *arg)
     return NULL;
 }
 
-TEST(million_mixed_operations_with_random_cancellation)
+/* One round: @p ops operations onto the Callers, checked. */
+static void load_round(long ops, bool verbose)
 {
-    ended = calloc(OPS + 1, sizeof *ended);
-    for (int i = 0; i < CALLERS; i++) {
-        callers[i] = check_new_thread(NULL);
-        /* At most 4 workers each: unbounded, a burst of to_thread calls
-         * makes a thread per call (as in the original). */
-        caller_pool_config_t cfg = {.max_idle = 4, .idle_shutdown = 60, .max_workers = 4};
-        CHECK_RC(caller_pool_set_config(callers[i], &cfg), 0);
-    }
+    ended = calloc((size_t)ops + 1, sizeof *ended);
+    round_ops = ops;
+    atomic_store(&n_ended, 0);
+    atomic_store(&n_results, 0);
+    atomic_store(&n_errors, 0);
+    atomic_store(&n_cancelled, 0);
+    atomic_store(&n_queue_items, 0);
+    atomic_store(&n_tracked, 0);
+    atomic_store(&expected, 0);
+    atomic_store(&cancels_landed, 0);
     atomic_store(&ring.producers_left, PRODUCERS);
     pthread_t prod[PRODUCERS], canc[CANCELLERS];
     for (long i = 0; i < CANCELLERS; i++)
@@ -192,10 +196,11 @@ TEST(million_mixed_operations_with_random_cancellation)
     while (atomic_load(&n_ended) < atomic_load(&expected) && check_now() < until)
         usleep(1000);
     long exp = atomic_load(&expected);
-    printf("%ld watched: %ld results, %ld errors, %ld cancelled (%ld cancels landed); %ld queue "
-           "items, %ld in groups\n",
-           exp, atomic_load(&n_results), atomic_load(&n_errors), atomic_load(&n_cancelled),
-           atomic_load(&cancels_landed), atomic_load(&n_queue_items), atomic_load(&n_tracked));
+    if (verbose)
+        printf("%ld watched: %ld results, %ld errors, %ld cancelled (%ld cancels landed); %ld "
+               "queue items, %ld in groups\n",
+               exp, atomic_load(&n_results), atomic_load(&n_errors), atomic_load(&n_cancelled),
+               atomic_load(&cancels_landed), atomic_load(&n_queue_items), atomic_load(&n_tracked));
     long ended_n = atomic_load(&n_ended), results = atomic_load(&n_results),
          errors = atomic_load(&n_errors), cancelled = atomic_load(&n_cancelled);
     CHECK_EQ(ended_n, exp);
@@ -206,11 +211,97 @@ TEST(million_mixed_operations_with_random_cancellation)
     CHECK_GE(cancelled, landed);
     CHECK_GE(landed, 1);
     CHECK_GE(errors, 1);
-    for (long i = 0; i < OPS; i++) {
+    for (long i = 0; i < ops; i++) {
         int times = atomic_load(&ended[i]);
         CHECK(times <= 1);
     }
+    free(ended);
+    ended = NULL;
+}
+
+static void start_callers(void)
+{
+    for (int i = 0; i < CALLERS; i++) {
+        callers[i] = check_new_thread(NULL);
+        /* At most 4 workers each: unbounded, a burst of to_thread calls
+         * makes a thread per call (as in the original). */
+        caller_pool_config_t cfg = {.max_idle = 4, .idle_shutdown = 60, .max_workers = 4};
+        CHECK_RC(caller_pool_set_config(callers[i], &cfg), 0);
+    }
+}
+
+static void stop_callers(void)
+{
     for (int i = 0; i < CALLERS; i++)
         check_stop(callers[i]); /* workers, queues and groups end with them */
-    free(ended);
 }
+
+TEST(million_mixed_operations_with_random_cancellation)
+{
+    start_callers();
+    load_round(OPS, true);
+    stop_callers();
+}
+
+#ifdef LOAD_SOAK
+/* make soak: the load mix round after round for SOAK_SECONDS (default 600)
+ * on the same Callers; each minute prints RSS and threads; fails if they
+ * grew after the first minute (warm-up). */
+#include <dirent.h>
+
+static long rss_kib(void)
+{
+    long pages = 0, resident = 0;
+    FILE *f = fopen("/proc/self/statm", "r");
+    if (f) {
+        if (fscanf(f, "%ld %ld", &pages, &resident) != 2)
+            resident = 0;
+        fclose(f);
+    }
+    return resident * (sysconf(_SC_PAGESIZE) / 1024);
+}
+
+static int threads(void)
+{
+    DIR *d = opendir("/proc/self/task");
+    int n = 0;
+    for (struct dirent *e; d && (e = readdir(d));)
+        n += e->d_name[0] != '.';
+    if (d)
+        closedir(d);
+    return n;
+}
+
+int main(void)
+{
+    const char *env = getenv("SOAK_SECONDS");
+    double seconds = env ? atof(env) : 600;
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    start_callers();
+    double t0 = check_now(), next = t0 + 60;
+    long rounds = 0, warm_rss = -1;
+    int warm_threads = -1, ok = 1;
+    printf("soak: the load mix (100 000 operations a round) for %.0f s\n", seconds);
+    while (check_now() - t0 < seconds) {
+        load_round(100000, false);
+        rounds++;
+        if (check_now() >= next || check_now() - t0 >= seconds) {
+            next += 60;
+            long rss = rss_kib();
+            int th = threads();
+            printf("soak: %4.0f s  %6ld rounds  RSS %7ld KiB  threads %3d  live Pendings %zu\n",
+                   check_now() - t0, rounds, rss, th, caller_pending_live_count());
+            if (warm_rss < 0) {
+                warm_rss = rss, warm_threads = th;
+            } else if (rss > warm_rss + warm_rss / 4 || th > warm_threads) {
+                printf("soak: grew since the first minute (RSS %ld -> %ld KiB, threads %d -> %d)\n",
+                       warm_rss, rss, warm_threads, th);
+                ok = 0;
+            }
+        }
+    }
+    stop_callers();
+    printf("soak: %s after %ld rounds\n", ok ? "flat" : "NOT flat", rounds);
+    return ok ? 0 : 1;
+}
+#endif
