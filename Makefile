@@ -32,7 +32,7 @@ MAKEFLAGS += --no-print-directory
 
 FORMAT_FILES = $(wildcard include/*.h src/*.c src/*.h tests/*.c tests/*.h bench/*.c examples/*.c)
 
-.PHONY: soak build deps test test-asan test-tsan bench demo docs install format format-check clean
+.PHONY: soak fuzz build deps test test-asan test-tsan bench demo docs install format format-check clean
 
 build: deps
 	cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_ARGS)
@@ -75,6 +75,19 @@ bench: deps
 	cmake --build build-release -j$(JOBS)
 	bash bench/run.sh build-release
 
+# The libFuzzer harness (tests/fuzz-api.c) for FUZZ_SECONDS, built with clang
+# under ASan+UBSan in build-fuzz/; any crash or broken invariant fails it.
+FUZZ_SECONDS ?= 60
+fuzz: deps
+	@bash scripts/ensure-deps.sh clang libclang-rt-14-dev
+	CC=clang cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=Debug -DCALLER_SANITIZE=asan \
+	    -DCALLER_FUZZ=ON -DCALLER_BENCH=OFF -DCALLER_WERROR=OFF
+	cmake --build build-fuzz -j$(JOBS) --target fuzz-api
+	mkdir -p build-fuzz/corpus
+	ASAN_OPTIONS=halt_on_error=1:detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1 \
+	    build-fuzz/fuzz-api -max_total_time=$(FUZZ_SECONDS) -timeout=60 -rss_limit_mb=8192 \
+	    -print_final_stats=1 -artifact_prefix=build-fuzz/ build-fuzz/corpus tests/fuzz-corpus
+
 # Ten minutes of the load mix (SOAK_SECONDS to change), RSS and threads
 # printed each minute; fails if they grew after the first minute.
 soak: build
@@ -104,4 +117,4 @@ format-check:
 	$(if $(FORMAT_FILES),clang-format --dry-run --Werror $(FORMAT_FILES),@echo "format-check: no files")
 
 clean:
-	rm -rf build build-asan build-tsan build-release
+	rm -rf build build-asan build-tsan build-release build-fuzz
