@@ -618,6 +618,8 @@ int caller_run(caller_t *c, caller_fn body, void *arg, void **result)
         rc = caller_pending_add_done_callback(p, body_done, c);
         if (rc == 0)
             rc = caller__task_submit(c, p, INT64_MIN);
+        if (rc == 0)
+            caller__pending_track(p);
     }
     if (rc < 0)
         caller_stop(c, true); /* nothing to run: stop at once */

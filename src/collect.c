@@ -12,7 +12,8 @@
  * each entry's `delivered`. Everything else belongs to the consumer.
  * Lifetime: the iterator is reference-counted — the consumer holds one and
  * every linked waiter one — so a wake that races with close never touches
- * freed memory; after close, a late wake frees its own entry.
+ * freed memory; an entry close had to give up on (its wake in flight) is
+ * freed by that wake.
  */
 #include "internal.h"
 
@@ -27,6 +28,7 @@ typedef struct entry {
     struct entry *next;  /* done FIFO */
     struct entry *prev_out, *next_out;
     bool delivered; /* in the done FIFO (under it->lock) */
+    bool abandoned; /* closed before its wake came: the wake frees it */
 } entry_t;
 
 struct caller_iter {
@@ -69,10 +71,16 @@ static void entry_wake(caller__waiter_t *w)
     entry_t *e = (entry_t *)w;
     caller_iter_t *it = e->it;
     caller__lock(&it->lock);
-    bool closed = it->closed;
+    /* An entry the consumer gave up on while closing is ours to free; any
+     * other stays the consumer's (close frees what is still listed), so a
+     * wake never frees what close is about to look at. */
+    bool abandoned = e->abandoned;
     caller_pending_t *notify = NULL;
-    if (!closed) {
+    if (!abandoned)
         e->delivered = true;
+    /* Once closed, the FIFO is dead (close frees its entries): linking
+     * would write into an entry close may already have freed. */
+    if (!abandoned && !it->closed) {
         e->next = NULL;
         if (it->done_tail)
             it->done_tail->next = e;
@@ -83,8 +91,8 @@ static void entry_wake(caller__waiter_t *w)
         it->notify = NULL;
     }
     caller__unlock(&it->lock);
-    if (closed)
-        free_entry(e); /* the consumer let go of it */
+    if (abandoned)
+        free_entry(e);
     if (notify) {
         caller_pending_set_result(notify, NULL, false);
         caller_pending_unref(notify);
@@ -317,6 +325,16 @@ void caller_iter_close(caller_iter_t *it)
                 caller_pending_cancel(e->p, "Cancelled by as_completed");
             free_entry(e);
             iter_unref(it); /* the waiter's */
+        } else {
+            /* Its wake is in flight: it frees the entry, unless it already
+             * delivered it. */
+            caller__lock(&it->lock);
+            delivered = e->delivered;
+            if (!delivered)
+                e->abandoned = true;
+            caller__unlock(&it->lock);
+            if (delivered)
+                free_entry(e);
         }
     }
     /* A fixed set's items not watched yet are unfinished too. */

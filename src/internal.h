@@ -301,7 +301,8 @@ caller_pending_t *caller__call_soon_ex(caller_t *c, caller_fn fn, void *arg, con
 /* call_later for the library's housekeeping: in no context, untracked. */
 caller_pending_t *caller__call_later_detached(caller_t *c, double delay, caller_fn fn, void *arg,
                                               const char *name);
-/* Make a task for @p c (one allocation with its Pending). */
+/* Make a task for @p c (one allocation with its Pending), not yet tracked:
+ * callers track it (caller__pending_track) once it was submitted. */
 caller_pending_t *caller__task_new(caller_t *c, caller_fn fn, void *arg, const char *name);
 /* Queue a task made by caller__task_new (delay_ns >= 0). Consumes the
  * task's reference on failure. */

@@ -138,7 +138,7 @@ caller_pending_t *caller__task_new(caller_t *c, caller_fn fn, void *arg, const c
     t->live.prev = t->live.next = &t->live;
     t->ctx = caller__ctx_ref(caller__ctx_current()); /* runs in its scheduler's context */
     caller__pending_init_task(p, c, name, task_canceller, t);
-    caller__pending_track(p); /* last: from here other threads may cancel it */
+    /* Not tracked yet: see caller__task_track (after its submission). */
     return p;
 }
 
@@ -683,10 +683,8 @@ static caller_pending_t *schedule(caller_t *c, double delay, caller_fn fn, void 
     if (!(delay >= 0))
         delay = 0; /* negative and NaN: now */
     int64_t deadline = delay > 0 ? caller__deadline(delay) : INT64_MIN;
-    if (atomic_load_explicit(&c->state, memory_order_relaxed) >= CALLER_STATE_STOPPING) {
-        caller__fail_stopped(c, api);
-        return NULL;
-    }
+    /* No early "is it stopping?" check: the submission decides (under the
+     * inbox lock), and its refusal path is the one that must be right. */
     /* A detached task (the library's housekeeping) belongs to no context:
      * no tracker sees it, nor what it creates. */
     caller__ctx_t *outer = detached ? caller__ctx_swap(NULL) : NULL;
@@ -698,14 +696,18 @@ static caller_pending_t *schedule(caller_t *c, double delay, caller_fn fn, void 
     task_of(p)->on_end = on_end;
     caller_pending_ref(p); /* the caller's; the loop keeps the first */
     if (caller__task_submit(c, p, deadline) < 0) {
-        caller__fail_stopped(c, api);
         task_of(p)->on_end = NULL; /* refused: the caller cleans up */
         caller__ctx_unref(task_of(p)->ctx);
         task_of(p)->ctx = NULL;
+        caller__fail_stopped(c, api);
         caller_pending_unref(p);
         caller_pending_unref(p);
         return NULL;
     }
+    /* Tracked only once accepted: a refused call, never seen by its caller,
+     * must not keep a group waiting for it (the fuzzer found one that did).
+     * If it already ran, the trackers see it done at once. */
+    caller__pending_track(p);
     return p;
 }
 

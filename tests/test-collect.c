@@ -403,3 +403,35 @@ TEST(concurrent_completions_each_yielded_once)
     free(p);
     free(seen);
 }
+
+/* Regression (found by the fuzzer, a use-after-free under ASan): closing an
+ * iterator while its items' wakes are in flight on other threads. Each
+ * round completes 8 Pendings in a burst on another Caller while this thread
+ * returns from caller_wait at the first one and closes. */
+static void *complete_all(void *arg)
+{
+    caller_pending_t **p = arg;
+    for (int i = 0; i < 8; i++)
+        caller_pending_set_result(p[i], P(i), false);
+    return NULL;
+}
+
+TEST(close_while_wakes_are_in_flight)
+{
+    caller_t *c = check_new_thread(NULL);
+    for (int round = 0; round < 2000; round++) {
+        caller_pending_t *p[8], *done[8], *rest[8];
+        for (int i = 0; i < 8; i++)
+            p[i] = caller_pending_new(0);
+        caller_pending_t *t = caller_call_soon(c, complete_all, p);
+        size_t nd, nr;
+        CHECK_RC(caller_wait(p, 8, 10, CALLER_FIRST_COMPLETED, done, &nd, rest, &nr), 0);
+        CHECK_GE(nd, 1);
+        CHECK_EQ(nd + nr, 8);
+        CHECK_RC(caller_pending_wait(t, 10, false, false, NULL), 0);
+        caller_pending_unref(t);
+        for (int i = 0; i < 8; i++)
+            caller_pending_unref(p[i]);
+    }
+    check_stop(c);
+}

@@ -674,3 +674,33 @@ TEST(queue_call_carries_the_context)
 {
     CHECK_RC(run_in_task(body_queue, NULL, NULL), 0);
 }
+
+/* Regression (found by the fuzzer): a call refused because its Caller is
+ * stopping was still tracked by the group of its context and never ended,
+ * so the group's exit waited forever. */
+static void *refused_inside_group(void *arg)
+{
+    (void)arg;
+    caller_t *self = caller_current();
+    caller_group_t *g = caller_create_pending_group(self, true); /* shielded */
+    CHECK_RC(caller_group_enter(g), 0);
+    caller_stop(self, true); /* our own Caller begins to stop */
+    CHECK(caller_call_soon(self, ret_arg, NULL) == NULL);
+    CHECK_RC(caller_last_error(NULL), -ESHUTDOWN);
+    CHECK_EQ(caller_group_pending(g, NULL, 0), 0); /* nothing left to wait for */
+    int rc = caller_group_exit(g);
+    caller_group_unref(g);
+    return P(rc);
+}
+
+TEST(a_refused_call_does_not_keep_its_group_waiting)
+{
+    caller_t *c = check_new_thread(NULL);
+    caller_pending_t *p = caller_call_soon(c, refused_inside_group, NULL);
+    void *rc = P(1);
+    CHECK_RC(caller_pending_wait(p, 10, true, true, &rc), 0);
+    CHECK_RC((int)I(rc), 0);
+    caller_pending_unref(p);
+    CHECK_RC(caller_wait_stopped(c, 10), 0);
+    caller_unref(c);
+}
