@@ -280,8 +280,6 @@ bool caller__post(caller_t *c, caller__msg_t *m);
 void caller__dispatch(caller_t *c);
 /* Loop thread: the loop is about to block; spin briefly for work first. */
 void caller__before_sleep(caller_t *c);
-/* Loop thread: start dispatching (drain what was queued before start). */
-void caller__sched_started(caller_t *c);
 /* Loop thread, on MSG_STOP: cancel every task. */
 void caller__sched_stop(caller_t *c);
 /* Loop thread: all tasks ended? */
@@ -325,10 +323,6 @@ int caller__fail_stopped(const caller_t *c, const char *fn);
 /* Read and clear what caller_raise recorded in the current task (true if
  * something was). For runners of several calls in one task (queues). */
 bool caller__task_take_raised(int *code, char **msg);
-
-/* True if the running task's current suspension point would be cancelled
- * (scope-aware); false outside a task. */
-bool caller__task_cancel_requested(void);
 
 /* ---- group.c: contexts and trackers ---- */
 typedef struct caller__ctx caller__ctx_t;
@@ -374,7 +368,6 @@ caller_pending_t *caller__pending_new_extra(unsigned flags, size_t extra, void *
 /* The Caller whose work completes this Pending (a reference is taken, or,
  * with @p weak, none: for the Caller's own stopped event). */
 void caller__pending_set_owner(caller_pending_t *p, caller_t *owner, bool weak);
-caller_t *caller__pending_owner(const caller_pending_t *p);
 /* Set owner (a reference), name and canceller of a Pending nobody else
  * sees yet, without taking its lock (the task fast path). */
 void caller__pending_init_task(caller_pending_t *p, caller_t *owner, const char *name,

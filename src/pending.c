@@ -225,11 +225,6 @@ void caller__pending_init_task(caller_pending_t *p, caller_t *owner, const char 
     atomic_fetch_or_explicit(&p->flags, F_CANCELLER, memory_order_relaxed);
 }
 
-caller_t *caller__pending_owner(const caller_pending_t *p)
-{
-    return p->owner;
-}
-
 static void check_alive(const caller_pending_t *p, const char *fn)
 {
     if (p->magic != PENDING_MAGIC) {

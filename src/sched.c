@@ -532,11 +532,6 @@ int caller_scope_cancelled(const caller_scope_t *s)
     return atomic_load_explicit(&((caller_scope_t *)s)->cancelled, memory_order_acquire);
 }
 
-bool caller__task_cancel_requested(void)
-{
-    return tl_task && task_cancelled(tl_task);
-}
-
 /* ---- dispatch ----------------------------------------------------------------- */
 
 static void run_direct(caller_t *c, caller__msg_t *m);
