@@ -239,7 +239,8 @@ static void stop_callers(void)
 TEST(million_mixed_operations_with_random_cancellation)
 {
     start_callers();
-    load_round(OPS, true);
+    const char *env = getenv("LOAD_OPS"); /* to try other sizes by hand */
+    load_round(env ? atol(env) : OPS, true);
     stop_callers();
 }
 
