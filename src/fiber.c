@@ -1,18 +1,21 @@
 /*
- * Fibers: mmap'd stacks with a guard page, a per-thread stack cache, and the
- * switch between a thread's scheduler context and its fibers (see fiber.h).
+ * Fibers: stacks with a guard page carved from mmap'd slabs, a per-thread
+ * stack cache, and the switch between a thread's scheduler context and its
+ * fibers (see fiber.h).
  *
- * No locks: every piece of state is thread-local (struct fiber_thread). The
- * one exception is a process-wide atomic counter that exists only under
- * TSan (see fiber_tsan_attach).
+ * Running, switching and the cache are thread-local (struct fiber_thread),
+ * without locks. Two things are process-wide, each under its own lock and
+ * touched only on a cache miss or overflow: the stack pool (see "the stack
+ * pool" below) and, under TSan only, the set of TSan fiber contexts (see
+ * fiber_tsan_attach).
  *
  * Tool annotations, as in QEMU's util/coroutine-ucontext.c:
  *  - ASan: __sanitizer_start_switch_fiber before every switch and
  *    __sanitizer_finish_switch_fiber right after it, on the side that
  *    resumes. The final switch out of a finished fiber passes NULL as the
  *    fake-stack save, so ASan frees that fiber's fake stack.
- *  - TSan: one TSan fiber context per mapped stack (created at mmap,
- *    destroyed at munmap), __tsan_switch_to_fiber(ctx, 0) right before every
+ *  - TSan: a TSan fiber context lent to each live fiber (see
+ *    fiber_tsan_attach), __tsan_switch_to_fiber(ctx, 0) right before every
  *    switch. Flag 0 makes each switch a happens-before edge, which is the
  *    truth: the fibers of a thread run one at a time.
  *  - valgrind: VALGRIND_STACK_REGISTER at mmap, _DEREGISTER at munmap, so
@@ -120,10 +123,10 @@ struct caller__fiber {
     void *arg;
     struct fiber_thread *owner; /* the thread it belongs to */
     caller__fiber_t *next;      /* in the owner's cache */
-    char *map;                  /* guard page, stack, then this struct */
-    size_t map_size;
-    char *stack_lo;    /* lowest usable byte; the stack's top is this struct */
-    size_t stack_size; /* size asked for, rounded up to pages: the cache key */
+    struct stack_slab *slab;    /* the slab its slot is in */
+    char *map;                  /* its slot: guard page, stack, then this struct */
+    char *stack_lo;             /* lowest usable byte; the stack's top is this struct */
+    size_t stack_size;          /* size asked for, rounded up to pages: the cache key */
     bool started;
     bool finished;
 #if FIBER_ASAN
@@ -190,25 +193,45 @@ static size_t fiber_stack_bytes(const caller__fiber_t *f)
  * A TSan fiber context is expensive in GCC 12's runtime: about 0.8 MB of
  * resident memory and 0.8 ms to create, and the runtime counts each as a
  * thread and dies ("Thread limit (8128 threads) exceeded") past 8128 of
- * them, while a program may well keep more tasks suspended at once. So at
- * most FIBER_TSAN_OWN_MAX stacks in the process get a context of their own
- * and the others share one context per thread. Sharing costs only the
- * accuracy of the stack traces in reports from those fibers: fibers of one
- * thread are ordered by the switches whichever context they use, and since
- * every instrumented frame of a fiber returns before its final switch, a
- * shared context's shadow stack holds only the frames of its live fibers.
+ * them, while a program may well keep more tasks suspended at once. So the
+ * process makes at most FIBER_TSAN_OWN_MAX contexts, never destroys them,
+ * and lends them to fibers while they run or are suspended (from
+ * caller__fiber_new to caller__fiber_free; a cached stack holds none).
+ * Past that many live fibers, the others share one context per thread.
+ * Sharing is correct but costly: fibers of one thread are ordered by the
+ * switches whichever context they use, and since every instrumented frame
+ * of a fiber returns before its final switch, a shared context's shadow
+ * stack holds only the frames of its live fibers — but interleaved, so the
+ * stack traces in reports from those fibers are mixed, and each allocation
+ * made there records a new, unique stack in TSan's (never freed) stack
+ * depot. Lending the contexts to live fibers only keeps sharing rare: when
+ * contexts stayed with cached stacks, a load test spent most of them on
+ * stacks in thread caches and its stack depot grew to gigabytes.
  */
 #define FIBER_TSAN_OWN_MAX 512
-static atomic_size_t fiber_tsan_own;
+static struct {
+    caller__lock_t lock;
+    size_t made, idle;
+    void *free[FIBER_TSAN_OWN_MAX];
+} tsan_ctx = {.lock = CALLER__LOCK_INIT};
 
 static void fiber_tsan_attach(struct fiber_thread *t, caller__fiber_t *f)
 {
-    if (atomic_fetch_add_explicit(&fiber_tsan_own, 1, memory_order_relaxed) < FIBER_TSAN_OWN_MAX) {
-        f->tsan = __tsan_create_fiber(0);
+    void *ctx = NULL;
+    bool make = false;
+    caller__lock(&tsan_ctx.lock);
+    if (tsan_ctx.idle)
+        ctx = tsan_ctx.free[--tsan_ctx.idle];
+    else if (tsan_ctx.made < FIBER_TSAN_OWN_MAX)
+        make = true, tsan_ctx.made++;
+    caller__unlock(&tsan_ctx.lock);
+    if (make)
+        ctx = __tsan_create_fiber(0);
+    if (ctx) {
+        f->tsan = ctx;
         f->tsan_shared = false;
         return;
     }
-    atomic_fetch_sub_explicit(&fiber_tsan_own, 1, memory_order_relaxed);
     if (!t->tsan_shared)
         t->tsan_shared = __tsan_create_fiber(0);
     t->tsan_shared_refs++;
@@ -216,18 +239,20 @@ static void fiber_tsan_attach(struct fiber_thread *t, caller__fiber_t *f)
     f->tsan_shared = true;
 }
 
-/* Never called for the running fiber's context: a fiber being unmapped has
- * finished, and while any fiber using the shared context lives, it holds a
- * reference. */
+/* Never called for the running fiber's context: a fiber being freed has
+ * finished (or never started), and while any fiber using the shared
+ * context lives, it holds a reference. */
 static void fiber_tsan_detach(struct fiber_thread *t, caller__fiber_t *f)
 {
     if (!f->tsan_shared) {
-        __tsan_destroy_fiber(f->tsan);
-        atomic_fetch_sub_explicit(&fiber_tsan_own, 1, memory_order_relaxed);
+        caller__lock(&tsan_ctx.lock);
+        tsan_ctx.free[tsan_ctx.idle++] = f->tsan;
+        caller__unlock(&tsan_ctx.lock);
     } else if (--t->tsan_shared_refs == 0) {
         __tsan_destroy_fiber(t->tsan_shared);
         t->tsan_shared = NULL;
     }
+    f->tsan = NULL;
 }
 #endif
 
@@ -266,39 +291,271 @@ static bool guard_page(char *map, size_t page)
     return mprotect(map, page, PROT_NONE) == 0;
 }
 
-/* A fresh fiber: [guard page][stack of >= stack_size bytes][struct]. */
-static caller__fiber_t *fiber_map(struct fiber_thread *t, size_t stack_size)
-{
-    size_t page = fiber_page(t);
-    size_t self = (sizeof(caller__fiber_t) + 63) & ~(size_t)63;
-    size_t size = page + stack_size + ((self + page - 1) & ~(page - 1));
+/* ---- the stack pool ------------------------------------------------------ */
 
+/*
+ * Stacks are carved from slabs: one mapping holds a header page and up to
+ * SLAB_SLOTS_MAX slots, each [guard page][stack][fiber struct]. A slab's
+ * guards are installed once, when it is mapped, and stay when its pages are
+ * dropped, so handing a slot out again costs no system call. The pool is
+ * process-wide, one lock, and sits behind each thread's cache: a thread
+ * takes from it when its cache is empty and gives back when its cache is
+ * full (or the thread's Caller ends).
+ *
+ * Why slabs rather than one mapping per stack: mapping and unmapping a
+ * stack per fresh task was most of the cost of a burst of suspended tasks
+ * (munmap alone ~40% of W6, which splits merged VMAs), and under TSan every
+ * mapping at a new address leaves a shadow mapping behind, so a long run
+ * with many suspended tasks drifted to vm.max_map_count.
+ *
+ * Memory: a slot given back keeps its resident pages ("dirty"), so the next
+ * task to take it faults nothing in; taking prefers dirty slots. Past
+ * POOL_DIRTY_MAX dirty slots, the least recently used slabs' dirty slots
+ * are dropped (MADV_DONTNEED, one call per run of adjacent slots) until
+ * half that is left: each drop costs a TLB shootdown across the process's
+ * CPUs, so they are batched. Wholly free slabs are kept, up to
+ * POOL_EMPTY_MAX per stack size; the rest are unmapped.
+ */
+#define SLAB_SLOTS_MAX 64
+#define SLAB_BYTES (16u << 20) /* fewer slots per slab for big stacks */
+#define POOL_DIRTY_MAX 1024    /* dirty slots kept, per stack size */
+#define POOL_EMPTY_MAX 64      /* wholly free slabs kept, per stack size */
+
+struct stack_pool;
+
+struct stack_slab {
+    struct stack_slab *next, *prev; /* in pool->avail: slabs with a free slot */
+    struct stack_pool *pool;
+    char *slots;    /* the first slot, one page into the mapping */
+    size_t size;    /* the whole mapping */
+    unsigned count; /* slots */
+    uint64_t free;  /* bit i set: slot i is in the pool */
+    uint64_t dirty; /* free slots whose pages may be resident */
+};
+
+struct stack_pool {
+    struct stack_pool *next; /* pools of other stack sizes */
+    size_t stack_size, slot_size;
+    struct stack_slab *avail; /* slabs with a free slot, last given to first */
+    struct stack_slab *avail_tail;
+    size_t dirty; /* dirty slots, all slabs */
+    size_t empty; /* slabs with every slot free */
+};
+
+static struct {
+    caller__lock_t lock;
+    struct stack_pool *pools;
+    size_t page;
+} pool = {.lock = CALLER__LOCK_INIT};
+
+static uint64_t slab_full_mask(const struct stack_slab *s)
+{
+    return s->count == 64 ? ~(uint64_t)0 : ((uint64_t)1 << s->count) - 1;
+}
+
+static void slab_unlink(struct stack_slab *s)
+{
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        s->pool->avail = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+    else
+        s->pool->avail_tail = s->prev;
+    s->next = s->prev = NULL;
+}
+
+static void slab_push(struct stack_slab *s)
+{
+    s->prev = NULL;
+    s->next = s->pool->avail;
+    if (s->next)
+        s->next->prev = s;
+    else
+        s->pool->avail_tail = s;
+    s->pool->avail = s;
+}
+
+/* Under the pool lock: the pool of stack_size, made if new (NULL: -ENOMEM). */
+static struct stack_pool *pool_for(size_t stack_size, size_t page)
+{
+    for (struct stack_pool *p = pool.pools; p; p = p->next)
+        if (p->stack_size == stack_size)
+            return p;
+    struct stack_pool *p = caller__calloc(1, sizeof *p);
+    if (!p)
+        return NULL;
+    size_t self = (sizeof(caller__fiber_t) + 63) & ~(size_t)63;
+    p->stack_size = stack_size;
+    p->slot_size = page + stack_size + ((self + page - 1) & ~(page - 1));
+    p->next = pool.pools;
+    pool.pools = p;
+    return p;
+}
+
+/* Map a slab for p, guards installed (not under the lock). */
+static struct stack_slab *slab_map(struct stack_pool *p, size_t page)
+{
+    size_t count = SLAB_BYTES / p->slot_size;
+    count = count < 1 ? 1 : count > SLAB_SLOTS_MAX ? SLAB_SLOTS_MAX : count;
+    if (p->slot_size > (SIZE_MAX - page) / count) {
+        caller__fail(-ENOMEM, "cannot map a fiber stack of %zu bytes: too big", p->stack_size);
+        return NULL;
+    }
+    size_t size = page + count * p->slot_size;
     /* MAP_NORESERVE: a stack is mostly never touched, so it should not
      * count against overcommit. MAP_STACK: no transparent huge pages. */
     char *map = mmap(NULL, size, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK, -1, 0);
     if (map == MAP_FAILED) {
-        caller__fail(-ENOMEM, "cannot map a fiber stack of %zu bytes: %s", stack_size,
-                     strerror(errno));
+        caller__fail(-ENOMEM, "cannot map fiber stacks (%zu bytes): %s", size, strerror(errno));
         return NULL;
     }
-    if (!guard_page(map, page)) {
-        int e = errno;
-        munmap(map, size);
-        caller__fail(-ENOMEM, "cannot protect a fiber stack's guard page: %s", strerror(e));
-        return NULL;
+    for (size_t i = 0; i < count; i++) {
+        if (!guard_page(map + page + i * p->slot_size, page)) {
+            int e = errno;
+            munmap(map, size);
+            caller__fail(-ENOMEM, "cannot protect a fiber stack's guard page: %s", strerror(e));
+            return NULL;
+        }
     }
+    struct stack_slab *s = (struct stack_slab *)map;
+    s->pool = p;
+    s->slots = map + page;
+    s->size = size;
+    s->count = (unsigned)count;
+    s->free = slab_full_mask(s);
+    s->dirty = 0;
+    s->next = s->prev = NULL;
+    return s;
+}
 
-    caller__fiber_t *f = (caller__fiber_t *)(map + size - self);
+/* A free slot of stack_size's pool, or NULL (error set). */
+static char *pool_take(size_t stack_size, size_t page, struct stack_slab **slab)
+{
+    caller__lock(&pool.lock);
+    pool.page = page;
+    struct stack_pool *p = pool_for(stack_size, page);
+    if (!p) {
+        caller__unlock(&pool.lock);
+        return NULL;
+    }
+    struct stack_slab *s = p->avail;
+    if (!s) {
+        caller__unlock(&pool.lock);
+        struct stack_slab *fresh = slab_map(p, page);
+        if (!fresh)
+            return NULL;
+        caller__lock(&pool.lock);
+        slab_push(fresh);
+        p->empty++;
+        s = fresh;
+    }
+    uint64_t pick = s->free & s->dirty ? s->free & s->dirty : s->free;
+    unsigned i = (unsigned)__builtin_ctzll(pick);
+    uint64_t bit = (uint64_t)1 << i;
+    if (s->free == slab_full_mask(s))
+        p->empty--;
+    s->free &= ~bit;
+    if (s->dirty & bit) {
+        s->dirty &= ~bit;
+        p->dirty--;
+    }
+    if (!s->free)
+        slab_unlink(s);
+    caller__unlock(&pool.lock);
+    *slab = s;
+    return s->slots + (size_t)i * p->slot_size;
+}
+
+/* Under the lock: drop the pages of s's dirty slots, one madvise per run of
+ * adjacent slots (the guard pages between them stay guards). */
+static void slab_purge(struct stack_slab *s)
+{
+    size_t slot_size = s->pool->slot_size, page = pool.page;
+    uint64_t d = s->dirty;
+    while (d) {
+        unsigned i = (unsigned)__builtin_ctzll(d);
+        unsigned j = i;
+        while (j + 1 < s->count && (d >> (j + 1) & 1))
+            j++;
+        char *lo = s->slots + (size_t)i * slot_size + page;
+        char *hi = s->slots + (size_t)(j + 1) * slot_size;
+        madvise(lo, (size_t)(hi - lo), MADV_DONTNEED);
+        d &= j + 1 < 64 ? ~(((uint64_t)1 << (j + 1)) - 1) : 0;
+    }
+    s->pool->dirty -= (size_t)__builtin_popcountll(s->dirty);
+    s->dirty = 0;
+}
+
+/* Give slot (of slab s) back. */
+static void pool_give(struct stack_slab *s, char *slot)
+{
+    struct stack_pool *p = s->pool;
+    uint64_t bit = (uint64_t)1 << ((size_t)(slot - s->slots) / p->slot_size);
+    struct stack_slab *unmap = NULL;
+    caller__lock(&pool.lock);
+    if (!s->free)
+        slab_push(s);
+    s->free |= bit;
+    s->dirty |= bit;
+    p->dirty++;
+    if (s->free == slab_full_mask(s)) {
+        if (p->empty >= POOL_EMPTY_MAX) {
+            slab_unlink(s);
+            p->dirty -= (size_t)__builtin_popcountll(s->dirty);
+            unmap = s;
+        } else {
+            p->empty++;
+        }
+    }
+    if (p->dirty > POOL_DIRTY_MAX) /* the least recently given to first */
+        for (struct stack_slab *v = p->avail_tail; v && p->dirty > POOL_DIRTY_MAX / 2; v = v->prev)
+            slab_purge(v);
+    caller__unlock(&pool.lock);
+    if (unmap)
+        munmap(unmap, unmap->size);
+}
+
+void caller__fiber_fork(int phase)
+{
+    if (phase == 0) {
+        caller__lock(&pool.lock);
+#if FIBER_TSAN
+        caller__lock(&tsan_ctx.lock);
+#endif
+    } else if (phase == 1) {
+#if FIBER_TSAN
+        caller__unlock(&tsan_ctx.lock);
+#endif
+        caller__unlock(&pool.lock);
+    } else { /* the child: slots in use by the parent's other threads stay taken */
+#if FIBER_TSAN
+        atomic_store(&tsan_ctx.lock, CALLER__LOCK_INIT);
+#endif
+        atomic_store(&pool.lock, CALLER__LOCK_INIT);
+    }
+}
+
+/* A fiber on a slot: [guard page][stack of stack_size bytes][struct]. */
+static caller__fiber_t *fiber_map(struct fiber_thread *t, size_t stack_size)
+{
+    size_t page = fiber_page(t);
+    size_t self = (sizeof(caller__fiber_t) + 63) & ~(size_t)63;
+    struct stack_slab *slab;
+    char *slot = pool_take(stack_size, page, &slab);
+    if (!slot)
+        return NULL;
+    size_t size = slab->pool->slot_size;
+
+    caller__fiber_t *f = (caller__fiber_t *)(slot + size - self);
     memset(f, 0, sizeof *f);
     f->owner = t;
-    f->map = map;
-    f->map_size = size;
-    f->stack_lo = map + page;
+    f->slab = slab;
+    f->map = slot;
+    f->stack_lo = slot + page;
     f->stack_size = stack_size;
-#if FIBER_TSAN
-    fiber_tsan_attach(t, f);
-#endif
 #if FIBER_VALGRIND
     f->vg_stack = VALGRIND_STACK_REGISTER(f->stack_lo, (char *)f);
 #endif
@@ -308,19 +565,16 @@ static caller__fiber_t *fiber_map(struct fiber_thread *t, size_t stack_size)
 
 static void fiber_unmap(struct fiber_thread *t, caller__fiber_t *f)
 {
-    char *map = f->map;
-    size_t size = f->map_size;
+    struct stack_slab *slab = f->slab;
+    char *slot = f->map;
 #if FIBER_VALGRIND
     VALGRIND_STACK_DEREGISTER(f->vg_stack);
 #endif
-#if FIBER_TSAN
-    fiber_tsan_detach(t, f);
-#endif
 #if FIBER_ASAN
-    /* Leave no poisoned shadow behind for whatever is mapped here next. */
+    /* Leave no poisoned shadow behind for whatever runs here next. */
     ASAN_UNPOISON_MEMORY_REGION(f->stack_lo, fiber_stack_bytes(f));
 #endif
-    munmap(map, size); /* f is gone from here on */
+    pool_give(slab, slot); /* f is gone from here on */
     t->mapped--;
 }
 
@@ -430,6 +684,9 @@ caller__fiber_t *caller__fiber_new(size_t stack_size, caller__fiber_fn fn, void 
         fiber_unmap(t, f);
         return NULL;
     }
+#if FIBER_TSAN
+    fiber_tsan_attach(t, f);
+#endif
     return f;
 }
 
@@ -505,6 +762,9 @@ void caller__fiber_free(caller__fiber_t *f)
         fiber_misuse("caller__fiber_free: the fiber was already freed");
     if (f->started && !f->finished)
         fiber_misuse("caller__fiber_free: the fiber is running or suspended");
+#if FIBER_TSAN
+    fiber_tsan_detach(t, f);
+#endif
     if (t->cached >= CALLER__FIBER_CACHE_MAX) {
         fiber_unmap(t, f);
         return;

@@ -9,13 +9,14 @@
  * one thread. All state is thread-local (the running fiber, the scheduler's
  * saved context, the stack cache), so nothing here takes a lock.
  *
- * A fiber's stack is one mmap'd region with a PROT_NONE guard page at its
- * low end (stacks grow down: an overflow faults in the guard page instead of
+ * A fiber's stack is a slot of an mmap'd slab: a guard page at its low end
+ * (stacks grow down: an overflow faults in the guard page instead of
  * writing over the neighbouring memory) and the fiber struct itself at its
- * high end, so a fresh fiber costs one mmap (plus the mprotect of the guard)
- * and a reused one costs nothing but re-initialising its first frame.
- * Finished fibers go back to a per-thread cache of at most
- * CALLER__FIBER_CACHE_MAX stacks (libdill's stack cache).
+ * high end. Slabs of up to 64 slots come from a process-wide pool, so a
+ * fresh fiber costs no system call most of the time, and a reused one costs
+ * nothing but re-initialising its first frame. Finished fibers go back to a
+ * per-thread cache of at most CALLER__FIBER_CACHE_MAX stacks (libdill's
+ * stack cache), and from there to the pool.
  *
  * The context switch is ours (src/switch_x86_64.S, src/switch_aarch64.S);
  * other architectures, and builds with CALLER_FIBER_UCONTEXT=1, use
@@ -82,16 +83,16 @@ bool caller__fiber_finished(const caller__fiber_t *f);
 /*
  * Give a finished (or never started) fiber back: its stack goes to this
  * thread's cache (at most CALLER__FIBER_CACHE_MAX = 64 stacks kept; the rest
- * munmap'd). Must be called on the fiber's thread. NULL is a no-op.
+ * go back to the process-wide pool). Must be called on the fiber's thread.
+ * NULL is a no-op.
  */
 void caller__fiber_free(caller__fiber_t *f);
 
-/* Unmap every stack in this thread's cache (a Caller thread calls this as it
- * ends). Fibers in use are not affected. */
+/* Give every stack in this thread's cache back to the pool (a Caller thread
+ * calls this as it ends). Fibers in use are not affected. */
 void caller__fiber_cache_clear(void);
 
-/* Number of stacks currently mapped by this thread (in use + cached), for
- * tests. */
+/* Number of stacks this thread holds (in use + cached), for tests. */
 size_t caller__fiber_stacks_mapped(void);
 
 /* The guard page of f's stack: faults at addresses in [*lo, *hi) are f's

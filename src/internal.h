@@ -349,6 +349,7 @@ void caller__iopub_close(caller_t *c);
  * parent after (release them), 2 = in the child (reset the state). */
 void caller__pending_fork(int phase);
 void caller__iopub_fork(int phase);
+void caller__fiber_fork(int phase); /* fiber.c: the stack pool's lock */
 
 /* ---- pool.c ---- */
 void caller__pool_free(caller_pool_t *pool);

@@ -602,7 +602,10 @@ const char *__asan_default_options(void)
 }
 #endif
 
-TEST(stack_overflow_hits_guard)
+/* In a child process: churn is how many fibers to run and free first, so
+ * that the overflowing fiber gets a stack the pool handed out before (and,
+ * past the pool's dirty limit, whose pages it dropped). */
+static void overflow_in_child(int churn)
 {
     start_clean();
     int fds[2];
@@ -619,6 +622,19 @@ TEST(stack_overflow_hits_guard)
         sigemptyset(&sa.sa_mask);
         if (sigaltstack(&ss, NULL) != 0 || sigaction(SIGSEGV, &sa, NULL) != 0)
             _exit(2);
+        if (churn > 0) {
+            caller__fiber_t **fs = calloc((size_t)churn, sizeof *fs);
+            struct once o = {0};
+            for (int i = 0; i < churn; i++) {
+                if (!fs || !(fs[i] = caller__fiber_new(0, once_fn, &o)))
+                    _exit(5);
+                caller__fiber_switch_to(fs[i]);
+            }
+            for (int i = 0; i < churn; i++)
+                caller__fiber_free(fs[i]);
+            caller__fiber_cache_clear();
+            free(fs);
+        }
         caller__fiber_t *f = caller__fiber_new(0, overflow_fn, NULL);
         if (!f)
             _exit(3);
@@ -641,6 +657,74 @@ TEST(stack_overflow_hits_guard)
     CHECK_EQ(WTERMSIG(status), SIGSEGV);
     CHECK_EQ(n, 1);
     CHECK_EQ(c, 'G'); /* the fault address was in the fiber's guard page */
+    end_clean();
+}
+
+TEST(stack_overflow_hits_guard)
+{
+    overflow_in_child(0);
+}
+
+/* A stack back from the pool keeps its guard, also after the pool dropped
+ * its pages (2000 fibers given back: past the pool's 1024 dirty slots). */
+TEST(stack_overflow_hits_guard_of_a_reused_stack)
+{
+    overflow_in_child(2000);
+}
+
+/* ---- the stack pool, shared by threads ------------------------------------ */
+
+/* Writes a pattern on its stack, yields, and checks the pattern survived:
+ * two live fibers given the same slot would overwrite each other's. */
+static void pattern_fn(void *arg)
+{
+    unsigned char mine[256];
+    unsigned char seed = (unsigned char)(uintptr_t)arg;
+    for (size_t i = 0; i < sizeof mine; i++)
+        mine[i] = (unsigned char)(seed + i * 7);
+    __asm__ volatile("" : : "r"(mine) : "memory");
+    caller__fiber_yield();
+    for (size_t i = 0; i < sizeof mine; i++)
+        CHECK_EQ(mine[i], (unsigned char)(seed + i * 7));
+}
+
+static void *pool_thread(void *arg)
+{
+    enum { LIVE = 300, ROUNDS = 10 };
+    caller__fiber_t *fs[LIVE];
+    unsigned seed = (unsigned)(uintptr_t)arg;
+    for (int round = 0; round < ROUNDS; round++) {
+        for (int i = 0; i < LIVE; i++) {
+            fs[i] = caller__fiber_new(0, pattern_fn, (void *)(uintptr_t)(rand_r(&seed) & 0xff));
+            CHECK(fs[i] != NULL);
+            caller__fiber_switch_to(fs[i]);
+        }
+        CHECK_EQ(caller__fiber_stacks_mapped(), LIVE);
+        for (int k = 0; k < 2; k++) /* finish and free odd, then even ones */
+            for (int i = 1 - k; i < LIVE; i += 2) {
+                caller__fiber_switch_to(fs[i]);
+                CHECK(caller__fiber_finished(fs[i]));
+                caller__fiber_free(fs[i]);
+            }
+        CHECK_EQ(caller__fiber_stacks_mapped(), CALLER__FIBER_CACHE_MAX);
+        if (round % 3 == 2)
+            caller__fiber_cache_clear();
+    }
+    caller__fiber_cache_clear();
+    CHECK_EQ(caller__fiber_stacks_mapped(), 0);
+    return NULL;
+}
+
+/* Two threads taking stacks from the pool and giving them back at once
+ * (meant for TSan): no slot is ever live in two fibers. */
+TEST(pool_shared_by_two_threads)
+{
+    start_clean();
+    pthread_t a, b;
+    CHECK_EQ(pthread_create(&a, NULL, pool_thread, (void *)1), 0);
+    CHECK_EQ(pthread_create(&b, NULL, pool_thread, (void *)2), 0);
+    CHECK_EQ(pthread_join(a, NULL), 0);
+    CHECK_EQ(pthread_join(b, NULL), 0);
     end_clean();
 }
 
