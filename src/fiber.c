@@ -81,6 +81,7 @@
 #include <sanitizer/common_interface_defs.h>
 #endif
 #if FIBER_TSAN
+#include <pthread.h>
 #include <sanitizer/tsan_interface.h>
 #include <stdatomic.h>
 #endif
@@ -215,8 +216,27 @@ static struct {
     void *free[FIBER_TSAN_OWN_MAX];
 } tsan_ctx = {.lock = CALLER__LOCK_INIT};
 
+/* At exit: TSan counts each context as a live thread, and its own exit
+ * handler sleeps a second (atexit_sleep_ms) when other threads live. */
+static void fiber_tsan_at_exit(void)
+{
+    caller__lock(&tsan_ctx.lock);
+    while (tsan_ctx.idle) {
+        __tsan_destroy_fiber(tsan_ctx.free[--tsan_ctx.idle]);
+        tsan_ctx.made--;
+    }
+    caller__unlock(&tsan_ctx.lock);
+}
+
+static void fiber_tsan_at_exit_register(void)
+{
+    atexit(fiber_tsan_at_exit); /* after TSan's own: runs before it */
+}
+
 static void fiber_tsan_attach(struct fiber_thread *t, caller__fiber_t *f)
 {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, fiber_tsan_at_exit_register);
     void *ctx = NULL;
     bool make = false;
     caller__lock(&tsan_ctx.lock);
