@@ -216,16 +216,28 @@ static struct {
     void *free[FIBER_TSAN_OWN_MAX];
 } tsan_ctx = {.lock = CALLER__LOCK_INIT};
 
-/* At exit: TSan counts each context as a live thread, and its own exit
- * handler sleeps a second (atexit_sleep_ms) when other threads live. */
-static void fiber_tsan_at_exit(void)
+/*
+ * TSan counts each context as a live thread, and its exit (exit or _exit)
+ * sleeps a second (atexit_sleep_ms) when other threads live. So the idle
+ * contexts are destroyed at exit, and as a Caller's thread ends when no
+ * fiber holds one (a process's Callers are done, typically; were more to
+ * come, they make contexts again, 0.8 ms each).
+ */
+static void fiber_tsan_drop_idle(bool only_if_none_lent)
 {
     caller__lock(&tsan_ctx.lock);
-    while (tsan_ctx.idle) {
-        __tsan_destroy_fiber(tsan_ctx.free[--tsan_ctx.idle]);
-        tsan_ctx.made--;
+    if (!only_if_none_lent || tsan_ctx.made == tsan_ctx.idle) {
+        while (tsan_ctx.idle) {
+            __tsan_destroy_fiber(tsan_ctx.free[--tsan_ctx.idle]);
+            tsan_ctx.made--;
+        }
     }
     caller__unlock(&tsan_ctx.lock);
+}
+
+static void fiber_tsan_at_exit(void)
+{
+    fiber_tsan_drop_idle(false);
 }
 
 static void fiber_tsan_at_exit_register(void)
@@ -806,6 +818,9 @@ void caller__fiber_cache_clear(void)
         t->cached--;
         fiber_unmap(t, f);
     }
+#if FIBER_TSAN
+    fiber_tsan_drop_idle(true);
+#endif
 }
 
 size_t caller__fiber_stacks_mapped(void)
