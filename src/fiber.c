@@ -471,6 +471,7 @@ static char *pool_take(size_t stack_size, size_t page, struct stack_slab **slab)
     struct stack_pool *p = pool_for(stack_size, page);
     if (!p) {
         caller__unlock(&pool.lock);
+        caller__fail(-ENOMEM, "cannot map a fiber stack of %zu bytes: out of memory", stack_size);
         return NULL;
     }
     struct stack_slab *s = p->avail;
