@@ -345,7 +345,12 @@ static int complete(caller_pending_t *p, void *value, int code, char *msg, bool 
         caller__free(msg);
         return caller__fail(CALLER_EINVALSTATE, "%s: the Pending is already done", fn);
     }
-    flags |= F_DONE | F_COMPLETING | (code ? F_FAILED : 0u);
+    /* With no callbacks to run (cb0 is empty only when all are) and no
+     * reset, the Pending is finished at once: no COMPLETING phase, and no
+     * second round under the lock (W1/W3: three atomic operations fewer
+     * per task). */
+    bool quick = !p->cb0.fn && !reset;
+    flags |= F_DONE | (quick ? 0u : F_COMPLETING) | (code ? F_FAILED : 0u);
     p->value = value;
     p->code = code;
     p->errmsg = msg;
@@ -361,23 +366,28 @@ static int complete(caller_pending_t *p, void *value, int code, char *msg, bool 
         w->linked = false;
     caller__unlock(&p->lock);
 
-    run_callbacks(p, cb0, cbs);
+    caller__waiter_t *late = NULL;
+    if (!quick) {
+        run_callbacks(p, cb0, cbs);
 
-    /* Waiters that came while the callbacks ran were queued too (see
-     * caller__pending_add_waiter): nobody sees the Pending done, through a
-     * wait, before its callbacks ran. */
-    caller__lock(&p->lock);
-    caller__waiter_t *late = p->waiters;
-    p->waiters = NULL;
-    for (caller__waiter_t *w = late; w; w = w->next)
-        w->linked = false;
-    unsigned clear = F_COMPLETING;
-    if (reset) {
-        p->value = NULL;
-        clear |= F_DONE;
+        /* Waiters that came while the callbacks ran were queued too (see
+         * caller__pending_add_waiter): nobody sees the Pending done, through
+         * a wait, before its callbacks ran. */
+        caller__lock(&p->lock);
+        late = p->waiters;
+        p->waiters = NULL;
+        for (caller__waiter_t *w = late; w; w = w->next)
+            w->linked = false;
+        unsigned clear = F_COMPLETING;
+        if (reset) {
+            p->value = NULL;
+            clear |= F_DONE;
+        }
+        atomic_fetch_and_explicit(&p->flags, ~clear, memory_order_release);
+        caller__unlock(&p->lock);
+    } else {
+        caller__free(cbs); /* empty: remove_done_callback may leave it so */
     }
-    atomic_fetch_and_explicit(&p->flags, ~clear, memory_order_release);
-    caller__unlock(&p->lock);
 
     /* Waiters last, as in the original: when a waiter wakes, the done
      * callbacks have run. Read `next` before waking: the node may vanish. */
