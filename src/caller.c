@@ -869,7 +869,7 @@ size_t caller_all(bool running_only, caller_t **out, size_t max)
 caller_pending_t *caller_current_pending(void)
 {
     caller__task_t *t = caller__task_current();
-    return t ? t->pending : NULL;
+    return t ? caller__task_pending(t) : NULL;
 }
 
 const char *caller_name(const caller_t *c)

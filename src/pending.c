@@ -153,9 +153,17 @@ static const char *msg_or_empty(const char *s)
     return s ? s : "";
 }
 
+_Static_assert(sizeof(struct caller_pending) <= CALLER__PENDING_SIZE,
+               "the extra bytes of caller__pending_new_extra would overlap the Pending");
+
 size_t caller__pending_size(void)
 {
     return sizeof(struct caller_pending);
+}
+
+caller_t *caller__pending_owner(const caller_pending_t *p)
+{
+    return p->owner;
 }
 
 size_t caller_pending_live_count(void)
@@ -176,7 +184,7 @@ caller_pending_t *caller__pending_new_extra(unsigned flags, size_t extra, void *
         caller__fail(-EINVAL, "caller_pending_new: unknown flags 0x%x", flags);
         return NULL;
     }
-    caller_pending_t *p = caller__malloc(sizeof *p + extra);
+    caller_pending_t *p = caller__malloc(extra ? CALLER__PENDING_SIZE + extra : sizeof *p);
     if (!p) {
         caller__fail(-ENOMEM, "caller_pending_new: out of memory");
         return NULL;
@@ -188,7 +196,7 @@ caller_pending_t *caller__pending_new_extra(unsigned flags, size_t extra, void *
     p->magic = PENDING_MAGIC;
     atomic_fetch_add_explicit(&my_counter()->created, 1, memory_order_relaxed);
     if (extra_out)
-        *extra_out = p + 1;
+        *extra_out = (char *)p + CALLER__PENDING_SIZE;
     return p;
 }
 
