@@ -230,10 +230,12 @@ static void fork_prepare(void)
     pthread_mutex_lock(&registry_lock);
     caller__pending_fork(0);
     caller__iopub_fork(0);
+    caller__alloc_fork(0);
 }
 
 static void fork_parent(void)
 {
+    caller__alloc_fork(1);
     caller__iopub_fork(1);
     caller__pending_fork(1);
     pthread_mutex_unlock(&registry_lock);
@@ -241,6 +243,7 @@ static void fork_parent(void)
 
 static void fork_child(void)
 {
+    caller__alloc_fork(2);
     caller__iopub_fork(2);
     caller__pending_fork(2);
     pthread_mutex_init(&registry_lock, NULL);

@@ -30,6 +30,13 @@ long caller__alloc_count(void);
 char *caller__strdup(const char *s);
 /* vasprintf through caller__malloc; NULL on failure. */
 char *caller__vasprintf(const char *fmt, va_list ap);
+/* A block of CALLER__BLOCK_SIZE bytes (a Pending with its task) from this
+ * thread's cache, else from caller__malloc (NULL on failure); and its
+ * return, from any thread (alloc.c explains the cache). */
+void *caller__block_alloc(void);
+void caller__block_free(void *p);
+/* fork(): 0 = prepare, 1 = in the parent after, 2 = in the child. */
+void caller__alloc_fork(int phase);
 
 /* ---- errors ----------------------------------------------------------- */
 
@@ -226,6 +233,9 @@ typedef struct caller__task {
 /* Where the extra bytes of caller__pending_new_extra (a task) begin: the
  * Pending's struct, padded to this. */
 #define CALLER__PENDING_SIZE 128
+
+/* The size of the blocks caller__block_alloc gives: a Pending with a task. */
+#define CALLER__BLOCK_SIZE (CALLER__PENDING_SIZE + sizeof(caller__task_t))
 
 static inline caller_pending_t *caller__task_pending(caller__task_t *t)
 {

@@ -31,6 +31,7 @@ enum {
     F_CANCELLER = 1u << 4,
     F_WEAK_OWNER = 1u << 5,
     F_COMPLETING = 1u << 6, /* done, its callbacks still running */
+    F_BLOCK = 1u << 7,      /* from caller__block_alloc */
 };
 
 #define PENDING_MAGIC 0x50656e64u /* "Pend" */
@@ -184,14 +185,18 @@ caller_pending_t *caller__pending_new_extra(unsigned flags, size_t extra, void *
         caller__fail(-EINVAL, "caller_pending_new: unknown flags 0x%x", flags);
         return NULL;
     }
-    caller_pending_t *p = caller__malloc(extra ? CALLER__PENDING_SIZE + extra : sizeof *p);
+    /* A task's (or anything else that fits) comes from the block cache. */
+    bool block = extra && CALLER__PENDING_SIZE + extra <= CALLER__BLOCK_SIZE;
+    caller_pending_t *p = block ? caller__block_alloc()
+                                : caller__malloc(extra ? CALLER__PENDING_SIZE + extra : sizeof *p);
     if (!p) {
         caller__fail(-ENOMEM, "caller_pending_new: out of memory");
         return NULL;
     }
     memset(p, 0, sizeof *p);
     atomic_init(&p->refs, 1);
-    atomic_init(&p->flags, (flags & CALLER_PENDING_UNTRACKED) ? F_UNTRACKED : 0u);
+    atomic_init(&p->flags,
+                ((flags & CALLER_PENDING_UNTRACKED) ? F_UNTRACKED : 0u) | (block ? F_BLOCK : 0u));
     atomic_init(&p->lock, CALLER__LOCK_INIT);
     p->magic = PENDING_MAGIC;
     atomic_fetch_add_explicit(&my_counter()->created, 1, memory_order_relaxed);
@@ -275,7 +280,10 @@ void caller_pending_unref(caller_pending_t *p)
     if (p->owner && !(atomic_load_explicit(&p->flags, memory_order_relaxed) & F_WEAK_OWNER))
         caller_unref(p->owner);
     p->magic = PENDING_DEAD;
-    caller__free(p);
+    if (atomic_load_explicit(&p->flags, memory_order_relaxed) & F_BLOCK)
+        caller__block_free(p);
+    else
+        caller__free(p);
     atomic_fetch_add_explicit(&my_counter()->freed, 1, memory_order_relaxed);
 }
 
