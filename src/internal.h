@@ -80,6 +80,10 @@ bool caller__pending_add_waiter(caller_pending_t *p, caller__waiter_t *w);
 /* Unlink @p w. Returns true if it was still linked (no wake will come). */
 bool caller__pending_remove_waiter(caller_pending_t *p, caller__waiter_t *w);
 
+/* Done, with its callbacks run: a wait would return at once (its outcome
+ * is then read under the lock, as reset may clear it). Lock-free. */
+bool caller__pending_settled(const caller_pending_t *p);
+
 /* Label shown in the text form (a string with static lifetime, e.g. the
  * scheduled function's name). */
 void caller__pending_set_name(caller_pending_t *p, const char *name);
@@ -322,8 +326,8 @@ static inline bool caller__sched_idle(const caller_t *c)
 /* Loop thread, after the inbox is closed: fail what was left in it. */
 void caller__sched_drain_closed(caller_t *c, caller__msg_t *left);
 /* Suspend the current task on @p p (see caller_pending_wait). */
-int caller__task_wait(caller__task_t *t, caller_pending_t *p, int64_t deadline, int *code,
-                      void **value);
+int caller__task_wait(caller__task_t *t, caller_pending_t *p, int64_t deadline, bool want,
+                      int *code, void **value);
 /* call_soon for the library's own tasks: @p on_end(arg) runs once the task
  * is over (in the Caller's thread), even if it never started. */
 caller_pending_t *caller__call_soon_ex(caller_t *c, caller_fn fn, void *arg, const char *name,

@@ -96,6 +96,9 @@ static void release_counter(void *block)
     pthread_mutex_lock(&counters_lock);
     ((counter_t *)block)->in_use = false;
     pthread_mutex_unlock(&counters_lock);
+    /* Never touched by this thread again (a Pending freed later in its exit
+     * takes another block): each block has one writer at a time. */
+    tl_counter = NULL;
 }
 
 static void counter_key_init(void)
@@ -149,6 +152,18 @@ static counter_t *my_counter(void)
     return c;
 }
 
+/* Count one on this thread's block. Its only writer is this thread, so a
+ * load and a store do (no locked instruction: two per Pending saved); the
+ * shared spare block needs the atomic add. */
+static void count(counter_t *c, atomic_long *n)
+{
+    if (c == &spare_counter)
+        atomic_fetch_add_explicit(n, 1, memory_order_relaxed);
+    else
+        atomic_store_explicit(n, atomic_load_explicit(n, memory_order_relaxed) + 1,
+                              memory_order_relaxed);
+}
+
 static const char *msg_or_empty(const char *s)
 {
     return s ? s : "";
@@ -199,7 +214,8 @@ caller_pending_t *caller__pending_new_extra(unsigned flags, size_t extra, void *
                 ((flags & CALLER_PENDING_UNTRACKED) ? F_UNTRACKED : 0u) | (block ? F_BLOCK : 0u));
     atomic_init(&p->lock, CALLER__LOCK_INIT);
     p->magic = PENDING_MAGIC;
-    atomic_fetch_add_explicit(&my_counter()->created, 1, memory_order_relaxed);
+    counter_t *cnt = my_counter();
+    count(cnt, &cnt->created);
     if (extra_out)
         *extra_out = (char *)p + CALLER__PENDING_SIZE;
     return p;
@@ -284,7 +300,8 @@ void caller_pending_unref(caller_pending_t *p)
         caller__block_free(p);
     else
         caller__free(p);
-    atomic_fetch_add_explicit(&my_counter()->freed, 1, memory_order_relaxed);
+    counter_t *cnt = my_counter();
+    count(cnt, &cnt->freed);
 }
 
 int caller_pending_set_userdata(caller_pending_t *p, void *data, void (*finalizer)(void *))
@@ -676,6 +693,12 @@ bool caller__pending_add_waiter(caller_pending_t *p, caller__waiter_t *w)
     return true;
 }
 
+bool caller__pending_settled(const caller_pending_t *p)
+{
+    unsigned flags = atomic_load_explicit(&p->flags, memory_order_acquire);
+    return (flags & F_DONE) && !(flags & F_COMPLETING);
+}
+
 bool caller__pending_remove_waiter(caller_pending_t *p, caller__waiter_t *w)
 {
     caller__lock(&p->lock);
@@ -771,7 +794,11 @@ int caller_pending_wait(caller_pending_t *p, double timeout, bool protect, bool 
     int64_t deadline = caller__deadline(timeout);
     caller__task_t *task = caller__task_current();
     if (task) {
-        rc = caller__task_wait(task, p, deadline, &code, &v);
+        rc = caller__task_wait(task, p, deadline, want_result, &code, &v);
+    } else if (caller__pending_settled(p)) {
+        rc = 0; /* done: no waiter to link, no lock unless the outcome is wanted */
+        if (want_result)
+            code = outcome(p, &v, NULL, 0, "caller_pending_wait");
     } else if (would_deadlock(p)) {
         char text[160];
         caller_pending_repr(p, text, sizeof text);

@@ -386,14 +386,19 @@ static void fiber_wake(caller__waiter_t *w)
     (void)ok;
 }
 
-int caller__task_wait(caller__task_t *t, caller_pending_t *p, int64_t deadline, int *code,
-                      void **value)
+int caller__task_wait(caller__task_t *t, caller_pending_t *p, int64_t deadline, bool want,
+                      int *code, void **value)
 {
     if (p == caller__task_pending(t))
         return caller__fail(-EDEADLK, "caller_pending_wait: a task cannot wait for its own "
                                       "Pending");
     if (task_cancelled(t))
         return -ECANCELED;
+    if (caller__pending_settled(p)) {
+        /* Nothing to wait for: no waiter to link and unlink (W1's waits). */
+        *code = want ? caller_pending_result(p, value) : 0;
+        return 0;
+    }
     fiber_waiter_t fw = {.w = {.wake = fiber_wake}, .msg = {.kind = CALLER__MSG_RESUME}, .task = t};
     if (!caller__pending_add_waiter(p, &fw.w)) {
         *code = caller_pending_result(p, value);
