@@ -405,7 +405,15 @@ caller_pending_t *caller__pending_new_extra(unsigned flags, size_t extra, void *
 /* The Caller whose work completes this Pending (a reference is taken, or,
  * with @p weak, none: for the Caller's own stopped event). */
 void caller__pending_set_owner(caller_pending_t *p, caller_t *owner, bool weak);
-/* Set owner (a reference), name and canceller of a Pending nobody else
- * sees yet, without taking its lock (the task fast path). */
+/* Set owner, name and canceller of a Pending nobody else sees yet, without
+ * taking its lock (the task fast path). The owner gets a reference, or,
+ * with @p lent, none while the task lives: the owner's running reference
+ * covers it then (a running Caller finishes only after every task it
+ * accepted ended or was drained); see caller__pending_task_over. */
 void caller__pending_init_task(caller_pending_t *p, caller_t *owner, const char *name,
-                               caller_canceller_fn canceller, void *arg);
+                               caller_canceller_fn canceller, void *arg, bool lent);
+/* The loop thread, as a task ends (before it drops the task's reference on
+ * @p p): if others still hold @p p, it takes its lent owner reference for
+ * real, so the owner outlives it; if not, @p p is about to go and no
+ * reference is needed. */
+void caller__pending_task_over(caller_pending_t *p);

@@ -67,8 +67,14 @@ struct caller_pending {
     void *userdata;
     void (*finalizer)(void *);
     const char *name;
-    caller_t *owner; /* whose work completes it (a reference unless weak) */
+    caller_t *owner; /* whose work completes it (a reference unless weak or lent) */
     uint32_t magic;
+    /* A task's, with no owner reference while the task lives (see
+     * caller__pending_init_task). Set before the Pending is shared, cleared
+     * only by the loop thread at the task's end while it still holds a
+     * reference, read when the last reference goes: the reference count's
+     * acq_rel orders these, so it needs no atomic. */
+    bool owner_lent;
 };
 
 /*
@@ -244,14 +250,34 @@ void caller__pending_set_owner(caller_pending_t *p, caller_t *owner, bool weak)
 }
 
 void caller__pending_init_task(caller_pending_t *p, caller_t *owner, const char *name,
-                               caller_canceller_fn canceller, void *arg)
+                               caller_canceller_fn canceller, void *arg, bool lent)
 {
-    /* Not shared yet: no lock needed. */
-    p->owner = caller_ref(owner);
+    /* Not shared yet: no lock needed. Lent, the submitting thread does not
+     * touch the Caller's reference count, which the Caller's thread would
+     * otherwise change again as the Pending goes (W3: a contended atomic
+     * on each side for every call). */
+    p->owner = lent ? owner : caller_ref(owner);
     p->name = name;
     p->canceller = canceller;
     p->canceller_arg = arg;
+    p->owner_lent = lent;
     atomic_fetch_or_explicit(&p->flags, F_CANCELLER, memory_order_relaxed);
+}
+
+void caller__pending_task_over(caller_pending_t *p)
+{
+    if (!p->owner_lent)
+        return;
+    /* More than the caller's reference: someone may look at the owner (its
+     * text form) after the task; take the reference it lacked. Only holders
+     * of a reference can make another, so with just ours nobody can start
+     * to. Our unref (a release) orders the store before whoever drops the
+     * last reference, so exactly one caller_unref follows. Not an atomic
+     * flag: W1 would pay a locked instruction more per task. */
+    if (atomic_load_explicit(&p->refs, memory_order_acquire) > 1) {
+        caller_ref(p->owner);
+        p->owner_lent = false;
+    }
 }
 
 static void check_alive(const caller_pending_t *p, const char *fn)
@@ -293,7 +319,8 @@ void caller_pending_unref(caller_pending_t *p)
     caller__free(p->errmsg);
     caller__free(p->cancelmsg);
     caller__free(p->cbs);
-    if (p->owner && !(atomic_load_explicit(&p->flags, memory_order_relaxed) & F_WEAK_OWNER))
+    if (p->owner && !(atomic_load_explicit(&p->flags, memory_order_relaxed) & F_WEAK_OWNER) &&
+        !p->owner_lent)
         caller_unref(p->owner);
     p->magic = PENDING_DEAD;
     if (atomic_load_explicit(&p->flags, memory_order_relaxed) & F_BLOCK)

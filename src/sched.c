@@ -144,7 +144,9 @@ caller_pending_t *caller__task_new(caller_t *c, caller_fn fn, void *arg, const c
     t->timer.index = CALLER__HEAP_NONE;
     t->live.prev = t->live.next = &t->live;
     t->ctx = caller__ctx_ref(caller__ctx_current()); /* runs in its scheduler's context */
-    caller__pending_init_task(p, c, name, task_canceller, t);
+    /* Running: its running reference keeps c until this task is over. */
+    bool lent = atomic_load_explicit(&c->state, memory_order_acquire) == CALLER_STATE_RUNNING;
+    caller__pending_init_task(p, c, name, task_canceller, t, lent);
     /* Not tracked yet: see caller__task_track (after its submission). */
     return p;
 }
@@ -200,6 +202,7 @@ static void task_end(caller_t *c, caller__task_t *t)
         t->on_end(t->arg);
     caller__ctx_unref(t->ctx);
     t->ctx = NULL;
+    caller__pending_task_over(caller__task_pending(t));
     caller_pending_unref(caller__task_pending(t));
 }
 
@@ -659,6 +662,7 @@ void caller__sched_drain_closed(caller_t *c, caller__msg_t *m)
                 t->on_end(t->arg);
             caller__ctx_unref(t->ctx);
             t->ctx = NULL;
+            caller__pending_task_over(caller__task_pending(t));
             caller_pending_unref(caller__task_pending(t));
             break;
         }
