@@ -5,6 +5,7 @@
  */
 #include "internal.h"
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -81,4 +82,197 @@ char *caller__vasprintf(const char *fmt, va_list ap)
     if (s)
         vsnprintf(s, (size_t)n + 1, fmt, ap);
     return s;
+}
+
+/* ---- the task-block cache ----------------------------------------------- */
+
+/*
+ * Blocks of CALLER__BLOCK_SIZE (a Pending with its task) cached per thread,
+ * moved between threads in batches (tcmalloc's transfer cache). A task's
+ * block is usually made by the submitting thread and freed by the Caller's
+ * thread; through glibc each such free took the allocating arena's lock
+ * against the submitter's next malloc (perf on W3: futex waits in
+ * __lll_lock_wait_private on both threads). Here a free goes to this
+ * thread's list; past 2 * BATCH blocks, BATCH of them go to a global stack
+ * of batches under one lock; an allocation takes from this thread's list,
+ * else a whole batch from the stack, else calls caller__malloc. So the lock
+ * is taken once per BATCH blocks, and a miss is an ordinary allocation
+ * (injected failures reach it). While a failure countdown is armed
+ * (caller__alloc_fail_after) allocations bypass the cache, so the
+ * allocation tests see every allocation as before.
+ *
+ * Bounded: at most 2 * BATCH blocks per thread and MAX_BATCHES batches in
+ * the stack; beyond that blocks are freed. A thread's list goes to the
+ * stack (or is freed) when the thread ends. Under ASan a cached block is
+ * poisoned past its links, so a use after free is still reported.
+ *
+ * Lock order: batches_lock is a leaf.
+ */
+
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define CALLER__ASAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+#define CALLER__ASAN 1
+#endif
+#ifdef CALLER__ASAN
+#include <sanitizer/asan_interface.h>
+#define POISON(b)                                                                                  \
+    ASAN_POISON_MEMORY_REGION((char *)(b) + sizeof(block_t), CALLER__BLOCK_SIZE - sizeof(block_t))
+#define UNPOISON(b) ASAN_UNPOISON_MEMORY_REGION((b), CALLER__BLOCK_SIZE)
+#else
+#define POISON(b) ((void)(b))
+#define UNPOISON(b) ((void)(b))
+#endif
+
+enum { BATCH = 64, MAX_BATCHES = 32 };
+
+typedef struct block {
+    struct block *next;       /* in a thread's list or a batch */
+    struct block *next_batch; /* first block of a batch: the next batch */
+} block_t;
+
+typedef struct {
+    block_t *head;
+    unsigned n;
+    bool registered; /* the thread-exit destructor is set */
+    bool dead;       /* the thread is ending: no more caching */
+} block_cache_t;
+
+static _Thread_local block_cache_t tl_blocks;
+static pthread_mutex_t batches_lock = PTHREAD_MUTEX_INITIALIZER;
+static block_t *batches;
+static atomic_uint nbatches; /* changed under batches_lock; read as a hint without it */
+static pthread_key_t blocks_key;
+static pthread_once_t blocks_once = PTHREAD_ONCE_INIT;
+
+_Static_assert(CALLER__BLOCK_SIZE >= sizeof(block_t), "a cached block holds its links");
+
+/* Free a chain of blocks linked by next. */
+static void free_chain(block_t *b)
+{
+    while (b) {
+        block_t *next = b->next;
+        UNPOISON(b);
+        caller__free(b);
+        b = next;
+    }
+}
+
+/* Give a chain of at most BATCH blocks to the stack, or free it. */
+static void give_batch(block_t *first)
+{
+    pthread_mutex_lock(&batches_lock);
+    unsigned n = atomic_load_explicit(&nbatches, memory_order_relaxed);
+    bool kept = n < MAX_BATCHES;
+    if (kept) {
+        first->next_batch = batches;
+        batches = first;
+        atomic_store_explicit(&nbatches, n + 1, memory_order_relaxed);
+    }
+    pthread_mutex_unlock(&batches_lock);
+    if (!kept)
+        free_chain(first);
+}
+
+/* Detach up to BATCH blocks from the head of @p bc's list. */
+static block_t *take_from_list(block_cache_t *bc)
+{
+    block_t *first = bc->head, *last = first;
+    unsigned n = 1;
+    for (; n < BATCH && last->next; n++)
+        last = last->next;
+    bc->head = last->next;
+    bc->n -= n;
+    last->next = NULL;
+    return first;
+}
+
+static void blocks_thread_end(void *arg)
+{
+    block_cache_t *bc = arg;
+    bc->dead = true; /* later frees in this thread's exit go to free() */
+    while (bc->head)
+        give_batch(take_from_list(bc));
+}
+
+static void blocks_key_init(void)
+{
+    pthread_key_create(&blocks_key, blocks_thread_end);
+}
+
+/* Before this thread's list first holds a block: have it emptied when the
+ * thread ends. */
+static void blocks_register(block_cache_t *bc)
+{
+    pthread_once(&blocks_once, blocks_key_init);
+    pthread_setspecific(blocks_key, bc);
+    bc->registered = true;
+}
+
+void *caller__block_alloc(void)
+{
+    block_cache_t *bc = &tl_blocks;
+    if (atomic_load_explicit(&countdown, memory_order_relaxed) >= 0)
+        return caller__malloc(CALLER__BLOCK_SIZE);
+    /* The hint spares a thread that only allocates (W1's first 10^6) the
+     * lock while the stack is empty. */
+    if (!bc->head && !bc->dead && atomic_load_explicit(&nbatches, memory_order_relaxed)) {
+        if (!bc->registered)
+            blocks_register(bc);
+        pthread_mutex_lock(&batches_lock);
+        block_t *b = batches;
+        if (b) {
+            batches = b->next_batch;
+            atomic_store_explicit(&nbatches,
+                                  atomic_load_explicit(&nbatches, memory_order_relaxed) - 1,
+                                  memory_order_relaxed);
+        }
+        pthread_mutex_unlock(&batches_lock);
+        if (b) {
+            unsigned n = 0;
+            for (block_t *x = b; x; x = x->next)
+                n++;
+            bc->head = b;
+            bc->n = n;
+        }
+    }
+    block_t *b = bc->head;
+    if (!b)
+        return caller__malloc(CALLER__BLOCK_SIZE);
+    bc->head = b->next;
+    bc->n--;
+    UNPOISON(b);
+    return b;
+}
+
+void caller__block_free(void *p)
+{
+    if (!p)
+        return;
+    block_cache_t *bc = &tl_blocks;
+    if (bc->dead) {
+        caller__free(p);
+        return;
+    }
+    if (!bc->registered)
+        blocks_register(bc);
+    block_t *b = p;
+    b->next = bc->head;
+    bc->head = b;
+    POISON(b);
+    if (++bc->n >= 2 * BATCH)
+        give_batch(take_from_list(bc));
+}
+
+void caller__alloc_fork(int phase)
+{
+    if (phase == 0)
+        pthread_mutex_lock(&batches_lock);
+    else if (phase == 1)
+        pthread_mutex_unlock(&batches_lock);
+    else
+        pthread_mutex_init(&batches_lock, NULL);
 }

@@ -231,10 +231,12 @@ static void fork_prepare(void)
     caller__pending_fork(0);
     caller__iopub_fork(0);
     caller__fiber_fork(0);
+    caller__alloc_fork(0);
 }
 
 static void fork_parent(void)
 {
+    caller__alloc_fork(1);
     caller__fiber_fork(1);
     caller__iopub_fork(1);
     caller__pending_fork(1);
@@ -243,6 +245,7 @@ static void fork_parent(void)
 
 static void fork_child(void)
 {
+    caller__alloc_fork(2);
     caller__fiber_fork(2);
     caller__iopub_fork(2);
     caller__pending_fork(2);
@@ -872,7 +875,7 @@ size_t caller_all(bool running_only, caller_t **out, size_t max)
 caller_pending_t *caller_current_pending(void)
 {
     caller__task_t *t = caller__task_current();
-    return t ? t->pending : NULL;
+    return t ? caller__task_pending(t) : NULL;
 }
 
 const char *caller_name(const caller_t *c)

@@ -57,8 +57,7 @@ int caller__heap_insert(caller__heap_t *h, caller__timer_t *t)
         h->items = items;
         h->cap = cap;
     }
-    t->seq = h->seq++;
-    h->items[h->n] = (caller__heap_entry_t){t->deadline, t->seq, t};
+    h->items[h->n] = (caller__heap_entry_t){t->deadline, h->seq++, t};
     t->index = h->n++;
     sift_up(h, t->index);
     return 0;

@@ -12,7 +12,6 @@
 typedef struct caller__timer {
     int64_t deadline; /* monotonic ns */
     size_t index;     /* position in the heap, or CALLER__HEAP_NONE */
-    uint64_t seq;     /* insertion order: equal deadlines stay FIFO */
 } caller__timer_t;
 
 #define CALLER__HEAP_NONE SIZE_MAX
@@ -22,7 +21,7 @@ typedef struct caller__timer {
  * of pointers spent most of its time in cache misses, measured in W5). */
 typedef struct {
     int64_t deadline;
-    uint64_t seq;
+    uint64_t seq; /* insertion order: equal deadlines stay FIFO */
     caller__timer_t *timer;
 } caller__heap_entry_t;
 

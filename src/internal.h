@@ -30,6 +30,13 @@ long caller__alloc_count(void);
 char *caller__strdup(const char *s);
 /* vasprintf through caller__malloc; NULL on failure. */
 char *caller__vasprintf(const char *fmt, va_list ap);
+/* A block of CALLER__BLOCK_SIZE bytes (a Pending with its task) from this
+ * thread's cache, else from caller__malloc (NULL on failure); and its
+ * return, from any thread (alloc.c explains the cache). */
+void *caller__block_alloc(void);
+void caller__block_free(void *p);
+/* fork(): 0 = prepare, 1 = in the parent after, 2 = in the child. */
+void caller__alloc_fork(int phase);
 
 /* ---- errors ----------------------------------------------------------- */
 
@@ -73,6 +80,10 @@ bool caller__pending_add_waiter(caller_pending_t *p, caller__waiter_t *w);
 /* Unlink @p w. Returns true if it was still linked (no wake will come). */
 bool caller__pending_remove_waiter(caller_pending_t *p, caller__waiter_t *w);
 
+/* Done, with its callbacks run: a wait would return at once (its outcome
+ * is then read under the lock, as reset may clear it). Lock-free. */
+bool caller__pending_settled(const caller_pending_t *p);
+
 /* Label shown in the text form (a string with static lifetime, e.g. the
  * scheduled function's name). */
 void caller__pending_set_name(caller_pending_t *p, const char *name);
@@ -82,6 +93,10 @@ bool caller__pending_trackable(const caller_pending_t *p);
 
 /* sizeof(struct caller_pending), for the size report. */
 size_t caller__pending_size(void);
+
+/* The Caller whose work completes @p p (caller__pending_set_owner), or NULL.
+ * Set before the Pending is shared and never changed: no lock needed. */
+caller_t *caller__pending_owner(const caller_pending_t *p);
 
 #endif /* CALLER_INTERNAL_H */
 
@@ -184,31 +199,52 @@ typedef struct {
 } caller__raise_t;
 
 /*
- * A task: lives in the same allocation as its Pending (after it), so a call
- * costs one allocation. Loop-thread-only fields are marked (L).
+ * A task: lives in the same allocation as its Pending, at
+ * CALLER__PENDING_SIZE bytes from its start, so a call costs one
+ * allocation. Loop-thread-only fields are marked (L).
+ *
+ * Kept at 120 bytes: with the Pending's 128 that makes 248, a 256-byte
+ * malloc chunk (it was 304 bytes, a 320-byte chunk). W1 keeps 10^6 of them
+ * alive at once and pays a page fault per 4 KiB of them; W3 moves each one
+ * between two cores. Hence what is not stored: the Pending (just before the
+ * task: caller__task_pending) and the Caller (the Pending's owner:
+ * caller__task_caller).
  */
 typedef struct caller__task {
     caller__msg_t msg;        /* MSG_TASK, then the ready FIFO link */
     caller__msg_t cancel_msg; /* MSG_CANCEL */
-    atomic_bool cancel_posted;
-    caller_t *caller; /* the Pending holds the reference */
-    caller_fn fn;
+    union {
+        caller_fn fn;     /* until it is called */
+        void *result;     /* what fn returned (raised_code == 0) */
+        char *raised_msg; /* what caller_raise recorded (raised_code != 0) */
+    } u;
     void *arg;
-    caller_pending_t *pending;
     struct caller__fiber *fiber; /* (L) */
     caller__timer_t timer;       /* (L) call_later delay, then wait timeouts */
     caller__link_t live;         /* (L) in caller->live_tasks */
-    uint8_t state;               /* (L) caller__task_state_t */
-    uint8_t wake;                /* (L) caller__wake_t of the last resume */
-    bool uncancellable;          /* (L) the current suspension ignores cancel */
-    void *result;                /* what fn returned */
-    caller_direct_fn on_end;     /* library tasks: called with arg once the
-                                    task is over, whether it ran or not */
-    struct caller__ctx *ctx;     /* its context: captured when scheduled (a
-                                    reference), changed by entering groups */
-    caller_scope_t *scope;       /* (L) innermost cancel scope, or NULL */
-    caller__raise_t raised;      /* what caller_raise recorded */
+    atomic_bool cancel_posted;
+    uint8_t state;           /* (L) caller__task_state_t */
+    uint8_t wake;            /* (L) caller__wake_t of the last resume */
+    bool uncancellable;      /* (L) the current suspension ignores cancel */
+    int raised_code;         /* what caller_raise recorded (0: nothing) */
+    caller_direct_fn on_end; /* library tasks: called with arg once the
+                                task is over, whether it ran or not */
+    struct caller__ctx *ctx; /* its context: captured when scheduled (a
+                                reference), changed by entering groups */
+    caller_scope_t *scope;   /* (L) innermost cancel scope, or NULL */
 } caller__task_t;
+
+/* Where the extra bytes of caller__pending_new_extra (a task) begin: the
+ * Pending's struct, padded to this. */
+#define CALLER__PENDING_SIZE 128
+
+/* The size of the blocks caller__block_alloc gives: a Pending with a task. */
+#define CALLER__BLOCK_SIZE (CALLER__PENDING_SIZE + sizeof(caller__task_t))
+
+static inline caller_pending_t *caller__task_pending(caller__task_t *t)
+{
+    return (caller_pending_t *)((char *)t - CALLER__PENDING_SIZE);
+}
 
 struct caller {
     atomic_int refs;
@@ -290,8 +326,8 @@ static inline bool caller__sched_idle(const caller_t *c)
 /* Loop thread, after the inbox is closed: fail what was left in it. */
 void caller__sched_drain_closed(caller_t *c, caller__msg_t *left);
 /* Suspend the current task on @p p (see caller_pending_wait). */
-int caller__task_wait(caller__task_t *t, caller_pending_t *p, int64_t deadline, int *code,
-                      void **value);
+int caller__task_wait(caller__task_t *t, caller_pending_t *p, int64_t deadline, bool want,
+                      int *code, void **value);
 /* call_soon for the library's own tasks: @p on_end(arg) runs once the task
  * is over (in the Caller's thread), even if it never started. */
 caller_pending_t *caller__call_soon_ex(caller_t *c, caller_fn fn, void *arg, const char *name,
@@ -363,13 +399,22 @@ void caller__pool_forget(caller_t *parent, caller_t *w);
  * Called once @p p is fully set up: from then on other threads can reach
  * it. caller_pending_new() does this; users of the _extra form call it. */
 void caller__pending_track(caller_pending_t *p);
-/* A Pending with @p extra bytes after it (the task); *extra gets them. Not
- * yet tracked: see caller__pending_track. */
+/* A Pending with @p extra bytes after it (the task), at
+ * CALLER__PENDING_SIZE from its start; *extra gets them. Not yet tracked:
+ * see caller__pending_track. */
 caller_pending_t *caller__pending_new_extra(unsigned flags, size_t extra, void **extra_out);
 /* The Caller whose work completes this Pending (a reference is taken, or,
  * with @p weak, none: for the Caller's own stopped event). */
 void caller__pending_set_owner(caller_pending_t *p, caller_t *owner, bool weak);
-/* Set owner (a reference), name and canceller of a Pending nobody else
- * sees yet, without taking its lock (the task fast path). */
+/* Set owner, name and canceller of a Pending nobody else sees yet, without
+ * taking its lock (the task fast path). The owner gets a reference, or,
+ * with @p lent, none while the task lives: the owner's running reference
+ * covers it then (a running Caller finishes only after every task it
+ * accepted ended or was drained); see caller__pending_task_over. */
 void caller__pending_init_task(caller_pending_t *p, caller_t *owner, const char *name,
-                               caller_canceller_fn canceller, void *arg);
+                               caller_canceller_fn canceller, void *arg, bool lent);
+/* The loop thread, as a task ends (before it drops the task's reference on
+ * @p p): if others still hold @p p, it takes its lent owner reference for
+ * real, so the owner outlives it; if not, @p p is about to go and no
+ * reference is needed. */
+void caller__pending_task_over(caller_pending_t *p);

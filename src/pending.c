@@ -31,6 +31,7 @@ enum {
     F_CANCELLER = 1u << 4,
     F_WEAK_OWNER = 1u << 5,
     F_COMPLETING = 1u << 6, /* done, its callbacks still running */
+    F_BLOCK = 1u << 7,      /* from caller__block_alloc */
 };
 
 #define PENDING_MAGIC 0x50656e64u /* "Pend" */
@@ -66,8 +67,14 @@ struct caller_pending {
     void *userdata;
     void (*finalizer)(void *);
     const char *name;
-    caller_t *owner; /* whose work completes it (a reference unless weak) */
+    caller_t *owner; /* whose work completes it (a reference unless weak or lent) */
     uint32_t magic;
+    /* A task's, with no owner reference while the task lives (see
+     * caller__pending_init_task). Set before the Pending is shared, cleared
+     * only by the loop thread at the task's end while it still holds a
+     * reference, read when the last reference goes: the reference count's
+     * acq_rel orders these, so it needs no atomic. */
+    bool owner_lent;
 };
 
 /*
@@ -95,6 +102,9 @@ static void release_counter(void *block)
     pthread_mutex_lock(&counters_lock);
     ((counter_t *)block)->in_use = false;
     pthread_mutex_unlock(&counters_lock);
+    /* Never touched by this thread again (a Pending freed later in its exit
+     * takes another block): each block has one writer at a time. */
+    tl_counter = NULL;
 }
 
 static void counter_key_init(void)
@@ -148,14 +158,34 @@ static counter_t *my_counter(void)
     return c;
 }
 
+/* Count one on this thread's block. Its only writer is this thread, so a
+ * load and a store do (no locked instruction: two per Pending saved); the
+ * shared spare block needs the atomic add. */
+static void count(counter_t *c, atomic_long *n)
+{
+    if (c == &spare_counter)
+        atomic_fetch_add_explicit(n, 1, memory_order_relaxed);
+    else
+        atomic_store_explicit(n, atomic_load_explicit(n, memory_order_relaxed) + 1,
+                              memory_order_relaxed);
+}
+
 static const char *msg_or_empty(const char *s)
 {
     return s ? s : "";
 }
 
+_Static_assert(sizeof(struct caller_pending) <= CALLER__PENDING_SIZE,
+               "the extra bytes of caller__pending_new_extra would overlap the Pending");
+
 size_t caller__pending_size(void)
 {
     return sizeof(struct caller_pending);
+}
+
+caller_t *caller__pending_owner(const caller_pending_t *p)
+{
+    return p->owner;
 }
 
 size_t caller_pending_live_count(void)
@@ -176,19 +206,24 @@ caller_pending_t *caller__pending_new_extra(unsigned flags, size_t extra, void *
         caller__fail(-EINVAL, "caller_pending_new: unknown flags 0x%x", flags);
         return NULL;
     }
-    caller_pending_t *p = caller__malloc(sizeof *p + extra);
+    /* A task's (or anything else that fits) comes from the block cache. */
+    bool block = extra && CALLER__PENDING_SIZE + extra <= CALLER__BLOCK_SIZE;
+    caller_pending_t *p = block ? caller__block_alloc()
+                                : caller__malloc(extra ? CALLER__PENDING_SIZE + extra : sizeof *p);
     if (!p) {
         caller__fail(-ENOMEM, "caller_pending_new: out of memory");
         return NULL;
     }
     memset(p, 0, sizeof *p);
     atomic_init(&p->refs, 1);
-    atomic_init(&p->flags, (flags & CALLER_PENDING_UNTRACKED) ? F_UNTRACKED : 0u);
+    atomic_init(&p->flags,
+                ((flags & CALLER_PENDING_UNTRACKED) ? F_UNTRACKED : 0u) | (block ? F_BLOCK : 0u));
     atomic_init(&p->lock, CALLER__LOCK_INIT);
     p->magic = PENDING_MAGIC;
-    atomic_fetch_add_explicit(&my_counter()->created, 1, memory_order_relaxed);
+    counter_t *cnt = my_counter();
+    count(cnt, &cnt->created);
     if (extra_out)
-        *extra_out = p + 1;
+        *extra_out = (char *)p + CALLER__PENDING_SIZE;
     return p;
 }
 
@@ -215,14 +250,34 @@ void caller__pending_set_owner(caller_pending_t *p, caller_t *owner, bool weak)
 }
 
 void caller__pending_init_task(caller_pending_t *p, caller_t *owner, const char *name,
-                               caller_canceller_fn canceller, void *arg)
+                               caller_canceller_fn canceller, void *arg, bool lent)
 {
-    /* Not shared yet: no lock needed. */
-    p->owner = caller_ref(owner);
+    /* Not shared yet: no lock needed. Lent, the submitting thread does not
+     * touch the Caller's reference count, which the Caller's thread would
+     * otherwise change again as the Pending goes (W3: a contended atomic
+     * on each side for every call). */
+    p->owner = lent ? owner : caller_ref(owner);
     p->name = name;
     p->canceller = canceller;
     p->canceller_arg = arg;
+    p->owner_lent = lent;
     atomic_fetch_or_explicit(&p->flags, F_CANCELLER, memory_order_relaxed);
+}
+
+void caller__pending_task_over(caller_pending_t *p)
+{
+    if (!p->owner_lent)
+        return;
+    /* More than the caller's reference: someone may look at the owner (its
+     * text form) after the task; take the reference it lacked. Only holders
+     * of a reference can make another, so with just ours nobody can start
+     * to. Our unref (a release) orders the store before whoever drops the
+     * last reference, so exactly one caller_unref follows. Not an atomic
+     * flag: W1 would pay a locked instruction more per task. */
+    if (atomic_load_explicit(&p->refs, memory_order_acquire) > 1) {
+        caller_ref(p->owner);
+        p->owner_lent = false;
+    }
 }
 
 static void check_alive(const caller_pending_t *p, const char *fn)
@@ -264,11 +319,16 @@ void caller_pending_unref(caller_pending_t *p)
     caller__free(p->errmsg);
     caller__free(p->cancelmsg);
     caller__free(p->cbs);
-    if (p->owner && !(atomic_load_explicit(&p->flags, memory_order_relaxed) & F_WEAK_OWNER))
+    if (p->owner && !(atomic_load_explicit(&p->flags, memory_order_relaxed) & F_WEAK_OWNER) &&
+        !p->owner_lent)
         caller_unref(p->owner);
     p->magic = PENDING_DEAD;
-    caller__free(p);
-    atomic_fetch_add_explicit(&my_counter()->freed, 1, memory_order_relaxed);
+    if (atomic_load_explicit(&p->flags, memory_order_relaxed) & F_BLOCK)
+        caller__block_free(p);
+    else
+        caller__free(p);
+    counter_t *cnt = my_counter();
+    count(cnt, &cnt->freed);
 }
 
 int caller_pending_set_userdata(caller_pending_t *p, void *data, void (*finalizer)(void *))
@@ -345,7 +405,12 @@ static int complete(caller_pending_t *p, void *value, int code, char *msg, bool 
         caller__free(msg);
         return caller__fail(CALLER_EINVALSTATE, "%s: the Pending is already done", fn);
     }
-    flags |= F_DONE | F_COMPLETING | (code ? F_FAILED : 0u);
+    /* With no callbacks to run (cb0 is empty only when all are) and no
+     * reset, the Pending is finished at once: no COMPLETING phase, and no
+     * second round under the lock (W1/W3: three atomic operations fewer
+     * per task). */
+    bool quick = !p->cb0.fn && !reset;
+    flags |= F_DONE | (quick ? 0u : F_COMPLETING) | (code ? F_FAILED : 0u);
     p->value = value;
     p->code = code;
     p->errmsg = msg;
@@ -361,23 +426,28 @@ static int complete(caller_pending_t *p, void *value, int code, char *msg, bool 
         w->linked = false;
     caller__unlock(&p->lock);
 
-    run_callbacks(p, cb0, cbs);
+    caller__waiter_t *late = NULL;
+    if (!quick) {
+        run_callbacks(p, cb0, cbs);
 
-    /* Waiters that came while the callbacks ran were queued too (see
-     * caller__pending_add_waiter): nobody sees the Pending done, through a
-     * wait, before its callbacks ran. */
-    caller__lock(&p->lock);
-    caller__waiter_t *late = p->waiters;
-    p->waiters = NULL;
-    for (caller__waiter_t *w = late; w; w = w->next)
-        w->linked = false;
-    unsigned clear = F_COMPLETING;
-    if (reset) {
-        p->value = NULL;
-        clear |= F_DONE;
+        /* Waiters that came while the callbacks ran were queued too (see
+         * caller__pending_add_waiter): nobody sees the Pending done, through
+         * a wait, before its callbacks ran. */
+        caller__lock(&p->lock);
+        late = p->waiters;
+        p->waiters = NULL;
+        for (caller__waiter_t *w = late; w; w = w->next)
+            w->linked = false;
+        unsigned clear = F_COMPLETING;
+        if (reset) {
+            p->value = NULL;
+            clear |= F_DONE;
+        }
+        atomic_fetch_and_explicit(&p->flags, ~clear, memory_order_release);
+        caller__unlock(&p->lock);
+    } else {
+        caller__free(cbs); /* empty: remove_done_callback may leave it so */
     }
-    atomic_fetch_and_explicit(&p->flags, ~clear, memory_order_release);
-    caller__unlock(&p->lock);
 
     /* Waiters last, as in the original: when a waiter wakes, the done
      * callbacks have run. Read `next` before waking: the node may vanish. */
@@ -650,6 +720,12 @@ bool caller__pending_add_waiter(caller_pending_t *p, caller__waiter_t *w)
     return true;
 }
 
+bool caller__pending_settled(const caller_pending_t *p)
+{
+    unsigned flags = atomic_load_explicit(&p->flags, memory_order_acquire);
+    return (flags & F_DONE) && !(flags & F_COMPLETING);
+}
+
 bool caller__pending_remove_waiter(caller_pending_t *p, caller__waiter_t *w)
 {
     caller__lock(&p->lock);
@@ -745,7 +821,11 @@ int caller_pending_wait(caller_pending_t *p, double timeout, bool protect, bool 
     int64_t deadline = caller__deadline(timeout);
     caller__task_t *task = caller__task_current();
     if (task) {
-        rc = caller__task_wait(task, p, deadline, &code, &v);
+        rc = caller__task_wait(task, p, deadline, want_result, &code, &v);
+    } else if (caller__pending_settled(p)) {
+        rc = 0; /* done: no waiter to link, no lock unless the outcome is wanted */
+        if (want_result)
+            code = outcome(p, &v, NULL, 0, "caller_pending_wait");
     } else if (would_deadlock(p)) {
         char text[160];
         caller_pending_repr(p, text, sizeof text);

@@ -25,8 +25,11 @@
 #define container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
 
 static _Thread_local caller__task_t *tl_task;
-/* Where caller_raise records: the running task's slot or a direct call's. */
-static _Thread_local caller__raise_t *tl_raise;
+/* Where caller_raise records: the running task's fields or a direct call's
+ * slot. The message is meaningful only while the code is not 0 (a task
+ * keeps it in a union with fn and result). */
+static _Thread_local int *tl_raise_code;
+static _Thread_local char **tl_raise_msg;
 
 caller__task_t *caller__task_current(void)
 {
@@ -34,6 +37,12 @@ caller__task_t *caller__task_current(void)
 }
 
 static caller__task_t *task_of(caller_pending_t *p);
+
+/* The Caller a task runs on: its Pending's owner. */
+static caller_t *task_caller(caller__task_t *t)
+{
+    return caller__pending_owner(caller__task_pending(t));
+}
 
 /* ---- the inbox ------------------------------------------------------------ */
 
@@ -130,21 +139,21 @@ caller_pending_t *caller__task_new(caller_t *c, caller_fn fn, void *arg, const c
     t->msg.kind = CALLER__MSG_TASK;
     t->cancel_msg.kind = CALLER__MSG_CANCEL;
     atomic_init(&t->cancel_posted, false);
-    t->caller = c;
-    t->fn = fn;
+    t->u.fn = fn;
     t->arg = arg;
-    t->pending = p;
     t->timer.index = CALLER__HEAP_NONE;
     t->live.prev = t->live.next = &t->live;
     t->ctx = caller__ctx_ref(caller__ctx_current()); /* runs in its scheduler's context */
-    caller__pending_init_task(p, c, name, task_canceller, t);
+    /* Running: its running reference keeps c until this task is over. */
+    bool lent = atomic_load_explicit(&c->state, memory_order_acquire) == CALLER_STATE_RUNNING;
+    caller__pending_init_task(p, c, name, task_canceller, t, lent);
     /* Not tracked yet: see caller__task_track (after its submission). */
     return p;
 }
 
 static caller__task_t *task_of(caller_pending_t *p)
 {
-    return (caller__task_t *)((char *)p + caller__pending_size());
+    return (caller__task_t *)((char *)p + CALLER__PENDING_SIZE);
 }
 
 /* Loop thread: a task the loop now owns (from the inbox or submitted here). */
@@ -154,7 +163,7 @@ static void accept_task(caller_t *c, caller__task_t *t)
     c->nlive++;
     /* INT64_MIN (call_soon) is due without asking the clock. */
     if (t->timer.deadline != INT64_MIN && t->timer.deadline > caller__now_ns() &&
-        !caller_pending_cancelled(t->pending) &&
+        !caller_pending_cancelled(caller__task_pending(t)) &&
         atomic_load_explicit(&c->state, memory_order_relaxed) < CALLER_STATE_STOPPING &&
         caller__heap_insert(&c->timers, &t->timer) == 0) {
         t->state = CALLER__TASK_DELAYED;
@@ -193,26 +202,31 @@ static void task_end(caller_t *c, caller__task_t *t)
         t->on_end(t->arg);
     caller__ctx_unref(t->ctx);
     t->ctx = NULL;
-    caller_pending_unref(t->pending);
+    caller__pending_task_over(caller__task_pending(t));
+    caller_pending_unref(caller__task_pending(t));
 }
 
 static void complete_cancelled_before_start(caller__task_t *t)
 {
-    caller_pending_cancel(t->pending, NULL);
-    caller_pending_set_exception(t->pending, -ECANCELED, "Cancelled before started.");
+    caller_pending_cancel(caller__task_pending(t), NULL);
+    caller_pending_set_exception(caller__task_pending(t), -ECANCELED, "Cancelled before started.");
 }
 
 static void task_entry(void *arg)
 {
     caller__task_t *t = arg;
-    t->result = t->fn(t->arg);
+    caller_fn fn = t->u.fn; /* from here u may hold a raised message */
+    void *result = fn(t->arg);
+    if (!t->raised_code)
+        t->u.result = result;
 }
 
 /* Loop thread, scheduler context: run @p t until it suspends or ends. */
 static void run_task(caller_t *c, caller__task_t *t)
 {
+    caller_pending_t *p = caller__task_pending(t);
     if (!t->fiber) {
-        if (caller_pending_cancelled(t->pending) ||
+        if (caller_pending_cancelled(p) ||
             atomic_load_explicit(&c->state, memory_order_relaxed) >= CALLER_STATE_STOPPING) {
             complete_cancelled_before_start(t);
             task_end(c, t);
@@ -220,30 +234,32 @@ static void run_task(caller_t *c, caller__task_t *t)
         }
         t->fiber = caller__fiber_new(c->stack_size, task_entry, t);
         if (!t->fiber) {
-            caller_pending_set_exception(t->pending, -ENOMEM, "no memory for the task's stack");
+            caller_pending_set_exception(p, -ENOMEM, "no memory for the task's stack");
             task_end(c, t);
             return;
         }
     }
     t->state = CALLER__TASK_RUNNING;
     tl_task = t;
-    tl_raise = &t->raised;
+    tl_raise_code = &t->raised_code;
+    tl_raise_msg = &t->u.raised_msg;
     caller__ctx_t *outside = caller__ctx_swap(t->ctx);
     caller__fiber_switch_to(t->fiber);
     t->ctx = caller__ctx_swap(outside);
     tl_task = NULL;
-    tl_raise = NULL;
+    tl_raise_code = NULL;
+    tl_raise_msg = NULL;
     if (!caller__fiber_finished(t->fiber))
         return; /* suspended: it set its own state */
     caller__fiber_free(t->fiber);
     t->fiber = NULL;
-    if (t->raised.code) {
-        caller_pending_set_exception(t->pending, t->raised.code, "%s",
-                                     t->raised.msg ? t->raised.msg : "");
-        caller__free(t->raised.msg);
-        t->raised.msg = NULL;
+    if (t->raised_code) {
+        caller_pending_set_exception(p, t->raised_code, "%s",
+                                     t->u.raised_msg ? t->u.raised_msg : "");
+        caller__free(t->u.raised_msg);
+        t->u.raised_msg = NULL;
     } else {
-        caller_pending_set_result(t->pending, t->result, false);
+        caller_pending_set_result(p, t->u.result, false);
     }
     task_end(c, t);
 }
@@ -257,7 +273,7 @@ static void task_resume(caller__task_t *t, caller__wake_t why)
         return;
     if (why == CALLER__WAKE_CANCEL && t->uncancellable)
         return;
-    caller_t *c = t->caller;
+    caller_t *c = task_caller(t);
     caller__heap_remove(&c->timers, &t->timer);
     t->wake = why;
     t->state = CALLER__TASK_READY;
@@ -268,7 +284,7 @@ static void task_resume(caller__task_t *t, caller__wake_t why)
 /* In a task: give the thread back until resumed. Returns why it resumed. */
 static caller__wake_t task_suspend(caller__task_t *t, int64_t deadline, bool cancellable)
 {
-    caller_t *c = t->caller;
+    caller_t *c = task_caller(t);
     if (deadline != INT64_MAX) {
         t->timer.deadline = deadline;
         if (caller__heap_insert(&c->timers, &t->timer) < 0)
@@ -306,7 +322,7 @@ static bool task_cancelled(caller__task_t *t)
         if (s->shield)
             return false;
     }
-    return caller_pending_cancelled(t->pending) == 1;
+    return caller_pending_cancelled(caller__task_pending(t)) == 1;
 }
 
 /* The earliest deadline of the scopes that can cancel the task now. */
@@ -363,7 +379,7 @@ static void on_resume(fiber_waiter_t *fw)
 static void fiber_wake(caller__waiter_t *w)
 {
     fiber_waiter_t *fw = (fiber_waiter_t *)w;
-    caller_t *c = fw->task->caller;
+    caller_t *c = task_caller(fw->task);
     if (on_loop(c)) {
         on_resume(fw);
         return;
@@ -373,14 +389,19 @@ static void fiber_wake(caller__waiter_t *w)
     (void)ok;
 }
 
-int caller__task_wait(caller__task_t *t, caller_pending_t *p, int64_t deadline, int *code,
-                      void **value)
+int caller__task_wait(caller__task_t *t, caller_pending_t *p, int64_t deadline, bool want,
+                      int *code, void **value)
 {
-    if (p == t->pending)
+    if (p == caller__task_pending(t))
         return caller__fail(-EDEADLK, "caller_pending_wait: a task cannot wait for its own "
                                       "Pending");
     if (task_cancelled(t))
         return -ECANCELED;
+    if (caller__pending_settled(p)) {
+        /* Nothing to wait for: no waiter to link and unlink (W1's waits). */
+        *code = want ? caller_pending_result(p, value) : 0;
+        return 0;
+    }
     fiber_waiter_t fw = {.w = {.wake = fiber_wake}, .msg = {.kind = CALLER__MSG_RESUME}, .task = t};
     if (!caller__pending_add_waiter(p, &fw.w)) {
         *code = caller_pending_result(p, value);
@@ -432,7 +453,7 @@ int caller_sleep(double seconds)
 /* Loop thread: a task's Pending was cancelled. */
 static void handle_cancel(caller__task_t *t)
 {
-    caller_t *c = t->caller;
+    caller_t *c = task_caller(t);
     switch (t->state) {
     case CALLER__TASK_DELAYED:
         /* It will never run: end it now rather than at its deadline. */
@@ -458,10 +479,10 @@ static void nudge(caller__task_t *t)
 {
     if (atomic_exchange(&t->cancel_posted, true))
         return; /* a notice is already on its way */
-    caller_pending_ref(t->pending);
-    if (!post(t->caller, &t->cancel_msg, false)) {
+    caller_pending_ref(caller__task_pending(t));
+    if (!post(task_caller(t), &t->cancel_msg, false)) {
         atomic_store(&t->cancel_posted, false);
-        caller_pending_unref(t->pending);
+        caller_pending_unref(caller__task_pending(t));
     }
 }
 
@@ -549,7 +570,7 @@ static void process(caller_t *c, caller__msg_t *m)
         caller__task_t *t = container_of(m, caller__task_t, cancel_msg);
         atomic_store(&t->cancel_posted, false);
         handle_cancel(t);
-        caller_pending_unref(t->pending);
+        caller_pending_unref(caller__task_pending(t));
         break;
     }
     case CALLER__MSG_DIRECT:
@@ -623,8 +644,8 @@ void caller__sched_stop(caller_t *c)
     for (caller__link_t *l = c->live_tasks.next; l != &c->live_tasks;) {
         caller__task_t *t = container_of(l, caller__task_t, live);
         l = l->next;
-        if (!caller_pending_cancelled(t->pending))
-            caller_pending_cancel(t->pending, NULL);
+        if (!caller_pending_cancelled(caller__task_pending(t)))
+            caller_pending_cancel(caller__task_pending(t), NULL);
     }
 }
 
@@ -641,13 +662,14 @@ void caller__sched_drain_closed(caller_t *c, caller__msg_t *m)
                 t->on_end(t->arg);
             caller__ctx_unref(t->ctx);
             t->ctx = NULL;
-            caller_pending_unref(t->pending);
+            caller__pending_task_over(caller__task_pending(t));
+            caller_pending_unref(caller__task_pending(t));
             break;
         }
         case CALLER__MSG_CANCEL: {
             caller__task_t *t = container_of(m, caller__task_t, cancel_msg);
             atomic_store(&t->cancel_posted, false);
-            caller_pending_unref(t->pending);
+            caller_pending_unref(caller__task_pending(t));
             break;
         }
         case CALLER__MSG_DIRECT:
@@ -749,10 +771,13 @@ static void run_direct(caller_t *c, caller__msg_t *m)
 {
     direct_t *d = (direct_t *)m;
     caller__raise_t raised = {0};
-    caller__raise_t *outer = tl_raise;
-    tl_raise = &raised;
+    int *outer_code = tl_raise_code;
+    char **outer_msg = tl_raise_msg;
+    tl_raise_code = &raised.code;
+    tl_raise_msg = &raised.msg;
     d->fn(d->arg);
-    tl_raise = outer;
+    tl_raise_code = outer_code;
+    tl_raise_msg = outer_msg;
     if (raised.code) {
         caller__log(c, CALLER_LOG_ERROR, "Execution of call_direct function %p failed: %s (%s)",
                     (void *)(uintptr_t)d->fn, raised.msg ? raised.msg : "",
@@ -781,13 +806,12 @@ int caller_call_direct(caller_t *c, caller_direct_fn fn, void *arg)
 
 bool caller__task_take_raised(int *code, char **msg)
 {
-    caller__raise_t *slot = tl_raise;
-    if (!slot || !slot->code)
+    if (!tl_raise_code || !*tl_raise_code)
         return false;
-    *code = slot->code;
-    *msg = slot->msg;
-    slot->code = 0;
-    slot->msg = NULL;
+    *code = *tl_raise_code;
+    *msg = *tl_raise_msg;
+    *tl_raise_code = 0;
+    *tl_raise_msg = NULL;
     return true;
 }
 
@@ -795,8 +819,7 @@ int caller_raise(int code, const char *fmt, ...)
 {
     if (code >= 0)
         return caller__fail(-EINVAL, "caller_raise: code %d is not negative", code);
-    caller__raise_t *slot = tl_raise;
-    if (!slot)
+    if (!tl_raise_code)
         return caller__fail(-EPERM, "caller_raise: not in a task or a direct call");
     char *msg = NULL;
     if (fmt) {
@@ -805,8 +828,9 @@ int caller_raise(int code, const char *fmt, ...)
         msg = caller__vasprintf(fmt, ap);
         va_end(ap);
     }
-    caller__free(slot->msg);
-    slot->code = code;
-    slot->msg = msg;
+    if (*tl_raise_code)
+        caller__free(*tl_raise_msg);
+    *tl_raise_code = code;
+    *tl_raise_msg = msg;
     return 0;
 }

@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <uv.h>
@@ -917,6 +918,59 @@ TEST(repr_and_table)
     caller_repr(c, text, sizeof text);
     CHECK_STR_EQ(text, "Caller<Shell libuv \U0001f3c1 stopped>");
     caller_unref(c);
+}
+
+static void *thread_id(void *arg)
+{
+    (void)arg;
+    return (void *)(intptr_t)syscall(SYS_gettid);
+}
+
+/* A task's Pending holds no reference on its Caller while the task lives
+ * (the Caller's running reference covers it) and takes one at the task's
+ * end only if it is still held: a Pending kept past its Caller still shows
+ * it (ASan would see a freed Caller), and Pendings released before their
+ * task ended keep nothing alive (the leak check). */
+TEST(task_pending_outlives_its_caller)
+{
+    caller_t *c = caller_create(CALLER_NEW_THREAD, &(caller_options_t){.name = "Gone"});
+    CHECK(c != NULL);
+    caller_pending_t *kept = caller_call_soon(c, ret_arg, NULL);
+    CHECK(kept != NULL);
+    caller_pending_t *tid = caller_call_soon(c, thread_id, NULL);
+    char task_dir[64];
+    snprintf(task_dir, sizeof task_dir, "/proc/self/task/%ld", (long)(intptr_t)await(tid));
+    caller_pending_unref(tid);
+    for (int i = 0; i < 1000; i++) {
+        caller_pending_t *p = caller_call_soon(c, ret_arg, NULL);
+        CHECK(p != NULL);
+        caller_pending_unref(p);
+    }
+    caller_pending_t *last = caller_call_soon(c, ret_arg, NULL);
+    await(last);
+    caller_pending_unref(last);
+    await(kept);
+    caller_stop(c, false);
+    CHECK_RC(caller_wait_stopped(c, 10), 0);
+    caller_unref(c);
+    /* Its thread drops its reference as it ends: wait for that. */
+    double until = check_now() + 10 * check_time_scale();
+    while (access(task_dir, F_OK) == 0 && check_now() < until) {
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+    CHECK(access(task_dir, F_OK) != 0);
+    char text[256];
+    caller_pending_repr(kept, text, sizeof text);
+    CHECK_CONTAINS(text, "| ret_arg caller=Caller<Gone libuv");
+    caller_pending_unref(kept); /* the last reference on the Caller, or its
+                                   thread's, which goes as the thread ends */
+    until = check_now() + 10 * check_time_scale();
+    while (caller_live_count() && check_now() < until) {
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+    CHECK_EQ(caller_live_count(), 0);
 }
 
 TEST(null_arguments)
