@@ -565,6 +565,11 @@ void caller__fiber_fork(int phase)
         caller__unlock(&pool.lock);
     } else { /* the child: slots in use by the parent's other threads stay taken */
 #if FIBER_TSAN
+        /* Contexts made before the fork are not reused: TSan's state for
+         * them (threads to it) does not carry over (a child reusing one
+         * saw races between a fiber and its own scheduler). */
+        tsan_ctx.idle = 0;
+        tsan_ctx.made = 0;
         atomic_store(&tsan_ctx.lock, CALLER__LOCK_INIT);
 #endif
         atomic_store(&pool.lock, CALLER__LOCK_INIT);

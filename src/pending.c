@@ -18,6 +18,7 @@
 #include "sync.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -723,7 +724,22 @@ bool caller__pending_add_waiter(caller_pending_t *p, caller__waiter_t *w)
 bool caller__pending_settled(const caller_pending_t *p)
 {
     unsigned flags = atomic_load_explicit(&p->flags, memory_order_acquire);
-    return (flags & F_DONE) && !(flags & F_COMPLETING);
+    if (!(flags & F_DONE) || (flags & F_COMPLETING))
+        return false;
+    /* complete() publishes F_DONE inside its critical section and writes to
+     * p until it unlocks, while whoever sees "settled" may free p at once
+     * (a plain thread's wait returning, then unref: TSan caught the race).
+     * Reading the lock word free, with acquire, orders the completer's
+     * whole critical section before us; no store, so the common case
+     * stays without a locked instruction. */
+    caller__lock_t *lock = (caller__lock_t *)&p->lock;
+    for (unsigned spins = 0; atomic_load_explicit(lock, memory_order_acquire) != 0; spins++) {
+        if (spins < 64)
+            caller__cpu_relax();
+        else
+            sched_yield(); /* the holder was descheduled */
+    }
+    return true;
 }
 
 bool caller__pending_remove_waiter(caller_pending_t *p, caller__waiter_t *w)
