@@ -192,6 +192,11 @@ TEST(invalid_arguments_on_live_objects)
 /* Releasing more references than were taken is a broken invariant: it is
  * detected (as long as the memory still shows it) and aborts with a
  * message, in a child process here. */
+static void *noop_task(void *arg)
+{
+    return arg;
+}
+
 static void over_release(int which)
 {
     pid_t pid = fork();
@@ -204,6 +209,17 @@ static void over_release(int which)
             caller_unref(c);
             caller_unref(c); /* the thread-local one went at stop: this is one too many */
             caller_unref(c);
+        } else if (which == 2) {
+            /* A task's Pending: its block goes to a per-thread cache, not
+             * straight back to malloc; the second release is still caught. */
+            caller_t *c = caller_create(CALLER_NEW_THREAD, NULL);
+            caller_pending_t *p = caller_call_soon(c, noop_task, NULL);
+            caller_pending_wait(p, 10, false, false, NULL);
+            caller_stop(c, false);
+            caller_wait_stopped(c, 10); /* the loop dropped its reference */
+            caller_unref(c);
+            caller_pending_unref(p);
+            caller_pending_unref(p);
         } else {
             caller_group_t *g = caller_create_pending_group(NULL, false);
             caller_group_unref(g);
@@ -222,4 +238,5 @@ TEST(over_release_of_caller_and_pending_aborts)
 {
     over_release(0);
     over_release(1);
+    over_release(2);
 }
