@@ -109,15 +109,7 @@ char *caller__vasprintf(const char *fmt, va_list ap)
  * Lock order: batches_lock is a leaf.
  */
 
-#if defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define CALLER__ASAN 1
-#endif
-#endif
-#if defined(__SANITIZE_ADDRESS__)
-#define CALLER__ASAN 1
-#endif
-#ifdef CALLER__ASAN
+#if CALLER__ASAN /* internal.h */
 #include <sanitizer/asan_interface.h>
 #define POISON(b)                                                                                  \
     ASAN_POISON_MEMORY_REGION((char *)(b) + sizeof(block_t), CALLER__BLOCK_SIZE - sizeof(block_t))

@@ -55,27 +55,8 @@
 
 /* ---- which tools -------------------------------------------------------- */
 
-#if defined(__SANITIZE_ADDRESS__)
-#define FIBER_ASAN 1
-#endif
-#if defined(__SANITIZE_THREAD__)
-#define FIBER_TSAN 1
-#endif
-#if defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define FIBER_ASAN 1
-#endif
-#if __has_feature(thread_sanitizer)
-#define FIBER_TSAN 1
-#endif
-#endif
-#ifndef FIBER_ASAN
-#define FIBER_ASAN 0
-#endif
-#ifndef FIBER_TSAN
-#define FIBER_TSAN 0
-#endif
-
+#define FIBER_ASAN CALLER__ASAN /* internal.h */
+#define FIBER_TSAN CALLER__TSAN
 #if FIBER_ASAN
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
@@ -367,7 +348,7 @@ struct stack_slab {
 
 struct stack_pool {
     struct stack_pool *next; /* pools of other stack sizes */
-    size_t stack_size, slot_size;
+    size_t stack_size, slot_size, page;
     struct stack_slab *avail; /* slabs with a free slot, last given to first */
     struct stack_slab *avail_tail;
     size_t dirty; /* dirty slots, all slabs */
@@ -377,7 +358,6 @@ struct stack_pool {
 static struct {
     caller__lock_t lock;
     struct stack_pool *pools;
-    size_t page;
 } pool = {.lock = CALLER__LOCK_INIT};
 
 static uint64_t slab_full_mask(const struct stack_slab *s)
@@ -409,6 +389,12 @@ static void slab_push(struct stack_slab *s)
     s->pool->avail = s;
 }
 
+/* Bytes at a slot's top for the fiber struct (cache-line rounded). */
+static size_t fiber_self_size(void)
+{
+    return (sizeof(caller__fiber_t) + 63) & ~(size_t)63;
+}
+
 /* Under the pool lock: the pool of stack_size, made if new (NULL: -ENOMEM). */
 static struct stack_pool *pool_for(size_t stack_size, size_t page)
 {
@@ -418,9 +404,9 @@ static struct stack_pool *pool_for(size_t stack_size, size_t page)
     struct stack_pool *p = caller__calloc(1, sizeof *p);
     if (!p)
         return NULL;
-    size_t self = (sizeof(caller__fiber_t) + 63) & ~(size_t)63;
     p->stack_size = stack_size;
-    p->slot_size = page + stack_size + ((self + page - 1) & ~(page - 1));
+    p->page = page;
+    p->slot_size = page + stack_size + ((fiber_self_size() + page - 1) & ~(page - 1));
     p->next = pool.pools;
     pool.pools = p;
     return p;
@@ -467,7 +453,6 @@ static struct stack_slab *slab_map(struct stack_pool *p, size_t page)
 static char *pool_take(size_t stack_size, size_t page, struct stack_slab **slab)
 {
     caller__lock(&pool.lock);
-    pool.page = page;
     struct stack_pool *p = pool_for(stack_size, page);
     if (!p) {
         caller__unlock(&pool.lock);
@@ -506,7 +491,7 @@ static char *pool_take(size_t stack_size, size_t page, struct stack_slab **slab)
  * adjacent slots (the guard pages between them stay guards). */
 static void slab_purge(struct stack_slab *s)
 {
-    size_t slot_size = s->pool->slot_size, page = pool.page;
+    size_t slot_size = s->pool->slot_size, page = s->pool->page;
     uint64_t d = s->dirty;
     while (d) {
         unsigned i = (unsigned)__builtin_ctzll(d);
@@ -580,7 +565,7 @@ void caller__fiber_fork(int phase)
 static caller__fiber_t *fiber_map(struct fiber_thread *t, size_t stack_size)
 {
     size_t page = fiber_page(t);
-    size_t self = (sizeof(caller__fiber_t) + 63) & ~(size_t)63;
+    size_t self = fiber_self_size();
     struct stack_slab *slab;
     char *slot = pool_take(stack_size, page, &slab);
     if (!slot)

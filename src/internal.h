@@ -11,6 +11,29 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+/* The sanitizer this build runs under, 0 or 1 each: gcc defines
+ * __SANITIZE_*__, clang answers __has_feature. */
+#if defined(__SANITIZE_ADDRESS__)
+#define CALLER__ASAN 1
+#endif
+#if defined(__SANITIZE_THREAD__)
+#define CALLER__TSAN 1
+#endif
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define CALLER__ASAN 1
+#endif
+#if __has_feature(thread_sanitizer)
+#define CALLER__TSAN 1
+#endif
+#endif
+#ifndef CALLER__ASAN
+#define CALLER__ASAN 0
+#endif
+#ifndef CALLER__TSAN
+#define CALLER__TSAN 0
+#endif
+
 /* ---- allocation ------------------------------------------------------- */
 
 /*

@@ -18,7 +18,6 @@
 #include "sync.h"
 
 #include <pthread.h>
-#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -732,13 +731,7 @@ bool caller__pending_settled(const caller_pending_t *p)
      * Reading the lock word free, with acquire, orders the completer's
      * whole critical section before us; no store, so the common case
      * stays without a locked instruction. */
-    caller__lock_t *lock = (caller__lock_t *)&p->lock;
-    for (unsigned spins = 0; atomic_load_explicit(lock, memory_order_acquire) != 0; spins++) {
-        if (spins < 64)
-            caller__cpu_relax();
-        else
-            sched_yield(); /* the holder was descheduled */
-    }
+    caller__lock_wait_free((caller__lock_t *)&p->lock);
     return true;
 }
 

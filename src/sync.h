@@ -18,6 +18,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -136,6 +137,18 @@ static inline void caller__cpu_relax(void)
 #elif defined(__aarch64__)
     __asm__ __volatile__("yield");
 #endif
+}
+
+/* Until l reads free, with acquire: whatever the last holder wrote under it
+ * happens before what follows. No store, so nothing locked when free. */
+static inline void caller__lock_wait_free(caller__lock_t *l)
+{
+    for (unsigned spins = 0; atomic_load_explicit(l, memory_order_acquire) != 0; spins++) {
+        if (spins < 64)
+            caller__cpu_relax();
+        else
+            sched_yield(); /* the holder was descheduled */
+    }
 }
 
 /*
