@@ -865,3 +865,39 @@ TEST(wait_during_done_callbacks_returns_after_them)
     pthread_join(t, NULL);
     caller_pending_unref(p);
 }
+
+/* A plain thread that sees a Pending done may release it at once, while the
+ * completing thread (holding no reference of its own) is still finishing
+ * complete(): the wait must not return before the completer is done with
+ * it. Meant for TSan and ASan, which report the late writes. */
+static _Atomic(caller_pending_t *) handoff;
+static atomic_int handoff_stop;
+
+static void *completer(void *arg)
+{
+    (void)arg;
+    while (!atomic_load(&handoff_stop)) {
+        caller_pending_t *p = atomic_exchange(&handoff, NULL);
+        if (p)
+            CHECK_RC(caller_pending_set_result(p, P(1), false), 0);
+    }
+    return NULL;
+}
+
+TEST(waiter_may_release_as_soon_as_the_wait_returns)
+{
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, completer, NULL), 0);
+    for (int i = 0; i < 20000; i++) {
+        caller_pending_t *p = caller_pending_new(0);
+        CHECK(p != NULL);
+        atomic_store(&handoff, p);
+        if (i % 2) /* sometimes the completion comes first */
+            while (!caller_pending_done(p))
+                sched_yield();
+        CHECK_RC(caller_pending_wait(p, 10, false, false, NULL), 0);
+        caller_pending_unref(p); /* the only reference: freed here */
+    }
+    atomic_store(&handoff_stop, 1);
+    CHECK_EQ(pthread_join(t, NULL), 0);
+}
