@@ -192,18 +192,25 @@ int caller__task_submit(caller_t *c, caller_pending_t *p, int64_t deadline)
     return caller__fail_stopped(c, "caller_call_soon");
 }
 
-/* Loop thread: the task is over; drop the loop's reference (may free it). */
-static void task_end(caller_t *c, caller__task_t *t)
+/* Loop thread: a task that will not run (again): its end hook, its
+ * context, and the loop's reference (may free it). */
+static void task_release(caller__task_t *t)
 {
-    t->state = CALLER__TASK_DONE;
-    list_del(&t->live);
-    c->nlive--;
     if (t->on_end)
         t->on_end(t->arg);
     caller__ctx_unref(t->ctx);
     t->ctx = NULL;
     caller__pending_task_over(caller__task_pending(t));
     caller_pending_unref(caller__task_pending(t));
+}
+
+/* Loop thread: an accepted task is over. */
+static void task_end(caller_t *c, caller__task_t *t)
+{
+    t->state = CALLER__TASK_DONE;
+    list_del(&t->live);
+    c->nlive--;
+    task_release(t);
 }
 
 static void complete_cancelled_before_start(caller__task_t *t)
@@ -658,12 +665,7 @@ void caller__sched_drain_closed(caller_t *c, caller__msg_t *m)
         case CALLER__MSG_TASK: {
             caller__task_t *t = container_of(m, caller__task_t, msg);
             complete_cancelled_before_start(t);
-            if (t->on_end)
-                t->on_end(t->arg);
-            caller__ctx_unref(t->ctx);
-            t->ctx = NULL;
-            caller__pending_task_over(caller__task_pending(t));
-            caller_pending_unref(caller__task_pending(t));
+            task_release(t);
             break;
         }
         case CALLER__MSG_CANCEL: {
