@@ -4,12 +4,17 @@
  * caller__alloc_fail_after(); otherwise this costs one relaxed load.
  */
 #include "internal.h"
+#include "testpoint.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#if CALLER_TESTING
+/* The test build's test points (testpoint.h) share this file. */
+_Atomic(caller__test_hook_fn) caller__test_hook;
 
 static atomic_long countdown = -1; /* allocations left before one fails */
 static atomic_long allocations;    /* counted while a countdown is set */
@@ -38,6 +43,10 @@ static bool inject(void)
         atomic_store(&countdown, -1);
     return false;
 }
+#else
+/* The shipped library injects nothing. */
+#define inject() false
+#endif
 
 void *caller__malloc(size_t size)
 {
@@ -207,8 +216,10 @@ static void blocks_register(block_cache_t *bc)
 void *caller__block_alloc(void)
 {
     block_cache_t *bc = &tl_blocks;
+#if CALLER_TESTING
     if (atomic_load_explicit(&countdown, memory_order_relaxed) >= 0)
         return caller__malloc(CALLER__BLOCK_SIZE);
+#endif
     /* The hint spares a thread that only allocates (W1's first 10^6) the
      * lock while the stack is empty. */
     if (!bc->head && !bc->dead && atomic_load_explicit(&nbatches, memory_order_relaxed)) {

@@ -45,10 +45,12 @@ void *caller__malloc(size_t size);
 void *caller__calloc(size_t n, size_t size);
 void *caller__realloc(void *ptr, size_t size);
 void caller__free(void *ptr);
-/* Tests: make the @p n-th allocation from now fail (0: the next one; a
- * negative @p n: none), and count allocations meanwhile. */
+#if CALLER_TESTING
+/* Test build only: make the @p n-th allocation from now fail (0: the next
+ * one; a negative @p n: none), and count allocations meanwhile. */
 void caller__alloc_fail_after(long n);
 long caller__alloc_count(void);
+#endif
 /* A copy of s (NULL if s is NULL or on allocation failure). */
 char *caller__strdup(const char *s);
 /* vasprintf through caller__malloc; NULL on failure. */
