@@ -17,7 +17,9 @@
  */
 #include "fiber.h"
 #include "internal.h"
+#include "testpoint.h"
 
+#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,6 +28,9 @@
 #include <unistd.h>
 
 #define WORKER_NAME "caller-worker"
+
+/* Joining a Caller's own thread (caller_wait_stopped): c->join, under c->lock. */
+enum { JOIN_NONE = 0, JOIN_RUNNING, JOIN_DONE };
 
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static caller__link_t registry = {&registry, &registry};
@@ -37,9 +42,12 @@ static _Thread_local caller_t *tl_caller;
 static pthread_key_t tl_key;
 static pthread_once_t tl_once = PTHREAD_ONCE_INIT;
 
+static void internal_ref(caller_t *c);
+static void internal_unref(caller_t *c);
+
 static void tl_release(void *c)
 {
-    caller_unref(c);
+    internal_unref(c);
 }
 
 static void tl_key_init(void)
@@ -51,9 +59,12 @@ static void tl_set(caller_t *c)
 {
     pthread_once(&tl_once, tl_key_init);
     caller_t *old = tl_caller;
-    tl_caller = c ? caller_ref(c) : NULL;
+    if (c)
+        internal_ref(c);
+    tl_caller = c;
     pthread_setspecific(tl_key, tl_caller);
-    caller_unref(old);
+    if (old)
+        internal_unref(old);
 }
 
 caller_t *caller__thread_caller(void)
@@ -79,7 +90,7 @@ static const char *state_text(int st)
 
 static int load_state(const caller_t *c)
 {
-    return atomic_load_explicit(&((caller_t *)c)->state, memory_order_acquire);
+    return caller__state(c);
 }
 
 /* ---- references --------------------------------------------------------- */
@@ -147,18 +158,55 @@ static void registry_add(caller_t *c)
     pthread_mutex_unlock(&registry_lock);
 }
 
+static void over_released(const caller_t *c)
+{
+    fprintf(stderr,
+            "libcaller: caller_unref: Caller '%s' (%p) released more times than it was "
+            "referenced (its thread or loop still holds it)\n",
+            c->name, (const void *)c);
+    abort();
+}
+
+static void internal_ref(caller_t *c)
+{
+    caller_ref(c);
+    atomic_fetch_add_explicit(&c->internal_refs, 1, memory_order_relaxed);
+}
+
+static void internal_unref(caller_t *c)
+{
+    atomic_fetch_sub_explicit(&c->internal_refs, 1, memory_order_release);
+    caller_unref(c);
+}
+
+/* The Caller's own thread, once it has exited (or is exiting now) and
+ * nobody joined it: let the system reclaim it. */
+static void release_thread(caller_t *c)
+{
+    pthread_mutex_lock(&c->lock);
+    bool detach = c->thread_made && c->join == JOIN_NONE;
+    pthread_mutex_unlock(&c->lock);
+    if (detach)
+        pthread_detach(c->thread);
+}
+
 void caller_unref(caller_t *c)
 {
     if (!c)
         return;
     check_alive(c, "caller_unref");
     int old = atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel);
-    if (old > 1)
+    if (old > 1) {
+        /* The library's own references come last: a user's unref that
+         * reaches into them is one too many. */
+        if (old - 1 < atomic_load_explicit(&c->internal_refs, memory_order_acquire))
+            over_released(c);
         return;
-    if (old < 1) {
-        fprintf(stderr, "libcaller: caller_unref: %p released too often\n", (void *)c);
-        abort();
     }
+    if (old < 1 || atomic_load_explicit(&c->internal_refs, memory_order_acquire) > 0)
+        over_released(c);
+    CALLER__TEST_POINT("unref.last", c);
+    release_thread(c);
     registry_remove(c);
     caller_unref(c->parent);
     caller_pending_unref(c->stopped);
@@ -167,6 +215,7 @@ void caller_unref(caller_t *c)
     caller__free(c->children);
     caller__heap_free(&c->timers);
     caller__pool_free(c->pool);
+    pthread_cond_destroy(&c->joined);
     pthread_mutex_destroy(&c->lock);
     c->magic = CALLER_DEAD;
     caller__free(c);
@@ -303,6 +352,7 @@ static caller_t *alloc_caller(const caller_options_t *o, const char *default_nam
         c->stack_size = o->stack_size;
     }
     pthread_mutex_init(&c->lock, NULL);
+    pthread_cond_init(&c->joined, NULL);
     c->live_tasks.prev = c->live_tasks.next = &c->live_tasks;
     c->spin.budget = CALLER__SPIN_MAX_NS;
     atomic_init(&c->poked, 0);
@@ -333,13 +383,81 @@ static int start_loop(caller_t *c, void *app_loop)
     c->loop_backend = b;
     caller__lock(&c->inbox_lock);
     c->backend = b;
-    int st = CALLER_STATE_STARTING;
-    atomic_compare_exchange_strong(&c->state, &st, CALLER_STATE_RUNNING);
+    /* Fails only if a stop came meanwhile: it stays STOPPING, and the stop
+     * message waits in the inbox. */
+    caller__transition(c, CALLER_STATE_STARTING, CALLER_STATE_RUNNING);
     bool queued = c->inbox.head != NULL;
     caller__unlock(&c->inbox_lock);
     if (queued)
         c->ops->more(b, true);
     return 0;
+}
+
+/*
+ * @p c leaves its parent's children: the one way out of that list, for a
+ * child that finished and for one that never started. The parent's
+ * reference on it goes to the message that tells the parent, whose loop
+ * then looks again whether it can finish (a stopping parent waits for its
+ * children). Idempotent: only the call that finds it listed posts.
+ */
+static void child_detach(caller_t *c)
+{
+    caller_t *parent = c->parent;
+    if (!parent)
+        return;
+    bool found = false;
+    pthread_mutex_lock(&parent->lock);
+    for (size_t i = 0; i < parent->nchildren; i++) {
+        if (parent->children[i] == c) {
+            parent->children[i] = parent->children[--parent->nchildren];
+            found = true;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&parent->lock);
+    if (found && !caller__post(parent, &c->child_msg))
+        caller_unref(c);
+}
+
+static void stop_children(caller_t *c);
+
+/*
+ * A Caller that will never run its loop ends here (from STARTING when its
+ * start failed, from STOPPING when it was stopped before it started, from
+ * INITIAL for a manual Caller stopped before it ran): its inbox closes and
+ * what was queued ends cancelled, its children stop, it leaves the registry
+ * and its parent, and the stopped event fires. False (nothing done) if it
+ * was no longer in @p from: the caller looks again.
+ */
+static bool end_unstarted(caller_t *c, int from)
+{
+    /* Under the inbox lock, as caller_stop's own transitions: a stop either
+     * came before (and is seen in @p from) or finds it STOPPED. */
+    caller__lock(&c->inbox_lock);
+    if (!caller__transition(c, from, CALLER_STATE_STOPPED)) {
+        caller__unlock(&c->inbox_lock);
+        return false;
+    }
+    c->inbox_closed = true;
+    caller__msg_t *left = c->inbox.head;
+    c->inbox.head = c->inbox.tail = NULL;
+    caller__unlock(&c->inbox_lock);
+    registry_remove(c);
+    stop_children(c);
+    caller__sched_drain_closed(c, left);
+    if (tl_caller == c)
+        tl_set(NULL);
+    child_detach(c);
+    caller_pending_set_result(c->stopped, NULL, false);
+    return true;
+}
+
+/* The start of @p c failed: end it, from STARTING or, if a stop came
+ * meanwhile, STOPPING. */
+static void end_failed_start(caller_t *c)
+{
+    while (!end_unstarted(c, CALLER_STATE_STARTING) && !end_unstarted(c, CALLER_STATE_STOPPING))
+        ;
 }
 
 /* On the Caller's thread, once its loop has closed everything. */
@@ -350,25 +468,13 @@ static void finish(caller_t *c)
     caller__iopub_close(c); /* before the stopped event: zmq_ctx_term may follow */
     caller__fiber_cache_clear();
     registry_remove(c);
-    atomic_store_explicit(&c->state, CALLER_STATE_STOPPED, memory_order_release);
+    if (!caller__transition(c, CALLER_STATE_STOPPING, CALLER_STATE_STOPPED)) {
+        fprintf(stderr, "libcaller: Caller '%s' finished while not stopping\n", c->name);
+        abort();
+    }
     if (tl_caller == c)
         tl_set(NULL);
-    caller_t *parent = c->parent;
-    if (parent) {
-        /* Hand the parent's reference on us to the message that tells it. */
-        bool found = false;
-        pthread_mutex_lock(&parent->lock);
-        for (size_t i = 0; i < parent->nchildren; i++) {
-            if (parent->children[i] == c) {
-                parent->children[i] = parent->children[--parent->nchildren];
-                found = true;
-                break;
-            }
-        }
-        pthread_mutex_unlock(&parent->lock);
-        if (found && !caller__post(parent, &c->child_msg))
-            caller_unref(c);
-    }
+    child_detach(c);
     caller_pending_set_result(c->stopped, NULL, false);
 }
 
@@ -378,7 +484,7 @@ static void on_closed(void *owner)
     if (!c->owns_loop) {
         /* Attached to the application's loop: nothing more will run here. */
         finish(c);
-        caller_unref(c); /* the running reference */
+        internal_unref(c); /* the running reference */
     }
     /* An owned loop's run() returns now; its thread finishes. */
 }
@@ -426,7 +532,7 @@ static void *thread_main(void *arg)
     char tname[16]; /* the OS keeps 15 bytes of a thread's name */
     snprintf(tname, sizeof tname, "%.15s", c->name);
     pthread_setname_np(pthread_self(), tname);
-    c->thread = pthread_self();
+    c->thread = pthread_self(); /* before `started`: the starter reads it after */
     c->tid = (pid_t)syscall(SYS_gettid);
     tl_set(c);
     int rc = start_loop(c, NULL);
@@ -435,45 +541,55 @@ static void *thread_main(void *arg)
         const char *m;
         caller_last_error(&m);
         snprintf(c->start_msg, sizeof c->start_msg, "%s", m);
+        CALLER__TEST_POINT("start.failed", c);
+        /* Ended before the starter hears of it: its parent no longer
+         * lists it, and a parent that stops meanwhile hears it end. */
+        end_failed_start(c);
     }
     atomic_store_explicit(&c->started, 1, memory_order_release);
     caller__futex_wake(&c->started, 1);
     if (rc == 0) {
         c->ops->run(c->loop_backend);
         finish(c);
-    } else {
-        atomic_store(&c->state, CALLER_STATE_STOPPED);
-        tl_set(NULL);
-        caller_pending_set_result(c->stopped, NULL, false);
     }
-    caller_unref(c); /* the running reference */
+    internal_unref(c); /* the running reference */
     return NULL;
 }
 
-/* Start a new thread for @p c; returns once it runs (or failed). */
-static int start_thread(caller_t *c)
+/*
+ * Start a new thread for @p c (listed as a child first when it has a
+ * parent); returns once it runs, or failed. A Caller stopped before this
+ * (its parent stopping while caller_get listed it) ends here, unstarted:
+ * -ESHUTDOWN.
+ */
+static int start_thread(caller_t *c, const char *api)
 {
     c->owns_thread = c->owns_loop = true;
-    atomic_store(&c->state, CALLER_STATE_STARTING);
-    caller_ref(c); /* the running reference, for the thread */
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    pthread_t t; /* the thread stores its own id in c->thread */
-    int rc = pthread_create(&t, &attr, thread_main, c);
-    pthread_attr_destroy(&attr);
-    if (rc) {
-        atomic_store(&c->state, CALLER_STATE_STOPPED);
-        caller_unref(c);
-        return caller__fail(-rc, "caller_create: cannot start a thread: %s", strerror(rc));
+    if (!caller__transition(c, CALLER_STATE_INITIAL, CALLER_STATE_STARTING)) {
+        while (!end_unstarted(c, CALLER_STATE_STOPPING))
+            ;
+        return caller__fail(-ESHUTDOWN, "%s: Caller '%s' was stopped before it started", api,
+                            c->name);
     }
+    internal_ref(c); /* the running reference, for the thread */
+    /* Joinable: caller_wait_stopped joins it; otherwise it is detached when
+     * the Caller is freed (release_thread). */
+    pthread_t t; /* the thread stores its own id in c->thread */
+    int rc = pthread_create(&t, NULL, thread_main, c);
+    if (rc) {
+        end_failed_start(c);
+        internal_unref(c);
+        return caller__fail(-rc, "%s: cannot start a thread: %s", api, strerror(rc));
+    }
+    pthread_mutex_lock(&c->lock);
+    c->thread_made = true;
+    pthread_mutex_unlock(&c->lock);
     while (!atomic_load_explicit(&c->started, memory_order_acquire))
         caller__futex_wait(&c->started, 0, INT64_MAX);
-    if (!c->start_error)
-        registry_add(c);
     if (c->start_error)
-        return caller__fail(c->start_error, "caller_create: the new thread did not start: %s",
+        return caller__fail(c->start_error, "%s: the new thread did not start: %s", api,
                             c->start_msg);
+    registry_add(c);
     return 0;
 }
 
@@ -543,12 +659,12 @@ caller_t *caller_create(caller_mode_t mode, const caller_options_t *o)
         c = alloc_for_this_thread(o);
         if (!c)
             return NULL;
-        atomic_store(&c->state, CALLER_STATE_STARTING);
+        caller__transition(c, CALLER_STATE_INITIAL, CALLER_STATE_STARTING); /* not shared yet */
         if (start_loop(c, o->loop) < 0) {
             caller_unref(c);
             return NULL;
         }
-        caller_ref(c); /* the running reference, held by the open handles */
+        internal_ref(c); /* the running reference, held by the open handles */
         registry_add(c);
         tl_set(c);
         return c;
@@ -561,7 +677,7 @@ caller_t *caller_create(caller_mode_t mode, const caller_options_t *o)
         c = alloc_caller(o, WORKER_NAME);
         if (!c)
             return NULL;
-        if (start_thread(c) < 0) {
+        if (start_thread(c, "caller_create") < 0) {
             caller_unref(c); /* keeps this thread's last error */
             return NULL;
         }
@@ -578,6 +694,7 @@ caller_t *caller_create(caller_mode_t mode, const caller_options_t *o)
         if (!c)
             return NULL;
         c->owns_loop = true;
+        c->manual = true;
         registry_add(c);
         tl_set(c);
         return c;
@@ -603,19 +720,23 @@ int caller_run(caller_t *c, caller_fn body, void *arg, void **result)
                             "caller_run: Caller '%s' is not a manual Caller of this "
                             "thread",
                             c->name);
-    int st = CALLER_STATE_INITIAL;
-    if (!atomic_compare_exchange_strong(&c->state, &st, CALLER_STATE_STARTING)) {
+    if (!caller__transition(c, CALLER_STATE_INITIAL, CALLER_STATE_STARTING)) {
+        int st = load_state(c);
         if (st == CALLER_STATE_STARTING || st == CALLER_STATE_RUNNING)
             return caller__fail(-EBUSY, "caller_run: Already starting/running");
         return caller__fail(-EPERM, "caller_run: Restarting is not allowed");
     }
-    caller_ref(c); /* the running reference */
     if (start_loop(c, NULL) < 0) {
+        /* No loop: it ends without having run (no way back to INITIAL). */
         int rc = caller_last_error(NULL);
-        atomic_store(&c->state, CALLER_STATE_INITIAL);
-        caller_unref(c);
-        return rc;
+        const char *m;
+        caller_last_error(&m);
+        char msg[256];
+        snprintf(msg, sizeof msg, "%s", m);
+        end_failed_start(c);
+        return caller__fail(rc, "caller_run: %s", msg);
     }
+    internal_ref(c); /* the running reference */
     caller_pending_t *p = caller__task_new(c, body, arg, "caller_run body");
     int rc = p ? 0 : caller_last_error(NULL);
     if (p) {
@@ -636,7 +757,7 @@ int caller_run(caller_t *c, caller_fn body, void *arg, void **result)
         caller_pending_unref(p);
         c->body = NULL;
     }
-    caller_unref(c);
+    internal_unref(c);
     return rc;
 }
 
@@ -679,22 +800,22 @@ int caller_stop(caller_t *c, bool force)
         caller__unlock(&c->inbox_lock);
         return st;
     }
-    if (st == CALLER_STATE_INITIAL) {
-        /* A manual Caller that never ran: nothing runs; finish here. */
-        atomic_store(&c->state, CALLER_STATE_STOPPED);
-        c->inbox_closed = true;
-        caller__msg_t *left = c->inbox.head;
-        c->inbox.head = c->inbox.tail = NULL;
+    if (st == CALLER_STATE_INITIAL && c->manual) {
+        /* A manual Caller that never ran: nothing will run it; end it here.
+         * caller_run's own INITIAL->STARTING may win meanwhile: then stop
+         * it as a starting one. */
         caller__unlock(&c->inbox_lock);
-        registry_remove(c);
-        stop_children(c);
-        caller__sched_drain_closed(c, left);
-        if (tl_caller == c)
-            tl_set(NULL);
-        caller_pending_set_result(c->stopped, NULL, false);
-        return CALLER_STATE_STOPPED;
+        if (end_unstarted(c, CALLER_STATE_INITIAL))
+            return CALLER_STATE_STOPPED;
+        return caller_stop(c, force);
     }
-    atomic_store(&c->state, CALLER_STATE_STOPPING);
+    /* INITIAL (a thread Caller its starter has not started: the starter
+     * sees STOPPING and ends it), STARTING or RUNNING: the stop message
+     * waits in the inbox until the loop runs. */
+    if (!caller__transition(c, st, CALLER_STATE_STOPPING)) {
+        caller__unlock(&c->inbox_lock);
+        return caller_stop(c, force);
+    }
     bool was_empty = c->inbox.head == NULL;
     caller__fifo_push(&c->inbox, &c->stop_msg);
     if (was_empty && c->backend) {
@@ -723,16 +844,66 @@ void caller__on_child_stopped(caller_t *c, caller_t *child)
     caller__check_finished(c);
 }
 
+/*
+ * pthread_join returns once the kernel has cleared the thread's id, a few
+ * steps before it removes the task: wait for that too (at most 1 s; at
+ * once where /proc is not mounted), so that thread counts taken from
+ * /proc/self/task or /proc/self/status are exact when the join returns.
+ */
+static void await_task_gone(pid_t tid)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/task/%ld", (long)tid);
+    int64_t until = caller__now_ns() + 1000000000;
+    while (access(path, F_OK) == 0 && caller__now_ns() < until)
+        sched_yield();
+}
+
+/*
+ * Join @p c's own thread, which has fired (or is about to fire) the stopped
+ * event and only returns from its start routine after that. One thread
+ * joins; others that come meanwhile wait for it to finish joining.
+ */
+static void join_thread(caller_t *c)
+{
+    pthread_mutex_lock(&c->lock);
+    if (!c->thread_made || pthread_equal(c->thread, pthread_self())) {
+        pthread_mutex_unlock(&c->lock);
+        return;
+    }
+    while (c->join == JOIN_RUNNING)
+        pthread_cond_wait(&c->joined, &c->lock);
+    if (c->join == JOIN_DONE) {
+        pthread_mutex_unlock(&c->lock);
+        return;
+    }
+    c->join = JOIN_RUNNING;
+    pthread_mutex_unlock(&c->lock);
+    pthread_join(c->thread, NULL);
+    await_task_gone(c->tid);
+    pthread_mutex_lock(&c->lock);
+    c->join = JOIN_DONE;
+    pthread_cond_broadcast(&c->joined);
+    pthread_mutex_unlock(&c->lock);
+}
+
 int caller_wait_stopped(caller_t *c, double timeout)
 {
     if (!c)
         return caller__fail(-EINVAL, "caller_wait_stopped: caller is NULL");
-    if (!caller__task_current() && tl_caller == c && load_state(c) != CALLER_STATE_STOPPED)
+    bool in_task = caller__task_current() != NULL;
+    if (!in_task && tl_caller == c && load_state(c) != CALLER_STATE_STOPPED)
         return caller__fail(-EDEADLK,
                             "caller_wait_stopped: the thread of Caller '%s' cannot "
                             "block until that Caller stops",
                             c->name);
-    return caller_pending_wait(c->stopped, timeout, true, false, NULL);
+    int rc = caller_pending_wait(c->stopped, timeout, true, false, NULL);
+    /* A plain thread also waits for the Caller's thread to exit, so that
+     * thread counts are exact once this returns (a task does not block its
+     * loop for it: the thread is detached when the Caller is freed). */
+    if (rc == 0 && !in_task)
+        join_thread(c);
+    return rc;
 }
 
 /* ---- children -------------------------------------------------------------------- */
@@ -803,16 +974,11 @@ caller_t *caller_get(caller_t *parent, const caller_options_t *o)
     /* Listed before it starts, so a parent that stops meanwhile stops it. */
     parent->children[parent->nchildren++] = caller_ref(k);
     pthread_mutex_unlock(&parent->lock);
-    if (start_thread(k) < 0) {
-        pthread_mutex_lock(&parent->lock);
-        for (size_t i = 0; i < parent->nchildren; i++)
-            if (parent->children[i] == k) {
-                parent->children[i] = parent->children[--parent->nchildren];
-                caller_unref(k);
-                break;
-            }
-        pthread_mutex_unlock(&parent->lock);
-        caller_unref(k);
+    CALLER__TEST_POINT("get.listed", k);
+    if (start_thread(k, "caller_get") < 0) {
+        /* It ended unstarted and left the parent (child_detach), which,
+         * if stopping, looks again whether it can finish. */
+        caller_unref(k); /* keeps this thread's last error */
         return NULL;
     }
     return k;
@@ -940,10 +1106,13 @@ int caller_print_table(FILE *out)
 {
     if (!out)
         return caller__fail(-EINVAL, "caller_print_table: out is NULL");
-    caller_t *list[256];
-    size_t n = caller_all(false, list, 256);
-    if (n > 256)
-        n = 256;
+    /* caller_all counts every Caller but fills only those still alive (and
+     * at most 256), one after another from the start: walk the filled ones. */
+    caller_t *list[256] = {0};
+    caller_all(false, list, 256);
+    size_t n = 0;
+    while (n < 256 && list[n])
+        n++;
     caller_t *self = tl_caller;
     fprintf(out, "%-20s %-8s %-10s %s\n", "Name", "Running", "Protected", "Thread");
     for (int i = 0; i < 79; i++)

@@ -273,8 +273,17 @@ static inline caller_pending_t *caller__task_pending(caller__task_t *t)
 
 struct caller {
     atomic_int refs;
-    uint32_t magic;   /* CALLER_MAGIC while alive (caller.c) */
-    atomic_int state; /* caller_state_t */
+    /* The references the library itself holds (the running one, the
+     * thread-local one): taken after and dropped before their count in
+     * `refs`, so refs >= internal_refs always, and a caller_unref that
+     * takes refs below it is an over-release. */
+    atomic_int internal_refs;
+    uint32_t magic;        /* CALLER_MAGIC while alive (caller.c) */
+    atomic_int state;      /* caller_state_t: only through caller__transition (state.c) */
+    bool manual;           /* CALLER_MANUAL: the one kind that may stop from INITIAL */
+    bool thread_made;      /* its own thread was created: to be joined or detached */
+    int join;              /* JOIN_* (caller.c), under `lock` */
+    pthread_cond_t joined; /* signalled when join becomes JOINED */
     char name[64];
     const caller__backend_ops_t *ops;
     bool protect;
@@ -366,6 +375,12 @@ caller_pending_t *caller__task_new(caller_t *c, caller_fn fn, void *arg, const c
 /* Queue a task made by caller__task_new (delay_ns >= 0). Consumes the
  * task's reference on failure. */
 int caller__task_submit(caller_t *c, caller_pending_t *p, int64_t deadline);
+
+/* ---- state.c ---- */
+/* Move @p c from state @p from to @p to (a CAS); false if it was not in
+ * @p from. An edge not in state.c's table aborts. */
+bool caller__transition(caller_t *c, int from, int to);
+int caller__state(const caller_t *c);
 
 /* ---- caller.c ---- */
 /* Loop thread: the stop criteria may now hold; finish if so. */

@@ -3,6 +3,7 @@
 // NEEDS-ZMQ
 #include "check.h"
 #include "internal.h"
+#include "testpoint.h"
 
 #include <netinet/in.h>
 #include <pthread.h>
@@ -333,4 +334,73 @@ TEST(a_bad_url_fails_the_start)
     CHECK_RC(caller_iopub_set_url(NULL), -EINVAL);
     CHECK_RC(caller_iopub_set_url(""), -EINVAL);
     CHECK_EQ(zmq_ctx_term(ctx), 0);
+}
+
+/* ---- a child that fails to start while its parent stops ------------------ */
+
+static caller_t *failing_parent;
+
+/* At "start.failed" (the child's thread, its start just failed): the parent
+ * stops now, and its loop stops the child, which is still listed. */
+static void stop_parent_at_failed_start(const char *point, void *obj)
+{
+    if (strcmp(point, "start.failed") != 0)
+        return;
+    caller_stop(failing_parent, true);
+    double until = check_now() + 10 * check_time_scale();
+    while (caller_state(obj) < CALLER_STATE_STOPPING && check_now() < until) {
+        struct timespec ts = {0, 100000};
+        nanosleep(&ts, NULL);
+    }
+    CHECK_EQ(caller_state(obj), CALLER_STATE_STOPPING);
+}
+
+TEST(failing_child_start_while_the_parent_stops)
+{
+    void *ctx = zmq_ctx_new();
+    failing_parent = check_new_thread("parent");
+    CHECK_RC(caller_iopub_set_url("bogus://nowhere"), 0);
+    atomic_store(&caller__test_hook, stop_parent_at_failed_start);
+    caller_t *k = caller_get(failing_parent, &(caller_options_t){.zmq_context = ctx});
+    atomic_store(&caller__test_hook, NULL);
+    CHECK_RC(caller_iopub_set_url("inproc://iopub"), 0);
+    CHECK(k == NULL);
+    CHECK_CONTAINS(check_last_message(), "caller_get: the new thread did not start");
+    /* The parent hears the child end and finishes (it hung before). */
+    CHECK_RC(caller_wait_stopped(failing_parent, 10 * check_time_scale()), 0);
+    CHECK_EQ(caller_children(failing_parent, NULL, 0), 0);
+    caller_unref(failing_parent);
+    CHECK_EQ(zmq_ctx_term(ctx), 0);
+}
+
+static void *zmq_ctx_for_children;
+
+static void *get_failing_child(void *arg)
+{
+    return caller_get(arg, &(caller_options_t){.zmq_context = zmq_ctx_for_children});
+}
+
+TEST(stress_failing_child_start_while_the_parent_stops)
+{
+    enum { ROUNDS = 200 };
+    zmq_ctx_for_children = zmq_ctx_new();
+    CHECK_RC(caller_iopub_set_url("bogus://nowhere"), 0);
+    unsigned seed = 777;
+    for (int r = 0; r < ROUNDS; r++) {
+        caller_t *parent = check_new_thread("parent");
+        pthread_t t;
+        CHECK_EQ(pthread_create(&t, NULL, get_failing_child, parent), 0);
+        for (unsigned spin = rand_r(&seed) % 200000; spin; spin--)
+            __asm__ volatile("" ::: "memory");
+        caller_stop(parent, true);
+        /* Never a hang, whichever came first. */
+        CHECK_RC(caller_wait_stopped(parent, 10 * check_time_scale()), 0);
+        void *k;
+        pthread_join(t, &k);
+        CHECK(k == NULL); /* refused (parent stopping) or its start failed */
+        CHECK_EQ(caller_children(parent, NULL, 0), 0);
+        caller_unref(parent);
+    }
+    CHECK_RC(caller_iopub_set_url("inproc://iopub"), 0);
+    CHECK_EQ(zmq_ctx_term(zmq_ctx_for_children), 0);
 }

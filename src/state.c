@@ -1,0 +1,57 @@
+/*
+ * The Caller's state machine. Every change of `caller->state` is a
+ * compare-and-swap through caller__transition(), and only along an edge of
+ * this table; nothing ever moves backwards. Who triggers each edge:
+ *
+ *   from      to        trigger
+ *   --------  --------  ------------------------------------------------------
+ *   INITIAL   STARTING  its starter: start_thread (NEW_THREAD, caller_get),
+ *                       caller_run (MANUAL), attaching (CURRENT_THREAD)
+ *   INITIAL   STOPPING  caller_stop of a thread Caller its starter has not
+ *                       started yet (caller_get lists a child before it
+ *                       starts it): the starter sees it and ends it unstarted
+ *   INITIAL   STOPPED   caller_stop of a MANUAL Caller that never ran (the only
+ *                       Caller that can end without a starter to see it)
+ *   STARTING  RUNNING   its thread, once the loop is open (start_loop)
+ *   STARTING  STOPPING  caller_stop while it starts: the stop message waits in
+ *                       the inbox until the loop runs
+ *   STARTING  STOPPED   its thread: the start failed (no loop, no iopub socket)
+ *   RUNNING   STOPPING  caller_stop (any thread), or its own end of a body
+ *   STOPPING  STOPPED   its thread, once every task and child ended (finish);
+ *                       or its starter, for one stopped before it started
+ *
+ * STOPPED is final, and the stopped event fires right after the edge into
+ * it, once per Caller.
+ */
+#include "internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+static const bool allowed[5][5] = {
+    [CALLER_STATE_INITIAL] = {[CALLER_STATE_STARTING] = true,
+                              [CALLER_STATE_STOPPING] = true,
+                              [CALLER_STATE_STOPPED] = true},
+    [CALLER_STATE_STARTING] = {[CALLER_STATE_RUNNING] = true,
+                               [CALLER_STATE_STOPPING] = true,
+                               [CALLER_STATE_STOPPED] = true},
+    [CALLER_STATE_RUNNING] = {[CALLER_STATE_STOPPING] = true},
+    [CALLER_STATE_STOPPING] = {[CALLER_STATE_STOPPED] = true},
+};
+
+bool caller__transition(caller_t *c, int from, int to)
+{
+    if (from < 0 || from > 4 || to < 0 || to > 4 || !allowed[from][to]) {
+        /* A broken invariant of the library itself, never the user's. */
+        fprintf(stderr, "libcaller: Caller '%s': no transition from state %d to %d\n", c->name,
+                from, to);
+        abort();
+    }
+    return atomic_compare_exchange_strong_explicit(&c->state, &from, to, memory_order_acq_rel,
+                                                   memory_order_acquire);
+}
+
+int caller__state(const caller_t *c)
+{
+    return atomic_load_explicit(&((caller_t *)c)->state, memory_order_acquire);
+}
