@@ -908,19 +908,36 @@ enum {
  * Thread: a task.
  * @param timeout  seconds until the deadline; negative: none.
  * @param flags    0, or CALLER_SCOPE_SHIELD and/or CALLER_SCOPE_FAIL.
- * @return the scope (freed by caller_scope_exit), or NULL (-EPERM outside a
- *         task, -EINVAL, -ENOMEM).
+ * @return the scope, or NULL (-EPERM outside a task, -EINVAL, -ENOMEM).
+ *         The task holds the scope's one reference while it is entered
+ *         and lets it go at caller_scope_exit() (or when the task ends):
+ *         take your own with caller_scope_ref() to keep using the scope
+ *         after that, e.g. to cancel it from another thread.
  */
 CALLER_EXTERN caller_scope_t *caller_scope_enter(double timeout, unsigned flags);
 
-/** Leave (and free) the innermost scope of the running task. Thread: that
- *  task. @return 0; -ETIMEDOUT for a CALLER_SCOPE_FAIL scope whose deadline
- *  passed; -EINVAL if @p s is not the innermost scope. */
+/** Leave the innermost scope of the running task; it is freed unless a
+ *  reference from caller_scope_ref() is held. Thread: that task.
+ *  @param s  the innermost scope (not NULL).
+ *  @return 0; -ETIMEDOUT for a CALLER_SCOPE_FAIL scope whose deadline
+ *  passed; -EINVAL if @p s is NULL or not the innermost scope. */
 CALLER_EXTERN int caller_scope_exit(caller_scope_t *s);
 
-/** Cancel a scope: its task's suspension points inside it return
- *  -ECANCELED (the current one at once). Thread: any, while the scope is
- *  entered. @return 0 or -EINVAL. */
+/** Take a reference on @p s (NULL: nothing). Thread: any that holds a
+ *  reference, or the scope's task while it is entered. @return @p s. */
+CALLER_EXTERN caller_scope_t *caller_scope_ref(caller_scope_t *s);
+
+/** Release a reference from caller_scope_ref() (NULL: nothing). The scope
+ *  is freed with its last reference. Releasing more than was taken aborts
+ *  with a message. Thread: any. */
+CALLER_EXTERN void caller_scope_unref(caller_scope_t *s);
+
+/** Cancel a scope: while it is entered, its task's suspension points
+ *  inside it return -ECANCELED (the current one at once). After its exit
+ *  (or its task's end) it does nothing more than mark the scope cancelled:
+ *  a cancel racing the exit is safe. Thread: any that holds a reference
+ *  (the task's own while entered, or one from caller_scope_ref()).
+ *  @param s  the scope (not NULL). @return 0, or -EINVAL for NULL. */
 CALLER_EXTERN int caller_scope_cancel(caller_scope_t *s);
 
 /** 1 if cancelled (or past its deadline and noticed), 0 if not. */

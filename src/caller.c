@@ -29,8 +29,18 @@
 
 #define WORKER_NAME "caller-worker"
 
-/* Joining a Caller's own thread (caller_wait_stopped): c->join, under c->lock. */
-enum { JOIN_NONE = 0, JOIN_RUNNING, JOIN_DONE };
+/*
+ * A Caller's references, in one word so that an over-release is seen in
+ * the same atomic step that makes it: the low half counts all references,
+ * the high half those the library holds itself (the running one, the
+ * thread-local one), which are taken after and dropped before their count
+ * in the low half. A user's unref that leaves fewer in total than the
+ * library holds is one too many.
+ */
+#define REF_USER ((uint64_t)1)
+#define REF_INTERNAL (((uint64_t)1 << 32) | 1)
+#define REFS_TOTAL(r) ((r)&0xffffffffu)
+#define REFS_INTERNAL(r) ((r) >> 32)
 
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static caller__link_t registry = {&registry, &registry};
@@ -113,7 +123,7 @@ caller_t *caller_ref(caller_t *c)
 {
     if (c) {
         check_alive(c, "caller_ref");
-        atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&c->refs, REF_USER, memory_order_relaxed);
     }
     return c;
 }
@@ -122,9 +132,9 @@ caller_t *caller_ref(caller_t *c)
  * have reached zero (then the Caller is being freed: skip it). */
 static caller_t *ref_if_alive(caller_t *c)
 {
-    int n = atomic_load_explicit(&c->refs, memory_order_relaxed);
-    while (n > 0)
-        if (atomic_compare_exchange_weak_explicit(&c->refs, &n, n + 1, memory_order_acquire,
+    uint64_t n = atomic_load_explicit(&c->refs, memory_order_relaxed);
+    while (REFS_TOTAL(n) > 0)
+        if (atomic_compare_exchange_weak_explicit(&c->refs, &n, n + REF_USER, memory_order_acquire,
                                                   memory_order_relaxed))
             return c;
     return NULL;
@@ -167,27 +177,16 @@ static void over_released(const caller_t *c)
     abort();
 }
 
+static void release(caller_t *c, uint64_t ref);
+
 static void internal_ref(caller_t *c)
 {
-    caller_ref(c);
-    atomic_fetch_add_explicit(&c->internal_refs, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&c->refs, REF_INTERNAL, memory_order_relaxed);
 }
 
 static void internal_unref(caller_t *c)
 {
-    atomic_fetch_sub_explicit(&c->internal_refs, 1, memory_order_release);
-    caller_unref(c);
-}
-
-/* The Caller's own thread, once it has exited (or is exiting now) and
- * nobody joined it: let the system reclaim it. */
-static void release_thread(caller_t *c)
-{
-    pthread_mutex_lock(&c->lock);
-    bool detach = c->thread_made && c->join == JOIN_NONE;
-    pthread_mutex_unlock(&c->lock);
-    if (detach)
-        pthread_detach(c->thread);
+    release(c, REF_INTERNAL);
 }
 
 void caller_unref(caller_t *c)
@@ -195,18 +194,22 @@ void caller_unref(caller_t *c)
     if (!c)
         return;
     check_alive(c, "caller_unref");
-    int old = atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel);
-    if (old > 1) {
-        /* The library's own references come last: a user's unref that
-         * reaches into them is one too many. */
-        if (old - 1 < atomic_load_explicit(&c->internal_refs, memory_order_acquire))
-            over_released(c);
-        return;
-    }
-    if (old < 1 || atomic_load_explicit(&c->internal_refs, memory_order_acquire) > 0)
+    release(c, REF_USER);
+}
+
+/* Drop one reference of kind @p ref; the last frees the Caller. */
+static void release(caller_t *c, uint64_t ref)
+{
+    uint64_t old = atomic_fetch_sub_explicit(&c->refs, ref, memory_order_acq_rel);
+    uint64_t total = REFS_TOTAL(old), internal = REFS_INTERNAL(old);
+    /* The library's own references come last: an unref that reaches into
+     * them (or below zero) is one too many. */
+    if (total < 1 || (ref == REF_INTERNAL && internal < 1) ||
+        total - 1 < internal - (ref == REF_INTERNAL))
         over_released(c);
+    if (total > 1)
+        return;
     CALLER__TEST_POINT("unref.last", c);
-    release_thread(c);
     registry_remove(c);
     caller_unref(c->parent);
     caller_pending_unref(c->stopped);
@@ -215,16 +218,15 @@ void caller_unref(caller_t *c)
     caller__free(c->children);
     caller__heap_free(&c->timers);
     caller__pool_free(c->pool);
-    pthread_cond_destroy(&c->joined);
     pthread_mutex_destroy(&c->lock);
     c->magic = CALLER_DEAD;
     caller__free(c);
-    atomic_fetch_sub_explicit(&live_callers, 1, memory_order_relaxed);
+    atomic_fetch_sub_explicit(&live_callers, 1, memory_order_release);
 }
 
 size_t caller_live_count(void)
 {
-    return atomic_load_explicit(&live_callers, memory_order_relaxed);
+    return atomic_load_explicit(&live_callers, memory_order_acquire);
 }
 
 /* ---- logging and errors --------------------------------------------------- */
@@ -330,7 +332,7 @@ static caller_t *alloc_caller(const caller_options_t *o, const char *default_nam
         caller__fail(-ENOMEM, "caller_create: out of memory");
         return NULL;
     }
-    atomic_init(&c->refs, 1);
+    atomic_init(&c->refs, REF_USER);
     c->magic = CALLER_MAGIC;
     atomic_init(&c->state, CALLER_STATE_INITIAL);
     atomic_init(&c->inbox_lock, CALLER__LOCK_INIT);
@@ -352,7 +354,6 @@ static caller_t *alloc_caller(const caller_options_t *o, const char *default_nam
         c->stack_size = o->stack_size;
     }
     pthread_mutex_init(&c->lock, NULL);
-    pthread_cond_init(&c->joined, NULL);
     c->live_tasks.prev = c->live_tasks.next = &c->live_tasks;
     c->spin.budget = CALLER__SPIN_MAX_NS;
     atomic_init(&c->poked, 0);
@@ -572,18 +573,20 @@ static int start_thread(caller_t *c, const char *api)
                             c->name);
     }
     internal_ref(c); /* the running reference, for the thread */
-    /* Joinable: caller_wait_stopped joins it; otherwise it is detached when
-     * the Caller is freed (release_thread). */
+    /* Detached: a joinable thread running at fork() is left, in the child,
+     * as a thread nobody can ever join (and the child's own new threads
+     * reuse its id). caller_wait_stopped waits for it to exit instead. */
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     pthread_t t; /* the thread stores its own id in c->thread */
-    int rc = pthread_create(&t, NULL, thread_main, c);
+    int rc = pthread_create(&t, &attr, thread_main, c);
+    pthread_attr_destroy(&attr);
     if (rc) {
         end_failed_start(c);
         internal_unref(c);
         return caller__fail(-rc, "%s: cannot start a thread: %s", api, strerror(rc));
     }
-    pthread_mutex_lock(&c->lock);
-    c->thread_made = true;
-    pthread_mutex_unlock(&c->lock);
     while (!atomic_load_explicit(&c->started, memory_order_acquire))
         caller__futex_wait(&c->started, 0, INT64_MAX);
     if (c->start_error)
@@ -845,46 +848,32 @@ void caller__on_child_stopped(caller_t *c, caller_t *child)
 }
 
 /*
- * pthread_join returns once the kernel has cleared the thread's id, a few
- * steps before it removes the task: wait for that too (at most 1 s; at
- * once where /proc is not mounted), so that thread counts taken from
- * /proc/self/task or /proc/self/status are exact when the join returns.
+ * Wait until the kernel has removed @p c's own thread (which fired the
+ * stopped event and then only lets go of its last references and returns),
+ * so that thread counts (/proc/self/task, /proc/self/status) are exact once
+ * caller_wait_stopped returns. Until @p deadline; -ETIMEDOUT if it is still
+ * there. Where /proc is not mounted: at once.
  */
-static void await_task_gone(pid_t tid)
+static int await_thread_gone(const caller_t *c, int64_t deadline)
 {
+    if (!c->owns_thread || pthread_equal(c->thread, pthread_self()))
+        return 0;
     char path[64];
-    snprintf(path, sizeof path, "/proc/self/task/%ld", (long)tid);
-    int64_t until = caller__now_ns() + 1000000000;
-    while (access(path, F_OK) == 0 && caller__now_ns() < until)
-        sched_yield();
-}
-
-/*
- * Join @p c's own thread, which has fired (or is about to fire) the stopped
- * event and only returns from its start routine after that. One thread
- * joins; others that come meanwhile wait for it to finish joining.
- */
-static void join_thread(caller_t *c)
-{
-    pthread_mutex_lock(&c->lock);
-    if (!c->thread_made || pthread_equal(c->thread, pthread_self())) {
-        pthread_mutex_unlock(&c->lock);
-        return;
+    snprintf(path, sizeof path, "/proc/self/task/%ld", (long)c->tid);
+    for (int i = 0; access(path, F_OK) == 0; i++) {
+        if (deadline >= 0 && caller__now_ns() >= deadline)
+            return caller__fail(-ETIMEDOUT,
+                                "caller_wait_stopped: Caller '%s' stopped, but its thread has "
+                                "not exited yet",
+                                c->name);
+        if (i < 64) {
+            sched_yield();
+        } else {
+            struct timespec ts = {0, 20000};
+            nanosleep(&ts, NULL);
+        }
     }
-    while (c->join == JOIN_RUNNING)
-        pthread_cond_wait(&c->joined, &c->lock);
-    if (c->join == JOIN_DONE) {
-        pthread_mutex_unlock(&c->lock);
-        return;
-    }
-    c->join = JOIN_RUNNING;
-    pthread_mutex_unlock(&c->lock);
-    pthread_join(c->thread, NULL);
-    await_task_gone(c->tid);
-    pthread_mutex_lock(&c->lock);
-    c->join = JOIN_DONE;
-    pthread_cond_broadcast(&c->joined);
-    pthread_mutex_unlock(&c->lock);
+    return 0;
 }
 
 int caller_wait_stopped(caller_t *c, double timeout)
@@ -897,12 +886,13 @@ int caller_wait_stopped(caller_t *c, double timeout)
                             "caller_wait_stopped: the thread of Caller '%s' cannot "
                             "block until that Caller stops",
                             c->name);
+    int64_t deadline = caller__deadline(timeout);
     int rc = caller_pending_wait(c->stopped, timeout, true, false, NULL);
     /* A plain thread also waits for the Caller's thread to exit, so that
-     * thread counts are exact once this returns (a task does not block its
-     * loop for it: the thread is detached when the Caller is freed). */
+     * thread counts are exact once this returns (a task does not hold up
+     * its loop for that). */
     if (rc == 0 && !in_task)
-        join_thread(c);
+        rc = await_thread_gone(c, deadline);
     return rc;
 }
 

@@ -208,9 +208,14 @@ typedef enum {
 
 /* A cancel scope (caller_scope_enter): on its task's fiber stack of scopes. */
 struct caller_scope {
+    /* The entered scope's task holds one reference (until exit, or its
+     * end), caller_scope_ref() others: caller_scope_cancel stays safe from
+     * any thread that holds one. */
+    atomic_int refs;
+    caller__lock_t lock; /* guards `task` against exit, for cancel */
     caller_scope_t *parent;
-    struct caller__task *task;
-    atomic_bool cancelled; /* cancel called, or the deadline passed */
+    struct caller__task *task; /* NULL once exited */
+    atomic_bool cancelled;     /* cancel called, or the deadline passed */
     bool shield;
     bool fail;    /* "fail after": exit reports -ETIMEDOUT when expired */
     bool expired; /* (L) */
@@ -272,18 +277,10 @@ static inline caller_pending_t *caller__task_pending(caller__task_t *t)
 }
 
 struct caller {
-    atomic_int refs;
-    /* The references the library itself holds (the running one, the
-     * thread-local one): taken after and dropped before their count in
-     * `refs`, so refs >= internal_refs always, and a caller_unref that
-     * takes refs below it is an over-release. */
-    atomic_int internal_refs;
+    _Atomic uint64_t refs; /* all | the library's own << 32 (caller.c) */
     uint32_t magic;        /* CALLER_MAGIC while alive (caller.c) */
     atomic_int state;      /* caller_state_t: only through caller__transition (state.c) */
     bool manual;           /* CALLER_MANUAL: the one kind that may stop from INITIAL */
-    bool thread_made;      /* its own thread was created: to be joined or detached */
-    int join;              /* JOIN_* (caller.c), under `lock` */
-    pthread_cond_t joined; /* signalled when join becomes JOINED */
     char name[64];
     const caller__backend_ops_t *ops;
     bool protect;

@@ -20,6 +20,7 @@
 
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
@@ -192,10 +193,13 @@ int caller__task_submit(caller_t *c, caller_pending_t *p, int64_t deadline)
     return caller__fail_stopped(c, "caller_call_soon");
 }
 
+static void scopes_leave_all(caller__task_t *t);
+
 /* Loop thread: a task that will not run (again): its end hook, its
  * context, and the loop's reference (may free it). */
 static void task_release(caller__task_t *t)
 {
+    scopes_leave_all(t);
     if (t->on_end)
         t->on_end(t->arg);
     caller__ctx_unref(t->ctx);
@@ -518,6 +522,7 @@ caller_scope_t *caller_scope_enter(double timeout, unsigned flags)
         caller__fail(-ENOMEM, "caller_scope_enter: out of memory");
         return NULL;
     }
+    atomic_init(&s->refs, 1); /* the task's, while entered */
     atomic_init(&s->cancelled, false);
     s->task = t;
     s->shield = flags & CALLER_SCOPE_SHIELD;
@@ -528,17 +533,59 @@ caller_scope_t *caller_scope_enter(double timeout, unsigned flags)
     return s;
 }
 
+caller_scope_t *caller_scope_ref(caller_scope_t *s)
+{
+    if (s)
+        atomic_fetch_add_explicit(&s->refs, 1, memory_order_relaxed);
+    return s;
+}
+
+void caller_scope_unref(caller_scope_t *s)
+{
+    if (!s)
+        return;
+    int old = atomic_fetch_sub_explicit(&s->refs, 1, memory_order_acq_rel);
+    if (old > 1)
+        return;
+    if (old < 1) {
+        fprintf(stderr,
+                "libcaller: caller_scope_unref: scope %p released more times than it was "
+                "referenced\n",
+                (void *)s);
+        abort();
+    }
+    caller__free(s);
+}
+
+/* @p s leaves its task's stack: from now on a cancel does not reach the
+ * task. The task's reference goes. */
+static void scope_leave(caller__task_t *t, caller_scope_t *s)
+{
+    t->scope = s->parent;
+    caller__lock(&s->lock);
+    s->task = NULL;
+    caller__unlock(&s->lock);
+    caller_scope_unref(s);
+}
+
+/* A task that ends inside scopes (its function returned without exiting
+ * them) leaves them all. */
+static void scopes_leave_all(caller__task_t *t)
+{
+    while (t->scope)
+        scope_leave(t, t->scope);
+}
+
 int caller_scope_exit(caller_scope_t *s)
 {
     caller__task_t *t = tl_task;
     if (!s || !t || t->scope != s)
         return caller__fail(-EINVAL, "caller_scope_exit: %s",
                             !s ? "scope is NULL" : "not the innermost scope of this task");
-    t->scope = s->parent;
     if (!s->expired && s->deadline != INT64_MAX && caller__now_ns() >= s->deadline)
         s->expired = true;
     bool expired = s->expired, fail = s->fail;
-    caller__free(s);
+    scope_leave(t, s);
     if (expired && fail)
         return caller__fail(-ETIMEDOUT, "caller_scope_exit: the scope's deadline passed");
     return 0;
@@ -549,7 +596,12 @@ int caller_scope_cancel(caller_scope_t *s)
     if (!s)
         return caller__fail(-EINVAL, "caller_scope_cancel: scope is NULL");
     atomic_store_explicit(&s->cancelled, true, memory_order_release);
-    nudge(s->task);
+    /* The task is alive while the scope is entered, and cannot leave it
+     * while we hold its lock. */
+    caller__lock(&s->lock);
+    if (s->task)
+        nudge(s->task);
+    caller__unlock(&s->lock);
     return 0;
 }
 

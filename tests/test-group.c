@@ -470,6 +470,91 @@ TEST(scopes_move_on_after_fail_after_and_cancel)
     CHECK_RC(caller_last_error(NULL), -EPERM);
 }
 
+/* A scope handed to another thread outlives its exit: a cancel that comes
+ * after caller_scope_exit() is safe and reaches nothing. */
+static void *scope_exited_then_cancelled(void *arg)
+{
+    caller_scope_t **out = arg;
+    caller_scope_t *s = caller_scope_enter(-1, 0);
+    CHECK(s != NULL);
+    *out = caller_scope_ref(s);
+    CHECK_RC(caller_scope_exit(s), 0);
+    return NULL;
+}
+
+TEST(scope_cancel_after_exit_is_safe_with_a_reference)
+{
+    caller_scope_t *s = NULL;
+    CHECK_RC(run_in_task(scope_exited_then_cancelled, &s, NULL), 0);
+    CHECK(s != NULL);
+    CHECK_RC(caller_scope_cancel(s), 0); /* its task is gone (freed, under ASan) */
+    CHECK_EQ(caller_scope_cancelled(s), 1);
+    caller_scope_unref(s);
+}
+
+static void *scope_left_entered(void *arg)
+{
+    (void)arg;
+    caller_scope_t *s = caller_scope_enter(10, 0);
+    CHECK(s != NULL);
+    return NULL; /* returns inside it: the task's end leaves it (no leak) */
+}
+
+TEST(task_ending_inside_a_scope_leaves_it)
+{
+    CHECK_RC(run_in_task(scope_left_entered, NULL, NULL), 0);
+}
+
+/* Scopes entered and exited by a task while another thread cancels them
+ * at random moments, holding references: a cancel reaches a sleep inside
+ * its scope, never the task after the exit, and never touches a freed one. */
+static _Atomic(caller_scope_t *) scope_slot;
+static atomic_bool scope_stress_done;
+
+static void *scope_canceller(void *arg)
+{
+    (void)arg;
+    unsigned seed = 99;
+    while (!atomic_load(&scope_stress_done)) {
+        caller_scope_t *s = atomic_exchange(&scope_slot, NULL);
+        if (s) {
+            for (unsigned spin = rand_r(&seed) % 2000; spin; spin--)
+                __asm__ volatile("" ::: "memory");
+            CHECK_RC(caller_scope_cancel(s), 0);
+            caller_scope_unref(s);
+        }
+    }
+    return NULL;
+}
+
+static void *scope_churn(void *arg)
+{
+    int *cancelled = arg;
+    for (int i = 0; i < 20000; i++) {
+        caller_scope_t *s = caller_scope_enter(-1, 0);
+        CHECK(s != NULL);
+        caller_scope_unref(atomic_exchange(&scope_slot, caller_scope_ref(s)));
+        int rc = caller_sleep(0);
+        CHECK(rc == 0 || rc == -ECANCELED);
+        *cancelled += rc == -ECANCELED;
+        CHECK_RC(caller_scope_exit(s), 0);
+        CHECK_RC(caller_sleep(0), 0); /* outside it, nothing is cancelled */
+    }
+    return NULL;
+}
+
+TEST(stress_scope_cancel_racing_its_exit)
+{
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, scope_canceller, NULL), 0);
+    int cancelled = 0;
+    CHECK_RC(run_in_task(scope_churn, &cancelled, NULL), 0);
+    atomic_store(&scope_stress_done, true);
+    pthread_join(t, NULL);
+    caller_scope_unref(atomic_exchange(&scope_slot, NULL));
+    printf("20000 scopes, %d cancelled while entered\n", cancelled);
+}
+
 typedef struct {
     caller_pending_t *inside;
     int cleanup_rc, after_rc;
