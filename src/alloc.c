@@ -5,12 +5,18 @@
  */
 #include "internal.h"
 #include "testpoint.h"
+#include "lockorder.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#ifndef NDEBUG
+/* lockorder.h: the locks of each rank this thread holds. */
+_Thread_local unsigned char caller__held[CALLER__RANK_COUNT];
+#endif
 
 #if CALLER_TESTING
 /* The test build's test points (testpoint.h) share this file. */

@@ -15,8 +15,17 @@
  * time that thread asks, or when the thread exits). The registry holds
  * none: lookups only take a reference from a count that is not yet zero.
  */
+#include "alloc.h"
+#include "core.h"
+#include "error.h"
 #include "fiber.h"
-#include "internal.h"
+#include "inbox.h"
+#include "iopub.h"
+#include "list.h"
+#include "lockorder.h"
+#include "pending.h"
+#include "pool.h"
+#include "task.h"
 #include "testpoint.h"
 
 #include <sched.h>
@@ -43,10 +52,37 @@
 #define REFS_INTERNAL(r) ((r) >> 32)
 
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* The locks of this file, in the library's order (lockorder.h). */
+static void lock_registry(void)
+{
+    caller__order_acquire(CALLER__RANK_REGISTRY);
+    pthread_mutex_lock(&registry_lock);
+}
+
+static void unlock_registry(void)
+{
+    pthread_mutex_unlock(&registry_lock);
+    caller__order_release(CALLER__RANK_REGISTRY);
+}
+
+static void lock_caller(caller_t *c)
+{
+    caller__order_acquire(CALLER__RANK_CALLER);
+    pthread_mutex_lock(&c->lock);
+}
+
+static void unlock_caller(caller_t *c)
+{
+    pthread_mutex_unlock(&c->lock);
+    caller__order_release(CALLER__RANK_CALLER);
+}
 static caller__link_t registry = {&registry, &registry};
 static atomic_size_t live_callers;
 
-static _Thread_local caller_t *tl_caller;
+/* This thread's Caller (state.c keeps the pointer, borrowed there): the
+ * reference behind it is held here, released by tl_release at thread exit. */
+#define tl_caller caller__thread_caller()
 
 /* Drops the thread-local reference when a thread that still holds one exits. */
 static pthread_key_t tl_key;
@@ -71,31 +107,10 @@ static void tl_set(caller_t *c)
     caller_t *old = tl_caller;
     if (c)
         internal_ref(c);
-    tl_caller = c;
-    pthread_setspecific(tl_key, tl_caller);
+    caller__set_thread_caller(c);
+    pthread_setspecific(tl_key, c);
     if (old)
         internal_unref(old);
-}
-
-caller_t *caller__thread_caller(void)
-{
-    return tl_caller;
-}
-
-static const char *state_text(int st)
-{
-    switch (st) {
-    case CALLER_STATE_INITIAL:
-        return "\u2757 not running";
-    case CALLER_STATE_STARTING:
-        return "starting";
-    case CALLER_STATE_RUNNING:
-        return "\U0001f3c3 running";
-    case CALLER_STATE_STOPPING:
-        return "\U0001f3c1 stopping";
-    default:
-        return "\U0001f3c1 stopped";
-    }
 }
 
 static int load_state(const caller_t *c)
@@ -142,30 +157,26 @@ static caller_t *ref_if_alive(caller_t *c)
 
 static void registry_remove(caller_t *c)
 {
-    pthread_mutex_lock(&registry_lock);
+    lock_registry();
     if (c->registered) {
-        c->reg.prev->next = c->reg.next;
-        c->reg.next->prev = c->reg.prev;
+        caller__list_del(&c->reg);
         c->registered = false;
     }
-    pthread_mutex_unlock(&registry_lock);
+    unlock_registry();
 }
 
 /* Adds @p c unless it is already stopping: whoever made it stop removes it
  * after changing the state, so checking under the lock is enough. */
 static void registry_add(caller_t *c)
 {
-    pthread_mutex_lock(&registry_lock);
+    lock_registry();
     if (load_state(c) >= CALLER_STATE_STOPPING) {
-        pthread_mutex_unlock(&registry_lock);
+        unlock_registry();
         return;
     }
-    c->reg.prev = registry.prev;
-    c->reg.next = &registry;
-    registry.prev->next = &c->reg;
-    registry.prev = &c->reg;
+    caller__list_add_tail(&registry, &c->reg);
     c->registered = true;
-    pthread_mutex_unlock(&registry_lock);
+    unlock_registry();
 }
 
 static void over_released(const caller_t *c)
@@ -229,33 +240,6 @@ size_t caller_live_count(void)
     return atomic_load_explicit(&live_callers, memory_order_acquire);
 }
 
-/* ---- logging and errors --------------------------------------------------- */
-
-void caller__log(caller_t *c, int level, const char *fmt, ...)
-{
-    char msg[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    if (c && c->log) {
-        c->log(c->log_arg, level, msg);
-        return;
-    }
-    const char *lv = level >= CALLER_LOG_ERROR     ? "ERROR"
-                     : level >= CALLER_LOG_WARNING ? "WARNING"
-                     : level >= CALLER_LOG_INFO    ? "INFO"
-                                                   : "DEBUG";
-    fprintf(stderr, "libcaller %s [%s]: %s\n", lv, c ? c->name : "-", msg);
-}
-
-int caller__fail_stopped(const caller_t *c, const char *fn)
-{
-    char text[128];
-    caller_repr(c, text, sizeof text);
-    return caller__fail(-ESHUTDOWN, "%s: %s is stopped!", fn, text);
-}
-
 /* ---- creation ---------------------------------------------------------------- */
 
 static void thread_name_of_self(char *buf, size_t len)
@@ -278,7 +262,7 @@ static void thread_name_of_self(char *buf, size_t len)
  */
 static void fork_prepare(void)
 {
-    pthread_mutex_lock(&registry_lock);
+    lock_registry();
     caller__pending_fork(0);
     caller__iopub_fork(0);
     caller__fiber_fork(0);
@@ -291,7 +275,7 @@ static void fork_parent(void)
     caller__fiber_fork(1);
     caller__iopub_fork(1);
     caller__pending_fork(1);
-    pthread_mutex_unlock(&registry_lock);
+    unlock_registry();
 }
 
 static void fork_child(void)
@@ -301,9 +285,10 @@ static void fork_child(void)
     caller__iopub_fork(2);
     caller__pending_fork(2);
     pthread_mutex_init(&registry_lock, NULL);
-    registry.prev = registry.next = &registry;
+    caller__order_release(CALLER__RANK_REGISTRY); /* fork_prepare's */
+    caller__list_init(&registry);
     atomic_store(&live_callers, 0);
-    tl_caller = NULL; /* the parent's reference stays with the parent's copy */
+    caller__set_thread_caller(NULL); /* the parent's reference stays with the parent's copy */
 }
 
 static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
@@ -312,6 +297,16 @@ static void fork_init(void)
 {
     pthread_atfork(fork_prepare, fork_parent, fork_child);
 }
+
+static void check_finished(caller_t *c);
+static void on_stop(caller_t *c);
+static void on_child_stopped(caller_t *c, caller_t *child);
+
+/* What the scheduler calls back, in the loop thread. */
+static const caller__lifecycle_t lifecycle = {.on_stop = on_stop,
+                                              .on_child_stopped = on_child_stopped,
+                                              .check_finished = check_finished,
+                                              .unref = caller_unref};
 
 static caller_t *alloc_caller(const caller_options_t *o, const char *default_name)
 {
@@ -335,7 +330,6 @@ static caller_t *alloc_caller(const caller_options_t *o, const char *default_nam
     atomic_init(&c->refs, REF_USER);
     c->magic = CALLER_MAGIC;
     atomic_init(&c->state, CALLER_STATE_INITIAL);
-    atomic_init(&c->inbox_lock, CALLER__LOCK_INIT);
     atomic_init(&c->started, 0);
     caller__pending_set_owner(c->stopped, c, true);
     caller__pending_set_name(c->stopped, "stopped");
@@ -346,6 +340,8 @@ static caller_t *alloc_caller(const caller_options_t *o, const char *default_nam
     else
         thread_name_of_self(c->name, sizeof c->name);
     c->ops = ops;
+    c->life = &lifecycle;
+    caller__inbox_init(&c->inbox, ops);
     if (o) {
         c->protect = o->protect;
         c->zmq_context = o->no_zmq ? NULL : o->zmq_context;
@@ -354,9 +350,8 @@ static caller_t *alloc_caller(const caller_options_t *o, const char *default_nam
         c->stack_size = o->stack_size;
     }
     pthread_mutex_init(&c->lock, NULL);
-    c->live_tasks.prev = c->live_tasks.next = &c->live_tasks;
+    caller__list_init(&c->live_tasks);
     c->spin.budget = CALLER__SPIN_MAX_NS;
-    atomic_init(&c->poked, 0);
     c->stop_msg.kind = CALLER__MSG_STOP;
     c->child_msg.kind = CALLER__MSG_CHILD;
     atomic_fetch_add_explicit(&live_callers, 1, memory_order_relaxed);
@@ -382,13 +377,12 @@ static int start_loop(caller_t *c, void *app_loop)
                             caller_strerror(rc));
     }
     c->loop_backend = b;
-    caller__lock(&c->inbox_lock);
-    c->backend = b;
+    caller__inbox_lock(&c->inbox);
+    bool queued = caller__inbox_open_locked(&c->inbox, b);
     /* Fails only if a stop came meanwhile: it stays STOPPING, and the stop
      * message waits in the inbox. */
     caller__transition(c, CALLER_STATE_STARTING, CALLER_STATE_RUNNING);
-    bool queued = c->inbox.head != NULL;
-    caller__unlock(&c->inbox_lock);
+    caller__inbox_unlock(&c->inbox);
     if (queued)
         c->ops->more(b, true);
     return 0;
@@ -407,7 +401,7 @@ static void child_detach(caller_t *c)
     if (!parent)
         return;
     bool found = false;
-    pthread_mutex_lock(&parent->lock);
+    lock_caller(parent);
     for (size_t i = 0; i < parent->nchildren; i++) {
         if (parent->children[i] == c) {
             parent->children[i] = parent->children[--parent->nchildren];
@@ -415,7 +409,7 @@ static void child_detach(caller_t *c)
             break;
         }
     }
-    pthread_mutex_unlock(&parent->lock);
+    unlock_caller(parent);
     if (found && !caller__post(parent, &c->child_msg))
         caller_unref(c);
 }
@@ -434,15 +428,13 @@ static bool end_unstarted(caller_t *c, int from)
 {
     /* Under the inbox lock, as caller_stop's own transitions: a stop either
      * came before (and is seen in @p from) or finds it STOPPED. */
-    caller__lock(&c->inbox_lock);
+    caller__inbox_lock(&c->inbox);
     if (!caller__transition(c, from, CALLER_STATE_STOPPED)) {
-        caller__unlock(&c->inbox_lock);
+        caller__inbox_unlock(&c->inbox);
         return false;
     }
-    c->inbox_closed = true;
-    caller__msg_t *left = c->inbox.head;
-    c->inbox.head = c->inbox.tail = NULL;
-    caller__unlock(&c->inbox_lock);
+    caller__msg_t *left = caller__inbox_close_locked(&c->inbox);
+    caller__inbox_unlock(&c->inbox);
     registry_remove(c);
     stop_children(c);
     caller__sched_drain_closed(c, left);
@@ -503,24 +495,21 @@ static void before_sleep(void *owner)
 static const caller__backend_events_t events = {
     .on_work = on_work, .on_closed = on_closed, .before_sleep = before_sleep};
 
-void caller__check_finished(caller_t *c)
+static void check_finished(caller_t *c)
 {
     /* Inside dispatch, wait for its end (it calls this again): the rest of
      * its batch still needs the loop. */
     if (c->in_dispatch || c->finishing || !c->stop_seen || !caller__sched_idle(c))
         return;
-    pthread_mutex_lock(&c->lock);
+    lock_caller(c);
     size_t children = c->nchildren;
-    pthread_mutex_unlock(&c->lock);
+    unlock_caller(c);
     if (children)
         return;
     c->finishing = true;
-    caller__lock(&c->inbox_lock);
-    c->inbox_closed = true;
-    caller__msg_t *left = c->inbox.head;
-    c->inbox.head = c->inbox.tail = NULL;
-    c->backend = NULL; /* no more wakes */
-    caller__unlock(&c->inbox_lock);
+    caller__inbox_lock(&c->inbox);
+    caller__msg_t *left = caller__inbox_close_locked(&c->inbox); /* no more wakes */
+    caller__inbox_unlock(&c->inbox);
     caller__sched_drain_closed(c, left);
     c->ops->more(c->loop_backend, false);
     c->ops->timer(c->loop_backend, INT64_MAX);
@@ -611,13 +600,14 @@ static caller_t *find_main_caller(void)
 {
     pid_t main_tid = getpid();
     caller_t *found = NULL;
-    pthread_mutex_lock(&registry_lock);
-    for (caller__link_t *l = registry.next; l != &registry; l = l->next) {
-        caller_t *c = (caller_t *)((char *)l - offsetof(caller_t, reg));
+    lock_registry();
+    caller__list_for_each(l, &registry)
+    {
+        caller_t *c = caller__container_of(l, caller_t, reg);
         if (c->tid == main_tid && (found = ref_if_alive(c)))
             break;
     }
-    pthread_mutex_unlock(&registry_lock);
+    unlock_registry();
     return found;
 }
 
@@ -768,20 +758,20 @@ int caller_run(caller_t *c, caller_fn body, void *arg, void **result)
 
 static void stop_children(caller_t *c)
 {
-    pthread_mutex_lock(&c->lock);
+    lock_caller(c);
     size_t n = c->nchildren;
     caller_t **kids = n ? caller__malloc(n * sizeof *kids) : NULL;
     if (kids)
         for (size_t i = 0; i < n; i++)
             kids[i] = caller_ref(c->children[i]);
-    pthread_mutex_unlock(&c->lock);
+    unlock_caller(c);
     if (n && !kids) {
         /* No memory for a snapshot: stop them one at a time under the lock
          * (caller_stop takes only the child's inbox lock). */
-        pthread_mutex_lock(&c->lock);
+        lock_caller(c);
         for (size_t i = 0; i < c->nchildren; i++)
             caller_stop(c->children[i], true);
-        pthread_mutex_unlock(&c->lock);
+        unlock_caller(c);
         return;
     }
     for (size_t i = 0; i < n; i++) {
@@ -797,17 +787,17 @@ int caller_stop(caller_t *c, bool force)
         return caller__fail(-EINVAL, "caller_stop: caller is NULL");
     if (c->protect && !force)
         return load_state(c);
-    caller__lock(&c->inbox_lock);
+    caller__inbox_lock(&c->inbox);
     int st = load_state(c);
     if (st >= CALLER_STATE_STOPPING) {
-        caller__unlock(&c->inbox_lock);
+        caller__inbox_unlock(&c->inbox);
         return st;
     }
     if (st == CALLER_STATE_INITIAL && c->manual) {
         /* A manual Caller that never ran: nothing will run it; end it here.
          * caller_run's own INITIAL->STARTING may win meanwhile: then stop
          * it as a starting one. */
-        caller__unlock(&c->inbox_lock);
+        caller__inbox_unlock(&c->inbox);
         if (end_unstarted(c, CALLER_STATE_INITIAL))
             return CALLER_STATE_STOPPED;
         return caller_stop(c, force);
@@ -816,35 +806,31 @@ int caller_stop(caller_t *c, bool force)
      * sees STOPPING and ends it), STARTING or RUNNING: the stop message
      * waits in the inbox until the loop runs. */
     if (!caller__transition(c, st, CALLER_STATE_STOPPING)) {
-        caller__unlock(&c->inbox_lock);
+        caller__inbox_unlock(&c->inbox);
         return caller_stop(c, force);
     }
-    bool was_empty = c->inbox.head == NULL;
-    caller__fifo_push(&c->inbox, &c->stop_msg);
-    if (was_empty && c->backend) {
-        c->wakes++;
-        c->ops->wake(c->backend);
-    }
-    caller__unlock(&c->inbox_lock);
+    caller__inbox_refuse_locked(&c->inbox);
+    caller__inbox_push_locked(&c->inbox, &c->stop_msg);
+    caller__inbox_unlock(&c->inbox);
     registry_remove(c);
     if (c->parent)
         caller__pool_forget(c->parent, c);
     return CALLER_STATE_STOPPING;
 }
 
-void caller__on_stop(caller_t *c)
+static void on_stop(caller_t *c)
 {
     c->stop_seen = true;
     caller__pool_stop(c);
     stop_children(c);
     caller__sched_stop(c);
-    caller__check_finished(c);
+    check_finished(c);
 }
 
-void caller__on_child_stopped(caller_t *c, caller_t *child)
+static void on_child_stopped(caller_t *c, caller_t *child)
 {
     caller_unref(child);
-    caller__check_finished(c);
+    check_finished(c);
 }
 
 /*
@@ -915,22 +901,22 @@ caller_t *caller_get(caller_t *parent, const caller_options_t *o)
         return NULL;
     }
     const char *name = o && o->name && o->name[0] ? o->name : NULL;
-    pthread_mutex_lock(&parent->lock);
+    lock_caller(parent);
     if (load_state(parent) >= CALLER_STATE_STOPPING) {
-        pthread_mutex_unlock(&parent->lock);
+        unlock_caller(parent);
         caller__fail_stopped(parent, "caller_get");
         return NULL;
     }
     caller_t *k = name ? find_child(parent, name) : NULL;
     if (k) {
         if (o->backend && strcmp(o->backend, k->ops->name) != 0) {
-            pthread_mutex_unlock(&parent->lock);
+            unlock_caller(parent);
             caller__fail(-EINVAL, "Backend mismatch! (child '%s' runs %s, asked for %s)", name,
                          k->ops->name, o->backend);
             return NULL;
         }
         caller_ref(k);
-        pthread_mutex_unlock(&parent->lock);
+        unlock_caller(parent);
         return k;
     }
     caller_options_t merged = o ? *o : (caller_options_t){0};
@@ -948,7 +934,7 @@ caller_t *caller_get(caller_t *parent, const caller_options_t *o)
         size_t cap = parent->children_cap ? parent->children_cap * 2 : 4;
         caller_t **kids = caller__realloc(parent->children, cap * sizeof *kids);
         if (!kids) {
-            pthread_mutex_unlock(&parent->lock);
+            unlock_caller(parent);
             caller__fail(-ENOMEM, "caller_get: out of memory");
             return NULL;
         }
@@ -957,13 +943,13 @@ caller_t *caller_get(caller_t *parent, const caller_options_t *o)
     }
     k = alloc_caller(&merged, WORKER_NAME);
     if (!k) {
-        pthread_mutex_unlock(&parent->lock);
+        unlock_caller(parent);
         return NULL;
     }
     k->parent = caller_ref(parent);
     /* Listed before it starts, so a parent that stops meanwhile stops it. */
     parent->children[parent->nchildren++] = caller_ref(k);
-    pthread_mutex_unlock(&parent->lock);
+    unlock_caller(parent);
     CALLER__TEST_POINT("get.listed", k);
     if (start_thread(k, "caller_get") < 0) {
         /* It ended unstarted and left the parent (child_detach), which,
@@ -978,12 +964,12 @@ size_t caller_children(caller_t *c, caller_t **out, size_t max)
 {
     if (!c)
         return 0;
-    pthread_mutex_lock(&c->lock);
+    lock_caller(c);
     size_t n = c->nchildren, k = 0;
     for (size_t i = 0; i < n && k < max; i++)
         if (out && (out[k] = ref_if_alive(c->children[i])))
             k++;
-    pthread_mutex_unlock(&c->lock);
+    unlock_caller(c);
     return n;
 }
 
@@ -1002,29 +988,31 @@ caller_t *caller_current(void)
 caller_t *caller_for_thread(pthread_t t)
 {
     caller_t *found = NULL;
-    pthread_mutex_lock(&registry_lock);
-    for (caller__link_t *l = registry.next; l != &registry; l = l->next) {
-        caller_t *c = (caller_t *)((char *)l - offsetof(caller_t, reg));
+    lock_registry();
+    caller__list_for_each(l, &registry)
+    {
+        caller_t *c = caller__container_of(l, caller_t, reg);
         if (pthread_equal(c->thread, t) && (found = ref_if_alive(c)))
             break;
     }
-    pthread_mutex_unlock(&registry_lock);
+    unlock_registry();
     return found;
 }
 
 size_t caller_all(bool running_only, caller_t **out, size_t max)
 {
     size_t n = 0, k = 0;
-    pthread_mutex_lock(&registry_lock);
-    for (caller__link_t *l = registry.next; l != &registry; l = l->next) {
-        caller_t *c = (caller_t *)((char *)l - offsetof(caller_t, reg));
+    lock_registry();
+    caller__list_for_each(l, &registry)
+    {
+        caller_t *c = caller__container_of(l, caller_t, reg);
         if (running_only && load_state(c) != CALLER_STATE_RUNNING)
             continue;
         n++;
         if (out && k < max && (out[k] = ref_if_alive(c)))
             k++;
     }
-    pthread_mutex_unlock(&registry_lock);
+    unlock_registry();
     return n;
 }
 
@@ -1078,19 +1066,6 @@ struct uv_loop_s *caller_loop(caller_t *c)
 }
 
 /* ---- text forms ------------------------------------------------------------------------ */
-
-int caller_repr(const caller_t *c, char *buf, size_t len)
-{
-    if (!c || (!buf && len))
-        return caller__fail(-EINVAL, "caller_repr: %s is NULL", c ? "buf" : "caller");
-    /* No lock: repr may be called under this Caller's lock (error paths). */
-    size_t n = atomic_load_explicit(&((caller_t *)c)->nchildren, memory_order_relaxed);
-    char kids[32] = "";
-    if (n)
-        snprintf(kids, sizeof kids, " %zu %s", n, n == 1 ? "child" : "children");
-    return snprintf(buf, len, "Caller<%s %s %s%s>", c->name, c->ops->name,
-                    state_text(load_state(c)), kids);
-}
 
 int caller_print_table(FILE *out)
 {

@@ -105,4 +105,8 @@ void caller__fiber_stack(const caller__fiber_t *f, void **lo, void **hi);
 /* "asm (x86_64)", "asm (aarch64)" or "ucontext": the switch this build uses. */
 const char *caller__fiber_impl(void);
 
+/* fork(): 0 = prepare (take the stack pool's lock), 1 = in the parent
+ * after (release it), 2 = in the child (reset it). */
+void caller__fiber_fork(int phase);
+
 #endif /* CALLER_FIBER_H */

@@ -1,11 +1,10 @@
 /*
- * Structured concurrency (SPEC §9): contexts, trackers, PendingGroup and
- * PendingManager.
+ * Structured concurrency: trackers, PendingGroup and PendingManager.
  *
- * A context is an immutable chain of nodes, each naming one active tracker
- * (a group or a manager). The current context is thread-local; a task
- * carries its own (captured when it was scheduled, a reference) and the
- * scheduler makes it current while the task runs. A new Pending joins the
+ * Contexts (context.c) name the active trackers: the current context is
+ * thread-local; a task carries its own (captured when it was scheduled, a
+ * reference) and the scheduler makes it current while the task runs. A
+ * new Pending joins the
  * innermost group and the innermost manager of the current context (as the
  * original has one context variable per tracker class), unless it was made
  * with CALLER_PENDING_UNTRACKED.
@@ -17,7 +16,12 @@
  * before a Pending's lock (add/remove_done_callback), never after, and no
  * Pending is completed or cancelled under it.
  */
-#include "internal.h"
+#include "context.h"
+#include "core.h"
+#include "error.h"
+#include "lockorder.h"
+#include "pending.h"
+#include "task.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,12 +46,6 @@ typedef struct tracker {
     caller_pending_t *drained; /* completed when n reaches 0 (a reference) */
 } tracker_t;
 
-struct caller__ctx {
-    atomic_int refs;
-    caller__ctx_t *parent; /* a reference */
-    tracker_t *tracker;    /* a reference */
-};
-
 struct caller_group {
     tracker_t t; /* first */
     caller_t *caller;
@@ -66,56 +64,19 @@ struct caller_manager {
     tracker_t t; /* first */
 };
 
-static _Thread_local caller__ctx_t *tl_ctx;
-
-/* ---- contexts ------------------------------------------------------------ */
-
-caller__ctx_t *caller__ctx_current(void)
-{
-    return tl_ctx;
-}
-
-caller__ctx_t *caller__ctx_swap(caller__ctx_t *ctx)
-{
-    caller__ctx_t *old = tl_ctx;
-    tl_ctx = ctx;
-    return old;
-}
-
-caller__ctx_t *caller__ctx_ref(caller__ctx_t *ctx)
-{
-    if (ctx)
-        atomic_fetch_add_explicit(&ctx->refs, 1, memory_order_relaxed);
-    return ctx;
-}
-
-static void tracker_unref(tracker_t *t);
-
-void caller__ctx_unref(caller__ctx_t *ctx)
-{
-    while (ctx && atomic_fetch_sub_explicit(&ctx->refs, 1, memory_order_acq_rel) == 1) {
-        caller__ctx_t *parent = ctx->parent;
-        tracker_unref(ctx->tracker);
-        caller__free(ctx);
-        ctx = parent;
-    }
-}
-
-/* A node for @p t on top of the current context; NULL without memory. */
-static caller__ctx_t *ctx_push(tracker_t *t)
-{
-    caller__ctx_t *n = caller__malloc(sizeof *n);
-    if (!n)
-        return NULL;
-    atomic_init(&n->refs, 1);
-    n->parent = caller__ctx_ref(tl_ctx);
-    n->tracker = t;
-    atomic_fetch_add_explicit(&t->refs, 1, memory_order_relaxed);
-    tl_ctx = n;
-    return n;
-}
-
 /* ---- trackers ------------------------------------------------------------ */
+
+static void lock_tracker(tracker_t *t)
+{
+    caller__order_acquire(CALLER__RANK_TRACKER);
+    pthread_mutex_lock(&t->lock);
+}
+
+static void unlock_tracker(tracker_t *t)
+{
+    pthread_mutex_unlock(&t->lock);
+    caller__order_release(CALLER__RANK_TRACKER);
+}
 
 static void tracker_init(tracker_t *t, tracker_kind_t kind)
 {
@@ -181,7 +142,7 @@ static void tracker_done(caller_pending_t *p, void *arg)
         snprintf(msg, sizeof msg, "%s tracked by PendingGroup failed or was cancelled: %s", text,
                  why);
     }
-    pthread_mutex_lock(&t->lock);
+    lock_tracker(t);
     caller_pending_t *found = NULL;
     for (size_t i = 0; i < t->n; i++)
         if (t->set[i] == p) {
@@ -190,7 +151,7 @@ static void tracker_done(caller_pending_t *p, void *arg)
         }
     if (failed && t->kind == TRACKER_GROUP && t->state == TRACK_ACTIVE)
         group_cancel_locked_msg((caller_group_t *)t, msg, &victims, &nvictims);
-    pthread_mutex_unlock(&t->lock);
+    unlock_tracker(t);
     if (victims)
         cancel_all(victims, nvictims, msg);
     if (found)
@@ -200,16 +161,16 @@ static void tracker_done(caller_pending_t *p, void *arg)
 /* Track @p p (not done) in @p t. */
 static void tracker_track(tracker_t *t, caller_pending_t *p)
 {
-    pthread_mutex_lock(&t->lock);
+    lock_tracker(t);
     if (t->state != TRACK_ACTIVE && t->state != TRACK_EXITING) {
-        pthread_mutex_unlock(&t->lock);
+        unlock_tracker(t);
         return;
     }
     if (t->n == t->cap) {
         size_t cap = t->cap ? t->cap * 2 : 8;
         caller_pending_t **set = caller__realloc(t->set, cap * sizeof *set);
         if (!set) {
-            pthread_mutex_unlock(&t->lock);
+            unlock_tracker(t);
             return; /* not tracked: the Pending itself is fine */
         }
         t->set = set;
@@ -217,26 +178,32 @@ static void tracker_track(tracker_t *t, caller_pending_t *p)
     }
     t->set[t->n++] = caller_pending_ref(p);
     atomic_fetch_add_explicit(&t->refs, 1, memory_order_relaxed);
-    pthread_mutex_unlock(&t->lock);
+    unlock_tracker(t);
     /* Outside our lock: if p is already done the callback runs at once. */
     if (caller_pending_add_done_callback(p, tracker_done, t) < 0)
         tracker_done(p, t); /* no memory for the callback: stop tracking it */
 }
 
-void caller__ctx_track(caller_pending_t *p)
+static void tracker_ref(void *t)
 {
-    bool group = false, manager = false;
-    for (caller__ctx_t *n = tl_ctx; n && !(group && manager); n = n->parent) {
-        tracker_t *t = n->tracker;
-        if (t->kind == TRACKER_GROUP && !group) {
-            group = true;
-            tracker_track(t, p);
-        } else if (t->kind == TRACKER_MANAGER && !manager) {
-            manager = true;
-            tracker_track(t, p);
-        }
-    }
+    atomic_fetch_add_explicit(&((tracker_t *)t)->refs, 1, memory_order_relaxed);
 }
+
+static void tracker_unref_op(void *t)
+{
+    tracker_unref(t);
+}
+
+static void tracker_track_op(void *t, caller_pending_t *p)
+{
+    tracker_track(t, p);
+}
+
+/* How a context node names a group or a manager (context.h). */
+static const caller__tracker_ops_t group_ops = {TRACKER_GROUP, tracker_ref, tracker_unref_op,
+                                                tracker_track_op};
+static const caller__tracker_ops_t manager_ops = {TRACKER_MANAGER, tracker_ref, tracker_unref_op,
+                                                  tracker_track_op};
 
 /* Stop tracking @p p: 1 if it was tracked, 0 if not. */
 static int tracker_remove(tracker_t *t, caller_pending_t *p)
@@ -244,13 +211,13 @@ static int tracker_remove(tracker_t *t, caller_pending_t *p)
     if (caller_pending_remove_done_callback(p, tracker_done, t) == 0)
         return 0; /* not tracked, or its callback is running */
     caller_pending_t *drained = NULL, *found = NULL;
-    pthread_mutex_lock(&t->lock);
+    lock_tracker(t);
     for (size_t i = 0; i < t->n; i++)
         if (t->set[i] == p) {
             found = remove_at_locked(t, i, &drained);
             break;
         }
-    pthread_mutex_unlock(&t->lock);
+    unlock_tracker(t);
     if (found)
         finish_removal(t, found, drained);
     return found ? 1 : 0;
@@ -258,11 +225,11 @@ static int tracker_remove(tracker_t *t, caller_pending_t *p)
 
 static size_t tracker_snapshot(tracker_t *t, caller_pending_t **out, size_t max)
 {
-    pthread_mutex_lock(&t->lock);
+    lock_tracker(t);
     size_t n = t->n;
     for (size_t i = 0; i < n && i < max; i++)
         out[i] = caller_pending_ref(t->set[i]);
-    pthread_mutex_unlock(&t->lock);
+    unlock_tracker(t);
     return n;
 }
 
@@ -295,21 +262,21 @@ static void cancel_all(caller_pending_t **list, size_t n, const char *msg)
  * @p uncancellable: in a shield, so only the drain ends it. */
 static int wait_drained(tracker_t *t, double timeout)
 {
-    pthread_mutex_lock(&t->lock);
+    lock_tracker(t);
     if (t->n == 0) {
-        pthread_mutex_unlock(&t->lock);
+        unlock_tracker(t);
         return 0;
     }
     caller_pending_t *d = t->drained;
     if (!d) {
         d = t->drained = caller_pending_new(CALLER_PENDING_UNTRACKED);
         if (!d) {
-            pthread_mutex_unlock(&t->lock);
+            unlock_tracker(t);
             return -ENOMEM;
         }
     }
     caller_pending_ref(d);
-    pthread_mutex_unlock(&t->lock);
+    unlock_tracker(t);
     int rc = caller_pending_wait(d, timeout, true, false, NULL);
     caller_pending_unref(d);
     return rc;
@@ -358,11 +325,11 @@ int caller_group_set_timeout(caller_group_t *g, double seconds)
     if (!g || !(seconds >= 0))
         return caller__fail(-EINVAL, "caller_group_set_timeout: %s",
                             g ? "the timeout is negative" : "group is NULL");
-    pthread_mutex_lock(&g->t.lock);
+    lock_tracker(&g->t);
     bool idle = g->t.state == TRACK_IDLE;
     if (idle)
         g->timeout = seconds;
-    pthread_mutex_unlock(&g->t.lock);
+    unlock_tracker(&g->t);
     return idle ? 0 : caller__fail(CALLER_EINVALSTATE, "caller_group_set_timeout: entered");
 }
 
@@ -373,19 +340,19 @@ int caller_group_enter(caller_group_t *g)
     if (!caller_current_pending())
         return caller__fail(-EPERM, "caller_group_enter: not in a task (run the body with "
                                     "caller_call_soon or caller_run)");
-    pthread_mutex_lock(&g->t.lock);
+    lock_tracker(&g->t);
     if (g->t.state != TRACK_IDLE) {
-        pthread_mutex_unlock(&g->t.lock);
+        unlock_tracker(&g->t);
         return caller__fail(CALLER_EINVALSTATE, "caller_group_enter: a group is entered once");
     }
-    pthread_mutex_unlock(&g->t.lock);
+    unlock_tracker(&g->t);
     /* The group as a Pending of the enclosing context, so an enclosing
      * group sees this one fail like any Pending it tracks. */
     caller_pending_t *self = caller_pending_new(0);
     caller_scope_t *scope =
         self ? caller_scope_enter(g->timeout, g->shield ? CALLER_SCOPE_SHIELD : 0) : NULL;
-    caller__ctx_t *outer = tl_ctx;
-    caller__ctx_t *node = scope ? ctx_push(&g->t) : NULL;
+    caller__ctx_t *outer = caller__ctx_current();
+    caller__ctx_t *node = scope ? caller__ctx_push(&g->t, &group_ops) : NULL;
     if (!node) {
         if (scope)
             caller_scope_exit(scope);
@@ -393,7 +360,7 @@ int caller_group_enter(caller_group_t *g)
         return caller__fail(-ENOMEM, "caller_group_enter: out of memory");
     }
     caller__pending_set_name(self, "PendingGroup");
-    pthread_mutex_lock(&g->t.lock);
+    lock_tracker(&g->t);
     g->t.state = TRACK_ACTIVE;
     g->self = self;
     g->scope = scope;
@@ -401,7 +368,7 @@ int caller_group_enter(caller_group_t *g)
     g->outer = outer;
     if (g->cancelled) /* cancelled before it was entered */
         caller_scope_cancel(scope);
-    pthread_mutex_unlock(&g->t.lock);
+    unlock_tracker(&g->t);
     return 0;
 }
 
@@ -433,13 +400,13 @@ int caller_group_cancel(caller_group_t *g, const char *message)
         return caller__fail(-EINVAL, "caller_group_cancel: group is NULL");
     caller_pending_t **victims = NULL;
     size_t n = 0;
-    pthread_mutex_lock(&g->t.lock);
+    lock_tracker(&g->t);
     if (g->t.state == TRACK_STOPPED) {
-        pthread_mutex_unlock(&g->t.lock);
+        unlock_tracker(&g->t);
         return 0;
     }
     group_cancel_locked_msg(g, message, &victims, &n);
-    pthread_mutex_unlock(&g->t.lock);
+    unlock_tracker(&g->t);
     cancel_all(victims, n, message);
     return 1;
 }
@@ -449,9 +416,9 @@ int caller_group_cancelled(const caller_group_t *g)
     if (!g)
         return caller__fail(-EINVAL, "caller_group_cancelled: group is NULL");
     caller_group_t *mg = (caller_group_t *)g;
-    pthread_mutex_lock(&mg->t.lock);
+    lock_tracker(&mg->t);
     bool c = g->cancelled;
-    pthread_mutex_unlock(&mg->t.lock);
+    unlock_tracker(&mg->t);
     return c;
 }
 
@@ -471,41 +438,41 @@ int caller_group_exit(caller_group_t *g)
 {
     if (!g)
         return caller__fail(-EINVAL, "caller_group_exit: group is NULL");
-    pthread_mutex_lock(&g->t.lock);
-    bool entered = g->t.state == TRACK_ACTIVE && tl_ctx == g->node;
-    pthread_mutex_unlock(&g->t.lock);
+    lock_tracker(&g->t);
+    bool entered = g->t.state == TRACK_ACTIVE && caller__ctx_current() == g->node;
+    unlock_tracker(&g->t);
     if (!entered)
         return caller__fail(CALLER_EINVALSTATE, "caller_group_exit: not the group this task "
                                                 "entered last");
     /* In the body's scope: wait for what is tracked. Cancellation (of the
      * group, or from outside unless shielded) ends this wait. */
     int rc = wait_drained(&g->t, CALLER_FOREVER);
-    pthread_mutex_lock(&g->t.lock);
+    lock_tracker(&g->t);
     g->t.state = TRACK_EXITING;
     caller_scope_t *scope = g->scope;
     g->scope = NULL;
-    pthread_mutex_unlock(&g->t.lock);
+    unlock_tracker(&g->t);
     bool expired =
         scope->expired || (scope->deadline != INT64_MAX && caller__now_ns() >= scope->deadline);
     caller_scope_exit(scope);
     if (rc < 0) {
         /* Not drained: the group was cancelled, its deadline passed, or the
          * task was cancelled from outside. The last two cancel it now. */
-        pthread_mutex_lock(&g->t.lock);
+        lock_tracker(&g->t);
         bool already = g->cancelled;
         if (!already)
             g->timed_out = expired;
-        pthread_mutex_unlock(&g->t.lock);
+        unlock_tracker(&g->t);
         if (!already)
             caller_group_cancel(g, expired ? "PendingGroup timed out" : "PendingGroup cancelled");
     }
     /* Whatever is left is cancelled; wait for it, shielded. */
     caller_pending_t **victims = NULL;
     size_t n = 0;
-    pthread_mutex_lock(&g->t.lock);
+    lock_tracker(&g->t);
     if (g->t.n)
         snapshot_locked(&g->t, &victims, &n);
-    pthread_mutex_unlock(&g->t.lock);
+    unlock_tracker(&g->t);
     if (n) {
         cancel_all(victims, n, "PendingGroup exiting");
         caller_scope_t *shield = caller_scope_enter(-1, CALLER_SCOPE_SHIELD);
@@ -513,14 +480,14 @@ int caller_group_exit(caller_group_t *g)
         if (shield)
             caller_scope_exit(shield);
     }
-    tl_ctx = g->outer;
-    pthread_mutex_lock(&g->t.lock);
+    caller__ctx_swap(g->outer);
+    lock_tracker(&g->t);
     g->t.state = TRACK_STOPPED;
     caller__ctx_t *node = g->node;
     g->node = NULL;
     bool cancelled = g->cancelled, timed_out = g->timed_out;
     char *msgs = caller__strdup(g->messages ? g->messages : "");
-    pthread_mutex_unlock(&g->t.lock);
+    unlock_tracker(&g->t);
     caller__ctx_unref(node);
     if (!cancelled) {
         caller_pending_set_result(g->self, NULL, false);
@@ -557,11 +524,11 @@ int caller_manager_activate(caller_manager_t *m)
 {
     if (!m)
         return caller__fail(-EINVAL, "caller_manager_activate: manager is NULL");
-    pthread_mutex_lock(&m->t.lock);
+    lock_tracker(&m->t);
     bool ok = m->t.state == TRACK_IDLE || m->t.state == TRACK_STOPPED;
     if (ok)
         m->t.state = TRACK_ACTIVE;
-    pthread_mutex_unlock(&m->t.lock);
+    unlock_tracker(&m->t);
     return ok ? 0 : caller__fail(CALLER_EINVALSTATE, "caller_manager_activate: already active");
 }
 
@@ -569,13 +536,13 @@ int caller_manager_start(caller_manager_t *m, caller_manager_token_t *token)
 {
     if (!m || !token)
         return caller__fail(-EINVAL, "caller_manager_start: %s is NULL", m ? "token" : "manager");
-    pthread_mutex_lock(&m->t.lock);
+    lock_tracker(&m->t);
     bool active = m->t.state == TRACK_ACTIVE;
-    pthread_mutex_unlock(&m->t.lock);
+    unlock_tracker(&m->t);
     if (!active)
         return caller__fail(CALLER_EINVALSTATE, "caller_manager_start: not active");
-    caller__ctx_t *outer = tl_ctx;
-    caller__ctx_t *node = ctx_push(&m->t);
+    caller__ctx_t *outer = caller__ctx_current();
+    caller__ctx_t *node = caller__ctx_push(&m->t, &manager_ops);
     if (!node)
         return caller__fail(-ENOMEM, "caller_manager_start: out of memory");
     token->outer = outer;
@@ -587,10 +554,10 @@ int caller_manager_stop(caller_manager_t *m, caller_manager_token_t *token)
 {
     if (!m || !token || !token->node || token->node->tracker != &m->t)
         return caller__fail(-EINVAL, "caller_manager_stop: not a token of this manager");
-    if (tl_ctx != token->node)
+    if (caller__ctx_current() != token->node)
         return caller__fail(CALLER_EINVALSTATE, "caller_manager_stop: contexts must be left "
                                                 "in the reverse order they were entered");
-    tl_ctx = token->outer;
+    caller__ctx_swap(token->outer);
     caller__ctx_unref(token->node);
     token->node = NULL;
     return 0;
@@ -602,14 +569,14 @@ int caller_manager_deactivate(caller_manager_t *m, bool cancel_pending)
         return caller__fail(-EINVAL, "caller_manager_deactivate: manager is NULL");
     caller_pending_t **list = NULL;
     size_t n = 0;
-    pthread_mutex_lock(&m->t.lock);
+    lock_tracker(&m->t);
     if (m->t.state != TRACK_ACTIVE) {
-        pthread_mutex_unlock(&m->t.lock);
+        unlock_tracker(&m->t);
         return caller__fail(CALLER_EINVALSTATE, "caller_manager_deactivate: not active");
     }
     m->t.state = TRACK_EXITING;
     snapshot_locked(&m->t, &list, &n);
-    pthread_mutex_unlock(&m->t.lock);
+    unlock_tracker(&m->t);
     for (size_t i = 0; i < n; i++) {
         if (cancel_pending)
             caller_pending_cancel(list[i], "PendingManager has been deactivated");
@@ -618,11 +585,11 @@ int caller_manager_deactivate(caller_manager_t *m, bool cancel_pending)
         caller_pending_unref(list[i]);
     }
     caller__free(list);
-    pthread_mutex_lock(&m->t.lock);
+    lock_tracker(&m->t);
     bool finishing = m->t.n > 0;
     if (!finishing)
         m->t.state = TRACK_STOPPED;
-    pthread_mutex_unlock(&m->t.lock);
+    unlock_tracker(&m->t);
     return finishing ? 1 : 0;
 }
 
@@ -632,10 +599,10 @@ int caller_manager_wait(caller_manager_t *m, double timeout)
         return caller__fail(-EINVAL, "caller_manager_wait: manager is NULL");
     int rc = wait_drained(&m->t, timeout);
     if (rc == 0) {
-        pthread_mutex_lock(&m->t.lock);
+        lock_tracker(&m->t);
         if (m->t.state == TRACK_EXITING && m->t.n == 0)
             m->t.state = TRACK_STOPPED;
-        pthread_mutex_unlock(&m->t.lock);
+        unlock_tracker(&m->t);
     }
     return rc;
 }

@@ -15,15 +15,24 @@
  * covers the task: the loop holds one reference from submission until the
  * task ends; each message about the task in flight holds one more.
  */
+#include "alloc.h"
+#include "context.h"
+#include "core.h"
+#include "error.h"
 #include "fiber.h"
-#include "internal.h"
+#include "heap.h"
+#include "inbox.h"
+#include "list.h"
+#include "lockorder.h"
+#include "pending.h"
+#include "task.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
+#define container_of caller__container_of
 
 static _Thread_local caller__task_t *tl_task;
 /* Where caller_raise records: the running task's fields or a direct call's
@@ -47,48 +56,18 @@ static caller_t *task_caller(caller__task_t *t)
 
 /* ---- the inbox ------------------------------------------------------------ */
 
-/* Push under the inbox lock. User submissions (@p user) are refused once the
- * Caller is stopping; the library's own messages until the inbox closes. */
+/* User submissions (@p user) are refused once the Caller is stopping; the
+ * library's own messages until the inbox closes. */
 static bool post(caller_t *c, caller__msg_t *m, bool user)
 {
-    caller__lock(&c->inbox_lock);
-    if (c->inbox_closed ||
-        (user && atomic_load_explicit(&c->state, memory_order_relaxed) >= CALLER_STATE_STOPPING)) {
-        caller__unlock(&c->inbox_lock);
-        return false;
-    }
-    bool was_empty = c->inbox.head == NULL;
-    caller__fifo_push(&c->inbox, m);
-    if (was_empty && c->backend) {
-        if (c->spinning) {
-            /* The loop is spinning for work: no system call needed. */
-            atomic_store_explicit(&c->poked, 1, memory_order_release);
-        } else {
-            c->wakes++;
-            c->ops->wake(c->backend);
-        }
-    }
-    caller__unlock(&c->inbox_lock);
-    return true;
+    return caller__inbox_post(&c->inbox, m, user);
 }
 
 void caller__before_sleep(caller_t *c)
 {
     if (c->finishing || c->ready.head)
         return;
-    caller__lock(&c->inbox_lock);
-    bool queued = c->inbox.head != NULL;
-    c->spinning = !queued;
-    atomic_store_explicit(&c->poked, 0, memory_order_relaxed);
-    caller__unlock(&c->inbox_lock);
-    if (!queued) {
-        caller__spin_while(&c->spin, &c->poked, 0);
-        caller__lock(&c->inbox_lock);
-        c->spinning = false; /* from here producers wake the loop again */
-        queued = c->inbox.head != NULL;
-        caller__unlock(&c->inbox_lock);
-    }
-    if (queued)
+    if (caller__inbox_await_briefly(&c->inbox, &c->spin))
         caller__dispatch(c); /* the loop then does not block: see dispatch's end */
 }
 
@@ -115,21 +94,6 @@ static void kick(caller_t *c)
 
 static void task_canceller(caller_pending_t *p, const char *messages, void *arg);
 
-static void list_add(caller__link_t *head, caller__link_t *l)
-{
-    l->prev = head->prev;
-    l->next = head;
-    head->prev->next = l;
-    head->prev = l;
-}
-
-static void list_del(caller__link_t *l)
-{
-    l->prev->next = l->next;
-    l->next->prev = l->prev;
-    l->prev = l->next = l;
-}
-
 caller_pending_t *caller__task_new(caller_t *c, caller_fn fn, void *arg, const char *name)
 {
     caller__task_t *t;
@@ -143,7 +107,7 @@ caller_pending_t *caller__task_new(caller_t *c, caller_fn fn, void *arg, const c
     t->u.fn = fn;
     t->arg = arg;
     t->timer.index = CALLER__HEAP_NONE;
-    t->live.prev = t->live.next = &t->live;
+    caller__list_init(&t->live);
     t->ctx = caller__ctx_ref(caller__ctx_current()); /* runs in its scheduler's context */
     /* Running: its running reference keeps c until this task is over. */
     bool lent = atomic_load_explicit(&c->state, memory_order_acquire) == CALLER_STATE_RUNNING;
@@ -160,7 +124,7 @@ static caller__task_t *task_of(caller_pending_t *p)
 /* Loop thread: a task the loop now owns (from the inbox or submitted here). */
 static void accept_task(caller_t *c, caller__task_t *t)
 {
-    list_add(&c->live_tasks, &t->live);
+    caller__list_add_tail(&c->live_tasks, &t->live);
     c->nlive++;
     /* INT64_MIN (call_soon) is due without asking the clock. */
     if (t->timer.deadline != INT64_MIN && t->timer.deadline > caller__now_ns() &&
@@ -212,7 +176,7 @@ static void task_release(caller__task_t *t)
 static void task_end(caller_t *c, caller__task_t *t)
 {
     t->state = CALLER__TASK_DONE;
-    list_del(&t->live);
+    caller__list_del(&t->live);
     c->nlive--;
     task_release(t);
 }
@@ -562,9 +526,11 @@ void caller_scope_unref(caller_scope_t *s)
 static void scope_leave(caller__task_t *t, caller_scope_t *s)
 {
     t->scope = s->parent;
+    caller__order_acquire(CALLER__RANK_SCOPE);
     caller__lock(&s->lock);
     s->task = NULL;
     caller__unlock(&s->lock);
+    caller__order_release(CALLER__RANK_SCOPE);
     caller_scope_unref(s);
 }
 
@@ -598,10 +564,12 @@ int caller_scope_cancel(caller_scope_t *s)
     atomic_store_explicit(&s->cancelled, true, memory_order_release);
     /* The task is alive while the scope is entered, and cannot leave it
      * while we hold its lock. */
+    caller__order_acquire(CALLER__RANK_SCOPE);
     caller__lock(&s->lock);
     if (s->task)
         nudge(s->task);
     caller__unlock(&s->lock);
+    caller__order_release(CALLER__RANK_SCOPE);
     return 0;
 }
 
@@ -636,10 +604,10 @@ static void process(caller_t *c, caller__msg_t *m)
         run_direct(c, m);
         break;
     case CALLER__MSG_STOP:
-        caller__on_stop(c);
+        c->life->on_stop(c);
         break;
     case CALLER__MSG_CHILD:
-        caller__on_child_stopped(c, container_of(m, caller_t, child_msg));
+        c->life->on_child_stopped(c, container_of(m, caller_t, child_msg));
         break;
     }
 }
@@ -650,10 +618,7 @@ void caller__dispatch(caller_t *c)
         return;
     c->in_dispatch = true;
 
-    caller__lock(&c->inbox_lock);
-    caller__msg_t *m = c->inbox.head;
-    c->inbox.head = c->inbox.tail = NULL;
-    caller__unlock(&c->inbox_lock);
+    caller__msg_t *m = caller__inbox_take(&c->inbox);
     while (m) {
         caller__msg_t *next = m->next; /* processing may re-link m */
         process(c, m);
@@ -693,7 +658,7 @@ void caller__dispatch(caller_t *c)
         c->ops->more(c->loop_backend, c->ready.head != NULL || soon);
         c->ops->timer(c->loop_backend, tm && !soon ? tm->deadline : INT64_MAX);
     }
-    caller__check_finished(c);
+    c->life->check_finished(c);
 }
 
 void caller__sched_stop(caller_t *c)
@@ -730,7 +695,7 @@ void caller__sched_drain_closed(caller_t *c, caller__msg_t *m)
             caller__free(m);
             break;
         case CALLER__MSG_CHILD:
-            caller_unref(container_of(m, caller_t, child_msg));
+            c->life->unref(container_of(m, caller_t, child_msg));
             break;
         case CALLER__MSG_RESUME: /* no task is left to resume */
         case CALLER__MSG_STOP:
@@ -738,7 +703,6 @@ void caller__sched_drain_closed(caller_t *c, caller__msg_t *m)
         }
         m = next;
     }
-    (void)c;
 }
 
 /* ---- scheduling API ------------------------------------------------------------ */
@@ -887,4 +851,9 @@ int caller_raise(int code, const char *fmt, ...)
     *tl_raise_code = code;
     *tl_raise_msg = msg;
     return 0;
+}
+
+bool caller__sched_idle(const caller_t *c)
+{
+    return c->nlive == 0;
 }

@@ -23,8 +23,11 @@
  * STOPPED is final, and the stopped event fires right after the edge into
  * it, once per Caller.
  */
-#include "internal.h"
+#include "core.h"
+#include "error.h"
 
+#include <errno.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -54,4 +57,74 @@ bool caller__transition(caller_t *c, int from, int to)
 int caller__state(const caller_t *c)
 {
     return atomic_load_explicit(&((caller_t *)c)->state, memory_order_acquire);
+}
+
+/* ---- this thread's Caller --------------------------------------------------- */
+
+static _Thread_local caller_t *tl_caller;
+
+caller_t *caller__thread_caller(void)
+{
+    return tl_caller;
+}
+
+void caller__set_thread_caller(caller_t *c)
+{
+    tl_caller = c;
+}
+
+/* ---- text forms, logging ------------------------------------------------------ */
+
+static const char *state_text(int st)
+{
+    switch (st) {
+    case CALLER_STATE_INITIAL:
+        return "\u2757 not running";
+    case CALLER_STATE_STARTING:
+        return "starting";
+    case CALLER_STATE_RUNNING:
+        return "\U0001f3c3 running";
+    case CALLER_STATE_STOPPING:
+        return "\U0001f3c1 stopping";
+    default:
+        return "\U0001f3c1 stopped";
+    }
+}
+
+int caller_repr(const caller_t *c, char *buf, size_t len)
+{
+    if (!c || (!buf && len))
+        return caller__fail(-EINVAL, "caller_repr: %s is NULL", c ? "buf" : "caller");
+    /* No lock: repr may be called under this Caller's lock (error paths). */
+    size_t n = atomic_load_explicit(&((caller_t *)c)->nchildren, memory_order_relaxed);
+    char kids[32] = "";
+    if (n)
+        snprintf(kids, sizeof kids, " %zu %s", n, n == 1 ? "child" : "children");
+    return snprintf(buf, len, "Caller<%s %s %s%s>", c->name, c->ops->name,
+                    state_text(caller__state(c)), kids);
+}
+
+void caller__log(caller_t *c, int level, const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (c && c->log) {
+        c->log(c->log_arg, level, msg);
+        return;
+    }
+    const char *lv = level >= CALLER_LOG_ERROR     ? "ERROR"
+                     : level >= CALLER_LOG_WARNING ? "WARNING"
+                     : level >= CALLER_LOG_INFO    ? "INFO"
+                                                   : "DEBUG";
+    fprintf(stderr, "libcaller %s [%s]: %s\n", lv, c ? c->name : "-", msg);
+}
+
+int caller__fail_stopped(const caller_t *c, const char *fn)
+{
+    char text[128];
+    caller_repr(c, text, sizeof text);
+    return caller__fail(-ESHUTDOWN, "%s: %s is stopped!", fn, text);
 }

@@ -1071,22 +1071,22 @@ TEST(a_burst_of_submissions_costs_one_wake_up)
     /* The loop is inside block_on, or about to be: wait until the inbox is
      * empty again, i.e. the loop took the direct call. */
     for (;;) {
-        caller__lock(&c->inbox_lock);
-        bool empty = c->inbox.head == NULL;
-        caller__unlock(&c->inbox_lock);
+        caller__inbox_lock(&c->inbox);
+        bool empty = c->inbox.q.head == NULL;
+        caller__inbox_unlock(&c->inbox);
         if (empty)
             break;
         sched_yield();
     }
-    caller__lock(&c->inbox_lock);
-    uint64_t before = c->wakes;
-    caller__unlock(&c->inbox_lock);
+    caller__inbox_lock(&c->inbox);
+    uint64_t before = c->inbox.wakes;
+    caller__inbox_unlock(&c->inbox);
     caller_pending_t *p[N];
     for (int i = 0; i < N; i++)
         p[i] = caller_call_soon(c, ret_arg, P(i));
-    caller__lock(&c->inbox_lock);
-    uint64_t after = c->wakes;
-    caller__unlock(&c->inbox_lock);
+    caller__inbox_lock(&c->inbox);
+    uint64_t after = c->inbox.wakes;
+    caller__inbox_unlock(&c->inbox);
     CHECK_EQ(after - before, 1);
     caller_pending_set_result(gate, NULL, false);
     for (int i = 0; i < N; i++) {

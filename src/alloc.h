@@ -1,0 +1,69 @@
+/*
+ * Allocation (alloc.c): every allocation of the library goes through here;
+ * and which sanitizer this build runs under.
+ */
+#ifndef CALLER_ALLOC_H
+#define CALLER_ALLOC_H
+
+#include "caller.h"
+
+#include <stdarg.h>
+#include <stddef.h>
+
+/* The sanitizer this build runs under, 0 or 1 each: gcc defines
+ * __SANITIZE_*__, clang answers __has_feature. */
+#if defined(__SANITIZE_ADDRESS__)
+#define CALLER__ASAN 1
+#endif
+#if defined(__SANITIZE_THREAD__)
+#define CALLER__TSAN 1
+#endif
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define CALLER__ASAN 1
+#endif
+#if __has_feature(thread_sanitizer)
+#define CALLER__TSAN 1
+#endif
+#endif
+#ifndef CALLER__ASAN
+#define CALLER__ASAN 0
+#endif
+#ifndef CALLER__TSAN
+#define CALLER__TSAN 0
+#endif
+
+/*
+ * Every allocation of the library goes through these, so a test build can
+ * make the N-th one fail (allocation-failure tests) and so the library has
+ * one place to change allocators.
+ */
+void *caller__malloc(size_t size);
+void *caller__calloc(size_t n, size_t size);
+void *caller__realloc(void *ptr, size_t size);
+void caller__free(void *ptr);
+#if CALLER_TESTING
+/* Test build only: make the @p n-th allocation from now fail (0: the next
+ * one; a negative @p n: none), and count allocations meanwhile. */
+void caller__alloc_fail_after(long n);
+long caller__alloc_count(void);
+#endif
+/* A copy of s (NULL if s is NULL or on allocation failure). */
+char *caller__strdup(const char *s);
+/* vasprintf through caller__malloc; NULL on failure. */
+char *caller__vasprintf(const char *fmt, va_list ap);
+/* The size of the blocks below: a Pending (128 bytes) with its task (120),
+ * a 256-byte malloc chunk. W1 keeps 10^6 of them alive at once and pays a
+ * page fault per 4 KiB of them; W3 moves each one between two cores. task.h
+ * checks that they fit. */
+#define CALLER__BLOCK_SIZE 248
+
+/* A block of CALLER__BLOCK_SIZE bytes (a Pending with its task) from this
+ * thread's cache, else from caller__malloc (NULL on failure); and its
+ * return, from any thread (alloc.c explains the cache). */
+void *caller__block_alloc(void);
+void caller__block_free(void *p);
+/* fork(): 0 = prepare, 1 = in the parent after, 2 = in the child. */
+void caller__alloc_fork(int phase);
+
+#endif /* CALLER_ALLOC_H */

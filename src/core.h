@@ -1,0 +1,117 @@
+/*
+ * The Caller object (caller.c owns it; the scheduler, sched.c, runs its
+ * loop), its state machine (state.c) and what lies below the lifecycle:
+ * this thread's Caller, logging.
+ */
+#ifndef CALLER_CORE_H
+#define CALLER_CORE_H
+
+#include "caller.h"
+
+#include "backend.h"
+#include "heap.h"
+#include "inbox.h"
+#include "list.h"
+#include "sync.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+typedef struct caller__pool caller_pool_t;
+struct caller__queue;
+
+/*
+ * What the scheduler (below) calls back into the lifecycle (caller.c,
+ * above it), in the Caller's loop thread.
+ */
+typedef struct caller__lifecycle {
+    void (*on_stop)(caller_t *c);                           /* MSG_STOP processed */
+    void (*on_child_stopped)(caller_t *c, caller_t *child); /* MSG_CHILD (its reference) */
+    void (*check_finished)(caller_t *c);                    /* the stop criteria may now hold */
+    void (*unref)(caller_t *c);                             /* a reference a drained message held */
+} caller__lifecycle_t;
+
+/*
+ * What the Caller's own (to_thread) pool (pool.c, above caller.c) lets the
+ * lifecycle call, installed when the pool is made.
+ */
+typedef struct caller__pool_hooks {
+    void (*stop)(caller_t *c);                    /* owner's loop thread, on stop */
+    void (*forget)(caller_t *owner, caller_t *w); /* @p w stops: it leaves the pool */
+    void (*free)(caller_pool_t *pool);            /* the owner is freed */
+} caller__pool_hooks_t;
+
+struct caller {
+    const caller__lifecycle_t *life; /* caller.c's, for the scheduler below it */
+    _Atomic uint64_t refs;           /* all | the library's own << 32 (caller.c) */
+    uint32_t magic;                  /* CALLER_MAGIC while alive (caller.c) */
+    atomic_int state;                /* caller_state_t: only through caller__transition (state.c) */
+    bool manual;                     /* CALLER_MANUAL: the one kind that may stop from INITIAL */
+    char name[64];
+    const caller__backend_ops_t *ops;
+    bool protect;
+    bool owns_thread; /* NEW_THREAD: its own thread and loop */
+    bool owns_loop;   /* NEW_THREAD and MANUAL */
+    pthread_t thread;
+    pid_t tid;
+    caller_t *parent; /* a reference */
+    caller_log_fn log;
+    void *log_arg;
+    size_t stack_size;
+    void *zmq_context;
+    void *iopub;               /* its PUB socket, in its own thread only (iopub.c) */
+    caller_pending_t *stopped; /* the stopped event */
+
+    /* children, under `lock` */
+    pthread_mutex_t lock;
+    caller_t **children;     /* references */
+    atomic_size_t nchildren; /* changed under `lock`; read without it by repr */
+    size_t children_cap;
+
+    caller__inbox_t inbox; /* other threads reach it only through this */
+
+    /* loop-thread-only */
+    caller__backend_t *loop_backend; /* from start until finished */
+    caller__fifo_t ready;
+    caller__heap_t timers;
+    caller__link_t live_tasks;
+    size_t nlive;
+    bool in_dispatch;
+    caller__spin_t spin;    /* adaptive spin before the loop blocks */
+    bool stop_seen;         /* MSG_STOP processed */
+    bool finishing;         /* backend close requested */
+    caller_pending_t *body; /* caller_run: the body's task */
+    caller__msg_t stop_msg;
+    caller__msg_t child_msg; /* posted to the parent when this one stops */
+
+    caller_pool_t *pool;                    /* to_thread workers; made on first use, under `lock` */
+    const caller__pool_hooks_t *pool_hooks; /* set with `pool` (pool.c) */
+    struct caller__queue *queues;           /* execution queues, under `lock` */
+
+    /* registry, under the registry lock */
+    caller__link_t reg;
+    bool registered;
+
+    atomic_uint started; /* NEW_THREAD: 1 once running (futex word) */
+    int start_error;
+    char start_msg[200]; /* the thread's error message when it failed */
+};
+
+/* ---- state.c ---- */
+/* Move @p c from state @p from to @p to (a CAS); false if it was not in
+ * @p from. An edge not in state.c's table aborts. */
+bool caller__transition(caller_t *c, int from, int to);
+int caller__state(const caller_t *c);
+/* This thread's Caller (also while stopping), or NULL; borrowed. */
+caller_t *caller__thread_caller(void);
+/* caller.c: set it (caller.c holds the reference behind it). */
+void caller__set_thread_caller(caller_t *c);
+/* Log through the Caller's callback (or stderr). */
+void caller__log(caller_t *c, int level, const char *fmt, ...) CALLER_PRINTF(3, 4);
+/* "Caller<...> is stopped!" as an error. */
+int caller__fail_stopped(const caller_t *c, const char *fn);
+
+#endif /* CALLER_CORE_H */
