@@ -519,11 +519,17 @@ CALLER_EXTERN int caller_stop(caller_t *c, bool force);
  * Wait for the stopped event. In a task this suspends the task; elsewhere it
  * blocks the thread.
  *
+ * From a plain thread (not a task), for a Caller with a thread of its own,
+ * it returns only once that thread has exited (the system has removed it),
+ * so thread counts are exact at once; a task does not hold up its loop for
+ * that.
+ *
  * Thread: any. Blocking on the Caller's own thread outside a task would
  * never end: -EDEADLK.
  * @param c        the Caller.
  * @param timeout  seconds; negative waits forever.
- * @return 0 once stopped; -ETIMEDOUT; -ECANCELED (the waiting task was
+ * @return 0 once stopped; -ETIMEDOUT (also if the Caller stopped but its
+ *         thread had not exited by then); -ECANCELED (the waiting task was
  *         cancelled); -EDEADLK; -EINVAL.
  */
 CALLER_EXTERN int caller_wait_stopped(caller_t *c, double timeout);
