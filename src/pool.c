@@ -9,8 +9,15 @@
  * no lock held. The done callback that hands a worker back runs in the
  * worker's thread before the call's waiters wake, so a caller that waits
  * for one to_thread and starts the next finds the worker idle again.
+ *
+ * A parked call is unparked (taken off the FIFO) and marked so in one hold
+ * of pool->lock, then dispatched outside it (call_soon may run trackers'
+ * code). A cancel in between finds it neither parked nor with a task yet:
+ * it only flags the user's Pending, and the dispatch looks at that flag
+ * after recording the task, as does the task before it calls the function.
  */
 #include "internal.h"
+#include "testpoint.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -41,7 +48,7 @@ typedef struct {
     caller_pending_t *task;  /* once dispatched (under pool->lock) */
     caller_t *worker;
     struct caller__ctx *ctx; /* the context of the caller_to_thread call */
-    bool dispatched;
+    bool unparked;           /* off the FIFO, to a worker (under pool->lock) */
 } parked_t;
 
 static const caller_pool_config_t defaults = {
@@ -223,7 +230,9 @@ static void release_worker(caller_t *w)
     bool usable = caller_state(w) == CALLER_STATE_RUNNING && !pool->stopped;
     if (usable && pool->parked.head) {
         parked_t *pk = (parked_t *)caller__fifo_pop(&pool->parked);
+        pk->unparked = true; /* with the pop: a cancel sees one or the other */
         pthread_mutex_unlock(&pool->lock);
+        CALLER__TEST_POINT("pool.unparked", pk->proxy);
         dispatch_parked(pool, w, pk);
         return;
     }
@@ -273,20 +282,40 @@ static void parked_done(caller_pending_t *p, void *arg)
     caller_pending_unref(pk->proxy); /* the pool's reference */
 }
 
+/*
+ * The task of a parked call. A cancel that came after the call was unparked
+ * and before its task was recorded reached no task: the user's Pending is
+ * flagged, and the function must not run. (Usually the dispatch has
+ * cancelled this task before it started; not when the worker was handed
+ * over from another thread, which lets the task start at once.)
+ */
+static void *run_parked(void *arg)
+{
+    parked_t *pk = arg;
+    if (caller_pending_cancelled(pk->proxy)) {
+        caller_raise(-ECANCELED, "Cancelled before started.");
+        return NULL;
+    }
+    return pk->fn(pk->arg);
+}
+
 /* Run parked call @p pk on worker @p w (a reference, passed on). */
 static void dispatch_parked(caller_pool_t *pool, caller_t *w, parked_t *pk)
 {
     /* The call runs in the context of its caller_to_thread, as unparked
      * calls do. */
     caller__ctx_t *outer = caller__ctx_swap(pk->ctx);
-    caller_pending_t *t = caller__call_soon_named(w, pk->fn, pk->arg, pk->name);
+    caller_pending_t *t = caller__call_soon_named(w, run_parked, pk, pk->name);
     caller__ctx_swap(outer);
     caller__ctx_unref(pk->ctx);
     pk->ctx = NULL;
     pthread_mutex_lock(&pool->lock);
     pk->task = t;
     pk->worker = w;
-    pk->dispatched = true;
+    /* A cancel since the unparking reached no task: the canceller runs
+     * after the flag is set and looks for the task under this lock, so
+     * either it saw the task or this sees the flag. */
+    bool cancelled = caller_pending_cancelled(pk->proxy);
     pthread_mutex_unlock(&pool->lock);
     if (!t) {
         /* The worker is stopping: the call fails like any call onto it. */
@@ -295,6 +324,8 @@ static void dispatch_parked(caller_pool_t *pool, caller_t *w, parked_t *pk)
         release_worker(w);
         return;
     }
+    if (cancelled)
+        caller_pending_cancel(t, NULL); /* so it never starts, or is told */
     /* pk->task keeps its reference until parked_done. */
     caller_pending_add_done_callback(t, parked_done, pk);
 }
@@ -304,7 +335,7 @@ static void parked_canceller(caller_pending_t *proxy, const char *messages, void
     parked_t *pk = arg;
     caller_pool_t *pool = pk->pool;
     pthread_mutex_lock(&pool->lock);
-    if (!pk->dispatched) {
+    if (!pk->unparked) {
         /* Still waiting for a worker: take it out; it never runs. */
         caller__msg_t **pp = &pool->parked.head, *prev = NULL;
         while (*pp && *pp != &pk->link) {
@@ -326,6 +357,8 @@ static void parked_canceller(caller_pending_t *proxy, const char *messages, void
         }
         return;
     }
+    /* Unparked: its task, if recorded yet, gets the cancel; if not, the
+     * dispatch sees the flag on @p proxy once it recorded the task. */
     caller_pending_t *t = caller_pending_ref(pk->task);
     pthread_mutex_unlock(&pool->lock);
     if (t) {
