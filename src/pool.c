@@ -19,6 +19,7 @@
 #include "internal.h"
 #include "testpoint.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -57,8 +58,9 @@ static const caller_pool_config_t defaults = {
     .max_workers = 0,
 };
 
-/* The pool of @p c, made on first use. NULL only for lack of memory. */
-static caller_pool_t *pool_of(caller_t *c)
+/* The pool of @p c, made on first use. NULL only for lack of memory (the
+ * error names @p api). */
+static caller_pool_t *pool_of(caller_t *c, const char *api)
 {
     pthread_mutex_lock(&c->lock);
     caller_pool_t *pool = c->pool;
@@ -74,7 +76,7 @@ static caller_pool_t *pool_of(caller_t *c)
     }
     pthread_mutex_unlock(&c->lock);
     if (!pool)
-        caller__fail(-ENOMEM, "caller_to_thread: out of memory");
+        caller__fail(-ENOMEM, "%s: out of memory", api);
     return pool;
 }
 
@@ -100,8 +102,15 @@ static void schedule_sweep_locked(caller_pool_t *pool, int64_t at)
     if (at >= pool->sweep_at || pool->stopped)
         return;
     double delay = (double)(at - caller__now_ns()) / 1e9;
+    /* A worker can come back in a user's thread or task (a call that ended
+     * before to_thread added its done callback): no context there either,
+     * or the user's group would track the sweep and wait for it. (The
+     * detached call makes the task in no context but tracks its Pending in
+     * the current one.) */
+    caller__ctx_t *outer = caller__ctx_swap(NULL);
     caller_pending_t *p = caller__call_later_detached(pool->owner, delay > 0 ? delay : 0, sweep,
                                                       pool, "idle worker sweep");
+    caller__ctx_swap(outer);
     if (p) {
         pool->sweep_at = at;
         caller_pending_unref(p);
@@ -367,13 +376,32 @@ static void parked_canceller(caller_pending_t *proxy, const char *messages, void
     }
 }
 
+/* caller_get() failed to make a worker for @p c: report its error as
+ * caller_to_thread's own, without the inner function's name. */
+static void fail_no_worker(caller_t *c)
+{
+    const char *inner;
+    int code = caller_last_error(&inner);
+    if (code == -ESHUTDOWN) {
+        caller__fail_stopped(c, "caller_to_thread");
+        return;
+    }
+    /* "caller_get: out of memory" -> "out of memory" */
+    const char *colon = strncmp(inner, "caller_", 7) == 0 ? strstr(inner, ": ") : NULL;
+    if (colon && strcspn(inner, " ") > (size_t)(colon - inner))
+        inner = colon + 2;
+    char text[400];
+    snprintf(text, sizeof text, "%s", inner); /* inner is the buffer rewritten below */
+    caller__fail(code < 0 ? code : -EAGAIN, "caller_to_thread: cannot start a worker: %s", text);
+}
+
 caller_pending_t *caller__to_thread_named(caller_t *c, caller_fn fn, void *arg, const char *name)
 {
     if (!c || !fn) {
         caller__fail(-EINVAL, "caller_to_thread: %s is NULL", c ? "fn" : "caller");
         return NULL;
     }
-    caller_pool_t *pool = pool_of(c);
+    caller_pool_t *pool = pool_of(c, "caller_to_thread");
     if (!pool)
         return NULL;
     for (int attempt = 0; attempt < 100; attempt++) {
@@ -428,10 +456,16 @@ caller_pending_t *caller__to_thread_named(caller_t *c, caller_fn fn, void *arg, 
                 pthread_mutex_lock(&pool->lock);
                 pool->alive--;
                 pthread_mutex_unlock(&pool->lock);
+                fail_no_worker(c);
                 return NULL;
             }
         }
         caller_pending_t *p = caller__call_soon_named(w, fn, arg, name);
+        if (!p && caller_last_error(NULL) == -ENOMEM) {
+            release_worker(w); /* it is fine: back to the pool */
+            caller__fail(-ENOMEM, "caller_to_thread: out of memory");
+            return NULL;
+        }
         if (!p) {
             /* The worker began stopping since we took it: try another. */
             pthread_mutex_lock(&pool->lock);
@@ -502,7 +536,7 @@ int caller_pool_get_config(caller_t *c, caller_pool_config_t *out)
 {
     if (!c || !out)
         return caller__fail(-EINVAL, "caller_pool_get_config: %s is NULL", c ? "out" : "caller");
-    caller_pool_t *pool = pool_of(c);
+    caller_pool_t *pool = pool_of(c, "caller_pool_get_config");
     if (!pool)
         return -ENOMEM;
     pthread_mutex_lock(&pool->lock);
@@ -518,7 +552,7 @@ int caller_pool_set_config(caller_t *c, const caller_pool_config_t *cfg)
     if (!(cfg->idle_shutdown >= 0))
         return caller__fail(-EINVAL, "caller_pool_set_config: idle_shutdown %g is negative",
                             cfg->idle_shutdown);
-    caller_pool_t *pool = pool_of(c);
+    caller_pool_t *pool = pool_of(c, "caller_pool_set_config");
     if (!pool)
         return -ENOMEM;
     caller_t *excess[64];

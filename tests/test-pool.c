@@ -542,3 +542,81 @@ TEST(stress_cancel_the_parked_call_just_as_the_worker_frees_up)
     caller_pending_unref(never);
     check_stop(c);
 }
+
+/* ---- errors ------------------------------------------------------------------ */
+
+TEST(to_thread_reports_its_own_errors)
+{
+    caller_t *c = new_owner(10, 0, 0); /* the pool exists; no worker yet */
+    int failed = 0;
+    /* Each allocation of a to_thread that starts a worker fails in turn. */
+    for (long n = 0; n < 1000; n++) {
+        caller__alloc_fail_after(n);
+        caller_pending_t *p = caller_to_thread(c, job, P(0));
+        caller__alloc_fail_after(-1);
+        if (p) {
+            caller_pending_wait(p, 10, true, false, NULL);
+            caller_pending_unref(p);
+            break;
+        }
+        const char *m;
+        int rc = caller_last_error(&m);
+        CHECK(rc < 0);
+        if (strncmp(m, "caller_to_thread: ", 18) != 0) {
+            fprintf(stderr, "allocation %ld failing: \"%s\"\n", n, m);
+            CHECK(!"caller_to_thread's error names caller_to_thread");
+        }
+        failed++;
+    }
+    CHECK_GE(failed, 1);
+    printf("%d to_thread calls failed for lack of memory, each with its own name\n", failed);
+    /* The first allocation is the worker's: its error says so. */
+    caller_t *fresh = new_owner(10, 0, 0);
+    caller__alloc_fail_after(0);
+    CHECK(caller_to_thread(fresh, job, P(0)) == NULL);
+    caller__alloc_fail_after(-1);
+    CHECK_RC(caller_last_error(NULL), -ENOMEM);
+    CHECK_STR_EQ(check_last_message(), "caller_to_thread: cannot start a worker: out of memory");
+    check_stop(fresh);
+    check_stop(c);
+}
+
+/* A worker handed back in the caller's own task (here: no memory for the
+ * call, after the worker was made) schedules the idle sweep outside the
+ * caller's context: the group the task is in does not wait for the sweep
+ * (an hour away here: a hang until the test's timeout otherwise). */
+static void *to_thread_failing_in_a_group(void *arg)
+{
+    caller_t *c = arg;
+    caller_group_t *g = caller_create_pending_group(caller_current(), false);
+    CHECK(g != NULL);
+    CHECK_RC(caller_group_enter(g), 0);
+    int handed_back = 0;
+    for (long n = 0; n < 1000; n++) {
+        caller__alloc_fail_after(n);
+        caller_pending_t *p = caller_to_thread(c, job, P(0));
+        caller__alloc_fail_after(-1);
+        if (p) {
+            CHECK_RC(caller_pending_wait(p, 10, true, false, NULL), 0);
+            caller_pending_unref(p);
+            break;
+        }
+        handed_back += strcmp(check_last_message(), "caller_to_thread: out of memory") == 0;
+    }
+    CHECK_EQ(handed_back, 1); /* the call's allocation failed, the worker's did not */
+    CHECK_RC(caller_group_exit(g), 0);
+    caller_group_unref(g);
+    return NULL;
+}
+
+TEST(worker_handed_back_in_a_group_leaves_the_group_alone)
+{
+    caller_t *c = new_owner(10, 3600, 0);
+    caller_t *user = check_new_thread("user");
+    caller_pending_t *p = caller_call_soon(user, to_thread_failing_in_a_group, c);
+    CHECK_RC(caller_pending_wait(p, 60, false, false, NULL), 0);
+    CHECK_EQ(caller_pool_idle(c), 1); /* the worker came back to the pool */
+    caller_pending_unref(p);
+    check_stop(user);
+    check_stop(c);
+}
