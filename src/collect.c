@@ -229,8 +229,47 @@ static void unlink_out(caller_iter_t *it, entry_t *e)
     it->noutstanding--;
 }
 
+/* Would blocking this thread until @p p is done wait for work that only
+ * @p self, this thread's Caller, can do? caller_pending_wait's test. */
+static bool only_self_completes(const caller_t *self, const caller_pending_t *p)
+{
+    return caller__pending_owner(p) == self && !caller_pending_done(p);
+}
+
+/*
+ * Before blocking a plain thread (a task suspends instead): -EDEADLK if the
+ * wait could only end through this thread's own Caller, whose loop it would
+ * hold up. That is when every outstanding item is such a Pending, or, with
+ * @p need_all (all must finish), any one is. @p api names the caller.
+ */
+static int check_deadlock(caller_iter_t *it, bool need_all, const char *api)
+{
+    caller_t *self = caller__thread_caller();
+    if (!self || caller__task_current())
+        return 0;
+    entry_t *stuck = NULL;
+    for (entry_t *e = it->out.next_out; e != &it->out; e = e->next_out) {
+        if (only_self_completes(self, e->p)) {
+            stuck = e;
+            if (need_all)
+                break;
+        } else if (!need_all) {
+            return 0; /* another thread can end the wait */
+        }
+    }
+    if (!stuck)
+        return 0;
+    char text[160];
+    caller_pending_repr(stuck->p, text, sizeof text);
+    return caller__fail(-EDEADLK,
+                        "%s: blocking the thread of the Caller that must complete %s "
+                        "would never end",
+                        api, text);
+}
+
 /* The next delivered entry (the caller frees it), or an error. */
-static int next_entry(caller_iter_t *it, int64_t deadline, entry_t **out)
+static int next_entry(caller_iter_t *it, int64_t deadline, bool need_all, const char *api,
+                      entry_t **out)
 {
     *out = NULL;
     for (;;) {
@@ -252,10 +291,19 @@ static int next_entry(caller_iter_t *it, int64_t deadline, entry_t **out)
             caller__unlock(&it->lock);
             return CALLER_ITER_END;
         }
+        caller__unlock(&it->lock);
+        rc = check_deadlock(it, need_all, api);
+        if (rc < 0)
+            return rc;
         caller_pending_t *notify = caller_pending_new(CALLER_PENDING_UNTRACKED);
-        if (!notify) {
+        if (!notify)
+            return caller__fail(-ENOMEM, "%s: out of memory", api);
+        caller__lock(&it->lock);
+        if (it->done_head) {
+            /* Delivered since we looked. */
             caller__unlock(&it->lock);
-            return -ENOMEM;
+            caller_pending_unref(notify);
+            continue;
         }
         it->notify = caller_pending_ref(notify);
         caller__unlock(&it->lock);
@@ -287,7 +335,7 @@ int caller_iter_next_timeout(caller_iter_t *it, double timeout, caller_pending_t
     if (!it || !out)
         return caller__fail(-EINVAL, "caller_iter_next: %s is NULL", it ? "out" : "it");
     entry_t *e;
-    int rc = next_entry(it, caller__deadline(timeout), &e);
+    int rc = next_entry(it, caller__deadline(timeout), false, "caller_iter_next", &e);
     if (rc != 0)
         return rc;
     *out = e->p; /* the entry's reference goes to the caller */
@@ -372,7 +420,7 @@ int caller_wait(caller_pending_t *const *items, size_t n, double timeout, caller
     int rc = 0;
     while (nd < n) {
         entry_t *e;
-        rc = next_entry(it, deadline, &e);
+        rc = next_entry(it, deadline, when == CALLER_ALL_COMPLETED, "caller_wait", &e);
         if (rc != 0)
             break;
         finished[e->index] = true;

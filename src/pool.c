@@ -9,9 +9,17 @@
  * no lock held. The done callback that hands a worker back runs in the
  * worker's thread before the call's waiters wake, so a caller that waits
  * for one to_thread and starts the next finds the worker idle again.
+ *
+ * A parked call is unparked (taken off the FIFO) and marked so in one hold
+ * of pool->lock, then dispatched outside it (call_soon may run trackers'
+ * code). A cancel in between finds it neither parked nor with a task yet:
+ * it only flags the user's Pending, and the dispatch looks at that flag
+ * after recording the task, as does the task before it calls the function.
  */
 #include "internal.h"
+#include "testpoint.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -41,7 +49,7 @@ typedef struct {
     caller_pending_t *task;  /* once dispatched (under pool->lock) */
     caller_t *worker;
     struct caller__ctx *ctx; /* the context of the caller_to_thread call */
-    bool dispatched;
+    bool unparked;           /* off the FIFO, to a worker (under pool->lock) */
 } parked_t;
 
 static const caller_pool_config_t defaults = {
@@ -50,8 +58,9 @@ static const caller_pool_config_t defaults = {
     .max_workers = 0,
 };
 
-/* The pool of @p c, made on first use. NULL only for lack of memory. */
-static caller_pool_t *pool_of(caller_t *c)
+/* The pool of @p c, made on first use. NULL only for lack of memory (the
+ * error names @p api). */
+static caller_pool_t *pool_of(caller_t *c, const char *api)
 {
     pthread_mutex_lock(&c->lock);
     caller_pool_t *pool = c->pool;
@@ -67,7 +76,7 @@ static caller_pool_t *pool_of(caller_t *c)
     }
     pthread_mutex_unlock(&c->lock);
     if (!pool)
-        caller__fail(-ENOMEM, "caller_to_thread: out of memory");
+        caller__fail(-ENOMEM, "%s: out of memory", api);
     return pool;
 }
 
@@ -93,8 +102,15 @@ static void schedule_sweep_locked(caller_pool_t *pool, int64_t at)
     if (at >= pool->sweep_at || pool->stopped)
         return;
     double delay = (double)(at - caller__now_ns()) / 1e9;
+    /* A worker can come back in a user's thread or task (a call that ended
+     * before to_thread added its done callback): no context there either,
+     * or the user's group would track the sweep and wait for it. (The
+     * detached call makes the task in no context but tracks its Pending in
+     * the current one.) */
+    caller__ctx_t *outer = caller__ctx_swap(NULL);
     caller_pending_t *p = caller__call_later_detached(pool->owner, delay > 0 ? delay : 0, sweep,
                                                       pool, "idle worker sweep");
+    caller__ctx_swap(outer);
     if (p) {
         pool->sweep_at = at;
         caller_pending_unref(p);
@@ -223,7 +239,9 @@ static void release_worker(caller_t *w)
     bool usable = caller_state(w) == CALLER_STATE_RUNNING && !pool->stopped;
     if (usable && pool->parked.head) {
         parked_t *pk = (parked_t *)caller__fifo_pop(&pool->parked);
+        pk->unparked = true; /* with the pop: a cancel sees one or the other */
         pthread_mutex_unlock(&pool->lock);
+        CALLER__TEST_POINT("pool.unparked", pk->proxy);
         dispatch_parked(pool, w, pk);
         return;
     }
@@ -273,20 +291,40 @@ static void parked_done(caller_pending_t *p, void *arg)
     caller_pending_unref(pk->proxy); /* the pool's reference */
 }
 
+/*
+ * The task of a parked call. A cancel that came after the call was unparked
+ * and before its task was recorded reached no task: the user's Pending is
+ * flagged, and the function must not run. (Usually the dispatch has
+ * cancelled this task before it started; not when the worker was handed
+ * over from another thread, which lets the task start at once.)
+ */
+static void *run_parked(void *arg)
+{
+    parked_t *pk = arg;
+    if (caller_pending_cancelled(pk->proxy)) {
+        caller_raise(-ECANCELED, "Cancelled before started.");
+        return NULL;
+    }
+    return pk->fn(pk->arg);
+}
+
 /* Run parked call @p pk on worker @p w (a reference, passed on). */
 static void dispatch_parked(caller_pool_t *pool, caller_t *w, parked_t *pk)
 {
     /* The call runs in the context of its caller_to_thread, as unparked
      * calls do. */
     caller__ctx_t *outer = caller__ctx_swap(pk->ctx);
-    caller_pending_t *t = caller__call_soon_named(w, pk->fn, pk->arg, pk->name);
+    caller_pending_t *t = caller__call_soon_named(w, run_parked, pk, pk->name);
     caller__ctx_swap(outer);
     caller__ctx_unref(pk->ctx);
     pk->ctx = NULL;
     pthread_mutex_lock(&pool->lock);
     pk->task = t;
     pk->worker = w;
-    pk->dispatched = true;
+    /* A cancel since the unparking reached no task: the canceller runs
+     * after the flag is set and looks for the task under this lock, so
+     * either it saw the task or this sees the flag. */
+    bool cancelled = caller_pending_cancelled(pk->proxy);
     pthread_mutex_unlock(&pool->lock);
     if (!t) {
         /* The worker is stopping: the call fails like any call onto it. */
@@ -295,6 +333,8 @@ static void dispatch_parked(caller_pool_t *pool, caller_t *w, parked_t *pk)
         release_worker(w);
         return;
     }
+    if (cancelled)
+        caller_pending_cancel(t, NULL); /* so it never starts, or is told */
     /* pk->task keeps its reference until parked_done. */
     caller_pending_add_done_callback(t, parked_done, pk);
 }
@@ -304,7 +344,7 @@ static void parked_canceller(caller_pending_t *proxy, const char *messages, void
     parked_t *pk = arg;
     caller_pool_t *pool = pk->pool;
     pthread_mutex_lock(&pool->lock);
-    if (!pk->dispatched) {
+    if (!pk->unparked) {
         /* Still waiting for a worker: take it out; it never runs. */
         caller__msg_t **pp = &pool->parked.head, *prev = NULL;
         while (*pp && *pp != &pk->link) {
@@ -326,6 +366,8 @@ static void parked_canceller(caller_pending_t *proxy, const char *messages, void
         }
         return;
     }
+    /* Unparked: its task, if recorded yet, gets the cancel; if not, the
+     * dispatch sees the flag on @p proxy once it recorded the task. */
     caller_pending_t *t = caller_pending_ref(pk->task);
     pthread_mutex_unlock(&pool->lock);
     if (t) {
@@ -334,13 +376,32 @@ static void parked_canceller(caller_pending_t *proxy, const char *messages, void
     }
 }
 
+/* caller_get() failed to make a worker for @p c: report its error as
+ * caller_to_thread's own, without the inner function's name. */
+static void fail_no_worker(caller_t *c)
+{
+    const char *inner;
+    int code = caller_last_error(&inner);
+    if (code == -ESHUTDOWN) {
+        caller__fail_stopped(c, "caller_to_thread");
+        return;
+    }
+    /* "caller_get: out of memory" -> "out of memory" */
+    const char *colon = strncmp(inner, "caller_", 7) == 0 ? strstr(inner, ": ") : NULL;
+    if (colon && strcspn(inner, " ") > (size_t)(colon - inner))
+        inner = colon + 2;
+    char text[400];
+    snprintf(text, sizeof text, "%s", inner); /* inner is the buffer rewritten below */
+    caller__fail(code < 0 ? code : -EAGAIN, "caller_to_thread: cannot start a worker: %s", text);
+}
+
 caller_pending_t *caller__to_thread_named(caller_t *c, caller_fn fn, void *arg, const char *name)
 {
     if (!c || !fn) {
         caller__fail(-EINVAL, "caller_to_thread: %s is NULL", c ? "fn" : "caller");
         return NULL;
     }
-    caller_pool_t *pool = pool_of(c);
+    caller_pool_t *pool = pool_of(c, "caller_to_thread");
     if (!pool)
         return NULL;
     for (int attempt = 0; attempt < 100; attempt++) {
@@ -395,10 +456,16 @@ caller_pending_t *caller__to_thread_named(caller_t *c, caller_fn fn, void *arg, 
                 pthread_mutex_lock(&pool->lock);
                 pool->alive--;
                 pthread_mutex_unlock(&pool->lock);
+                fail_no_worker(c);
                 return NULL;
             }
         }
         caller_pending_t *p = caller__call_soon_named(w, fn, arg, name);
+        if (!p && caller_last_error(NULL) == -ENOMEM) {
+            release_worker(w); /* it is fine: back to the pool */
+            caller__fail(-ENOMEM, "caller_to_thread: out of memory");
+            return NULL;
+        }
         if (!p) {
             /* The worker began stopping since we took it: try another. */
             pthread_mutex_lock(&pool->lock);
@@ -469,7 +536,7 @@ int caller_pool_get_config(caller_t *c, caller_pool_config_t *out)
 {
     if (!c || !out)
         return caller__fail(-EINVAL, "caller_pool_get_config: %s is NULL", c ? "out" : "caller");
-    caller_pool_t *pool = pool_of(c);
+    caller_pool_t *pool = pool_of(c, "caller_pool_get_config");
     if (!pool)
         return -ENOMEM;
     pthread_mutex_lock(&pool->lock);
@@ -485,7 +552,7 @@ int caller_pool_set_config(caller_t *c, const caller_pool_config_t *cfg)
     if (!(cfg->idle_shutdown >= 0))
         return caller__fail(-EINVAL, "caller_pool_set_config: idle_shutdown %g is negative",
                             cfg->idle_shutdown);
-    caller_pool_t *pool = pool_of(c);
+    caller_pool_t *pool = pool_of(c, "caller_pool_set_config");
     if (!pool)
         return -ENOMEM;
     caller_t *excess[64];

@@ -435,3 +435,147 @@ TEST(close_while_wakes_are_in_flight)
     }
     check_stop(c);
 }
+
+/* ---- blocking the thread of the Caller that must do the work ------------- */
+
+static void *ret_arg(void *arg)
+{
+    return arg;
+}
+
+/* A manual Caller's body: lets its earlier call run before it stops. */
+static void *await_arg(void *arg)
+{
+    CHECK_RC(caller_pending_wait(arg, 10, true, false, NULL), 0);
+    return NULL;
+}
+
+/* A plain wait on a Caller's own thread (here: a manual Caller not run yet)
+ * for its own call_soon would never end: -EDEADLK, as caller_pending_wait
+ * says, not a timeout. */
+TEST(wait_on_a_callers_own_thread_for_its_work_is_deadlock_error)
+{
+    caller_t *c = caller_create(CALLER_MANUAL, NULL);
+    CHECK(c != NULL);
+    caller_pending_t *p = caller_call_soon(c, ret_arg, P(1));
+    caller_pending_t *other = caller_pending_new(0); /* any thread may complete it */
+    caller_pending_t *done[2], *not_done[2];
+    size_t nd = 9, nn = 9;
+    CHECK_RC(caller_pending_wait(p, 0.2, true, false, NULL), -EDEADLK);
+    CHECK_RC(caller_wait(&p, 1, 0.2, CALLER_ALL_COMPLETED, done, &nd, not_done, &nn), -EDEADLK);
+    CHECK_CONTAINS(check_last_message(), "caller_wait: blocking the thread of the Caller");
+    CHECK_CONTAINS(check_last_message(), "would never end");
+    CHECK_EQ(nd, 0);
+    CHECK_EQ(nn, 1);
+    CHECK_RC(caller_wait(&p, 1, -1, CALLER_FIRST_COMPLETED, done, &nd, not_done, &nn), -EDEADLK);
+    /* All must finish and one never can: refused at once. */
+    caller_pending_t *both[2] = {p, other};
+    CHECK_RC(caller_wait(both, 2, -1, CALLER_ALL_COMPLETED, done, &nd, not_done, &nn), -EDEADLK);
+    /* One may finish elsewhere: that wait can end, so it is a wait. */
+    CHECK_RC(caller_wait(both, 2, 0.02, CALLER_FIRST_COMPLETED, done, &nd, not_done, &nn), 0);
+    CHECK_EQ(nd, 0);
+    caller_pending_set_result(other, P(2), false);
+    CHECK_RC(caller_wait(both, 2, -1, CALLER_FIRST_COMPLETED, done, &nd, not_done, &nn), 0);
+    CHECK_EQ(nd, 1);
+    CHECK_PTR_EQ(done[0], other);
+    CHECK_EQ(caller_pending_cancelled(p), 0); /* nothing cancelled */
+    /* Once run, it is done and the waits return. */
+    CHECK_RC(caller_run(c, await_arg, p, NULL), 0);
+    CHECK_RC(caller_wait(&p, 1, -1, CALLER_ALL_COMPLETED, done, &nd, not_done, &nn), 0);
+    CHECK_EQ(nd, 1);
+    CHECK_RC(caller_pending_result(p, NULL), 0);
+    caller_pending_unref(other);
+    caller_pending_unref(p);
+    caller_unref(c);
+}
+
+TEST(iter_next_on_a_callers_own_thread_for_its_work_is_deadlock_error)
+{
+    caller_t *c = caller_create(CALLER_MANUAL, NULL);
+    CHECK(c != NULL);
+    caller_pending_t *p = caller_call_soon(c, ret_arg, P(1));
+    caller_pending_t *other = caller_pending_new(0);
+    caller_pending_t *both[2] = {p, other};
+    caller_as_completed_options_t keep = {.keep_unfinished = true};
+    caller_iter_t *it = caller_as_completed(both, 2, &keep);
+    caller_pending_t *q = NULL;
+    /* `other` may still complete: a wait, which times out. */
+    CHECK_RC(caller_iter_next_timeout(it, 0.02, &q), -ETIMEDOUT);
+    caller_pending_set_result(other, P(2), false);
+    CHECK_RC(caller_iter_next(it, &q), 0);
+    CHECK_PTR_EQ(q, other);
+    caller_pending_unref(q);
+    /* Only this thread's Caller can complete what is left. */
+    CHECK_RC(caller_iter_next_timeout(it, 0.2, &q), -EDEADLK);
+    CHECK_CONTAINS(check_last_message(), "caller_iter_next: blocking the thread of the Caller");
+    CHECK_RC(caller_iter_next(it, &q), -EDEADLK);
+    CHECK_PTR_EQ(q, NULL);
+    caller_iter_close(it);
+    CHECK_EQ(caller_pending_cancelled(p), 0);
+    CHECK_RC(caller_run(c, await_arg, p, NULL), 0);
+    CHECK_RC(caller_pending_result(p, NULL), 0);
+    caller_pending_unref(other);
+    caller_pending_unref(p);
+    caller_unref(c);
+}
+
+/* Inside call_direct (the loop, not a task) the same holds. */
+static void direct_waits_on_own_work(void *arg)
+{
+    caller_pending_t **box = arg;
+    caller_t *self = caller_current();
+    caller_pending_t *p = caller_call_soon(self, ret_arg, P(1));
+    caller_pending_t *done[1], *not_done[1];
+    size_t nd, nn;
+    int rc1 = caller_wait(&p, 1, 10, CALLER_ALL_COMPLETED, done, &nd, not_done, &nn);
+    caller_iter_t *it = caller_as_completed(&p, 1, NULL);
+    caller_pending_t *q;
+    int rc2 = caller_iter_next_timeout(it, 10, &q);
+    caller_iter_close(it); /* cancels p: it never runs */
+    caller_pending_unref(p);
+    caller_pending_set_result(box[0], P(rc1), false);
+    caller_pending_set_result(box[1], P(rc2), false);
+}
+
+TEST(wait_and_iter_next_in_call_direct_are_deadlock_errors)
+{
+    caller_t *c = check_new_thread(NULL);
+    caller_pending_t *box[2] = {caller_pending_new(0), caller_pending_new(0)};
+    CHECK_RC(caller_call_direct(c, direct_waits_on_own_work, box), 0);
+    void *v;
+    CHECK_RC(caller_pending_wait(box[0], 30, true, true, &v), 0);
+    CHECK_RC((int)I(v), -EDEADLK);
+    CHECK_RC(caller_pending_wait(box[1], 30, true, true, &v), 0);
+    CHECK_RC((int)I(v), -EDEADLK);
+    caller_pending_unref(box[0]);
+    caller_pending_unref(box[1]);
+    check_stop(c);
+}
+
+/* A task suspends instead of blocking: waiting for its own Caller's work is
+ * fine there. */
+static void *task_waits_on_own_work(void *arg)
+{
+    (void)arg;
+    caller_t *self = caller_current();
+    caller_pending_t *p[2] = {caller_call_soon(self, ret_arg, P(1)),
+                              caller_call_soon(self, ret_arg, P(2))};
+    caller_pending_t *done[2], *not_done[2];
+    size_t nd, nn;
+    CHECK_RC(caller_wait(p, 2, 10, CALLER_ALL_COMPLETED, done, &nd, not_done, &nn), 0);
+    CHECK_EQ(nd, 2);
+    caller_pending_unref(p[0]);
+    caller_pending_unref(p[1]);
+    return P(nd);
+}
+
+TEST(wait_in_a_task_for_its_own_callers_work_suspends)
+{
+    caller_t *c = check_new_thread(NULL);
+    caller_pending_t *p = caller_call_soon(c, task_waits_on_own_work, NULL);
+    void *v;
+    CHECK_RC(caller_pending_wait(p, 10, false, true, &v), 0);
+    CHECK_EQ(I(v), 2);
+    caller_pending_unref(p);
+    check_stop(c);
+}

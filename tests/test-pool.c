@@ -3,8 +3,10 @@
 // TIMEOUT: 120
 #include "check.h"
 #include "internal.h"
+#include "testpoint.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 
@@ -380,5 +382,241 @@ TEST(config_errors)
     CHECK(d.idle_shutdown == CALLER_IDLE_WORKER_SHUTDOWN_DURATION);
     CHECK_EQ(d.max_workers, 0);
     check_stop(fresh);
+    check_stop(c);
+}
+
+/* ---- a cancel as a parked call gets its worker ---------------------------- */
+
+static void *wait_gate(void *arg)
+{
+    CHECK_RC(caller_pending_wait(arg, 30 * check_time_scale(), true, false, NULL), 0);
+    return NULL;
+}
+
+static struct {
+    caller_pending_t *target; /* set before the hook is */
+    atomic_int fired;
+} unpark_cancel;
+
+/* At "pool.unparked" (the parked call is off the FIFO, its task not yet
+ * made): cancel it there, once. */
+static void cancel_when_unparked(const char *point, void *obj)
+{
+    if (strcmp(point, "pool.unparked") != 0 || obj != unpark_cancel.target)
+        return;
+    if (atomic_exchange(&unpark_cancel.fired, 1))
+        return;
+    CHECK_EQ(caller_pending_cancel(obj, "cancelled as it was unparked"), 1);
+}
+
+TEST(cancel_as_a_parked_call_is_unparked_is_not_lost)
+{
+    atomic_store(&ran_parked, 0);
+    caller_t *c = new_owner(10, 0, 1);
+    caller_pending_t *gate = caller_pending_new(0);
+    caller_pending_t *hold = caller_to_thread(c, wait_gate, gate); /* the only worker */
+    caller_pending_t *parked = caller_to_thread(c, mark_ran, P(1));
+    CHECK(hold != NULL && parked != NULL);
+    CHECK_EQ(caller_pending_done(parked), 0);
+    unpark_cancel.target = parked;
+    atomic_store(&caller__test_hook, cancel_when_unparked);
+    caller_pending_set_result(gate, NULL, false); /* the worker frees up */
+    CHECK_RC(caller_pending_wait(parked, 10, true, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(hold, 10, true, false, NULL), 0);
+    atomic_store(&caller__test_hook, NULL);
+    int fired = atomic_load(&unpark_cancel.fired), ran = atomic_load(&ran_parked);
+    CHECK_EQ(fired, 1);
+    CHECK_RC(caller_pending_result(parked, NULL), -ECANCELED);
+    CHECK_EQ(ran, 0); /* its function never ran */
+    /* The worker serves the next call. */
+    caller_pending_t *next = caller_to_thread(c, mark_ran, P(2));
+    void *v;
+    CHECK_RC(caller_pending_wait(next, 10, false, true, &v), 0);
+    CHECK_EQ(I(v), 2);
+    ran = atomic_load(&ran_parked);
+    CHECK_EQ(ran, 1);
+    caller_pending_unref(next);
+    caller_pending_unref(parked);
+    caller_pending_unref(hold);
+    caller_pending_unref(gate);
+    check_stop(c);
+}
+
+/*
+ * The stress variant: round after round, the only worker finishes a call
+ * (hold) while this thread cancels the call parked behind it (victim). The
+ * victim blocks until cancelled, so every cancel must reach it: it either
+ * never runs, or its wait ends -ECANCELED. A lost cancel leaves it waiting
+ * out its timeout, and counted.
+ *
+ * Where the cancel lands: the even rounds come as they come, the cancel
+ * issued `delay` spins after hold ends, `delay` steered so that about half
+ * find the call still parked and the others just after the unparking. The
+ * odd rounds also hold the window open at "pool.unparked" until the
+ * cancel arrives (a loaded machine may deschedule this thread just then).
+ */
+
+static atomic_int go, leaving, victim_ran, victim_uncancelled, window_hits;
+static atomic_bool linger;
+static caller_pending_t *never; /* completed by nobody */
+
+/* Spin until *@p flag is set; yield after a while (a busy machine). */
+static void spin_until(atomic_int *flag)
+{
+    for (int k = 0; !atomic_load_explicit(flag, memory_order_acquire); k++)
+        if (k > 1000)
+            sched_yield();
+}
+
+/* The call holding the worker: ends when told, and says so as it ends. */
+static void *hold_until_go(void *arg)
+{
+    (void)arg;
+    spin_until(&go);
+    atomic_store_explicit(&leaving, 1, memory_order_release);
+    return NULL;
+}
+
+static void *victim(void *arg)
+{
+    (void)arg;
+    atomic_fetch_add(&victim_ran, 1);
+    if (caller_pending_wait(never, 5 * check_time_scale(), true, false, NULL) != -ECANCELED)
+        atomic_fetch_add(&victim_uncancelled, 1);
+    return NULL;
+}
+
+static void unparked_hook(const char *point, void *obj)
+{
+    if (strcmp(point, "pool.unparked") != 0)
+        return;
+    for (int i = 0; atomic_load(&linger) && i < 20000 && !caller_pending_cancelled(obj); i++)
+        if (i > 200)
+            sched_yield();
+    if (caller_pending_cancelled(obj))
+        atomic_fetch_add(&window_hits, 1);
+}
+
+TEST(stress_cancel_the_parked_call_just_as_the_worker_frees_up)
+{
+    enum { ROUNDS = 20000 };
+    caller_t *c = new_owner(1, 0, 1);
+    never = caller_pending_new(0);
+    atomic_store(&caller__test_hook, unparked_hook);
+    double t0 = check_now();
+    int delay = 0, parked = 0;
+    for (int round = 0; round < ROUNDS; round++) {
+        bool steered = round % 2 == 0;
+        atomic_store(&go, 0);
+        atomic_store(&leaving, 0);
+        atomic_store(&linger, !steered);
+        caller_pending_t *hold = caller_to_thread(c, hold_until_go, NULL);
+        caller_pending_t *p = caller_to_thread(c, victim, NULL);
+        CHECK(hold != NULL && p != NULL);
+        CHECK_EQ(caller_pending_done(p), 0); /* parked behind hold */
+        atomic_store_explicit(&go, 1, memory_order_release);
+        spin_until(&leaving);
+        for (volatile int i = 0, n = delay + (round * 37) % 64; i < n; i++)
+            ;
+        CHECK_EQ(caller_pending_cancel(p, NULL), 1);
+        bool early = caller_pending_done(p); /* still parked: ended at once */
+        parked += early;
+        CHECK_RC(caller_pending_wait(p, 30, true, false, NULL), 0);
+        CHECK_RC(caller_pending_result(p, NULL), -ECANCELED);
+        int lost = atomic_load(&victim_uncancelled);
+        CHECK_EQ(lost, 0);
+        /* Still parked: cancel later next time; unparked: earlier. */
+        if (steered && early)
+            delay += 1 + delay / 32;
+        else if (steered && delay > 0)
+            delay -= 1 + delay / 32;
+        /* hold is done once the worker is back in the pool. */
+        CHECK_RC(caller_pending_wait(hold, 30, false, false, NULL), 0);
+        caller_pending_unref(hold);
+        caller_pending_unref(p);
+    }
+    atomic_store(&caller__test_hook, NULL);
+    printf("%d rounds in %.2f s, none lost: the cancel found the call parked %d times, "
+           "landed as it was unparked %d times, found it running %d times\n",
+           ROUNDS, check_now() - t0, parked, atomic_load(&window_hits), atomic_load(&victim_ran));
+    caller_pending_unref(never);
+    check_stop(c);
+}
+
+/* ---- errors ------------------------------------------------------------------ */
+
+TEST(to_thread_reports_its_own_errors)
+{
+    caller_t *c = new_owner(10, 0, 0); /* the pool exists; no worker yet */
+    int failed = 0;
+    /* Each allocation of a to_thread that starts a worker fails in turn. */
+    for (long n = 0; n < 1000; n++) {
+        caller__alloc_fail_after(n);
+        caller_pending_t *p = caller_to_thread(c, job, P(0));
+        caller__alloc_fail_after(-1);
+        if (p) {
+            caller_pending_wait(p, 10, true, false, NULL);
+            caller_pending_unref(p);
+            break;
+        }
+        const char *m;
+        int rc = caller_last_error(&m);
+        CHECK(rc < 0);
+        if (strncmp(m, "caller_to_thread: ", 18) != 0) {
+            fprintf(stderr, "allocation %ld failing: \"%s\"\n", n, m);
+            CHECK(!"caller_to_thread's error names caller_to_thread");
+        }
+        failed++;
+    }
+    CHECK_GE(failed, 1);
+    printf("%d to_thread calls failed for lack of memory, each with its own name\n", failed);
+    /* The first allocation is the worker's: its error says so. */
+    caller_t *fresh = new_owner(10, 0, 0);
+    caller__alloc_fail_after(0);
+    CHECK(caller_to_thread(fresh, job, P(0)) == NULL);
+    caller__alloc_fail_after(-1);
+    CHECK_RC(caller_last_error(NULL), -ENOMEM);
+    CHECK_STR_EQ(check_last_message(), "caller_to_thread: cannot start a worker: out of memory");
+    check_stop(fresh);
+    check_stop(c);
+}
+
+/* A worker handed back in the caller's own task (here: no memory for the
+ * call, after the worker was made) schedules the idle sweep outside the
+ * caller's context: the group the task is in does not wait for the sweep
+ * (an hour away here: a hang until the test's timeout otherwise). */
+static void *to_thread_failing_in_a_group(void *arg)
+{
+    caller_t *c = arg;
+    caller_group_t *g = caller_create_pending_group(caller_current(), false);
+    CHECK(g != NULL);
+    CHECK_RC(caller_group_enter(g), 0);
+    int handed_back = 0;
+    for (long n = 0; n < 1000; n++) {
+        caller__alloc_fail_after(n);
+        caller_pending_t *p = caller_to_thread(c, job, P(0));
+        caller__alloc_fail_after(-1);
+        if (p) {
+            CHECK_RC(caller_pending_wait(p, 10, true, false, NULL), 0);
+            caller_pending_unref(p);
+            break;
+        }
+        handed_back += strcmp(check_last_message(), "caller_to_thread: out of memory") == 0;
+    }
+    CHECK_EQ(handed_back, 1); /* the call's allocation failed, the worker's did not */
+    CHECK_RC(caller_group_exit(g), 0);
+    caller_group_unref(g);
+    return NULL;
+}
+
+TEST(worker_handed_back_in_a_group_leaves_the_group_alone)
+{
+    caller_t *c = new_owner(10, 3600, 0);
+    caller_t *user = check_new_thread("user");
+    caller_pending_t *p = caller_call_soon(user, to_thread_failing_in_a_group, c);
+    CHECK_RC(caller_pending_wait(p, 60, false, false, NULL), 0);
+    CHECK_EQ(caller_pool_idle(c), 1); /* the worker came back to the pool */
+    caller_pending_unref(p);
+    check_stop(user);
     check_stop(c);
 }
