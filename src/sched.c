@@ -742,7 +742,8 @@ static caller_pending_t *schedule(caller_t *c, double delay, caller_fn fn, void 
     /* Tracked only once accepted: a refused call, never seen by its caller,
      * must not keep a group waiting for it (the fuzzer found one that did).
      * If it already ran, the trackers see it done at once. */
-    caller__pending_track(p);
+    if (!detached)
+        caller__pending_track(p);
     return p;
 }
 
