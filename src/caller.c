@@ -766,13 +766,21 @@ static void stop_children(caller_t *c)
             kids[i] = caller_ref(c->children[i]);
     unlock_caller(c);
     if (n && !kids) {
-        /* No memory for a snapshot: stop them one at a time under the lock
-         * (caller_stop takes only the child's inbox lock). */
-        lock_caller(c);
-        for (size_t i = 0; i < c->nchildren; i++)
-            caller_stop(c->children[i], true);
-        unlock_caller(c);
-        return;
+        /* No memory for a snapshot: one at a time, each found under the
+         * lock and stopped outside it (caller_stop takes the registry
+         * lock, above this one in the library's order). */
+        for (;;) {
+            caller_t *k = NULL;
+            lock_caller(c);
+            for (size_t i = 0; i < c->nchildren && !k; i++)
+                if (load_state(c->children[i]) < CALLER_STATE_STOPPING)
+                    k = caller_ref(c->children[i]);
+            unlock_caller(c);
+            if (!k)
+                return;
+            caller_stop(k, true);
+            caller_unref(k);
+        }
     }
     for (size_t i = 0; i < n; i++) {
         caller_stop(kids[i], true);
