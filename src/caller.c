@@ -24,7 +24,6 @@
 #include "list.h"
 #include "lockorder.h"
 #include "pending.h"
-#include "pool.h"
 #include "task.h"
 #include "testpoint.h"
 
@@ -228,7 +227,9 @@ static void release(caller_t *c, uint64_t ref)
         caller_unref(c->children[i]);
     caller__free(c->children);
     caller__heap_free(&c->timers);
-    caller__pool_free(c->pool);
+    const caller__pool_hooks_t *pool = atomic_load_explicit(&c->pool_hooks, memory_order_acquire);
+    if (pool)
+        pool->free(c->pool);
     pthread_mutex_destroy(&c->lock);
     c->magic = CALLER_DEAD;
     caller__free(c);
@@ -821,15 +822,19 @@ int caller_stop(caller_t *c, bool force)
     caller__inbox_push_locked(&c->inbox, &c->stop_msg);
     caller__inbox_unlock(&c->inbox);
     registry_remove(c);
-    if (c->parent)
-        caller__pool_forget(c->parent, c);
+    const caller__pool_hooks_t *pool =
+        c->parent ? atomic_load_explicit(&c->parent->pool_hooks, memory_order_acquire) : NULL;
+    if (pool)
+        pool->forget(c->parent, c); /* a stopping worker leaves its pool */
     return CALLER_STATE_STOPPING;
 }
 
 static void on_stop(caller_t *c)
 {
     c->stop_seen = true;
-    caller__pool_stop(c);
+    const caller__pool_hooks_t *pool = atomic_load_explicit(&c->pool_hooks, memory_order_acquire);
+    if (pool)
+        pool->stop(c);
     stop_children(c);
     caller__sched_stop(c);
     check_finished(c);

@@ -87,9 +87,9 @@ struct caller {
     caller__msg_t stop_msg;
     caller__msg_t child_msg; /* posted to the parent when this one stops */
 
-    caller_pool_t *pool;                    /* to_thread workers; made on first use, under `lock` */
-    const caller__pool_hooks_t *pool_hooks; /* set with `pool` (pool.c) */
-    struct caller__queue *queues;           /* execution queues, under `lock` */
+    caller_pool_t *pool; /* to_thread workers; made on first use, under `lock` */
+    _Atomic(const caller__pool_hooks_t *) pool_hooks; /* set once `pool` is (pool.c) */
+    struct caller__queue *queues;                     /* execution queues, under `lock` */
 
     /* registry, under the registry lock */
     caller__link_t reg;

@@ -16,7 +16,13 @@
  * it only flags the user's Pending, and the dispatch looks at that flag
  * after recording the task, as does the task before it calls the function.
  */
-#include "internal.h"
+#include "alloc.h"
+#include "context.h"
+#include "core.h"
+#include "error.h"
+#include "lockorder.h"
+#include "pending.h"
+#include "task.h"
 #include "testpoint.h"
 
 #include <stdio.h>
@@ -52,17 +58,50 @@ typedef struct {
     bool unparked;           /* off the FIFO, to a worker (under pool->lock) */
 } parked_t;
 
+/* The locks, in the library's order (lockorder.h). */
+static void lock_pool(caller_pool_t *pool)
+{
+    caller__order_acquire(CALLER__RANK_POOL);
+    pthread_mutex_lock(&pool->lock);
+}
+
+static void unlock_pool(caller_pool_t *pool)
+{
+    pthread_mutex_unlock(&pool->lock);
+    caller__order_release(CALLER__RANK_POOL);
+}
+
+static void lock_owner(caller_t *c)
+{
+    caller__order_acquire(CALLER__RANK_CALLER);
+    pthread_mutex_lock(&c->lock);
+}
+
+static void unlock_owner(caller_t *c)
+{
+    pthread_mutex_unlock(&c->lock);
+    caller__order_release(CALLER__RANK_CALLER);
+}
+
 static const caller_pool_config_t defaults = {
     .max_idle = CALLER_MAX_IDLE_POOL_INSTANCES,
     .idle_shutdown = CALLER_IDLE_WORKER_SHUTDOWN_DURATION,
     .max_workers = 0,
 };
 
+static void pool_free(caller_pool_t *pool);
+static void pool_forget(caller_t *parent, caller_t *w);
+static void pool_stop(caller_t *c);
+
+/* What the lifecycle (caller.c, below this file) calls of a Caller's pool. */
+static const caller__pool_hooks_t hooks = {
+    .stop = pool_stop, .forget = pool_forget, .free = pool_free};
+
 /* The pool of @p c, made on first use. NULL only for lack of memory (the
  * error names @p api). */
 static caller_pool_t *pool_of(caller_t *c, const char *api)
 {
-    pthread_mutex_lock(&c->lock);
+    lock_owner(c);
     caller_pool_t *pool = c->pool;
     if (!pool) {
         pool = caller__calloc(1, sizeof *pool);
@@ -72,15 +111,16 @@ static caller_pool_t *pool_of(caller_t *c, const char *api)
             pool->cfg = defaults;
             pool->sweep_at = INT64_MAX;
             c->pool = pool;
+            atomic_store_explicit(&c->pool_hooks, &hooks, memory_order_release);
         }
     }
-    pthread_mutex_unlock(&c->lock);
+    unlock_owner(c);
     if (!pool)
         caller__fail(-ENOMEM, "%s: out of memory", api);
     return pool;
 }
 
-void caller__pool_free(caller_pool_t *pool)
+static void pool_free(caller_pool_t *pool)
 {
     if (!pool)
         return;
@@ -137,7 +177,7 @@ static void *sweep(void *arg)
     size_t n;
     do {
         n = 0;
-        pthread_mutex_lock(&pool->lock);
+        lock_pool(pool);
         pool->sweep_at = INT64_MAX;
         int64_t limit = caller__now_ns() - (int64_t)(pool->cfg.idle_shutdown * 1e9);
         for (size_t i = 0; pool->cfg.idle_shutdown > 0 && i < pool->nidle && n < 64;) {
@@ -154,7 +194,7 @@ static void *sweep(void *arg)
             }
         }
         reschedule_sweep_locked(pool);
-        pthread_mutex_unlock(&pool->lock);
+        unlock_pool(pool);
         for (size_t i = 0; i < n; i++) {
             caller_stop(expired[i], true);
             caller_unref(expired[i]);
@@ -199,13 +239,13 @@ static caller_t *pop_idle_locked(caller_pool_t *pool, caller_t **stale, size_t *
     return NULL;
 }
 
-void caller__pool_forget(caller_t *parent, caller_t *w)
+static void pool_forget(caller_t *parent, caller_t *w)
 {
     caller_pool_t *pool = parent->pool;
     if (!pool)
         return;
     bool found = false;
-    pthread_mutex_lock(&pool->lock);
+    lock_pool(pool);
     for (size_t i = 0; i < pool->nidle; i++) {
         if (pool->idle[i] == w) {
             memmove(&pool->idle[i], &pool->idle[i + 1], (pool->nidle - i - 1) * sizeof *pool->idle);
@@ -217,7 +257,7 @@ void caller__pool_forget(caller_t *parent, caller_t *w)
             break;
         }
     }
-    pthread_mutex_unlock(&pool->lock);
+    unlock_pool(pool);
     if (found)
         caller_unref(w);
 }
@@ -235,22 +275,22 @@ static void dispatch_parked(caller_pool_t *pool, caller_t *w, parked_t *pk);
 static void release_worker(caller_t *w)
 {
     caller_pool_t *pool = w->parent->pool;
-    pthread_mutex_lock(&pool->lock);
+    lock_pool(pool);
     bool usable = caller_state(w) == CALLER_STATE_RUNNING && !pool->stopped;
     if (usable && pool->parked.head) {
         parked_t *pk = (parked_t *)caller__fifo_pop(&pool->parked);
         pk->unparked = true; /* with the pop: a cancel sees one or the other */
-        pthread_mutex_unlock(&pool->lock);
+        unlock_pool(pool);
         CALLER__TEST_POINT("pool.unparked", pk->proxy);
         dispatch_parked(pool, w, pk);
         return;
     }
     if (usable && pool->nidle < pool->cfg.max_idle && push_idle_locked(pool, w)) {
-        pthread_mutex_unlock(&pool->lock);
+        unlock_pool(pool);
         return;
     }
     pool->alive--;
-    pthread_mutex_unlock(&pool->lock);
+    unlock_pool(pool);
     caller_stop(w, true);
     caller_unref(w);
 }
@@ -281,10 +321,10 @@ static void parked_done(caller_pending_t *p, void *arg)
 {
     parked_t *pk = arg;
     caller_pool_t *pool = pk->pool;
-    pthread_mutex_lock(&pool->lock);
+    lock_pool(pool);
     caller_pending_t *t = pk->task; /* == p; the canceller no longer reaches it */
     pk->task = NULL;
-    pthread_mutex_unlock(&pool->lock);
+    unlock_pool(pool);
     release_worker(pk->worker); /* before the proxy's waiters wake */
     forward(p, pk->proxy);
     caller_pending_unref(t);
@@ -318,14 +358,14 @@ static void dispatch_parked(caller_pool_t *pool, caller_t *w, parked_t *pk)
     caller__ctx_swap(outer);
     caller__ctx_unref(pk->ctx);
     pk->ctx = NULL;
-    pthread_mutex_lock(&pool->lock);
+    lock_pool(pool);
     pk->task = t;
     pk->worker = w;
     /* A cancel since the unparking reached no task: the canceller runs
      * after the flag is set and looks for the task under this lock, so
      * either it saw the task or this sees the flag. */
     bool cancelled = caller_pending_cancelled(pk->proxy);
-    pthread_mutex_unlock(&pool->lock);
+    unlock_pool(pool);
     if (!t) {
         /* The worker is stopping: the call fails like any call onto it. */
         caller_pending_set_exception(pk->proxy, -ESHUTDOWN, "the worker stopped");
@@ -343,7 +383,7 @@ static void parked_canceller(caller_pending_t *proxy, const char *messages, void
 {
     parked_t *pk = arg;
     caller_pool_t *pool = pk->pool;
-    pthread_mutex_lock(&pool->lock);
+    lock_pool(pool);
     if (!pk->unparked) {
         /* Still waiting for a worker: take it out; it never runs. */
         caller__msg_t **pp = &pool->parked.head, *prev = NULL;
@@ -357,7 +397,7 @@ static void parked_canceller(caller_pending_t *proxy, const char *messages, void
             if (pool->parked.tail == &pk->link)
                 pool->parked.tail = prev;
         }
-        pthread_mutex_unlock(&pool->lock);
+        unlock_pool(pool);
         if (found) {
             caller__ctx_unref(pk->ctx);
             pk->ctx = NULL;
@@ -369,7 +409,7 @@ static void parked_canceller(caller_pending_t *proxy, const char *messages, void
     /* Unparked: its task, if recorded yet, gets the cancel; if not, the
      * dispatch sees the flag on @p proxy once it recorded the task. */
     caller_pending_t *t = caller_pending_ref(pk->task);
-    pthread_mutex_unlock(&pool->lock);
+    unlock_pool(pool);
     if (t) {
         caller_pending_cancel(t, messages);
         caller_pending_unref(t);
@@ -407,9 +447,9 @@ caller_pending_t *caller__to_thread_named(caller_t *c, caller_fn fn, void *arg, 
     for (int attempt = 0; attempt < 100; attempt++) {
         caller_t *stale[8];
         size_t nstale = 0;
-        pthread_mutex_lock(&pool->lock);
+        lock_pool(pool);
         if (pool->stopped) {
-            pthread_mutex_unlock(&pool->lock);
+            unlock_pool(pool);
             caller__fail_stopped(c, "caller_to_thread");
             return NULL;
         }
@@ -439,7 +479,7 @@ caller_pending_t *caller__to_thread_named(caller_t *c, caller_fn fn, void *arg, 
                 make = true;
             }
         }
-        pthread_mutex_unlock(&pool->lock);
+        unlock_pool(pool);
         for (size_t i = 0; i < nstale; i++)
             caller_unref(stale[i]);
         if (proxy)
@@ -453,9 +493,9 @@ caller_pending_t *caller__to_thread_named(caller_t *c, caller_fn fn, void *arg, 
         if (make) {
             w = caller_get(c, NULL);
             if (!w) {
-                pthread_mutex_lock(&pool->lock);
+                lock_pool(pool);
                 pool->alive--;
-                pthread_mutex_unlock(&pool->lock);
+                unlock_pool(pool);
                 fail_no_worker(c);
                 return NULL;
             }
@@ -468,9 +508,9 @@ caller_pending_t *caller__to_thread_named(caller_t *c, caller_fn fn, void *arg, 
         }
         if (!p) {
             /* The worker began stopping since we took it: try another. */
-            pthread_mutex_lock(&pool->lock);
+            lock_pool(pool);
             pool->alive--;
-            pthread_mutex_unlock(&pool->lock);
+            unlock_pool(pool);
             caller_unref(w);
             if (caller_state(c) >= CALLER_STATE_STOPPING) {
                 caller__fail_stopped(c, "caller_to_thread");
@@ -481,9 +521,9 @@ caller_pending_t *caller__to_thread_named(caller_t *c, caller_fn fn, void *arg, 
         if (caller_pending_add_done_callback(p, worker_done, w) < 0) {
             /* No memory to hand it back later: the call still runs; let the
              * worker go when it stops with its parent. */
-            pthread_mutex_lock(&pool->lock);
+            lock_pool(pool);
             pool->alive--;
-            pthread_mutex_unlock(&pool->lock);
+            unlock_pool(pool);
             caller_unref(w);
         }
         return p;
@@ -499,12 +539,12 @@ caller_pending_t *(caller_to_thread)(caller_t *c, caller_fn fn, void *arg)
 
 /* Loop thread of the owner, on stop: idle workers go (they are children,
  * stopped with it), parked calls end cancelled. */
-void caller__pool_stop(caller_t *c)
+static void pool_stop(caller_t *c)
 {
     caller_pool_t *pool = c->pool;
     if (!pool)
         return;
-    pthread_mutex_lock(&pool->lock);
+    lock_pool(pool);
     pool->stopped = true;
     size_t n = pool->nidle;
     caller_t **idle = pool->idle;
@@ -515,7 +555,7 @@ void caller__pool_stop(caller_t *c)
     pool->since = NULL;
     caller__msg_t *parked = pool->parked.head;
     pool->parked.head = pool->parked.tail = NULL;
-    pthread_mutex_unlock(&pool->lock);
+    unlock_pool(pool);
     for (size_t i = 0; i < n; i++)
         caller_unref(idle[i]);
     caller__free(idle);
@@ -539,9 +579,9 @@ int caller_pool_get_config(caller_t *c, caller_pool_config_t *out)
     caller_pool_t *pool = pool_of(c, "caller_pool_get_config");
     if (!pool)
         return -ENOMEM;
-    pthread_mutex_lock(&pool->lock);
+    lock_pool(pool);
     *out = pool->cfg;
-    pthread_mutex_unlock(&pool->lock);
+    unlock_pool(pool);
     return 0;
 }
 
@@ -557,7 +597,7 @@ int caller_pool_set_config(caller_t *c, const caller_pool_config_t *cfg)
         return -ENOMEM;
     caller_t *excess[64];
     size_t n = 0;
-    pthread_mutex_lock(&pool->lock);
+    lock_pool(pool);
     pool->cfg = *cfg;
     /* Fewer idle workers allowed now: stop the oldest beyond the limit. */
     while (pool->nidle > cfg->max_idle && n < 64) {
@@ -569,7 +609,7 @@ int caller_pool_set_config(caller_t *c, const caller_pool_config_t *cfg)
     }
     pool->sweep_at = INT64_MAX; /* a shorter duration needs an earlier sweep */
     reschedule_sweep_locked(pool);
-    pthread_mutex_unlock(&pool->lock);
+    unlock_pool(pool);
     for (size_t i = 0; i < n; i++) {
         caller_stop(excess[i], true);
         caller_unref(excess[i]);
@@ -581,8 +621,8 @@ size_t caller_pool_idle(caller_t *c)
 {
     if (!c || !c->pool)
         return 0;
-    pthread_mutex_lock(&c->pool->lock);
+    lock_pool(c->pool);
     size_t n = c->pool->nidle;
-    pthread_mutex_unlock(&c->pool->lock);
+    unlock_pool(c->pool);
     return n;
 }
