@@ -576,20 +576,32 @@ CALLER_EXTERN caller_pending_t *caller_call_soon(caller_t *c, caller_fn fn, void
 CALLER_EXTERN caller_pending_t *caller_call_later(caller_t *c, double delay, caller_fn fn,
                                                   void *arg);
 
-/* What the caller_call_soon / caller_call_later macros expand to: the same
- * calls, with the function's name (as written) as the Pending's label in
- * its text form. @p name must be a string with static lifetime. */
-CALLER_EXTERN caller_pending_t *caller__call_soon_named(caller_t *c, caller_fn fn, void *arg,
-                                                        const char *name);
-CALLER_EXTERN caller_pending_t *caller__call_later_named(caller_t *c, double delay, caller_fn fn,
-                                                         void *arg, const char *name);
+/**
+ * caller_call_soon() with @p name as the Pending's label in its text form
+ * (caller_pending_repr) instead of the function's name as written. The
+ * caller_call_soon macro calls this with `#fn`; call it yourself to give
+ * another label.
+ *
+ * Thread: any.
+ * @param name  a string with static lifetime, or NULL (no label).
+ * @return as caller_call_soon().
+ */
+CALLER_EXTERN caller_pending_t *caller_call_soon_named(caller_t *c, caller_fn fn, void *arg,
+                                                       const char *name);
+
+/** caller_call_later() with @p name as the Pending's label (static
+ *  lifetime, or NULL). Thread: any. @return as caller_call_later(). */
+CALLER_EXTERN caller_pending_t *caller_call_later_named(caller_t *c, double delay, caller_fn fn,
+                                                        void *arg, const char *name);
+
 /** caller_call_soon() is a macro over the function of the same name that
- *  also records `fn`'s name for the Pending's text form. */
-#define caller_call_soon(c, fn, arg) caller__call_soon_named((c), (fn), (arg), #fn)
+ *  also records `fn`'s name for the Pending's text form (each argument is
+ *  evaluated once). */
+#define caller_call_soon(c, fn, arg) caller_call_soon_named((c), (fn), (arg), #fn)
 /** caller_call_later() is a macro over the function of the same name that
- *  also records `fn`'s name for the Pending's text form. */
-#define caller_call_later(c, delay, fn, arg)                                                       \
-    caller__call_later_named((c), (delay), (fn), (arg), #fn)
+ *  also records `fn`'s name for the Pending's text form (each argument is
+ *  evaluated once). */
+#define caller_call_later(c, delay, fn, arg) caller_call_later_named((c), (delay), (fn), (arg), #fn)
 
 /**
  * Run `fn(arg)` directly in @p c's loop, not as a task and with no Pending:
@@ -668,11 +680,15 @@ typedef struct caller_pool_config {
  *         cancelling it meanwhile ends it ("Cancelled before started.").
  */
 CALLER_EXTERN caller_pending_t *caller_to_thread(caller_t *c, caller_fn fn, void *arg);
-CALLER_EXTERN caller_pending_t *caller__to_thread_named(caller_t *c, caller_fn fn, void *arg,
-                                                        const char *name);
+
+/** caller_to_thread() with @p name as the Pending's label (static
+ *  lifetime, or NULL). Thread: any. @return as caller_to_thread(). */
+CALLER_EXTERN caller_pending_t *caller_to_thread_named(caller_t *c, caller_fn fn, void *arg,
+                                                       const char *name);
 /** caller_to_thread() is a macro over the function of the same name that
- *  also records `fn`'s name for the Pending's text form. */
-#define caller_to_thread(c, fn, arg) caller__to_thread_named((c), (fn), (arg), #fn)
+ *  also records `fn`'s name for the Pending's text form (each argument is
+ *  evaluated once). */
+#define caller_to_thread(c, fn, arg) caller_to_thread_named((c), (fn), (arg), #fn)
 
 /** @p c's pool settings into @p out. Thread: any. 0 or -EINVAL/-ENOMEM. */
 CALLER_EXTERN int caller_pool_get_config(caller_t *c, caller_pool_config_t *out);

@@ -354,7 +354,7 @@ static void dispatch_parked(caller_pool_t *pool, caller_t *w, parked_t *pk)
     /* The call runs in the context of its caller_to_thread, as unparked
      * calls do. */
     caller__ctx_t *outer = caller__ctx_swap(pk->ctx);
-    caller_pending_t *t = caller__call_soon_named(w, run_parked, pk, pk->name);
+    caller_pending_t *t = caller_call_soon_named(w, run_parked, pk, pk->name);
     caller__ctx_swap(outer);
     caller__ctx_unref(pk->ctx);
     pk->ctx = NULL;
@@ -435,7 +435,7 @@ static void fail_no_worker(caller_t *c)
     caller__fail(code < 0 ? code : -EAGAIN, "caller_to_thread: cannot start a worker: %s", text);
 }
 
-caller_pending_t *caller__to_thread_named(caller_t *c, caller_fn fn, void *arg, const char *name)
+caller_pending_t *caller_to_thread_named(caller_t *c, caller_fn fn, void *arg, const char *name)
 {
     if (!c || !fn) {
         caller__fail(-EINVAL, "caller_to_thread: %s is NULL", c ? "fn" : "caller");
@@ -500,7 +500,7 @@ caller_pending_t *caller__to_thread_named(caller_t *c, caller_fn fn, void *arg, 
                 return NULL;
             }
         }
-        caller_pending_t *p = caller__call_soon_named(w, fn, arg, name);
+        caller_pending_t *p = caller_call_soon_named(w, fn, arg, name);
         if (!p && caller_last_error(NULL) == -ENOMEM) {
             release_worker(w); /* it is fine: back to the pool */
             caller__fail(-ENOMEM, "caller_to_thread: out of memory");
@@ -534,7 +534,7 @@ caller_pending_t *caller__to_thread_named(caller_t *c, caller_fn fn, void *arg, 
 
 caller_pending_t *(caller_to_thread)(caller_t *c, caller_fn fn, void *arg)
 {
-    return caller__to_thread_named(c, fn, arg, NULL);
+    return caller_to_thread_named(c, fn, arg, NULL);
 }
 
 /* Loop thread of the owner, on stop: idle workers go (they are children,

@@ -759,13 +759,13 @@ caller_pending_t *caller__call_soon_ex(caller_t *c, caller_fn fn, void *arg, con
     return schedule(c, 0, fn, arg, name, "caller_call_soon", on_end, false);
 }
 
-caller_pending_t *caller__call_soon_named(caller_t *c, caller_fn fn, void *arg, const char *name)
+caller_pending_t *caller_call_soon_named(caller_t *c, caller_fn fn, void *arg, const char *name)
 {
     return schedule(c, 0, fn, arg, name, "caller_call_soon", NULL, false);
 }
 
-caller_pending_t *caller__call_later_named(caller_t *c, double delay, caller_fn fn, void *arg,
-                                           const char *name)
+caller_pending_t *caller_call_later_named(caller_t *c, double delay, caller_fn fn, void *arg,
+                                          const char *name)
 {
     return schedule(c, delay, fn, arg, name, "caller_call_later", NULL, false);
 }

@@ -1194,3 +1194,42 @@ TEST(fork_child_starts_with_no_callers_and_may_make_its_own)
     caller_pending_unref(p);
     check_stop(parent_c);
 }
+
+/* ---- the naming macros ------------------------------------------------------------ */
+
+static caller_fn counted_fn(int *count)
+{
+    (*count)++;
+    return double_it;
+}
+
+TEST(naming_macros_evaluate_fn_once_and_named_variants_label)
+{
+    caller_t *c = check_new_thread("naming");
+    int count = 0;
+    caller_pending_t *p = caller_call_soon(c, counted_fn(&count), P(2));
+    CHECK_EQ(count, 1);
+    CHECK_EQ(I(await(p)), 4);
+    caller_pending_unref(p);
+    p = caller_call_later(c, 0, counted_fn(&count), P(3));
+    CHECK_EQ(count, 2);
+    CHECK_EQ(I(await(p)), 6);
+    caller_pending_unref(p);
+    p = caller_to_thread(c, counted_fn(&count), P(4));
+    CHECK_EQ(count, 3);
+    CHECK_EQ(I(await(p)), 8);
+    caller_pending_unref(p);
+    /* The _named functions: a label of the caller's choosing. */
+    char text[256];
+    p = caller_call_soon_named(c, double_it, P(5), "my-label");
+    CHECK(caller_pending_repr(p, text, sizeof text) > 0);
+    CHECK_CONTAINS(text, "my-label");
+    CHECK_EQ(I(await(p)), 10);
+    caller_pending_unref(p);
+    p = caller_to_thread_named(c, double_it, P(6), "worker-label");
+    CHECK(caller_pending_repr(p, text, sizeof text) > 0);
+    CHECK_CONTAINS(text, "worker-label");
+    CHECK_EQ(I(await(p)), 12);
+    caller_pending_unref(p);
+    check_stop(c);
+}
