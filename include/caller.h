@@ -1047,7 +1047,7 @@ typedef struct caller_manager_token {
      *  The library's: the context to restore.
      *  @var node
      *  The library's: the context made current. */
-    struct caller__ctx *outer, *node;
+    void *outer, *node;
 } caller_manager_token_t;
 
 /** A new, idle manager (one reference), or NULL (-ENOMEM). */

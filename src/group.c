@@ -552,7 +552,7 @@ int caller_manager_start(caller_manager_t *m, caller_manager_token_t *token)
 
 int caller_manager_stop(caller_manager_t *m, caller_manager_token_t *token)
 {
-    if (!m || !token || !token->node || token->node->tracker != &m->t)
+    if (!m || !token || !token->node || ((caller__ctx_t *)token->node)->tracker != &m->t)
         return caller__fail(-EINVAL, "caller_manager_stop: not a token of this manager");
     if (caller__ctx_current() != token->node)
         return caller__fail(CALLER_EINVALSTATE, "caller_manager_stop: contexts must be left "
