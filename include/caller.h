@@ -841,7 +841,9 @@ CALLER_EXTERN caller_iter_t *caller_as_completed_gen(caller_generator_fn gen, vo
  * @param out  receives a reference the caller owns (NULL when none).
  * @return 0; CALLER_ITER_END when all were yielded; -ECANCELED if the
  *         waiting task was cancelled; -EDEADLK if the generator produced the
- *         current task's own Pending; -EINVAL; -ENOMEM.
+ *         current task's own Pending, or if a plain (non-task) wait on a
+ *         Caller's own thread could only be ended by that thread (every
+ *         outstanding item is a call of that Caller); -EINVAL; -ENOMEM.
  */
 CALLER_EXTERN int caller_iter_next(caller_iter_t *it, caller_pending_t **out);
 
