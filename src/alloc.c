@@ -13,7 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifndef NDEBUG
+#if CALLER__CHECK_LOCK_ORDER
 /* lockorder.h: the locks of each rank this thread holds. */
 _Thread_local unsigned char caller__held[CALLER__RANK_COUNT];
 #endif

@@ -1,8 +1,9 @@
 /*
  * The library's locks, and the one order they are taken in. A thread that
  * holds a lock takes only locks further down this table; no user code runs
- * under any of them. Debug builds (no NDEBUG) check every acquisition
- * against the table and abort on a wrong order, naming both locks.
+ * under any of them. Debug builds (no NDEBUG) and the test build check
+ * every acquisition against the table and abort on a wrong order, naming
+ * both locks.
  *
  *   rank  lock                file        guards
  *   ----  ------------------  ----------  ---------------------------------------
@@ -31,7 +32,8 @@ enum {
     CALLER__RANK_COUNT
 };
 
-#ifndef NDEBUG
+#if !defined(NDEBUG) || CALLER_TESTING
+#define CALLER__CHECK_LOCK_ORDER 1
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -65,6 +67,7 @@ static inline void caller__order_release(int rank)
     caller__held[rank]--;
 }
 #else
+#define CALLER__CHECK_LOCK_ORDER 0
 #define caller__order_acquire(rank) ((void)0)
 #define caller__order_release(rank) ((void)0)
 #endif

@@ -5,6 +5,7 @@
  */
 // TIMEOUT: 300
 #include "check.h"
+#include "lockorder.h"
 #include "testpoint.h"
 
 #include <dirent.h>
@@ -330,4 +331,37 @@ TEST(print_table_lists_only_live_callers)
     CHECK(strstr(text, "dying") == NULL);
     free(text);
     check_stop(live);
+}
+
+/* ---- the lock order ------------------------------------------------------------ */
+
+TEST(lock_taken_against_the_order_aborts_naming_both)
+{
+    CHECK(CALLER__CHECK_LOCK_ORDER); /* the test build always checks */
+    int fds[2];
+    CHECK_EQ(pipe(fds), 0);
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        dup2(fds[1], 2);
+        caller__order_acquire(CALLER__RANK_CALLER);
+        caller__order_acquire(CALLER__RANK_INBOX); /* in order: fine */
+        caller__order_release(CALLER__RANK_INBOX);
+        caller__order_release(CALLER__RANK_CALLER);
+        caller__order_acquire(CALLER__RANK_INBOX);
+        caller__order_acquire(CALLER__RANK_REGISTRY); /* against it */
+        _exit(4);
+    }
+    close(fds[1]);
+    char buf[512] = "";
+    size_t got = 0;
+    ssize_t r;
+    while (got < sizeof buf - 1 && (r = read(fds[0], buf + got, sizeof buf - 1 - got)) > 0)
+        got += (size_t)r;
+    close(fds[0]);
+    int status;
+    CHECK_EQ(waitpid(pid, &status, 0), pid);
+    CHECK(WIFSIGNALED(status));
+    CHECK_EQ(WTERMSIG(status), SIGABRT);
+    CHECK_CONTAINS(buf, "lock order: taking registry_lock while holding caller->inbox_lock");
 }
