@@ -156,7 +156,8 @@ enum {
 /** A timeout meaning "wait forever". Any negative timeout means the same. */
 #define CALLER_FOREVER (-1.0)
 
-/** A done callback: runs once, when @p p becomes done. */
+/** A done callback: runs once, when @p p becomes done. Inside it @p p is
+ *  done: caller_pending_wait(p, ...) there returns the outcome at once. */
 typedef void (*caller_done_fn)(caller_pending_t *p, void *arg);
 
 /**
@@ -298,6 +299,8 @@ CALLER_EXTERN int caller_pending_exception(const caller_pending_t *p, char *buf,
  * Add a done callback. If the Pending is already done, @p fn runs at once
  * in this thread before this function returns; otherwise it runs in the
  * thread that completes the Pending. Callbacks run in the order added.
+ * Waiters wake after the callbacks ran; a callback that waits on its own
+ * Pending gets the outcome at once (see caller_pending_wait()).
  *
  * Thread: any.
  * @return 0; -EINVAL if @p p or @p fn is NULL; -ENOMEM (then @p fn never
@@ -321,6 +324,10 @@ CALLER_EXTERN int caller_pending_remove_done_callback(caller_pending_t *p, calle
  *
  * On a plain thread this blocks the thread (the seed's `wait_sync`);
  * signals do not interrupt it. Inside a task it suspends only the task.
+ * It ends after the Pending's done callbacks ran, except inside one of
+ * those callbacks, in the thread (or task) running them: there the
+ * Pending is done and the wait returns its outcome at once, whatever the
+ * timeout, and never cancels it.
  *
  * Thread: any.
  * @param p            the Pending.

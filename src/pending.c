@@ -13,6 +13,10 @@
  * with the outcome copied into its node. Exactly one completion can win,
  * because DONE is tested and set under the lock; a callback added after
  * DONE runs at once in the adding thread, so each callback runs once.
+ *
+ * A done callback that waits on its own Pending gets its outcome at once
+ * (see tl_completing): the wake it would wait for is sent by its own thread
+ * after it returns.
  */
 #include "internal.h"
 #include "sync.h"
@@ -379,8 +383,35 @@ static int outcome_locked(const caller_pending_t *p, unsigned flags)
     return (flags & F_FAILED) ? p->code : 0;
 }
 
+/*
+ * The Pendings whose done callbacks this thread is running, innermost first,
+ * each with the task it runs in (NULL: none). Inside its own callbacks a
+ * Pending is done, and the wake a wait would need is sent by this very
+ * thread once the callback returns: caller_pending_wait looks here and
+ * answers at once instead of waiting for itself. A callback that suspends
+ * (in a task) leaves its frame listed while other tasks of the thread run
+ * and list theirs, so a frame is unlinked by identity, not popped.
+ */
+typedef struct completing {
+    const caller_pending_t *p;
+    caller__task_t *task;
+    struct completing *next;
+} completing_t;
+
+static _Thread_local completing_t *tl_completing;
+
+static bool completing_here(const caller_pending_t *p, const caller__task_t *task)
+{
+    for (completing_t *f = tl_completing; f; f = f->next)
+        if (f->p == p && f->task == task)
+            return true;
+    return false;
+}
+
 static void run_callbacks(caller_pending_t *p, callback_t cb0, callback_vec_t *cbs)
 {
+    completing_t frame = {p, caller__task_current(), tl_completing};
+    tl_completing = &frame;
     if (cb0.fn)
         cb0.fn(p, cb0.arg);
     if (cbs) {
@@ -388,6 +419,11 @@ static void run_callbacks(caller_pending_t *p, callback_t cb0, callback_vec_t *c
             cbs->items[i].fn(p, cbs->items[i].arg);
         caller__free(cbs);
     }
+    for (completing_t **pp = &tl_completing; *pp; pp = &(*pp)->next)
+        if (*pp == &frame) {
+            *pp = frame.next;
+            break;
+        }
 }
 
 /*
@@ -829,7 +865,13 @@ int caller_pending_wait(caller_pending_t *p, double timeout, bool protect, bool 
     void *v = NULL;
     int64_t deadline = caller__deadline(timeout);
     caller__task_t *task = caller__task_current();
-    if (task) {
+    if (tl_completing && completing_here(p, task)) {
+        /* Inside its own done callbacks: done, and the wake a wait would
+         * need comes from this thread once the callback returns. */
+        rc = 0;
+        if (want_result)
+            code = outcome(p, &v, NULL, 0, "caller_pending_wait");
+    } else if (task) {
         rc = caller__task_wait(task, p, deadline, want_result, &code, &v);
     } else if (caller__pending_settled(p)) {
         rc = 0; /* done: no waiter to link, no lock unless the outcome is wanted */

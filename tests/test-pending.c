@@ -1,4 +1,4 @@
-/* Pending without a running Caller (SPEC §5; issue #2). */
+/* Pending (SPEC §5; issue #2), mostly without a running Caller. */
 #include "check.h"
 #include "internal.h"
 
@@ -900,4 +900,113 @@ TEST(waiter_may_release_as_soon_as_the_wait_returns)
     }
     atomic_store(&handoff_stop, 1);
     CHECK_EQ(pthread_join(t, NULL), 0);
+}
+
+/* ---- waiting inside its own done callbacks ------------------------------------------ */
+
+/*
+ * Inside its own done callback a Pending is done, and the wake a wait
+ * would need is sent by the same thread once the callback returns: the
+ * wait gives the outcome at once, with any timeout, and never cancels.
+ */
+typedef struct {
+    double timeout;
+    int rc, cancelled, calls;
+    void *value;
+    double elapsed;
+} self_wait_t;
+
+static void wait_on_self(caller_pending_t *p, void *arg)
+{
+    self_wait_t *sw = arg;
+    double t0 = check_now();
+    sw->rc = caller_pending_wait(p, sw->timeout, false, true, &sw->value);
+    sw->elapsed = check_now() - t0;
+    sw->cancelled = caller_pending_cancelled(p);
+    sw->calls++;
+}
+
+static void check_self_wait(const self_wait_t *sw, int rc, void *value)
+{
+    CHECK_EQ(sw->calls, 1);
+    CHECK_RC(sw->rc, rc);
+    CHECK_PTR_EQ(sw->value, value);
+    CHECK_EQ(sw->cancelled, 0);
+    if (sw->timeout > 0) /* far below the timeout: it did not wait */
+        CHECK(sw->elapsed < sw->timeout / 4);
+}
+
+TEST(wait_in_own_done_callback_returns_at_once)
+{
+    double timeout = 10 * check_time_scale();
+    for (int kind = 0; kind < 4; kind++) {
+        caller_pending_t *p = new_pending();
+        self_wait_t sw = {.timeout = kind == 3 ? CALLER_FOREVER : timeout};
+        CHECK_RC(caller_pending_add_done_callback(p, wait_on_self, &sw), 0);
+        switch (kind) {
+        case 0:
+        case 3:
+            CHECK_RC(caller_pending_set_result(p, P(42), false), 0);
+            check_self_wait(&sw, 0, P(42));
+            CHECK_RC(caller_pending_result(p, NULL), 0);
+            break;
+        case 1: /* reset: the round's value, then not done */
+            CHECK_RC(caller_pending_set_result(p, P(43), true), 0);
+            check_self_wait(&sw, 0, P(43));
+            CHECK_EQ(caller_pending_done(p), 0);
+            break;
+        case 2:
+            CHECK_RC(caller_pending_set_exception(p, -EIO, "broke"), 0);
+            check_self_wait(&sw, -EIO, NULL);
+            CHECK_RC(caller_pending_result(p, NULL), -EIO);
+            break;
+        }
+        CHECK_EQ(caller_pending_cancelled(p), 0);
+        caller_pending_unref(p);
+    }
+}
+
+/* In a task: the callback runs on the task's fiber, completing a Pending
+ * the task made. */
+static void *complete_own_pending_in_task(void *arg)
+{
+    caller_pending_t *p = caller_pending_new(0);
+    CHECK_RC(caller_pending_add_done_callback(p, wait_on_self, arg), 0);
+    CHECK_RC(caller_pending_set_result(p, P(7), false), 0);
+    CHECK_EQ(caller_pending_cancelled(p), 0);
+    caller_pending_unref(p);
+    return NULL;
+}
+
+static void *wait_for_gate(void *arg)
+{
+    CHECK_RC(caller_pending_wait(arg, 10 * check_time_scale(), true, false, NULL), 0);
+    return P(8);
+}
+
+TEST(wait_in_own_done_callback_in_a_task_returns_at_once)
+{
+    double timeout = 10 * check_time_scale();
+    caller_t *c = check_new_thread(NULL);
+    self_wait_t sw = {.timeout = timeout};
+    caller_pending_t *t = caller_call_soon(c, complete_own_pending_in_task, &sw);
+    CHECK_RC(caller_pending_wait(t, 3 * timeout, true, true, NULL), 0);
+    caller_pending_unref(t);
+    check_self_wait(&sw, 0, P(7));
+
+    /* A task's own Pending: its callbacks run on the Caller's thread, which
+     * a wait that blocked would stall whole. */
+    caller_pending_t *gate = new_pending();
+    sw = (self_wait_t){.timeout = timeout};
+    t = caller_call_soon(c, wait_for_gate, gate);
+    CHECK_RC(caller_pending_add_done_callback(t, wait_on_self, &sw), 0);
+    CHECK_RC(caller_pending_set_result(gate, NULL, false), 0);
+    void *v = NULL;
+    CHECK_RC(caller_pending_wait(t, 3 * timeout, true, true, &v), 0);
+    CHECK_PTR_EQ(v, P(8));
+    check_self_wait(&sw, 0, P(8));
+    CHECK_EQ(caller_pending_cancelled(t), 0);
+    caller_pending_unref(t);
+    caller_pending_unref(gate);
+    check_stop(c);
 }
