@@ -215,7 +215,11 @@ CALLER_EXTERN void *caller_pending_userdata(const caller_pending_t *p);
  *
  * With @p reset the Pending becomes not done again right after its done
  * callbacks ran, and a later set_result starts a new round (execution
- * queues use this). Waiters woken by this round still receive @p value.
+ * queues use this). A waiter belongs to the round during which it began
+ * to wait: this completion wakes the waiters that began before it and those
+ * that begin while its done callbacks run (the Pending is done then), all
+ * with @p value, even if the Pending was reset since; a wait that begins
+ * after the callbacks ran is the next round's.
  *
  * Thread: any.
  * @return 0; CALLER_EINVALSTATE if already done; -EINVAL if @p p is NULL.
@@ -327,7 +331,12 @@ CALLER_EXTERN int caller_pending_remove_done_callback(caller_pending_t *p, calle
  * It ends after the Pending's done callbacks ran, except inside one of
  * those callbacks, in the thread (or task) running them: there the
  * Pending is done and the wait returns its outcome at once, whatever the
- * timeout, and never cancels it.
+ * timeout, and never cancels it. A reset Pending (caller_pending_set_result)
+ * is waited for round by round: the wait ends with the first completion
+ * that comes after it began, or the one whose callbacks run as it begins.
+ * On an execution queue's Pending it ends once every item queued before
+ * it began has run and the queue drained after them — at once if the
+ * queue is drained and nothing was queued since (caller_queue_call()).
  *
  * Thread: any.
  * @param p            the Pending.
@@ -702,6 +711,14 @@ CALLER_EXTERN size_t caller_pool_idle(caller_t *c);
  * the queue to drain — and later items start a new round on the same
  * Pending. An item that fails (caller_raise) is logged ("Execution of ...
  * failed") and skipped. Items from one thread keep their order.
+ *
+ * Waiting on the queue's Pending: a round ends when the queue's task finds
+ * the queue empty. A wait ends with the first such drain that comes after
+ * every item queued before the wait began (by any thread) has run, with
+ * that drain's result; so caller_queue_call() then caller_pending_wait()
+ * never returns before the item ran. If the queue is already drained, with
+ * nothing queued since, the wait returns that last drain's result at once
+ * (the Pending itself stays not done between rounds).
  *
  * Thread: any.
  * @return the queue's Pending (a reference the caller owns), or NULL:
