@@ -8,9 +8,10 @@
  * account they cannot, while the two accounts' queues run side by side.
  *
  * To know when the deposits are done, the program queues one more item
- * after them that completes a Pending of its own: items run in order. (The
- * queue's own Pending is reset each time the queue drains, so a wait on it
- * that starts after the last drain would wait for the next one.)
+ * after them that completes a Pending of its own: items run in order. (A
+ * wait on the queue's own Pending also ends with the drain after your
+ * items, but its value is the last item's of that whole drain, whoever
+ * queued it.)
  */
 // RUN-IN-TESTS
 #include <caller.h>

@@ -156,7 +156,8 @@ enum {
 /** A timeout meaning "wait forever". Any negative timeout means the same. */
 #define CALLER_FOREVER (-1.0)
 
-/** A done callback: runs once, when @p p becomes done. */
+/** A done callback: runs once, when @p p becomes done. Inside it @p p is
+ *  done: caller_pending_wait(p, ...) there returns the outcome at once. */
 typedef void (*caller_done_fn)(caller_pending_t *p, void *arg);
 
 /**
@@ -214,7 +215,11 @@ CALLER_EXTERN void *caller_pending_userdata(const caller_pending_t *p);
  *
  * With @p reset the Pending becomes not done again right after its done
  * callbacks ran, and a later set_result starts a new round (execution
- * queues use this). Waiters woken by this round still receive @p value.
+ * queues use this). A waiter belongs to the round during which it began
+ * to wait: this completion wakes the waiters that began before it and those
+ * that begin while its done callbacks run (the Pending is done then), all
+ * with @p value, even if the Pending was reset since; a wait that begins
+ * after the callbacks ran is the next round's.
  *
  * Thread: any.
  * @return 0; CALLER_EINVALSTATE if already done; -EINVAL if @p p is NULL.
@@ -298,6 +303,8 @@ CALLER_EXTERN int caller_pending_exception(const caller_pending_t *p, char *buf,
  * Add a done callback. If the Pending is already done, @p fn runs at once
  * in this thread before this function returns; otherwise it runs in the
  * thread that completes the Pending. Callbacks run in the order added.
+ * Waiters wake after the callbacks ran; a callback that waits on its own
+ * Pending gets the outcome at once (see caller_pending_wait()).
  *
  * Thread: any.
  * @return 0; -EINVAL if @p p or @p fn is NULL; -ENOMEM (then @p fn never
@@ -321,6 +328,15 @@ CALLER_EXTERN int caller_pending_remove_done_callback(caller_pending_t *p, calle
  *
  * On a plain thread this blocks the thread (the seed's `wait_sync`);
  * signals do not interrupt it. Inside a task it suspends only the task.
+ * It ends after the Pending's done callbacks ran, except inside one of
+ * those callbacks, in the thread (or task) running them: there the
+ * Pending is done and the wait returns its outcome at once, whatever the
+ * timeout, and never cancels it. A reset Pending (caller_pending_set_result)
+ * is waited for round by round: the wait ends with the first completion
+ * that comes after it began, or the one whose callbacks run as it begins.
+ * On an execution queue's Pending it ends once every item queued before
+ * it began has run and the queue drained after them — at once if the
+ * queue is drained and nothing was queued since (caller_queue_call()).
  *
  * Thread: any.
  * @param p            the Pending.
@@ -717,6 +733,14 @@ CALLER_EXTERN size_t caller_pool_idle(caller_t *c);
  * the queue to drain — and later items start a new round on the same
  * Pending. An item that fails (caller_raise) is logged ("Execution of ...
  * failed") and skipped. Items from one thread keep their order.
+ *
+ * Waiting on the queue's Pending: a round ends when the queue's task finds
+ * the queue empty. A wait ends with the first such drain that comes after
+ * every item queued before the wait began (by any thread) has run, with
+ * that drain's result; so caller_queue_call() then caller_pending_wait()
+ * never returns before the item ran. If the queue is already drained, with
+ * nothing queued since, the wait returns that last drain's result at once
+ * (the Pending itself stays not done between rounds).
  *
  * Thread: any.
  * @return the queue's Pending (a reference the caller owns), or NULL:

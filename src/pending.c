@@ -13,9 +13,32 @@
  * with the outcome copied into its node. Exactly one completion can win,
  * because DONE is tested and set under the lock; a callback added after
  * DONE runs at once in the adding thread, so each callback runs once.
+ *
+ * Rounds (reset): a waiter belongs to the round during which it joined and
+ * is woken only by that round's completion. A completion's round takes the
+ * waiters that joined before it and those that join while its callbacks
+ * run (the Pending is done then; they wake after the callbacks). Once a
+ * reset completion's callbacks have run the Pending is not done, and a new
+ * waiter is the next round's.
+ *
+ * An execution queue's round ends earlier, when its task finds the queue
+ * empty under the queue's lock (caller__pending_close_round); the
+ * completion comes after that lock is released (caller__pending_end_round).
+ * A waiter that joins in between may have queued an item the task did not
+ * see, so each item queued is noted (caller__pending_queued): the
+ * completion wakes the closed round's waiters, and the later ones only if
+ * nothing was queued since the close. A queue that drained with nothing
+ * queued since has nothing to wait for: a wait gets the last drain's
+ * outcome at once. Lock order there: the queue's lock (the Caller's), then
+ * the Pending's, which stays a leaf.
+ *
+ * A done callback that waits on its own Pending gets its outcome at once
+ * (see tl_completing): the wake it would wait for is sent by its own thread
+ * after it returns.
  */
 #include "internal.h"
 #include "sync.h"
+#include "testpoint.h"
 
 #include <pthread.h>
 #include <stdint.h>
@@ -32,6 +55,11 @@ enum {
     F_WEAK_OWNER = 1u << 5,
     F_COMPLETING = 1u << 6, /* done, its callbacks still running */
     F_BLOCK = 1u << 7,      /* from caller__block_alloc */
+    /* Rounds closed ahead of their completion (execution queues; see
+     * caller__pending_close_round). Both are changed under the lock; F_QUIET
+     * only by a holder of the queue's lock as well. */
+    F_ROUND_CLOSED = 1u << 8, /* a round was closed; its completion is to come */
+    F_QUIET = 1u << 9,        /* nothing was queued since the last round closed */
 };
 
 #define PENDING_MAGIC 0x50656e64u /* "Pend" */
@@ -379,8 +407,35 @@ static int outcome_locked(const caller_pending_t *p, unsigned flags)
     return (flags & F_FAILED) ? p->code : 0;
 }
 
+/*
+ * The Pendings whose done callbacks this thread is running, innermost first,
+ * each with the task it runs in (NULL: none). Inside its own callbacks a
+ * Pending is done, and the wake a wait would need is sent by this very
+ * thread once the callback returns: caller_pending_wait looks here and
+ * answers at once instead of waiting for itself. A callback that suspends
+ * (in a task) leaves its frame listed while other tasks of the thread run
+ * and list theirs, so a frame is unlinked by identity, not popped.
+ */
+typedef struct completing {
+    const caller_pending_t *p;
+    caller__task_t *task;
+    struct completing *next;
+} completing_t;
+
+static _Thread_local completing_t *tl_completing;
+
+static bool completing_here(const caller_pending_t *p, const caller__task_t *task)
+{
+    for (completing_t *f = tl_completing; f; f = f->next)
+        if (f->p == p && f->task == task)
+            return true;
+    return false;
+}
+
 static void run_callbacks(caller_pending_t *p, callback_t cb0, callback_vec_t *cbs)
 {
+    completing_t frame = {p, caller__task_current(), tl_completing};
+    tl_completing = &frame;
     if (cb0.fn)
         cb0.fn(p, cb0.arg);
     if (cbs) {
@@ -388,20 +443,87 @@ static void run_callbacks(caller_pending_t *p, callback_t cb0, callback_vec_t *c
             cbs->items[i].fn(p, cbs->items[i].arg);
         caller__free(cbs);
     }
+    for (completing_t **pp = &tl_completing; *pp; pp = &(*pp)->next)
+        if (*pp == &frame) {
+            *pp = frame.next;
+            break;
+        }
+}
+
+/* Detach every linked waiter. Under the lock. */
+static caller__waiter_t *take_waiters(caller_pending_t *p)
+{
+    caller__waiter_t *waiters = p->waiters;
+    p->waiters = NULL;
+    for (caller__waiter_t *w = waiters; w; w = w->next)
+        w->linked = false;
+    return waiters;
+}
+
+/* Give each waiter of @p list the outcome and wake it. After its wake a
+ * node may vanish: `next` is read first. */
+static void wake_waiters(caller__waiter_t *list, void *value, int code)
+{
+    for (caller__waiter_t *w = list, *next; w; w = next) {
+        next = w->next;
+        w->value = value;
+        w->code = code;
+        w->wake(w);
+    }
+}
+
+/*
+ * The round that caller__pending_close_round closed cannot be completed:
+ * the Pending was made done meanwhile (only misuse does that to a queue's).
+ * Its waiters must not be stranded: the completion that came first takes
+ * them for its late wake if its callbacks still run, or else they get its
+ * outcome now. Called under the lock, which this releases.
+ */
+static void hand_over_round(caller_pending_t *p, unsigned flags, caller__waiter_t *round)
+{
+    caller__waiter_t *now = NULL;
+    atomic_fetch_and_explicit(&p->flags, ~(unsigned)F_ROUND_CLOSED, memory_order_relaxed);
+    if (flags & F_COMPLETING) {
+        for (caller__waiter_t *w = round, *next; w; w = next) {
+            next = w->next;
+            w->linked = true;
+            w->next = p->waiters;
+            p->waiters = w;
+        }
+    } else {
+        now = round;
+    }
+    int code = outcome_locked(p, flags);
+    void *value = p->value;
+    caller__unlock(&p->lock);
+    wake_waiters(now, value, code);
 }
 
 /*
  * Make the Pending done with @p value (code 0) or an error (@p code < 0,
  * message @p msg, whose ownership passes here). Returns 0 or
  * CALLER_EINVALSTATE.
+ *
+ * Which waiters it wakes: all that joined before it, and those that join
+ * while its callbacks run (the Pending is done then: they get this
+ * round's outcome, after the callbacks). With @p closed (a reset) the
+ * round was closed earlier by caller__pending_close_round, and @p round
+ * holds the waiters it detached. Those are woken; so are the waiters that
+ * joined since, as long as nothing was queued since (F_QUIET: whatever
+ * they queued ran before the round closed). Once something was, a waiter
+ * that joined after the close may be waiting for that item: it stays, for
+ * the next round.
  */
-static int complete(caller_pending_t *p, void *value, int code, char *msg, bool reset,
-                    const char *fn)
+static int complete(caller_pending_t *p, void *value, int code, char *msg, bool reset, bool closed,
+                    caller__waiter_t *round, const char *fn)
 {
     caller__lock(&p->lock);
     unsigned flags = atomic_load_explicit(&p->flags, memory_order_relaxed);
     if (flags & F_DONE) {
-        caller__unlock(&p->lock);
+        if (closed)
+            hand_over_round(p, flags, round);
+        else
+            caller__unlock(&p->lock);
         caller__free(msg);
         return caller__fail(CALLER_EINVALSTATE, "%s: the Pending is already done", fn);
     }
@@ -420,10 +542,9 @@ static int complete(caller_pending_t *p, void *value, int code, char *msg, bool 
     callback_vec_t *cbs = p->cbs;
     p->cb0 = (callback_t){0};
     p->cbs = NULL;
-    caller__waiter_t *waiters = p->waiters;
-    p->waiters = NULL;
-    for (caller__waiter_t *w = waiters; w; w = w->next)
-        w->linked = false;
+    caller__waiter_t *early = NULL;
+    if (!closed || (flags & F_QUIET))
+        early = take_waiters(p);
     caller__unlock(&p->lock);
 
     caller__waiter_t *late = NULL;
@@ -434,13 +555,13 @@ static int complete(caller_pending_t *p, void *value, int code, char *msg, bool 
          * caller__pending_add_waiter): nobody sees the Pending done, through
          * a wait, before its callbacks ran. */
         caller__lock(&p->lock);
-        late = p->waiters;
-        p->waiters = NULL;
-        for (caller__waiter_t *w = late; w; w = w->next)
-            w->linked = false;
-        unsigned clear = F_COMPLETING;
+        flags = atomic_load_explicit(&p->flags, memory_order_relaxed);
+        if (!closed || (flags & F_QUIET))
+            late = take_waiters(p);
+        unsigned clear = F_COMPLETING | (closed ? F_ROUND_CLOSED : 0u);
         if (reset) {
-            p->value = NULL;
+            if (!closed) /* a closed round's value answers waits while the queue is idle */
+                p->value = NULL;
             clear |= F_DONE;
         }
         atomic_fetch_and_explicit(&p->flags, ~clear, memory_order_release);
@@ -450,24 +571,43 @@ static int complete(caller_pending_t *p, void *value, int code, char *msg, bool 
     }
 
     /* Waiters last, as in the original: when a waiter wakes, the done
-     * callbacks have run. Read `next` before waking: the node may vanish. */
-    caller__waiter_t *lists[2] = {waiters, late}, *next;
-    for (int i = 0; i < 2; i++) {
-        for (caller__waiter_t *w = lists[i]; w; w = next) {
-            next = w->next;
-            w->value = value;
-            w->code = outcome;
-            w->wake(w);
-        }
-    }
+     * callbacks have run. */
+    wake_waiters(round, value, outcome);
+    wake_waiters(early, value, outcome);
+    wake_waiters(late, value, outcome);
     return 0;
+}
+
+caller__waiter_t *caller__pending_close_round(caller_pending_t *p)
+{
+    caller__lock(&p->lock);
+    caller__waiter_t *round = take_waiters(p);
+    atomic_fetch_or_explicit(&p->flags, F_ROUND_CLOSED | F_QUIET, memory_order_relaxed);
+    caller__unlock(&p->lock);
+    return round;
+}
+
+void caller__pending_queued(caller_pending_t *p)
+{
+    /* F_QUIET changes only under the queue's lock, which our caller holds:
+     * this read is exact, and the Pending's lock is taken once per round. */
+    if (!(atomic_load_explicit(&p->flags, memory_order_relaxed) & F_QUIET))
+        return;
+    caller__lock(&p->lock);
+    atomic_fetch_and_explicit(&p->flags, ~(unsigned)F_QUIET, memory_order_relaxed);
+    caller__unlock(&p->lock);
+}
+
+int caller__pending_end_round(caller_pending_t *p, void *value, caller__waiter_t *round)
+{
+    return complete(p, value, 0, NULL, true, true, round, "caller_pending_set_result");
 }
 
 int caller_pending_set_result(caller_pending_t *p, void *value, bool reset)
 {
     if (!p)
         return caller__fail(-EINVAL, "caller_pending_set_result: p is NULL");
-    return complete(p, value, 0, NULL, reset, "caller_pending_set_result");
+    return complete(p, value, 0, NULL, reset, false, NULL, "caller_pending_set_result");
 }
 
 int caller_pending_set_exception(caller_pending_t *p, int code, const char *fmt, ...)
@@ -485,7 +625,7 @@ int caller_pending_set_exception(caller_pending_t *p, int code, const char *fmt,
         va_end(ap);
         nomem = !msg;
     }
-    int rc = complete(p, NULL, code, msg, false, "caller_pending_set_exception");
+    int rc = complete(p, NULL, code, msg, false, false, NULL, "caller_pending_set_exception");
     if (rc == 0 && nomem)
         return caller__fail(-ENOMEM,
                             "caller_pending_set_exception: no memory for the "
@@ -713,10 +853,22 @@ bool caller__pending_add_waiter(caller_pending_t *p, caller__waiter_t *w)
         caller__unlock(&p->lock);
         return false;
     }
+    if ((flags & (F_DONE | F_ROUND_CLOSED | F_QUIET)) == F_QUIET) {
+        /* A queue that drained, with nothing queued since: there is nothing
+         * to wait for, and no completion would come to end the wait. The
+         * last drain's outcome, now, from this thread. */
+        w->linked = false;
+        w->code = (flags & F_CANCELLED) ? -ECANCELED : 0;
+        w->value = w->code ? NULL : p->value;
+        caller__unlock(&p->lock);
+        w->wake(w);
+        return true;
+    }
     w->linked = true;
     w->next = p->waiters;
     p->waiters = w;
     caller__unlock(&p->lock);
+    CALLER__TEST_POINT("pending.waiter", p);
     return true;
 }
 
@@ -829,7 +981,13 @@ int caller_pending_wait(caller_pending_t *p, double timeout, bool protect, bool 
     void *v = NULL;
     int64_t deadline = caller__deadline(timeout);
     caller__task_t *task = caller__task_current();
-    if (task) {
+    if (tl_completing && completing_here(p, task)) {
+        /* Inside its own done callbacks: done, and the wake a wait would
+         * need comes from this thread once the callback returns. */
+        rc = 0;
+        if (want_result)
+            code = outcome(p, &v, NULL, 0, "caller_pending_wait");
+    } else if (task) {
         rc = caller__task_wait(task, p, deadline, want_result, &code, &v);
     } else if (caller__pending_settled(p)) {
         rc = 0; /* done: no waiter to link, no lock unless the outcome is wanted */

@@ -35,7 +35,9 @@ struct caller__waiter {
 };
 
 /* Link @p w unless the Pending is done. Returns true if linked (a wake will
- * come), false if already done (no wake will come). */
+ * come), false if already done (no wake will come). An execution queue's
+ * Pending that drained with nothing queued since wakes @p w at once, from
+ * this thread, before returning true. */
 bool caller__pending_add_waiter(caller_pending_t *p, caller__waiter_t *w);
 
 /* Unlink @p w. Returns true if it was still linked (no wake will come). */
@@ -44,6 +46,14 @@ bool caller__pending_remove_waiter(caller_pending_t *p, caller__waiter_t *w);
 /* Done, with its callbacks run: a wait would return at once (its outcome
  * is then read under the lock, as reset may clear it). Lock-free. */
 bool caller__pending_settled(const caller_pending_t *p);
+
+/* Rounds of an execution queue's Pending (see pending.c): close the round
+ * when the queue is found empty (under the queue's lock; returns its
+ * waiters), note each item queued (under that lock), and complete the
+ * round later with set_result(value, reset) semantics. */
+caller__waiter_t *caller__pending_close_round(caller_pending_t *p);
+void caller__pending_queued(caller_pending_t *p);
+int caller__pending_end_round(caller_pending_t *p, void *value, caller__waiter_t *round);
 
 /* Label shown in the text form (a string with static lifetime, e.g. the
  * scheduled function's name). */

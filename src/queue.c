@@ -5,12 +5,26 @@
  * the queue's Pending. Each time the queue runs dry that Pending is set to
  * the last item's result with reset, so a waiter sees the queue drained.
  *
+ * Rounds: a wait on the queue's Pending must end only once the items
+ * queued before it began have run and the queue drained after them. The
+ * task decides "empty" under the Caller's lock and completes the Pending
+ * only after unlocking, so a caller_queue_call and a wait can both come in
+ * between. So the round is closed with the decision, under the lock
+ * (caller__pending_close_round: it takes the waiters there are), each
+ * caller_queue_call tells the Pending that an item came
+ * (caller__pending_queued), and the completion wakes the round's waiters
+ * and, if nothing was queued since the close, the later ones too. A wait
+ * on a queue that drained with nothing queued since ends at once.
+ *
  * Locking: a Caller's queues (the list and each queue's items) are under
  * that Caller's `lock`; no user code and no Pending completion runs under
- * it. A queue is freed by its own task when it ends, after leaving the
- * list, so whoever finds it under the lock may use it until unlocking.
+ * it. Closing a round takes the queue's Pending's lock under it (a leaf
+ * lock: nothing is taken under that). A queue is freed by its own task when
+ * it ends, after leaving the list, so whoever finds it under the lock may
+ * use it until unlocking.
  */
 #include "internal.h"
+#include "testpoint.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -77,9 +91,12 @@ static void *queue_loop(void *arg)
                 q->tail = NULL;
         }
         caller_pending_t *wake = NULL;
+        caller__waiter_t *round = NULL;
         if (!it && !q->closed) {
             wake = caller_pending_new(CALLER_PENDING_UNTRACKED);
             q->wake = caller_pending_ref(wake);
+            if (wake) /* drained: this round ends here, whatever comes next */
+                round = caller__pending_close_round(self);
         }
         bool closed = q->closed;
         pthread_mutex_unlock(&c->lock);
@@ -103,8 +120,10 @@ static void *queue_loop(void *arg)
         }
         if (closed || !wake)
             break; /* closed, or no memory to wait: end the queue */
-        /* Drained: this round's result, then wait for the next item. */
-        caller_pending_set_result(self, last, true);
+        /* Drained: this round's result to its waiters, then wait for the
+         * next item. */
+        CALLER__TEST_POINT("queue.empty", self);
+        caller__pending_end_round(self, last, round);
         int rc = caller_pending_wait(wake, CALLER_FOREVER, true, false, NULL);
         caller_pending_unref(wake);
         if (rc < 0)
@@ -185,6 +204,7 @@ caller_pending_t *caller__queue_call(caller_t *c, caller_fn key_fn, const void *
     else
         q->head = it;
     q->tail = it;
+    caller__pending_queued(q->pending); /* a round closed before now is not this item's */
     caller_pending_t *wake = q->wake;
     q->wake = NULL;
     caller_pending_t *p = caller_pending_ref(q->pending);

@@ -1,9 +1,12 @@
-/* Pending without a running Caller (SPEC §5; issue #2). */
+/* Pending (SPEC §5; issue #2), mostly without a running Caller. */
 #include "check.h"
 #include "internal.h"
+#include "testpoint.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <sched.h>
+#include <semaphore.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <sys/wait.h>
@@ -900,4 +903,231 @@ TEST(waiter_may_release_as_soon_as_the_wait_returns)
     }
     atomic_store(&handoff_stop, 1);
     CHECK_EQ(pthread_join(t, NULL), 0);
+}
+
+/* ---- rounds of a reset Pending ------------------------------------------------------ */
+
+/*
+ * A waiter belongs to the round during which it began to wait: one that
+ * joins while a reset completion's done callbacks run gets that round's
+ * outcome (the Pending is done then), after the callbacks. The window is
+ * held open in a callback until the test point "pending.waiter" says the
+ * waiter joined.
+ */
+static struct {
+    _Atomic(caller_pending_t *) p; /* hooks read it */
+    sem_t in_callback, joined;
+} joiner;
+
+static void sem_wait_10s(sem_t *s)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += (time_t)(10 * check_time_scale());
+    int rc;
+    while ((rc = sem_timedwait(s, &ts)) != 0 && errno == EINTR)
+        ;
+    CHECK_EQ(rc, 0);
+}
+
+static void joiner_hook(const char *point, void *obj)
+{
+    if (obj == atomic_load(&joiner.p) && strcmp(point, "pending.waiter") == 0)
+        sem_post(&joiner.joined);
+}
+
+static void hold_until_joined(caller_pending_t *p, void *arg)
+{
+    (void)p;
+    (void)arg;
+    sem_post(&joiner.in_callback);
+    sem_wait_10s(&joiner.joined);
+}
+
+TEST(reset_waiter_joining_during_callbacks_gets_that_round)
+{
+    caller_pending_t *p = new_pending();
+    atomic_store(&joiner.p, p);
+    CHECK_EQ(sem_init(&joiner.in_callback, 0, 0), 0);
+    CHECK_EQ(sem_init(&joiner.joined, 0, 0), 0);
+    CHECK_RC(caller_pending_add_done_callback(p, hold_until_joined, NULL), 0);
+    atomic_store(&caller__test_hook, joiner_hook);
+    setter_t s = {.p = p, .value = (void *)5, .reset = true};
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, setter_thread, &s), 0);
+    sem_wait_10s(&joiner.in_callback);
+    void *v = NULL;
+    CHECK_RC(caller_pending_wait(p, 10 * check_time_scale(), true, true, &v), 0);
+    atomic_store(&caller__test_hook, NULL);
+    CHECK_PTR_EQ(v, (void *)5);
+    CHECK_EQ(pthread_join(t, NULL), 0);
+    CHECK_RC(s.code, 0);
+    CHECK_EQ(caller_pending_done(p), 0); /* reset after the callbacks */
+    /* A wait that begins now is the next round's. */
+    s = (setter_t){.p = p, .delay = 0.01, .value = (void *)6};
+    CHECK_EQ(pthread_create(&t, NULL, setter_thread, &s), 0);
+    CHECK_RC(caller_pending_wait(p, 10 * check_time_scale(), true, true, &v), 0);
+    CHECK_PTR_EQ(v, (void *)6);
+    CHECK_EQ(pthread_join(t, NULL), 0);
+    sem_destroy(&joiner.in_callback);
+    sem_destroy(&joiner.joined);
+    atomic_store(&joiner.p, NULL);
+    caller_pending_unref(p);
+}
+
+/*
+ * The rule under load: one thread resets a Pending 200 000 times while 6
+ * threads wait on it in a loop. A wait that began after round L's
+ * completion returned must end with a later round.
+ */
+enum { RESET_ROUNDS = 200000, RESET_WAITERS = 6 };
+
+static struct {
+    caller_pending_t *p;
+    atomic_long completed; /* the last round whose set_result returned */
+    atomic_long wakes;
+} resets;
+
+static void *reset_waiter(void *arg)
+{
+    (void)arg;
+    for (;;) {
+        long before = atomic_load(&resets.completed);
+        void *v = NULL;
+        CHECK_RC(caller_pending_wait(resets.p, 10 * check_time_scale(), true, true, &v), 0);
+        CHECK_LT(before, I(v));
+        atomic_fetch_add_explicit(&resets.wakes, 1, memory_order_relaxed);
+        if (I(v) > RESET_ROUNDS)
+            return NULL; /* the last completion, without reset */
+    }
+}
+
+TEST(reset_200k_rounds_six_waiters_each_woken_by_a_later_round)
+{
+    resets.p = new_pending();
+    atomic_store(&resets.completed, 0);
+    atomic_store(&resets.wakes, 0);
+    double t0 = check_now();
+    pthread_t t[RESET_WAITERS];
+    for (int i = 0; i < RESET_WAITERS; i++)
+        CHECK_EQ(pthread_create(&t[i], NULL, reset_waiter, NULL), 0);
+    for (long i = 1; i <= RESET_ROUNDS; i++) {
+        CHECK_RC(caller_pending_set_result(resets.p, P(i), true), 0);
+        atomic_store(&resets.completed, i);
+    }
+    CHECK_RC(caller_pending_set_result(resets.p, P(RESET_ROUNDS + 1), false), 0);
+    for (int i = 0; i < RESET_WAITERS; i++)
+        CHECK_EQ(pthread_join(t[i], NULL), 0);
+    printf("%d rounds, %ld wakes, %.2f s\n", RESET_ROUNDS, atomic_load(&resets.wakes),
+           check_now() - t0);
+    caller_pending_unref(resets.p);
+}
+
+/* ---- waiting inside its own done callbacks ------------------------------------------ */
+
+/*
+ * Inside its own done callback a Pending is done, and the wake a wait
+ * would need is sent by the same thread once the callback returns: the
+ * wait gives the outcome at once, with any timeout, and never cancels.
+ */
+typedef struct {
+    double timeout;
+    int rc, cancelled, calls;
+    void *value;
+    double elapsed;
+} self_wait_t;
+
+static void wait_on_self(caller_pending_t *p, void *arg)
+{
+    self_wait_t *sw = arg;
+    double t0 = check_now();
+    sw->rc = caller_pending_wait(p, sw->timeout, false, true, &sw->value);
+    sw->elapsed = check_now() - t0;
+    sw->cancelled = caller_pending_cancelled(p);
+    sw->calls++;
+}
+
+static void check_self_wait(const self_wait_t *sw, int rc, void *value)
+{
+    CHECK_EQ(sw->calls, 1);
+    CHECK_RC(sw->rc, rc);
+    CHECK_PTR_EQ(sw->value, value);
+    CHECK_EQ(sw->cancelled, 0);
+    if (sw->timeout > 0) /* far below the timeout: it did not wait */
+        CHECK(sw->elapsed < sw->timeout / 4);
+}
+
+TEST(wait_in_own_done_callback_returns_at_once)
+{
+    double timeout = 10 * check_time_scale();
+    for (int kind = 0; kind < 4; kind++) {
+        caller_pending_t *p = new_pending();
+        self_wait_t sw = {.timeout = kind == 3 ? CALLER_FOREVER : timeout};
+        CHECK_RC(caller_pending_add_done_callback(p, wait_on_self, &sw), 0);
+        switch (kind) {
+        case 0:
+        case 3:
+            CHECK_RC(caller_pending_set_result(p, P(42), false), 0);
+            check_self_wait(&sw, 0, P(42));
+            CHECK_RC(caller_pending_result(p, NULL), 0);
+            break;
+        case 1: /* reset: the round's value, then not done */
+            CHECK_RC(caller_pending_set_result(p, P(43), true), 0);
+            check_self_wait(&sw, 0, P(43));
+            CHECK_EQ(caller_pending_done(p), 0);
+            break;
+        case 2:
+            CHECK_RC(caller_pending_set_exception(p, -EIO, "broke"), 0);
+            check_self_wait(&sw, -EIO, NULL);
+            CHECK_RC(caller_pending_result(p, NULL), -EIO);
+            break;
+        }
+        CHECK_EQ(caller_pending_cancelled(p), 0);
+        caller_pending_unref(p);
+    }
+}
+
+/* In a task: the callback runs on the task's fiber, completing a Pending
+ * the task made. */
+static void *complete_own_pending_in_task(void *arg)
+{
+    caller_pending_t *p = caller_pending_new(0);
+    CHECK_RC(caller_pending_add_done_callback(p, wait_on_self, arg), 0);
+    CHECK_RC(caller_pending_set_result(p, P(7), false), 0);
+    CHECK_EQ(caller_pending_cancelled(p), 0);
+    caller_pending_unref(p);
+    return NULL;
+}
+
+static void *wait_for_gate(void *arg)
+{
+    CHECK_RC(caller_pending_wait(arg, 10 * check_time_scale(), true, false, NULL), 0);
+    return P(8);
+}
+
+TEST(wait_in_own_done_callback_in_a_task_returns_at_once)
+{
+    double timeout = 10 * check_time_scale();
+    caller_t *c = check_new_thread(NULL);
+    self_wait_t sw = {.timeout = timeout};
+    caller_pending_t *t = caller_call_soon(c, complete_own_pending_in_task, &sw);
+    CHECK_RC(caller_pending_wait(t, 3 * timeout, true, true, NULL), 0);
+    caller_pending_unref(t);
+    check_self_wait(&sw, 0, P(7));
+
+    /* A task's own Pending: its callbacks run on the Caller's thread, which
+     * a wait that blocked would stall whole. */
+    caller_pending_t *gate = new_pending();
+    sw = (self_wait_t){.timeout = timeout};
+    t = caller_call_soon(c, wait_for_gate, gate);
+    CHECK_RC(caller_pending_add_done_callback(t, wait_on_self, &sw), 0);
+    CHECK_RC(caller_pending_set_result(gate, NULL, false), 0);
+    void *v = NULL;
+    CHECK_RC(caller_pending_wait(t, 3 * timeout, true, true, &v), 0);
+    CHECK_PTR_EQ(v, P(8));
+    check_self_wait(&sw, 0, P(8));
+    CHECK_EQ(caller_pending_cancelled(t), 0);
+    caller_pending_unref(t);
+    caller_pending_unref(gate);
+    check_stop(c);
 }

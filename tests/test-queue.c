@@ -3,8 +3,11 @@
 // TIMEOUT: 120
 #include "check.h"
 #include "internal.h"
+#include "testpoint.h"
 
+#include <errno.h>
 #include <pthread.h>
+#include <semaphore.h>
 #include <stdatomic.h>
 #include <stdint.h>
 
@@ -347,6 +350,262 @@ TEST(four_threads_50k_items_into_one_queue)
         CHECK_EQ(burst.last[i], BURST_N - 1);
     caller_queue_close(c, burst_item);
     caller_queue_close_key(c, (const void *)burst_item);
+    check_stop(c);
+}
+
+/* ---- rounds: a wait wakes only after the items it queued ran ------------ */
+
+/*
+ * The queue's task decides "empty" under the Caller's lock and completes
+ * the queue's Pending (with reset) only after unlocking. A thread that
+ * queues an item and waits inside that gap, or while that completion's done
+ * callbacks run, belongs to the next round: it must not be woken by the
+ * drain that did not see its item. Each window is held open: at the test
+ * point "queue.empty" (the gap) or in a done callback of the queue's
+ * Pending, until the test point "pending.waiter" says the waiter joined.
+ */
+static struct {
+    _Atomic(caller_pending_t *) q; /* the queue's Pending (hooks read it) */
+    atomic_int hold_empty, hold_join;
+    sem_t held, joined;
+    atomic_int ran[2];
+} win;
+
+static void win_sem_wait(sem_t *s)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += (time_t)(10 * check_time_scale());
+    int rc;
+    while ((rc = sem_timedwait(s, &ts)) != 0 && errno == EINTR)
+        ;
+    CHECK_EQ(rc, 0);
+}
+
+static void win_hook(const char *point, void *obj)
+{
+    if (obj != atomic_load(&win.q))
+        return;
+    if (strcmp(point, "queue.empty") == 0 && atomic_exchange(&win.hold_empty, 0)) {
+        sem_post(&win.held); /* in the gap: hold it until the waiter joined */
+        win_sem_wait(&win.joined);
+    } else if (strcmp(point, "pending.waiter") == 0 && atomic_exchange(&win.hold_join, 0)) {
+        sem_post(&win.joined);
+    }
+}
+
+/* The first item: holds the queue until the test has set up the window. */
+static void *win_gated(void *arg)
+{
+    CHECK_RC(caller_pending_wait(arg, 10 * check_time_scale(), true, false, NULL), 0);
+    atomic_store(&win.ran[0], 1);
+    return P(100);
+}
+
+static void *win_second(void *arg)
+{
+    atomic_store(&win.ran[1], 1);
+    return arg;
+}
+
+/* A done callback of the queue's Pending, in its first drain only. */
+static void win_hold_in_callback(caller_pending_t *p, void *arg)
+{
+    (void)arg;
+    CHECK_EQ(caller_pending_done(p), 1);
+    sem_post(&win.held);
+    win_sem_wait(&win.joined);
+}
+
+/* Queue a gated first item (with the window armed), open the gate, and
+ * once the window is held queue a second item and wait: the wait must end
+ * with the second item's result, after it ran. */
+static void queue_and_wait_in_window(bool in_callback)
+{
+    caller_t *c = check_new_thread(NULL);
+    int key;
+    memset(win.ran, 0, sizeof win.ran);
+    CHECK_EQ(sem_init(&win.held, 0, 0), 0);
+    CHECK_EQ(sem_init(&win.joined, 0, 0), 0);
+    caller_pending_t *gate = caller_pending_new(0);
+    caller_pending_t *q = caller_queue_call_key(c, &key, win_gated, gate);
+    CHECK(q != NULL);
+    atomic_store(&win.q, q);
+    if (in_callback)
+        CHECK_RC(caller_pending_add_done_callback(q, win_hold_in_callback, NULL), 0);
+    else
+        atomic_store(&win.hold_empty, 1);
+    atomic_store(&caller__test_hook, win_hook);
+    CHECK_RC(caller_pending_set_result(gate, NULL, false), 0);
+
+    win_sem_wait(&win.held); /* the first drain is under way */
+    CHECK_EQ(atomic_load(&win.ran[0]), 1);
+    caller_pending_t *q2 = caller_queue_call_key(c, &key, win_second, P(2));
+    CHECK_PTR_EQ(q2, q);
+    atomic_store(&win.hold_join, 1);
+    void *v = NULL;
+    CHECK_RC(caller_pending_wait(q, 10 * check_time_scale(), true, true, &v), 0);
+    int second_ran = atomic_load(&win.ran[1]);
+    atomic_store(&caller__test_hook, NULL);
+    CHECK_EQ(atomic_load(&win.hold_join), 0); /* the wait did join in the window */
+    CHECK_EQ(I(v), 2);                        /* not the first drain's 100 */
+    CHECK_EQ(second_ran, 1);
+
+    CHECK_EQ(caller_queue_close_key(c, &key), 1);
+    caller_pending_unref(q2);
+    atomic_store(&win.q, NULL);
+    caller_pending_unref(q);
+    caller_pending_unref(gate);
+    sem_destroy(&win.held);
+    sem_destroy(&win.joined);
+    check_stop(c);
+}
+
+TEST(wait_queued_after_the_empty_decision_waits_for_its_item)
+{
+    queue_and_wait_in_window(false);
+}
+
+TEST(wait_queued_during_the_drain_callbacks_waits_for_its_item)
+{
+    queue_and_wait_in_window(true);
+}
+
+/* The same rule, run free: threads each queue an item and wait, many
+ * times; a wait that ends before its own item ran is a violation. */
+enum { ROUND_THREADS = 3, ROUND_WAITS = 20000 };
+
+static struct {
+    caller_t *c;
+    int key;
+    atomic_char ran[ROUND_THREADS * ROUND_WAITS];
+    atomic_long violations;
+} rounds_run;
+
+static void *mark_ran(void *arg)
+{
+    atomic_store_explicit(&rounds_run.ran[I(arg)], 1, memory_order_relaxed);
+    return arg;
+}
+
+static void *queue_and_wait_loop(void *arg)
+{
+    intptr_t t = I(arg);
+    for (int i = 0; i < ROUND_WAITS; i++) {
+        intptr_t slot = t * ROUND_WAITS + i;
+        caller_pending_t *q =
+            caller_queue_call_key(rounds_run.c, &rounds_run.key, mark_ran, P(slot));
+        CHECK(q != NULL);
+        CHECK_RC(caller_pending_wait(q, 10 * check_time_scale(), true, false, NULL), 0);
+        /* The wake's acquire orders the item's store before this load. */
+        if (!atomic_load_explicit(&rounds_run.ran[slot], memory_order_relaxed))
+            atomic_fetch_add(&rounds_run.violations, 1);
+        caller_pending_unref(q);
+    }
+    return NULL;
+}
+
+TEST(three_threads_queue_and_wait_60k_times)
+{
+    memset(&rounds_run, 0, sizeof rounds_run);
+    rounds_run.c = check_new_thread(NULL);
+    double t0 = check_now();
+    pthread_t t[ROUND_THREADS];
+    for (intptr_t i = 0; i < ROUND_THREADS; i++)
+        CHECK_EQ(pthread_create(&t[i], NULL, queue_and_wait_loop, P(i)), 0);
+    for (int i = 0; i < ROUND_THREADS; i++)
+        CHECK_EQ(pthread_join(t[i], NULL), 0);
+    printf("%d waits, %ld ended before their item ran, %.2f s\n", ROUND_THREADS * ROUND_WAITS,
+           atomic_load(&rounds_run.violations), check_now() - t0);
+    CHECK_EQ(atomic_load(&rounds_run.violations), 0);
+    CHECK_EQ(caller_queue_close_key(rounds_run.c, &rounds_run.key), 1);
+    check_stop(rounds_run.c);
+}
+
+/* Inside its own done callback the queue's Pending is done: waiting on it
+ * there gives that drain's result at once (the callback runs in the
+ * queue's task, which could never wake itself). */
+typedef struct {
+    int rc, cancelled;
+    void *value;
+    double elapsed;
+    caller_pending_t *seen; /* completed when the callback is over */
+} queue_self_wait_t;
+
+static void wait_on_queue_in_callback(caller_pending_t *p, void *arg)
+{
+    queue_self_wait_t *sw = arg;
+    double t0 = check_now();
+    sw->rc = caller_pending_wait(p, 10 * check_time_scale(), false, true, &sw->value);
+    sw->elapsed = check_now() - t0;
+    sw->cancelled = caller_pending_cancelled(p);
+    caller_pending_set_result(sw->seen, NULL, false);
+}
+
+TEST(done_callback_waiting_on_the_queue_pending_gets_its_drain)
+{
+    caller_t *c = check_new_thread(NULL);
+    int key;
+    queue_self_wait_t sw = {.rc = 1, .seen = caller_pending_new(0)};
+    caller_pending_t *gate = caller_pending_new(0);
+    caller_pending_t *q = caller_queue_call_key(c, &key, win_gated, gate);
+    CHECK_RC(caller_pending_add_done_callback(q, wait_on_queue_in_callback, &sw), 0);
+    CHECK_RC(caller_pending_set_result(gate, NULL, false), 0);
+    CHECK_RC(caller_pending_wait(sw.seen, 30 * check_time_scale(), true, false, NULL), 0);
+    CHECK_RC(sw.rc, 0);
+    CHECK_EQ(I(sw.value), 100);
+    CHECK_EQ(sw.cancelled, 0);
+    CHECK(sw.elapsed < 2.5 * check_time_scale()); /* a quarter of the timeout */
+    /* The queue goes on. */
+    caller_pending_t *again = caller_queue_call_key(c, &key, pass_through, P(5));
+    void *v;
+    CHECK_RC(caller_pending_wait(again, 10 * check_time_scale(), true, true, &v), 0);
+    CHECK_EQ(I(v), 5);
+    CHECK_EQ(caller_queue_close_key(c, &key), 1);
+    caller_pending_unref(again);
+    caller_pending_unref(q);
+    caller_pending_unref(gate);
+    caller_pending_unref(sw.seen);
+    check_stop(c);
+}
+
+/* A wait on a queue that drained, with nothing queued since, has nothing
+ * to wait for: it ends at once with the last drain's result (it used to
+ * wait for a drain that no one would cause — the hang of queue_call then
+ * wait from another thread when the item drained before the wait began). */
+static void *wait_in_task(void *arg)
+{
+    void *v = NULL;
+    CHECK_RC(caller_pending_wait(arg, 10 * check_time_scale(), false, true, &v), 0);
+    return v;
+}
+
+TEST(wait_on_a_drained_queue_returns_its_last_result)
+{
+    caller_t *c = check_new_thread(NULL);
+    int key;
+    caller_pending_t *q = caller_queue_call_key(c, &key, pass_through, P(7));
+    void *v = NULL;
+    /* Joined before the drain or after it: either way it ends with it. */
+    CHECK_RC(caller_pending_wait(q, 10 * check_time_scale(), true, true, &v), 0);
+    CHECK_EQ(I(v), 7);
+    double t0 = check_now();
+    CHECK_RC(caller_pending_wait(q, 10 * check_time_scale(), false, true, &v), 0);
+    CHECK(check_now() - t0 < 2.5 * check_time_scale()); /* a quarter of the timeout */
+    CHECK_EQ(I(v), 7);
+    CHECK_EQ(caller_pending_done(q), 0); /* still reset: a round may start */
+    CHECK_EQ(caller_pending_cancelled(q), 0);
+    /* The same from a task on the queue's Caller. */
+    caller_pending_t *t = caller_call_soon(c, wait_in_task, q);
+    CHECK_RC(caller_pending_wait(t, 20 * check_time_scale(), true, true, &v), 0);
+    CHECK_EQ(I(v), 7);
+    caller_pending_unref(t);
+    /* Queue again: the next wait ends with that item's drain, not 7. */
+    caller_pending_unref(caller_queue_call_key(c, &key, pass_through, P(8)));
+    CHECK_RC(caller_pending_wait(q, 10 * check_time_scale(), true, true, &v), 0);
+    CHECK_EQ(I(v), 8);
+    CHECK_EQ(caller_queue_close_key(c, &key), 1);
+    caller_pending_unref(q);
     check_stop(c);
 }
 
