@@ -754,22 +754,27 @@ CALLER_EXTERN caller_pending_t *caller_queue_call(caller_t *c, caller_fn fn, voi
 CALLER_EXTERN caller_pending_t *caller_queue_call_key(caller_t *c, const void *key, caller_fn fn,
                                                       void *arg);
 
-/**
- * What the caller_queue_call / caller_queue_call_key macros expand to: the
- * queue of @p key_fn (when not NULL) or of @p key, with @p name (a string
- * with static lifetime) as the label of the queue's Pending. Thread: any.
- * @return as caller_queue_call().
- */
-CALLER_EXTERN caller_pending_t *caller__queue_call(caller_t *c, caller_fn key_fn, const void *key,
-                                                   caller_fn fn, void *arg, const char *name);
+/** caller_queue_call() with @p name (static lifetime, or NULL) as the label
+ *  of the queue's Pending. Thread: any. @return as caller_queue_call(). */
+CALLER_EXTERN caller_pending_t *caller_queue_call_named(caller_t *c, caller_fn fn, void *arg,
+                                                        const char *name);
+
+/** caller_queue_call_key() with @p name (static lifetime, or NULL) as the
+ *  label of the queue's Pending. Thread: any. @return as
+ *  caller_queue_call_key(). */
+CALLER_EXTERN caller_pending_t *caller_queue_call_key_named(caller_t *c, const void *key,
+                                                            caller_fn fn, void *arg,
+                                                            const char *name);
 
 /** caller_queue_call() is a macro over the function of the same name that
- *  also records `fn`'s name for the queue's Pending. */
-#define caller_queue_call(c, fn, arg) caller__queue_call((c), (fn), NULL, (fn), (arg), #fn)
+ *  also records `fn`'s name for the queue's Pending (each argument is
+ *  evaluated once). */
+#define caller_queue_call(c, fn, arg) caller_queue_call_named((c), (fn), (arg), #fn)
 /** caller_queue_call_key() is a macro over the function of the same name
- *  that also records `fn`'s name for the queue's Pending. */
+ *  that also records `fn`'s name for the queue's Pending (each argument is
+ *  evaluated once). */
 #define caller_queue_call_key(c, key, fn, arg)                                                     \
-    caller__queue_call((c), NULL, (key), (fn), (arg), #fn)
+    caller_queue_call_key_named((c), (key), (fn), (arg), #fn)
 
 /** The Pending of the queue of (@p fn, @p c) (a reference), or NULL if there
  *  is none (never made, closed, or ending). Thread: any. */

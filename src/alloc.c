@@ -3,7 +3,7 @@
  * failure tests make the N-th allocation from now fail through
  * caller__alloc_fail_after(); otherwise this costs one relaxed load.
  */
-#include "internal.h"
+#include "alloc.h"
 #include "testpoint.h"
 #include "lockorder.h"
 

@@ -9,7 +9,7 @@
  * the absolute deadline in nanoseconds fires when it is due.
  */
 #include "backend.h"
-#include "internal.h"
+#include "alloc.h"
 
 #include <string.h>
 #include <sys/timerfd.h>

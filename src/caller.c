@@ -309,8 +309,25 @@ static const caller__lifecycle_t lifecycle = {.on_stop = on_stop,
                                               .check_finished = check_finished,
                                               .unref = caller_unref};
 
+static void owner_ref(caller_t *c)
+{
+    caller_ref(c);
+}
+
+/* What a Pending may do with the Caller that owns it (pending.c). */
+static const caller__owner_ops_t owner_ops = {
+    .ref = owner_ref, .unref = caller_unref, .repr = caller_repr};
+
+static pthread_once_t owner_ops_once = PTHREAD_ONCE_INIT;
+
+static void install_owner_ops(void)
+{
+    caller__pending_set_owner_ops(&owner_ops);
+}
+
 static caller_t *alloc_caller(const caller_options_t *o, const char *default_name)
 {
+    pthread_once(&owner_ops_once, install_owner_ops);
     pthread_once(&fork_once, fork_init);
     const caller__backend_ops_t *ops = caller__backend_find(o ? o->backend : NULL);
     if (!ops) {

@@ -15,7 +15,11 @@
  * freed memory; an entry close had to give up on (its wake in flight) is
  * freed by that wake.
  */
-#include "internal.h"
+#include "alloc.h"
+#include "core.h"
+#include "error.h"
+#include "pending.h"
+#include "task.h"
 
 #include <stdlib.h>
 #include <string.h>

@@ -2,8 +2,9 @@
  * Error codes, their names and descriptions (one table: CALLER_ERRNO_MAP in
  * caller.h), and this thread's last error.
  */
-#include "internal.h"
+#include "error.h"
 
+#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 

@@ -29,7 +29,9 @@
  * and a reused stack's TSan context would gain a shadow frame per run.
  */
 #include "fiber.h"
-#include "internal.h"
+#include "alloc.h"
+#include "error.h"
+#include "sync.h"
 
 #include <errno.h>
 #include <stdint.h>

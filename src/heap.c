@@ -2,7 +2,7 @@
  * many levels as a binary heap — each level writes the moved timer's index,
  * a likely cache miss with 100 000 timers (measured in W5). */
 #include "heap.h"
-#include "internal.h"
+#include "alloc.h"
 
 static int before(const caller__heap_entry_t *a, const caller__heap_entry_t *b)
 {

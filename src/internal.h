@@ -16,7 +16,6 @@
 #include "list.h"
 #include "lockorder.h"
 #include "pending.h"
-#include "queue.h"
 #include "sync.h"
 #include "task.h"
 

@@ -9,7 +9,10 @@
  * thread that opened it. The map (under `map_lock`, a leaf) only hands out
  * the pointer; using it from another thread is the caller's error.
  */
-#include "internal.h"
+#include "alloc.h"
+#include "core.h"
+#include "error.h"
+#include "iopub.h"
 
 #include <string.h>
 

@@ -36,7 +36,13 @@
  * (see tl_completing): the wake it would wait for is sent by its own thread
  * after it returns.
  */
-#include "internal.h"
+#include "pending.h"
+
+#include "alloc.h"
+#include "context.h"
+#include "error.h"
+#include "fiber.h"
+#include "lockorder.h"
 #include "sync.h"
 #include "testpoint.h"
 
@@ -211,6 +217,22 @@ size_t caller__pending_size(void)
     return sizeof(struct caller_pending);
 }
 
+/* What a Pending does with its owner (a Caller: caller.c, above this file,
+ * installs these before any Pending has an owner). */
+static _Atomic(const caller__owner_ops_t *) owner_ops_ptr;
+#define owner_ops atomic_load_explicit(&owner_ops_ptr, memory_order_acquire)
+
+void caller__pending_set_owner_ops(const caller__owner_ops_t *ops)
+{
+    atomic_store_explicit(&owner_ops_ptr, ops, memory_order_release);
+}
+
+static caller_t *owner_ref(caller_t *owner)
+{
+    owner_ops->ref(owner);
+    return owner;
+}
+
 caller_t *caller__pending_owner(const caller_pending_t *p)
 {
     return p->owner;
@@ -272,7 +294,7 @@ caller_pending_t *caller_pending_new(unsigned flags)
 
 void caller__pending_set_owner(caller_pending_t *p, caller_t *owner, bool weak)
 {
-    p->owner = weak ? owner : caller_ref(owner);
+    p->owner = weak ? owner : owner_ref(owner);
     if (weak)
         atomic_fetch_or_explicit(&p->flags, F_WEAK_OWNER, memory_order_relaxed);
 }
@@ -284,7 +306,7 @@ void caller__pending_init_task(caller_pending_t *p, caller_t *owner, const char 
      * touch the Caller's reference count, which the Caller's thread would
      * otherwise change again as the Pending goes (W3: a contended atomic
      * on each side for every call). */
-    p->owner = lent ? owner : caller_ref(owner);
+    p->owner = lent ? owner : owner_ref(owner);
     p->name = name;
     p->canceller = canceller;
     p->canceller_arg = arg;
@@ -303,7 +325,7 @@ void caller__pending_task_over(caller_pending_t *p)
      * last reference, so exactly one caller_unref follows. Not an atomic
      * flag: W1 would pay a locked instruction more per task. */
     if (atomic_load_explicit(&p->refs, memory_order_acquire) > 1) {
-        caller_ref(p->owner);
+        owner_ref(p->owner);
         p->owner_lent = false;
     }
 }
@@ -349,7 +371,7 @@ void caller_pending_unref(caller_pending_t *p)
     caller__free(p->cbs);
     if (p->owner && !(atomic_load_explicit(&p->flags, memory_order_relaxed) & F_WEAK_OWNER) &&
         !p->owner_lent)
-        caller_unref(p->owner);
+        owner_ops->unref(p->owner);
     p->magic = PENDING_DEAD;
     if (atomic_load_explicit(&p->flags, memory_order_relaxed) & F_BLOCK)
         caller__block_free(p);
@@ -409,7 +431,7 @@ static int outcome_locked(const caller_pending_t *p, unsigned flags)
 
 /*
  * The Pendings whose done callbacks this thread is running, innermost first,
- * each with the task it runs in (NULL: none). Inside its own callbacks a
+ * each with the fiber (the task) it runs on (NULL: none). Inside its own callbacks a
  * Pending is done, and the wake a wait would need is sent by this very
  * thread once the callback returns: caller_pending_wait looks here and
  * answers at once instead of waiting for itself. A callback that suspends
@@ -418,23 +440,26 @@ static int outcome_locked(const caller_pending_t *p, unsigned flags)
  */
 typedef struct completing {
     const caller_pending_t *p;
-    caller__task_t *task;
+    const caller__fiber_t *fiber;
     struct completing *next;
 } completing_t;
 
 static _Thread_local completing_t *tl_completing;
 
-static bool completing_here(const caller_pending_t *p, const caller__task_t *task)
+bool caller__pending_completing_here(const caller_pending_t *p)
 {
+    if (!tl_completing)
+        return false;
+    const caller__fiber_t *fiber = caller__fiber_current();
     for (completing_t *f = tl_completing; f; f = f->next)
-        if (f->p == p && f->task == task)
+        if (f->p == p && f->fiber == fiber)
             return true;
     return false;
 }
 
 static void run_callbacks(caller_pending_t *p, callback_t cb0, callback_vec_t *cbs)
 {
-    completing_t frame = {p, caller__task_current(), tl_completing};
+    completing_t frame = {p, caller__fiber_current(), tl_completing};
     tl_completing = &frame;
     if (cb0.fn)
         cb0.fn(p, cb0.arg);
@@ -927,7 +952,7 @@ static void thread_wake(caller__waiter_t *w)
 
 /* Block this thread until @p p is done or @p deadline; 0 or -ETIMEDOUT.
  * On 0, *code and *value hold the outcome of the completion. */
-static int block_thread(caller_pending_t *p, int64_t deadline, int *code, void **value)
+int caller__pending_block(caller_pending_t *p, int64_t deadline, int *code, void **value)
 {
     thread_waiter_t tw = {.w = {.wake = thread_wake}};
     atomic_init(&tw.state, TW_WAITING);
@@ -961,48 +986,21 @@ static int block_thread(caller_pending_t *p, int64_t deadline, int *code, void *
     return 0;
 }
 
-/* Would blocking this thread on @p p wait for work only this thread's Caller
- * can do? */
-static bool would_deadlock(const caller_pending_t *p)
+int caller__pending_outcome(const caller_pending_t *p, void **value)
 {
-    caller_t *self = caller__thread_caller();
-    return self && p->owner == self &&
-           !(atomic_load_explicit(&p->flags, memory_order_acquire) & F_DONE);
+    return outcome(p, value, NULL, 0, "caller_pending_wait");
 }
 
-int caller_pending_wait(caller_pending_t *p, double timeout, bool protect, bool want_result,
-                        void **value)
+void *caller__pending_owner_of_undone(const caller_pending_t *p)
 {
-    if (value)
-        *value = NULL;
-    if (!p)
-        return caller__fail(-EINVAL, "caller_pending_wait: p is NULL");
-    int code = 0, rc;
-    void *v = NULL;
-    int64_t deadline = caller__deadline(timeout);
-    caller__task_t *task = caller__task_current();
-    if (tl_completing && completing_here(p, task)) {
-        /* Inside its own done callbacks: done, and the wake a wait would
-         * need comes from this thread once the callback returns. */
-        rc = 0;
-        if (want_result)
-            code = outcome(p, &v, NULL, 0, "caller_pending_wait");
-    } else if (task) {
-        rc = caller__task_wait(task, p, deadline, want_result, &code, &v);
-    } else if (caller__pending_settled(p)) {
-        rc = 0; /* done: no waiter to link, no lock unless the outcome is wanted */
-        if (want_result)
-            code = outcome(p, &v, NULL, 0, "caller_pending_wait");
-    } else if (would_deadlock(p)) {
-        char text[160];
-        caller_pending_repr(p, text, sizeof text);
-        return caller__fail(-EDEADLK,
-                            "caller_pending_wait: blocking the thread of the Caller that "
-                            "must complete %s would never end",
-                            text);
-    } else {
-        rc = block_thread(p, deadline, &code, &v);
-    }
+    if (atomic_load_explicit(&p->flags, memory_order_acquire) & F_DONE)
+        return NULL;
+    return p->owner;
+}
+
+int caller__pending_wait_end(caller_pending_t *p, int rc, int code, void *v, double timeout,
+                             bool protect, bool want_result, void **value)
+{
     if (rc == -ETIMEDOUT || rc == -ECANCELED) {
         if (!protect)
             caller_pending_cancel(p, "Cancelled due to cancellation or timeout");
@@ -1052,7 +1050,7 @@ int caller_pending_repr(const caller_pending_t *cp, char *buf, size_t len)
     char ctext[96] = "";
     if (owner) {
         strcpy(ctext, " caller=");
-        caller_repr(owner, ctext + 8, sizeof ctext - 8);
+        owner_ops->repr(owner, ctext + 8, sizeof ctext - 8);
     }
     if (name || owner)
         snprintf(label, sizeof label, "|%s%s%s", name ? " " : "", name ? name : "", ctext);

@@ -9,6 +9,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 /* Where the extra bytes of caller__pending_new_extra (a task) begin: the
  * Pending's struct, padded to this. */
@@ -92,6 +93,30 @@ void caller__pending_init_task(caller_pending_t *p, caller_t *owner, const char 
  * real, so the owner outlives it; if not, @p p is about to go and no
  * reference is needed. */
 void caller__pending_task_over(caller_pending_t *p);
+
+/* What a Pending may do with its owner, the Caller whose work completes it
+ * (pending.c knows nothing more of Callers): installed once by caller.c. */
+typedef struct caller__owner_ops {
+    void (*ref)(caller_t *owner);
+    void (*unref)(caller_t *owner);
+    int (*repr)(const caller_t *owner, char *buf, size_t len);
+} caller__owner_ops_t;
+void caller__pending_set_owner_ops(const caller__owner_ops_t *ops);
+
+/* ---- waiting: the pieces of caller_pending_wait (sched.c) ---- */
+/* Is this thread (this fiber) running @p p's done callbacks right now? */
+bool caller__pending_completing_here(const caller_pending_t *p);
+/* Block this plain thread until @p p is done or @p deadline (monotonic ns);
+ * 0 or -ETIMEDOUT. On 0, *code and *value hold the completion's outcome. */
+int caller__pending_block(caller_pending_t *p, int64_t deadline, int *code, void **value);
+/* @p p's outcome now (done): 0 and *value, or its error, recorded. */
+int caller__pending_outcome(const caller_pending_t *p, void **value);
+/* @p p's owner if @p p is not done yet, else NULL. */
+void *caller__pending_owner_of_undone(const caller_pending_t *p);
+/* The end of every wait: cancel on timeout/cancel unless @p protect, and
+ * the return value and message of caller_pending_wait. */
+int caller__pending_wait_end(caller_pending_t *p, int rc, int code, void *v, double timeout,
+                             bool protect, bool want_result, void **value);
 
 /* fork(): 0 = prepare (take the module's process-wide locks), 1 = in the
  * parent after (release them), 2 = in the child (reset the state). */

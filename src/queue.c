@@ -23,7 +23,11 @@
  * it ends, after leaving the list, so whoever finds it under the lock may
  * use it until unlocking.
  */
-#include "internal.h"
+#include "alloc.h"
+#include "core.h"
+#include "error.h"
+#include "pending.h"
+#include "task.h"
 #include "testpoint.h"
 
 #include <stdio.h>
@@ -35,6 +39,8 @@ typedef struct item {
     void *arg;
     const char *name;
 } item_t;
+
+typedef struct caller__queue caller__queue_t;
 
 struct caller__queue {
     struct caller__queue *next; /* in caller->queues */
@@ -151,8 +157,8 @@ static void queue_end(void *arg)
     caller__free(q);
 }
 
-caller_pending_t *caller__queue_call(caller_t *c, caller_fn key_fn, const void *key, caller_fn fn,
-                                     void *arg, const char *name)
+static caller_pending_t *queue_call(caller_t *c, caller_fn key_fn, const void *key, caller_fn fn,
+                                    void *arg, const char *name)
 {
     if (!c || !fn || (!key_fn && !key)) {
         caller__fail(-EINVAL, "caller_queue_call: %s is NULL", !c ? "caller" : !fn ? "fn" : "key");
@@ -218,12 +224,23 @@ caller_pending_t *caller__queue_call(caller_t *c, caller_fn key_fn, const void *
 
 caller_pending_t *(caller_queue_call)(caller_t *c, caller_fn fn, void *arg)
 {
-    return caller__queue_call(c, fn, NULL, fn, arg, NULL);
+    return queue_call(c, fn, NULL, fn, arg, NULL);
 }
 
 caller_pending_t *(caller_queue_call_key)(caller_t *c, const void *key, caller_fn fn, void *arg)
 {
-    return caller__queue_call(c, NULL, key, fn, arg, NULL);
+    return queue_call(c, NULL, key, fn, arg, NULL);
+}
+
+caller_pending_t *caller_queue_call_named(caller_t *c, caller_fn fn, void *arg, const char *name)
+{
+    return queue_call(c, fn, NULL, fn, arg, name);
+}
+
+caller_pending_t *caller_queue_call_key_named(caller_t *c, const void *key, caller_fn fn, void *arg,
+                                              const char *name)
+{
+    return queue_call(c, NULL, key, fn, arg, name);
 }
 
 static caller_pending_t *get(caller_t *c, caller_fn fn, const void *key, bool close)

@@ -858,3 +858,44 @@ bool caller__sched_idle(const caller_t *c)
 {
     return c->nlive == 0;
 }
+
+/* ---- waiting on a Pending ----------------------------------------------------- */
+
+int caller_pending_wait(caller_pending_t *p, double timeout, bool protect, bool want_result,
+                        void **value)
+{
+    if (value)
+        *value = NULL;
+    if (!p)
+        return caller__fail(-EINVAL, "caller_pending_wait: p is NULL");
+    int code = 0, rc;
+    void *v = NULL;
+    int64_t deadline = caller__deadline(timeout);
+    caller__task_t *task = tl_task;
+    if (caller__pending_completing_here(p)) {
+        /* Inside its own done callbacks: done, and the wake a wait would
+         * need comes from this thread once the callback returns. */
+        rc = 0;
+        if (want_result)
+            code = caller__pending_outcome(p, &v);
+    } else if (task) {
+        rc = caller__task_wait(task, p, deadline, want_result, &code, &v);
+    } else if (caller__pending_settled(p)) {
+        rc = 0; /* done: no waiter to link, no lock unless the outcome is wanted */
+        if (want_result)
+            code = caller__pending_outcome(p, &v);
+    } else if (caller__thread_caller() &&
+               caller__pending_owner_of_undone(p) == caller__thread_caller()) {
+        /* Only this thread's Caller can complete it, and this thread would
+         * block instead of running it. */
+        char text[160];
+        caller_pending_repr(p, text, sizeof text);
+        return caller__fail(-EDEADLK,
+                            "caller_pending_wait: blocking the thread of the Caller that "
+                            "must complete %s would never end",
+                            text);
+    } else {
+        rc = caller__pending_block(p, deadline, &code, &v);
+    }
+    return caller__pending_wait_end(p, rc, code, v, timeout, protect, want_result, value);
+}

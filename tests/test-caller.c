@@ -1226,6 +1226,18 @@ TEST(naming_macros_evaluate_fn_once_and_named_variants_label)
     CHECK_CONTAINS(text, "my-label");
     CHECK_EQ(I(await(p)), 10);
     caller_pending_unref(p);
+    p = caller_queue_call(c, counted_fn(&count), P(7));
+    CHECK_EQ(count, 4);
+    CHECK(p != NULL);
+    caller_pending_unref(p);
+    p = caller_queue_call_key(c, &count, counted_fn(&count), P(8));
+    CHECK_EQ(count, 5);
+    CHECK(p != NULL);
+    caller_pending_unref(p);
+    p = caller_queue_call_key_named(c, text, double_it, P(9), "queue-label");
+    CHECK(caller_pending_repr(p, text, sizeof text) > 0);
+    CHECK_CONTAINS(text, "queue-label");
+    caller_pending_unref(p);
     p = caller_to_thread_named(c, double_it, P(6), "worker-label");
     CHECK(caller_pending_repr(p, text, sizeof text) > 0);
     CHECK_CONTAINS(text, "worker-label");
