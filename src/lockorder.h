@@ -9,6 +9,7 @@
  *   ----  ------------------  ----------  ---------------------------------------
  *   1     registry_lock       caller.c    the registry of live Callers
  *   2     caller->lock        caller.c    a Caller's children, pool pointer, queues
+ *                                         (queue.c: a queue's items)
  *                                         (a parent's, never while holding a child's)
  *   3     pool->lock          pool.c      a pool's idle workers and parked calls
  *   4     tracker->lock       group.c     a group's or manager's set
@@ -16,7 +17,9 @@
  *   6     caller->inbox_lock  inbox.c     a Caller's inbox (the backend's wake is
  *                                         issued under it)
  *   7     a Pending's lock    pending.c   its state, waiters and callbacks
- *   --    leaves              iopub.c, fiber.c, alloc.c: nothing is taken under them
+ *   --    leaves              nothing is taken under them: iopub.c's map lock,
+ *                             fiber.c's stack pool lock, alloc.c's block caches,
+ *                             collect.c's iterator lock
  */
 #ifndef CALLER_LOCKORDER_H
 #define CALLER_LOCKORDER_H

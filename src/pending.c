@@ -217,6 +217,19 @@ size_t caller__pending_size(void)
     return sizeof(struct caller_pending);
 }
 
+/* A Pending's lock: last in the library's order (lockorder.h). */
+static inline void lock_p(caller_pending_t *p)
+{
+    caller__order_acquire(CALLER__RANK_PENDING);
+    caller__lock(&p->lock);
+}
+
+static inline void unlock_p(caller_pending_t *p)
+{
+    caller__unlock(&p->lock);
+    caller__order_release(CALLER__RANK_PENDING);
+}
+
 /* What a Pending does with its owner (a Caller: caller.c, above this file,
  * installs these before any Pending has an owner). */
 static _Atomic(const caller__owner_ops_t *) owner_ops_ptr;
@@ -385,12 +398,12 @@ int caller_pending_set_userdata(caller_pending_t *p, void *data, void (*finalize
 {
     if (!p)
         return caller__fail(-EINVAL, "caller_pending_set_userdata: p is NULL");
-    caller__lock(&p->lock);
+    lock_p(p);
     void *old = p->userdata;
     void (*old_fin)(void *) = p->finalizer;
     p->userdata = data;
     p->finalizer = finalizer;
-    caller__unlock(&p->lock);
+    unlock_p(p);
     if (old_fin)
         old_fin(old);
     return 0;
@@ -401,17 +414,17 @@ void *caller_pending_userdata(const caller_pending_t *p)
     if (!p)
         return NULL;
     caller_pending_t *mp = (caller_pending_t *)p;
-    caller__lock(&mp->lock);
+    lock_p(mp);
     void *d = p->userdata;
-    caller__unlock(&mp->lock);
+    unlock_p(mp);
     return d;
 }
 
 void caller__pending_set_name(caller_pending_t *p, const char *name)
 {
-    caller__lock(&p->lock);
+    lock_p(p);
     p->name = name;
-    caller__unlock(&p->lock);
+    unlock_p(p);
 }
 
 bool caller__pending_trackable(const caller_pending_t *p)
@@ -520,7 +533,7 @@ static void hand_over_round(caller_pending_t *p, unsigned flags, caller__waiter_
     }
     int code = outcome_locked(p, flags);
     void *value = p->value;
-    caller__unlock(&p->lock);
+    unlock_p(p);
     wake_waiters(now, value, code);
 }
 
@@ -542,13 +555,13 @@ static void hand_over_round(caller_pending_t *p, unsigned flags, caller__waiter_
 static int complete(caller_pending_t *p, void *value, int code, char *msg, bool reset, bool closed,
                     caller__waiter_t *round, const char *fn)
 {
-    caller__lock(&p->lock);
+    lock_p(p);
     unsigned flags = atomic_load_explicit(&p->flags, memory_order_relaxed);
     if (flags & F_DONE) {
         if (closed)
             hand_over_round(p, flags, round);
         else
-            caller__unlock(&p->lock);
+            unlock_p(p);
         caller__free(msg);
         return caller__fail(CALLER_EINVALSTATE, "%s: the Pending is already done", fn);
     }
@@ -570,7 +583,7 @@ static int complete(caller_pending_t *p, void *value, int code, char *msg, bool 
     caller__waiter_t *early = NULL;
     if (!closed || (flags & F_QUIET))
         early = take_waiters(p);
-    caller__unlock(&p->lock);
+    unlock_p(p);
 
     caller__waiter_t *late = NULL;
     if (!quick) {
@@ -579,7 +592,7 @@ static int complete(caller_pending_t *p, void *value, int code, char *msg, bool 
         /* Waiters that came while the callbacks ran were queued too (see
          * caller__pending_add_waiter): nobody sees the Pending done, through
          * a wait, before its callbacks ran. */
-        caller__lock(&p->lock);
+        lock_p(p);
         flags = atomic_load_explicit(&p->flags, memory_order_relaxed);
         if (!closed || (flags & F_QUIET))
             late = take_waiters(p);
@@ -590,7 +603,7 @@ static int complete(caller_pending_t *p, void *value, int code, char *msg, bool 
             clear |= F_DONE;
         }
         atomic_fetch_and_explicit(&p->flags, ~clear, memory_order_release);
-        caller__unlock(&p->lock);
+        unlock_p(p);
     } else {
         caller__free(cbs); /* empty: remove_done_callback may leave it so */
     }
@@ -605,10 +618,10 @@ static int complete(caller_pending_t *p, void *value, int code, char *msg, bool 
 
 caller__waiter_t *caller__pending_close_round(caller_pending_t *p)
 {
-    caller__lock(&p->lock);
+    lock_p(p);
     caller__waiter_t *round = take_waiters(p);
     atomic_fetch_or_explicit(&p->flags, F_ROUND_CLOSED | F_QUIET, memory_order_relaxed);
-    caller__unlock(&p->lock);
+    unlock_p(p);
     return round;
 }
 
@@ -618,9 +631,9 @@ void caller__pending_queued(caller_pending_t *p)
      * this read is exact, and the Pending's lock is taken once per round. */
     if (!(atomic_load_explicit(&p->flags, memory_order_relaxed) & F_QUIET))
         return;
-    caller__lock(&p->lock);
+    lock_p(p);
     atomic_fetch_and_explicit(&p->flags, ~(unsigned)F_QUIET, memory_order_relaxed);
-    caller__unlock(&p->lock);
+    unlock_p(p);
 }
 
 int caller__pending_end_round(caller_pending_t *p, void *value, caller__waiter_t *round)
@@ -696,10 +709,10 @@ int caller_pending_cancel(caller_pending_t *p, const char *message)
 {
     if (!p)
         return caller__fail(-EINVAL, "caller_pending_cancel: p is NULL");
-    caller__lock(&p->lock);
+    lock_p(p);
     unsigned flags = atomic_load_explicit(&p->flags, memory_order_relaxed);
     if (flags & F_DONE) {
-        caller__unlock(&p->lock);
+        unlock_p(p);
         return (flags & F_CANCELLED) ? 1 : 0;
     }
     int rc = append_cancel_message(p, message);
@@ -707,7 +720,7 @@ int caller_pending_cancel(caller_pending_t *p, const char *message)
     caller_canceller_fn fn = p->canceller;
     void *arg = p->canceller_arg;
     char *copy = fn ? caller__strdup(p->cancelmsg) : NULL;
-    caller__unlock(&p->lock);
+    unlock_p(p);
     if (fn)
         run_canceller(p, fn, arg, copy);
     if (rc)
@@ -720,10 +733,10 @@ int caller_pending_set_canceller(caller_pending_t *p, caller_canceller_fn fn, vo
 {
     if (!p || !fn)
         return caller__fail(-EINVAL, "caller_pending_set_canceller: %s is NULL", p ? "fn" : "p");
-    caller__lock(&p->lock);
+    lock_p(p);
     unsigned flags = atomic_load_explicit(&p->flags, memory_order_relaxed);
     if (flags & (F_DONE | F_CANCELLER)) {
-        caller__unlock(&p->lock);
+        unlock_p(p);
         return caller__fail(CALLER_EINVALSTATE, "caller_pending_set_canceller: %s",
                             (flags & F_DONE) ? "the Pending is already done"
                                              : "a canceller is already set");
@@ -733,7 +746,7 @@ int caller_pending_set_canceller(caller_pending_t *p, caller_canceller_fn fn, vo
     atomic_fetch_or_explicit(&p->flags, F_CANCELLER, memory_order_relaxed);
     bool now = flags & F_CANCELLED;
     char *copy = now ? caller__strdup(p->cancelmsg) : NULL;
-    caller__unlock(&p->lock);
+    unlock_p(p);
     if (now)
         run_canceller(p, fn, arg, copy);
     return 0;
@@ -764,7 +777,7 @@ static int outcome(const caller_pending_t *cp, void **value, char *buf, size_t l
 {
     caller_pending_t *p = (caller_pending_t *)cp;
     int rc;
-    caller__lock(&p->lock);
+    lock_p(p);
     unsigned flags = atomic_load_explicit(&p->flags, memory_order_relaxed);
     if (value)
         *value = NULL;
@@ -785,7 +798,7 @@ static int outcome(const caller_pending_t *cp, void **value, char *buf, size_t l
         if (value)
             *value = p->value;
     }
-    caller__unlock(&p->lock);
+    unlock_p(p);
     return rc;
 }
 
@@ -810,15 +823,15 @@ int caller_pending_add_done_callback(caller_pending_t *p, caller_done_fn fn, voi
     if (!p || !fn)
         return caller__fail(-EINVAL, "caller_pending_add_done_callback: %s is NULL",
                             p ? "fn" : "p");
-    caller__lock(&p->lock);
+    lock_p(p);
     if (atomic_load_explicit(&p->flags, memory_order_relaxed) & F_DONE) {
-        caller__unlock(&p->lock);
+        unlock_p(p);
         fn(p, arg);
         return 0;
     }
     if (!p->cb0.fn) {
         p->cb0 = (callback_t){fn, arg};
-        caller__unlock(&p->lock);
+        unlock_p(p);
         return 0;
     }
     callback_vec_t *v = p->cbs;
@@ -826,7 +839,7 @@ int caller_pending_add_done_callback(caller_pending_t *p, caller_done_fn fn, voi
         unsigned cap = v ? v->cap * 2 : 3;
         callback_vec_t *nv = caller__realloc(v, sizeof *v + cap * sizeof v->items[0]);
         if (!nv) {
-            caller__unlock(&p->lock);
+            unlock_p(p);
             return caller__fail(-ENOMEM, "caller_pending_add_done_callback: out of memory");
         }
         if (!v)
@@ -835,7 +848,7 @@ int caller_pending_add_done_callback(caller_pending_t *p, caller_done_fn fn, voi
         p->cbs = v = nv;
     }
     v->items[v->n++] = (callback_t){fn, arg};
-    caller__unlock(&p->lock);
+    unlock_p(p);
     return 0;
 }
 
@@ -844,7 +857,7 @@ int caller_pending_remove_done_callback(caller_pending_t *p, caller_done_fn fn, 
     if (!p || !fn)
         return caller__fail(-EINVAL, "caller_pending_remove_done_callback: %s is NULL",
                             p ? "fn" : "p");
-    caller__lock(&p->lock);
+    lock_p(p);
     /* Treat cb0 followed by cbs as one sequence and compact it in place. */
     unsigned total = (p->cb0.fn ? 1u : 0u) + (p->cbs ? p->cbs->n : 0u);
     unsigned kept = 0, removed = 0;
@@ -864,7 +877,7 @@ int caller_pending_remove_done_callback(caller_pending_t *p, caller_done_fn fn, 
         p->cb0 = (callback_t){0};
     if (p->cbs)
         p->cbs->n = kept > 0 ? kept - 1 : 0;
-    caller__unlock(&p->lock);
+    unlock_p(p);
     return (int)removed;
 }
 
@@ -872,10 +885,10 @@ int caller_pending_remove_done_callback(caller_pending_t *p, caller_done_fn fn, 
 
 bool caller__pending_add_waiter(caller_pending_t *p, caller__waiter_t *w)
 {
-    caller__lock(&p->lock);
+    lock_p(p);
     unsigned flags = atomic_load_explicit(&p->flags, memory_order_relaxed);
     if ((flags & F_DONE) && !(flags & F_COMPLETING)) {
-        caller__unlock(&p->lock);
+        unlock_p(p);
         return false;
     }
     if ((flags & (F_DONE | F_ROUND_CLOSED | F_QUIET)) == F_QUIET) {
@@ -885,14 +898,14 @@ bool caller__pending_add_waiter(caller_pending_t *p, caller__waiter_t *w)
         w->linked = false;
         w->code = (flags & F_CANCELLED) ? -ECANCELED : 0;
         w->value = w->code ? NULL : p->value;
-        caller__unlock(&p->lock);
+        unlock_p(p);
         w->wake(w);
         return true;
     }
     w->linked = true;
     w->next = p->waiters;
     p->waiters = w;
-    caller__unlock(&p->lock);
+    unlock_p(p);
     CALLER__TEST_POINT("pending.waiter", p);
     return true;
 }
@@ -914,7 +927,7 @@ bool caller__pending_settled(const caller_pending_t *p)
 
 bool caller__pending_remove_waiter(caller_pending_t *p, caller__waiter_t *w)
 {
-    caller__lock(&p->lock);
+    lock_p(p);
     bool was = w->linked;
     if (was) {
         caller__waiter_t **pp = &p->waiters;
@@ -923,7 +936,7 @@ bool caller__pending_remove_waiter(caller_pending_t *p, caller__waiter_t *w)
         *pp = w->next;
         w->linked = false;
     }
-    caller__unlock(&p->lock);
+    unlock_p(p);
     return was;
 }
 
@@ -1032,14 +1045,14 @@ int caller_pending_repr(const caller_pending_t *cp, char *buf, size_t len)
         return caller__fail(-EINVAL, "caller_pending_repr: %s is NULL", cp ? "buf" : "p");
     caller_pending_t *p = (caller_pending_t *)cp;
     char cmsg[REPR_MAX + 8], emsg[REPR_MAX + 8];
-    caller__lock(&p->lock);
+    lock_p(p);
     unsigned flags = atomic_load_explicit(&p->flags, memory_order_relaxed);
     caller__trunc(cmsg, sizeof cmsg, msg_or_empty(p->cancelmsg), REPR_MAX);
     caller__trunc(emsg, sizeof emsg, msg_or_empty(p->errmsg), REPR_MAX);
     int code = p->code;
     const char *name = p->name;
     caller_t *owner = p->owner;
-    caller__unlock(&p->lock);
+    unlock_p(p);
 
     char cancelled[sizeof cmsg + 32] = "", failed[sizeof emsg + 64] = "", label[192] = "";
     if (flags & F_CANCELLED)

@@ -26,6 +26,7 @@
 #include "alloc.h"
 #include "core.h"
 #include "error.h"
+#include "lockorder.h"
 #include "pending.h"
 #include "task.h"
 #include "testpoint.h"
@@ -39,6 +40,19 @@ typedef struct item {
     void *arg;
     const char *name;
 } item_t;
+
+/* The Caller's lock guards its queues (rank 2 in lockorder.h). */
+static void lock_caller(caller_t *c)
+{
+    caller__order_acquire(CALLER__RANK_CALLER);
+    pthread_mutex_lock(&c->lock);
+}
+
+static void unlock_caller(caller_t *c)
+{
+    pthread_mutex_unlock(&c->lock);
+    caller__order_release(CALLER__RANK_CALLER);
+}
 
 typedef struct caller__queue caller__queue_t;
 
@@ -89,7 +103,7 @@ static void *queue_loop(void *arg)
     caller_pending_t *self = caller_current_pending();
     void *last = NULL;
     for (;;) {
-        pthread_mutex_lock(&c->lock);
+        lock_caller(c);
         item_t *it = q->closed ? NULL : q->head;
         if (it) {
             q->head = it->next;
@@ -105,7 +119,7 @@ static void *queue_loop(void *arg)
                 round = caller__pending_close_round(self);
         }
         bool closed = q->closed;
-        pthread_mutex_unlock(&c->lock);
+        unlock_caller(c);
 
         if (it) {
             void *r = it->fn(it->arg);
@@ -143,14 +157,14 @@ static void queue_end(void *arg)
 {
     caller__queue_t *q = arg;
     caller_t *c = q->caller;
-    pthread_mutex_lock(&c->lock);
+    lock_caller(c);
     q->closed = true;
     unlist(c, q);
     item_t *left = q->head;
     caller_pending_t *wake = q->wake;
     q->head = q->tail = NULL;
     q->wake = NULL;
-    pthread_mutex_unlock(&c->lock);
+    unlock_caller(c);
     free_items(left); /* the rest never run */
     caller_pending_unref(wake);
     caller_pending_unref(q->pending);
@@ -170,9 +184,9 @@ static caller_pending_t *queue_call(caller_t *c, caller_fn key_fn, const void *k
         return NULL;
     }
     *it = (item_t){.fn = fn, .arg = arg, .name = name};
-    pthread_mutex_lock(&c->lock);
+    lock_caller(c);
     if (caller_state(c) >= CALLER_STATE_STOPPING) {
-        pthread_mutex_unlock(&c->lock);
+        unlock_caller(c);
         caller__free(it);
         caller__fail_stopped(c, "caller_queue_call");
         return NULL;
@@ -193,7 +207,7 @@ static caller_pending_t *queue_call(caller_t *c, caller_fn key_fn, const void *k
         caller_pending_t *p =
             q ? caller__call_soon_ex(c, queue_loop, q, name ? name : "queue", queue_end) : NULL;
         if (!p) {
-            pthread_mutex_unlock(&c->lock);
+            unlock_caller(c);
             if (q)
                 caller__free(q);
             else
@@ -214,7 +228,7 @@ static caller_pending_t *queue_call(caller_t *c, caller_fn key_fn, const void *k
     caller_pending_t *wake = q->wake;
     q->wake = NULL;
     caller_pending_t *p = caller_pending_ref(q->pending);
-    pthread_mutex_unlock(&c->lock);
+    unlock_caller(c);
     if (wake) {
         caller_pending_set_result(wake, NULL, false);
         caller_pending_unref(wake);
@@ -250,7 +264,7 @@ static caller_pending_t *get(caller_t *c, caller_fn fn, const void *key, bool cl
                      c ? "the key" : "caller");
         return NULL;
     }
-    pthread_mutex_lock(&c->lock);
+    lock_caller(c);
     caller__queue_t *q = find(c, fn, key);
     caller_pending_t *p = NULL;
     if (q && (close || caller_pending_cancelled(q->pending) != 1)) {
@@ -260,7 +274,7 @@ static caller_pending_t *get(caller_t *c, caller_fn fn, const void *key, bool cl
             unlist(c, q);
         }
     }
-    pthread_mutex_unlock(&c->lock);
+    unlock_caller(c);
     return p;
 }
 
