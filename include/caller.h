@@ -221,6 +221,12 @@ CALLER_EXTERN void *caller_pending_userdata(const caller_pending_t *p);
  * with @p value, even if the Pending was reset since; a wait that begins
  * after the callbacks ran is the next round's.
  *
+ * The completer need not hold a reference of its own: @p p must be alive
+ * when the call begins, and the call keeps it alive while it runs the done
+ * callbacks, even if the others who hold references release them as soon
+ * as they see it done. The same holds for caller_pending_set_exception()
+ * and caller_pending_cancel().
+ *
  * Thread: any.
  * @return 0; CALLER_EINVALSTATE if already done; -EINVAL if @p p is NULL.
  */

@@ -583,6 +583,11 @@ static int complete(caller_pending_t *p, void *value, int code, char *msg, bool 
     caller__waiter_t *early = NULL;
     if (!closed || (flags & F_QUIET))
         early = take_waiters(p);
+    /* Others see it done from here on and may drop their references, but
+     * its callbacks and its second round are still to come: a reference of
+     * our own keeps it alive until then, so a completer need not hold one. */
+    if (!quick)
+        atomic_fetch_add_explicit(&p->refs, 1, memory_order_relaxed);
     unlock_p(p);
 
     caller__waiter_t *late = NULL;
@@ -604,6 +609,7 @@ static int complete(caller_pending_t *p, void *value, int code, char *msg, bool 
         }
         atomic_fetch_and_explicit(&p->flags, ~clear, memory_order_release);
         unlock_p(p);
+        caller_pending_unref(p); /* ours: may be the last */
     } else {
         caller__free(cbs); /* empty: remove_done_callback may leave it so */
     }
@@ -720,9 +726,13 @@ int caller_pending_cancel(caller_pending_t *p, const char *message)
     caller_canceller_fn fn = p->canceller;
     void *arg = p->canceller_arg;
     char *copy = fn ? caller__strdup(p->cancelmsg) : NULL;
+    if (fn) /* as complete(): alive while its canceller runs */
+        atomic_fetch_add_explicit(&p->refs, 1, memory_order_relaxed);
     unlock_p(p);
-    if (fn)
+    if (fn) {
         run_canceller(p, fn, arg, copy);
+        caller_pending_unref(p);
+    }
     if (rc)
         return caller__fail(rc, "caller_pending_cancel: no memory for the message "
                                 "(the Pending is cancelled without it)");

@@ -63,7 +63,8 @@ void caller__pending_set_name(caller_pending_t *p, const char *name);
 /* Whether the Pending was created with allow_tracking (trackers, later). */
 bool caller__pending_trackable(const caller_pending_t *p);
 
-/* sizeof(struct caller_pending), for the size report. */
+/* sizeof(struct caller_pending), for the benchmarks' report (pending.c checks
+ * at compile time that it fits CALLER__PENDING_SIZE). */
 size_t caller__pending_size(void);
 
 /* The Caller whose work completes @p p (caller__pending_set_owner), or NULL.

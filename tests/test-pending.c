@@ -382,13 +382,6 @@ TEST(over_release_aborts)
     CHECK(!(WIFEXITED(status) && WEXITSTATUS(status) == 0));
 }
 
-TEST(size_report)
-{
-    size_t size = caller__pending_size();
-    printf("sizeof(struct caller_pending) = %zu bytes\n", size);
-    CHECK_LE(size, 128);
-}
-
 /* ---- waiting ------------------------------------------------------------------------ */
 
 TEST(wait_timeout_protect_leaves_uncancelled)
@@ -1130,4 +1123,41 @@ TEST(wait_in_own_done_callback_in_a_task_returns_at_once)
     caller_pending_unref(t);
     caller_pending_unref(gate);
     check_stop(c);
+}
+
+/* ---- a completer without a reference of its own ------------------------------------ */
+
+static struct {
+    atomic_int released; /* the only holder let go */
+} noref;
+
+static void check_alive_after_release(caller_pending_t *p, void *arg)
+{
+    (void)arg;
+    /* Runs in the completer, which holds no reference: wait until the
+     * holder, who saw the Pending done, released the last one it had. */
+    while (!atomic_load(&noref.released))
+        sched_yield();
+    void *v = NULL;
+    CHECK_RC(caller_pending_result(p, &v), 0); /* still alive (ASan) */
+    CHECK_EQ(I(v), 7);
+}
+
+static void *complete_without_reference(void *arg)
+{
+    CHECK_RC(caller_pending_set_result(arg, P(7), false), 0);
+    return NULL;
+}
+
+TEST(completer_without_a_reference_is_safe_when_the_holder_lets_go)
+{
+    caller_pending_t *p = caller_pending_new(0);
+    CHECK_RC(caller_pending_add_done_callback(p, check_alive_after_release, NULL), 0);
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, complete_without_reference, p), 0);
+    while (caller_pending_done(p) != 1)
+        sched_yield();
+    caller_pending_unref(p); /* the only reference the test had */
+    atomic_store(&noref.released, 1);
+    pthread_join(t, NULL);
 }
