@@ -230,6 +230,7 @@ static void release(caller_t *c, uint64_t ref)
     const caller__pool_hooks_t *pool = atomic_load_explicit(&c->pool_hooks, memory_order_acquire);
     if (pool)
         pool->free(c->pool);
+    pthread_mutex_destroy(&c->queues.lock);
     pthread_mutex_destroy(&c->lock);
     c->magic = CALLER_DEAD;
     caller__free(c);
@@ -368,6 +369,7 @@ static caller_t *alloc_caller(const caller_options_t *o, const char *default_nam
         c->stack_size = o->stack_size;
     }
     pthread_mutex_init(&c->lock, NULL);
+    pthread_mutex_init(&c->queues.lock, NULL);
     caller__list_init(&c->live_tasks);
     c->spin.budget = CALLER__SPIN_MAX_NS;
     c->stop_msg.kind = CALLER__MSG_STOP;

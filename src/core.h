@@ -21,7 +21,12 @@
 #include <sys/types.h>
 
 typedef struct caller__pool caller_pool_t;
-struct caller__queue;
+
+/* A Caller's execution queues (queue.c's: only queue.c touches them). */
+typedef struct caller__queues {
+    pthread_mutex_t lock; /* rank 3 in lockorder.h */
+    struct caller__queue *head;
+} caller__queues_t;
 
 /*
  * What the scheduler (below) calls back into the lifecycle (caller.c,
@@ -89,7 +94,7 @@ struct caller {
 
     caller_pool_t *pool; /* to_thread workers; made on first use, under `lock` */
     _Atomic(const caller__pool_hooks_t *) pool_hooks; /* set once `pool` is (pool.c) */
-    struct caller__queue *queues;                     /* execution queues, under `lock` */
+    caller__queues_t queues;                          /* its execution queues (queue.c) */
 
     /* registry, under the registry lock */
     caller__link_t reg;

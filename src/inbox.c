@@ -1,5 +1,5 @@
 /*
- * A Caller's inbox: see inbox.h. Lock: `ib->lock` (rank 6 in lockorder.h).
+ * A Caller's inbox: see inbox.h. Lock: `ib->lock` (rank 7 in lockorder.h).
  */
 #include "inbox.h"
 

@@ -1,7 +1,7 @@
 /*
  * A Caller's inbox (inbox.c): how other threads reach a Caller. Messages
  * are embedded in the objects they concern (posting never allocates except
- * for call_direct); the inbox is a FIFO under its own lock (rank 6 in
+ * for call_direct); the inbox is a FIFO under its own lock (rank 7 in
  * lockorder.h: under it only a Pending's lock may be taken, and the
  * backend's non-blocking wake is issued, so the loop cannot close the
  * backend between a push and its wake). It wakes the loop only when it goes

@@ -8,15 +8,15 @@
  *   rank  lock                file        guards
  *   ----  ------------------  ----------  ---------------------------------------
  *   1     registry_lock       caller.c    the registry of live Callers
- *   2     caller->lock        caller.c    a Caller's children, pool pointer, queues
- *                                         (queue.c: a queue's items)
+ *   2     caller->lock        caller.c    a Caller's children and pool pointer
  *                                         (a parent's, never while holding a child's)
- *   3     pool->lock          pool.c      a pool's idle workers and parked calls
- *   4     tracker->lock       group.c     a group's or manager's set
- *   5     scope->lock         sched.c     an entered cancel scope's task
- *   6     caller->inbox_lock  inbox.c     a Caller's inbox (the backend's wake is
+ *   3     queues.lock         queue.c     a Caller's execution queues and their items
+ *   4     pool->lock          pool.c      a pool's idle workers and parked calls
+ *   5     tracker->lock       group.c     a group's or manager's set
+ *   6     scope->lock         sched.c     an entered cancel scope's task
+ *   7     caller->inbox_lock  inbox.c     a Caller's inbox (the backend's wake is
  *                                         issued under it)
- *   7     a Pending's lock    pending.c   its state, waiters and callbacks
+ *   8     a Pending's lock    pending.c   its state, waiters and callbacks
  *   --    leaves              nothing is taken under them: iopub.c's map lock,
  *                             fiber.c's stack pool lock, alloc.c's block caches,
  *                             collect.c's iterator lock
@@ -27,6 +27,7 @@
 enum {
     CALLER__RANK_REGISTRY = 1,
     CALLER__RANK_CALLER,
+    CALLER__RANK_QUEUES,
     CALLER__RANK_POOL,
     CALLER__RANK_TRACKER,
     CALLER__RANK_SCOPE,
@@ -46,7 +47,8 @@ extern _Thread_local unsigned char caller__held[CALLER__RANK_COUNT];
 static inline const char *caller__rank_name(int rank)
 {
     static const char *const names[CALLER__RANK_COUNT] = {
-        "?",           "registry_lock",      "caller->lock",    "pool->lock", "tracker->lock",
+        "?",           "registry_lock",      "caller->lock",
+        "queues.lock", "pool->lock",         "tracker->lock",
         "scope->lock", "caller->inbox_lock", "a Pending's lock"};
     return rank > 0 && rank < CALLER__RANK_COUNT ? names[rank] : "?";
 }

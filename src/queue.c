@@ -17,7 +17,7 @@
  * on a queue that drained with nothing queued since ends at once.
  *
  * Locking: a Caller's queues (the list and each queue's items) are under
- * that Caller's `lock`; no user code and no Pending completion runs under
+ * its `queues.lock`; no user code and no Pending completion runs under
  * it. Closing a round takes the queue's Pending's lock under it (a leaf
  * lock: nothing is taken under that). A queue is freed by its own task when
  * it ends, after leaving the list, so whoever finds it under the lock may
@@ -41,23 +41,23 @@ typedef struct item {
     const char *name;
 } item_t;
 
-/* The Caller's lock guards its queues (rank 2 in lockorder.h). */
-static void lock_caller(caller_t *c)
+/* The lock of a Caller's queues (rank 3 in lockorder.h). */
+static void lock_queues(caller_t *c)
 {
-    caller__order_acquire(CALLER__RANK_CALLER);
-    pthread_mutex_lock(&c->lock);
+    caller__order_acquire(CALLER__RANK_QUEUES);
+    pthread_mutex_lock(&c->queues.lock);
 }
 
-static void unlock_caller(caller_t *c)
+static void unlock_queues(caller_t *c)
 {
-    pthread_mutex_unlock(&c->lock);
-    caller__order_release(CALLER__RANK_CALLER);
+    pthread_mutex_unlock(&c->queues.lock);
+    caller__order_release(CALLER__RANK_QUEUES);
 }
 
 typedef struct caller__queue caller__queue_t;
 
 struct caller__queue {
-    struct caller__queue *next; /* in caller->queues */
+    struct caller__queue *next; /* in caller->queues.head */
     caller_t *caller;
     caller_fn key_fn;          /* the queue of (fn, caller) ... */
     const void *key;           /* ... or of an explicit key */
@@ -67,19 +67,19 @@ struct caller__queue {
     bool closed;
 };
 
-/* Under c->lock. */
+/* Under the queues lock. */
 static caller__queue_t *find(caller_t *c, caller_fn fn, const void *key)
 {
-    for (caller__queue_t *q = c->queues; q; q = q->next)
+    for (caller__queue_t *q = c->queues.head; q; q = q->next)
         if (q->key_fn == fn && q->key == key && !q->closed)
             return q;
     return NULL;
 }
 
-/* Under c->lock. */
+/* Under the queues lock. */
 static void unlist(caller_t *c, caller__queue_t *q)
 {
-    for (caller__queue_t **pp = &c->queues; *pp; pp = &(*pp)->next)
+    for (caller__queue_t **pp = &c->queues.head; *pp; pp = &(*pp)->next)
         if (*pp == q) {
             *pp = q->next;
             return;
@@ -103,7 +103,7 @@ static void *queue_loop(void *arg)
     caller_pending_t *self = caller_current_pending();
     void *last = NULL;
     for (;;) {
-        lock_caller(c);
+        lock_queues(c);
         item_t *it = q->closed ? NULL : q->head;
         if (it) {
             q->head = it->next;
@@ -119,7 +119,7 @@ static void *queue_loop(void *arg)
                 round = caller__pending_close_round(self);
         }
         bool closed = q->closed;
-        unlock_caller(c);
+        unlock_queues(c);
 
         if (it) {
             void *r = it->fn(it->arg);
@@ -157,14 +157,14 @@ static void queue_end(void *arg)
 {
     caller__queue_t *q = arg;
     caller_t *c = q->caller;
-    lock_caller(c);
+    lock_queues(c);
     q->closed = true;
     unlist(c, q);
     item_t *left = q->head;
     caller_pending_t *wake = q->wake;
     q->head = q->tail = NULL;
     q->wake = NULL;
-    unlock_caller(c);
+    unlock_queues(c);
     free_items(left); /* the rest never run */
     caller_pending_unref(wake);
     caller_pending_unref(q->pending);
@@ -184,9 +184,9 @@ static caller_pending_t *queue_call(caller_t *c, caller_fn key_fn, const void *k
         return NULL;
     }
     *it = (item_t){.fn = fn, .arg = arg, .name = name};
-    lock_caller(c);
+    lock_queues(c);
     if (caller_state(c) >= CALLER_STATE_STOPPING) {
-        unlock_caller(c);
+        unlock_queues(c);
         caller__free(it);
         caller__fail_stopped(c, "caller_queue_call");
         return NULL;
@@ -207,7 +207,7 @@ static caller_pending_t *queue_call(caller_t *c, caller_fn key_fn, const void *k
         caller_pending_t *p =
             q ? caller__call_soon_ex(c, queue_loop, q, name ? name : "queue", queue_end) : NULL;
         if (!p) {
-            unlock_caller(c);
+            unlock_queues(c);
             if (q)
                 caller__free(q);
             else
@@ -216,8 +216,8 @@ static caller_pending_t *queue_call(caller_t *c, caller_fn key_fn, const void *k
             return NULL;
         }
         q->pending = p; /* the queue's reference, dropped when it ends */
-        q->next = c->queues;
-        c->queues = q;
+        q->next = c->queues.head;
+        c->queues.head = q;
     }
     if (q->tail)
         q->tail->next = it;
@@ -228,7 +228,7 @@ static caller_pending_t *queue_call(caller_t *c, caller_fn key_fn, const void *k
     caller_pending_t *wake = q->wake;
     q->wake = NULL;
     caller_pending_t *p = caller_pending_ref(q->pending);
-    unlock_caller(c);
+    unlock_queues(c);
     if (wake) {
         caller_pending_set_result(wake, NULL, false);
         caller_pending_unref(wake);
@@ -264,7 +264,7 @@ static caller_pending_t *get(caller_t *c, caller_fn fn, const void *key, bool cl
                      c ? "the key" : "caller");
         return NULL;
     }
-    lock_caller(c);
+    lock_queues(c);
     caller__queue_t *q = find(c, fn, key);
     caller_pending_t *p = NULL;
     if (q && (close || caller_pending_cancelled(q->pending) != 1)) {
@@ -274,7 +274,7 @@ static caller_pending_t *get(caller_t *c, caller_fn fn, const void *key, bool cl
             unlist(c, q);
         }
     }
-    unlock_caller(c);
+    unlock_queues(c);
     return p;
 }
 
