@@ -2,10 +2,11 @@
  * Callers: creation, the registry, children, stopping, and the text forms
  * (SPEC §2, §3, §12).
  *
- * Lock order: registry_lock -> caller->lock -> caller->inbox_lock (a leaf,
- * see sched.c) -> a Pending's lock. No user code runs under any of them.
- * A parent's `lock` may be taken while holding nothing; a child never holds
- * its own `lock` while taking its parent's.
+ * Locks: registry_lock and caller->lock, in the library's order
+ * (lockorder.h). A parent's `lock` may be taken while holding nothing; a
+ * child never holds its own `lock` while taking its parent's. The state
+ * machine (state.c) changes states under the inbox lock where a change must
+ * be atomic with the inbox (a stop's message, the start's opening).
  *
  * Lifetime: a Caller is reference-counted. Its thread (or, for a Caller
  * attached to an application's loop, its open handles) holds a "running"

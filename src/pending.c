@@ -29,8 +29,8 @@
  * completion wakes the closed round's waiters, and the later ones only if
  * nothing was queued since the close. A queue that drained with nothing
  * queued since has nothing to wait for: a wait gets the last drain's
- * outcome at once. Lock order there: the queue's lock (the Caller's), then
- * the Pending's, which stays a leaf.
+ * outcome at once. Lock order there: the queues' lock, then the Pending's,
+ * which is last in the library's order (lockorder.h).
  *
  * A done callback that waits on its own Pending gets its outcome at once
  * (see tl_completing): the wake it would wait for is sent by its own thread

@@ -4,8 +4,8 @@
  * caller_call_soon(), idle workers are swept by a caller_call_later() task
  * on the pool owner's loop.
  *
- * Lock order: pool->lock -> (a Caller's inbox lock, through call_soon /
- * call_later). caller_stop() and caller_unref() of workers are called with
+ * Locks: pool->lock (lockorder.h), under which a Caller's inbox lock may be
+ * taken (call_soon / call_later). caller_stop() and caller_unref() of workers are called with
  * no lock held. The done callback that hands a worker back runs in the
  * worker's thread before the call's waiters wake, so a caller that waits
  * for one to_thread and starts the next finds the worker idle again.

@@ -1,15 +1,14 @@
 /*
- * The scheduler: the inbox (cross-thread submission), tasks as fibers,
- * call_soon / call_later / call_direct, suspension and cancellation.
+ * The scheduler: the Caller's loop (dispatching its inbox), tasks as
+ * fibers, call_soon / call_later / call_direct, suspension, cancellation,
+ * cancel scopes, and waiting on a Pending (caller_pending_wait).
  *
- * Threads: everything marked (L) in internal.h belongs to the Caller's own
- * thread. Other threads reach a Caller only through its inbox, a FIFO under
- * `inbox_lock` (a leaf lock: nothing else is taken while holding it; the
- * backend's wake, a non-blocking write, is issued under it so that the loop
- * cannot close the backend between a push and its wake). The inbox wakes
- * the loop only when it goes from empty to non-empty; the loop takes the
- * whole FIFO at once, so a burst costs one wake-up and none is lost: a push
- * that finds the FIFO non-empty knows a wake is already due for it.
+ * Threads: everything marked (L) in task.h and core.h belongs to the
+ * Caller's own thread. Other threads reach a Caller only through its inbox
+ * (inbox.c), which wakes the loop when it goes from empty to non-empty;
+ * the loop takes the whole FIFO at once. The scheduler calls back into the
+ * lifecycle (caller.c, above it) only through the Caller's `life`
+ * operations.
  *
  * A task lives in its Pending's allocation. Its Pending's reference count
  * covers the task: the loop holds one reference from submission until the
