@@ -372,6 +372,7 @@ static caller_t *alloc_caller(const caller_options_t *o, const char *default_nam
     pthread_mutex_init(&c->lock, NULL);
     pthread_mutex_init(&c->queues.lock, NULL);
     caller__list_init(&c->live_tasks);
+    caller__list_init(&c->pool_link);
     c->spin.budget = CALLER__SPIN_MAX_NS;
     c->stop_msg.kind = CALLER__MSG_STOP;
     c->child_msg.kind = CALLER__MSG_CHILD;

@@ -95,6 +95,9 @@ struct caller {
     caller_pool_t *pool; /* to_thread workers; made on first use, under `lock` */
     _Atomic(const caller__pool_hooks_t *) pool_hooks; /* set once `pool` is (pool.c) */
     caller__queues_t queues;                          /* its execution queues (queue.c) */
+    /* as a worker idle in its parent's pool: under that pool's lock (pool.c) */
+    caller__link_t pool_link; /* unlinked (to itself) when not idle there */
+    int64_t idle_since;
 
     /* registry, under the registry lock */
     caller__link_t reg;

@@ -43,6 +43,18 @@ static inline void caller__list_del(caller__link_t *l)
     caller__list_init(l);
 }
 
+/* Move every node of @p from to the end of @p to; @p from is left empty. */
+static inline void caller__list_splice_tail_init(caller__link_t *to, caller__link_t *from)
+{
+    if (caller__list_empty(from))
+        return;
+    from->next->prev = to->prev;
+    to->prev->next = from->next;
+    from->prev->next = to;
+    to->prev = from->prev;
+    caller__list_init(from);
+}
+
 /* for (each node @p pos of @p head's list): @p pos is declared here; the
  * body must not unlink it. */
 #define caller__list_for_each(pos, head)                                                           \

@@ -66,6 +66,9 @@ enum {
      * only by a holder of the queue's lock as well. */
     F_ROUND_CLOSED = 1u << 8, /* a round was closed; its completion is to come */
     F_QUIET = 1u << 9,        /* nothing was queued since the last round closed */
+    /* Its last reference went while it was completing: the completer frees
+     * it once it is done with it (see caller_pending_unref). */
+    F_ORPHANED = 1u << 10,
 };
 
 #define PENDING_MAGIC 0x50656e64u /* "Pend" */
@@ -361,6 +364,8 @@ caller_pending_t *caller_pending_ref(caller_pending_t *p)
     return p;
 }
 
+static void destroy(caller_pending_t *p);
+
 void caller_pending_unref(caller_pending_t *p)
 {
     if (!p)
@@ -377,6 +382,25 @@ void caller_pending_unref(caller_pending_t *p)
         fprintf(stderr, "libcaller: caller_pending_unref: %p released too often\n", (void *)p);
         abort();
     }
+    /* A completer needs no reference of its own: while it still uses the
+     * Pending (its callbacks run, its lock is held), the last release hands
+     * the freeing to it. Two plain loads when nobody completes it. */
+    if ((atomic_load_explicit(&p->flags, memory_order_acquire) & F_COMPLETING) ||
+        atomic_load_explicit(&p->lock, memory_order_acquire) != 0) {
+        lock_p(p);
+        if (atomic_load_explicit(&p->flags, memory_order_relaxed) & F_COMPLETING) {
+            atomic_fetch_or_explicit(&p->flags, F_ORPHANED, memory_order_relaxed);
+            unlock_p(p);
+            return;
+        }
+        unlock_p(p);
+    }
+    destroy(p);
+}
+
+/* Free @p p: its last reference is gone and nobody uses it. */
+static void destroy(caller_pending_t *p)
+{
     if (p->finalizer)
         p->finalizer(p->userdata);
     caller__free(p->errmsg);
@@ -584,10 +608,9 @@ static int complete(caller_pending_t *p, void *value, int code, char *msg, bool 
     if (!closed || (flags & F_QUIET))
         early = take_waiters(p);
     /* Others see it done from here on and may drop their references, but
-     * its callbacks and its second round are still to come: a reference of
-     * our own keeps it alive until then, so a completer need not hold one. */
-    if (!quick)
-        atomic_fetch_add_explicit(&p->refs, 1, memory_order_relaxed);
+     * its callbacks and its second round are still to come: a last release
+     * meanwhile leaves the freeing to us (F_ORPHANED), so a completer need
+     * not hold a reference. */
     unlock_p(p);
 
     caller__waiter_t *late = NULL;
@@ -607,9 +630,10 @@ static int complete(caller_pending_t *p, void *value, int code, char *msg, bool 
                 p->value = NULL;
             clear |= F_DONE;
         }
-        atomic_fetch_and_explicit(&p->flags, ~clear, memory_order_release);
+        unsigned was = atomic_fetch_and_explicit(&p->flags, ~clear, memory_order_release);
         unlock_p(p);
-        caller_pending_unref(p); /* ours: may be the last */
+        if (was & F_ORPHANED)
+            destroy(p); /* released while its callbacks ran: ours to free */
     } else {
         caller__free(cbs); /* empty: remove_done_callback may leave it so */
     }

@@ -20,6 +20,7 @@
 #include "context.h"
 #include "core.h"
 #include "error.h"
+#include "list.h"
 #include "lockorder.h"
 #include "pending.h"
 #include "task.h"
@@ -29,15 +30,15 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
+#define container_of caller__container_of
 
 struct caller__pool {
     pthread_mutex_t lock;
     caller_t *owner; /* not a reference: the owner frees its pool */
     caller_pool_config_t cfg;
-    caller_t **idle; /* references; the most recently idled last */
-    int64_t *since;  /* when each became idle (monotonic ns) */
-    size_t nidle, cap;
+    caller__link_t idle; /* workers (references) through their pool_link:
+                            the longest idle first, the most recently idled last */
+    size_t nidle;
     size_t alive;          /* workers counted against cfg.max_workers */
     caller__fifo_t parked; /* calls waiting for a worker (cfg.max_workers) */
     int64_t sweep_at;      /* the earliest sweep scheduled, or INT64_MAX */
@@ -110,6 +111,7 @@ static caller_pool_t *pool_of(caller_t *c, const char *api)
             pool->owner = c;
             pool->cfg = defaults;
             pool->sweep_at = INT64_MAX;
+            caller__list_init(&pool->idle);
             c->pool = pool;
             atomic_store_explicit(&c->pool_hooks, &hooks, memory_order_release);
         }
@@ -120,14 +122,26 @@ static caller_pool_t *pool_of(caller_t *c, const char *api)
     return pool;
 }
 
+static caller_t *worker_of(caller__link_t *l)
+{
+    return caller__container_of(l, caller_t, pool_link);
+}
+
+/* Under the lock (or with the pool gone from view): take the worker of
+ * idle-list node @p l out of the pool's idle workers; its reference. */
+static caller_t *unlink_idle_locked(caller_pool_t *pool, caller__link_t *l)
+{
+    caller__list_del(l);
+    pool->nidle--;
+    return worker_of(l);
+}
+
 static void pool_free(caller_pool_t *pool)
 {
     if (!pool)
         return;
-    for (size_t i = 0; i < pool->nidle; i++)
-        caller_unref(pool->idle[i]);
-    caller__free(pool->idle);
-    caller__free(pool->since);
+    while (!caller__list_empty(&pool->idle))
+        caller_unref(unlink_idle_locked(pool, pool->idle.next));
     pthread_mutex_destroy(&pool->lock);
     caller__free(pool);
 }
@@ -162,10 +176,7 @@ static void reschedule_sweep_locked(caller_pool_t *pool)
 {
     if (pool->cfg.idle_shutdown <= 0 || pool->nidle == 0)
         return;
-    int64_t earliest = INT64_MAX;
-    for (size_t i = 0; i < pool->nidle; i++)
-        if (pool->since[i] < earliest)
-            earliest = pool->since[i];
+    int64_t earliest = worker_of(pool->idle.next)->idle_since; /* the longest idle */
     schedule_sweep_locked(pool, earliest + (int64_t)(pool->cfg.idle_shutdown * 1e9));
 }
 
@@ -180,18 +191,11 @@ static void *sweep(void *arg)
         lock_pool(pool);
         pool->sweep_at = INT64_MAX;
         int64_t limit = caller__now_ns() - (int64_t)(pool->cfg.idle_shutdown * 1e9);
-        for (size_t i = 0; pool->cfg.idle_shutdown > 0 && i < pool->nidle && n < 64;) {
-            if (pool->since[i] <= limit) {
-                expired[n++] = pool->idle[i];
-                memmove(&pool->idle[i], &pool->idle[i + 1],
-                        (pool->nidle - i - 1) * sizeof *pool->idle);
-                memmove(&pool->since[i], &pool->since[i + 1],
-                        (pool->nidle - i - 1) * sizeof *pool->since);
-                pool->nidle--;
-                pool->alive--;
-            } else {
-                i++;
-            }
+        /* Idled in order: the expired ones come first. */
+        while (pool->cfg.idle_shutdown > 0 && !caller__list_empty(&pool->idle) && n < 64 &&
+               worker_of(pool->idle.next)->idle_since <= limit) {
+            expired[n++] = unlink_idle_locked(pool, pool->idle.next);
+            pool->alive--;
         }
         reschedule_sweep_locked(pool);
         unlock_pool(pool);
@@ -206,20 +210,9 @@ static void *sweep(void *arg)
 /* Under the lock: add @p w (a reference) to the idle workers. */
 static bool push_idle_locked(caller_pool_t *pool, caller_t *w)
 {
-    if (pool->nidle == pool->cap) {
-        size_t cap = pool->cap ? pool->cap * 2 : 16;
-        caller_t **idle = caller__realloc(pool->idle, cap * sizeof *idle);
-        if (!idle)
-            return false;
-        pool->idle = idle;
-        int64_t *since = caller__realloc(pool->since, cap * sizeof *since);
-        if (!since)
-            return false;
-        pool->since = since;
-        pool->cap = cap;
-    }
-    pool->idle[pool->nidle] = w;
-    pool->since[pool->nidle++] = caller__now_ns();
+    w->idle_since = caller__now_ns();
+    caller__list_add_tail(&pool->idle, &w->pool_link);
+    pool->nidle++;
     reschedule_sweep_locked(pool);
     return true;
 }
@@ -227,8 +220,8 @@ static bool push_idle_locked(caller_pool_t *pool, caller_t *w)
 /* Under the lock: the most recently idled worker that still runs. */
 static caller_t *pop_idle_locked(caller_pool_t *pool, caller_t **stale, size_t *nstale)
 {
-    while (pool->nidle) {
-        caller_t *w = pool->idle[--pool->nidle];
+    while (!caller__list_empty(&pool->idle)) {
+        caller_t *w = unlink_idle_locked(pool, pool->idle.prev); /* the most recent */
         if (caller_state(w) == CALLER_STATE_RUNNING)
             return w;
         pool->alive--; /* stopped while idle: it leaves the pool */
@@ -246,16 +239,10 @@ static void pool_forget(caller_t *parent, caller_t *w)
         return;
     bool found = false;
     lock_pool(pool);
-    for (size_t i = 0; i < pool->nidle; i++) {
-        if (pool->idle[i] == w) {
-            memmove(&pool->idle[i], &pool->idle[i + 1], (pool->nidle - i - 1) * sizeof *pool->idle);
-            memmove(&pool->since[i], &pool->since[i + 1],
-                    (pool->nidle - i - 1) * sizeof *pool->since);
-            pool->nidle--;
-            pool->alive--;
-            found = true;
-            break;
-        }
+    if (!caller__list_empty(&w->pool_link)) { /* idle in this pool: its parent's */
+        unlink_idle_locked(pool, &w->pool_link);
+        pool->alive--;
+        found = true;
     }
     unlock_pool(pool);
     if (found)
@@ -546,19 +533,19 @@ static void pool_stop(caller_t *c)
         return;
     lock_pool(pool);
     pool->stopped = true;
-    size_t n = pool->nidle;
-    caller_t **idle = pool->idle;
-    pool->idle = NULL;
-    pool->nidle = pool->cap = 0;
-    pool->alive -= n;
-    caller__free(pool->since);
-    pool->since = NULL;
+    caller__link_t idle; /* the idle workers move here, to be released unlocked */
+    caller__list_init(&idle);
+    caller__list_splice_tail_init(&idle, &pool->idle);
+    pool->alive -= pool->nidle;
+    pool->nidle = 0;
     caller__msg_t *parked = pool->parked.head;
     pool->parked.head = pool->parked.tail = NULL;
     unlock_pool(pool);
-    for (size_t i = 0; i < n; i++)
-        caller_unref(idle[i]);
-    caller__free(idle);
+    while (!caller__list_empty(&idle)) {
+        caller__link_t *l = idle.next;
+        caller__list_del(l);
+        caller_unref(worker_of(l));
+    }
     while (parked) {
         parked_t *pk = (parked_t *)parked;
         parked = parked->next;
@@ -601,10 +588,7 @@ int caller_pool_set_config(caller_t *c, const caller_pool_config_t *cfg)
     pool->cfg = *cfg;
     /* Fewer idle workers allowed now: stop the oldest beyond the limit. */
     while (pool->nidle > cfg->max_idle && n < 64) {
-        excess[n++] = pool->idle[0];
-        memmove(&pool->idle[0], &pool->idle[1], (pool->nidle - 1) * sizeof *pool->idle);
-        memmove(&pool->since[0], &pool->since[1], (pool->nidle - 1) * sizeof *pool->since);
-        pool->nidle--;
+        excess[n++] = unlink_idle_locked(pool, pool->idle.next); /* the longest idle */
         pool->alive--;
     }
     pool->sweep_at = INT64_MAX; /* a shorter duration needs an earlier sweep */

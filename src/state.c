@@ -11,7 +11,8 @@
  *                       started yet (caller_get lists a child before it
  *                       starts it): the starter sees it and ends it unstarted
  *   INITIAL   STOPPED   caller_stop of a MANUAL Caller that never ran (the only
- *                       Caller that can end without a starter to see it)
+ *                       Caller that can end without a starter to see it; the
+ *                       edge aborts for any other)
  *   STARTING  RUNNING   its thread, once the loop is open (start_loop)
  *   STARTING  STOPPING  caller_stop while it starts: the stop message waits in
  *                       the inbox until the loop runs
@@ -44,7 +45,8 @@ static const bool allowed[5][5] = {
 
 bool caller__transition(caller_t *c, int from, int to)
 {
-    if (from < 0 || from > 4 || to < 0 || to > 4 || !allowed[from][to]) {
+    if (from < 0 || from > 4 || to < 0 || to > 4 || !allowed[from][to] ||
+        (from == CALLER_STATE_INITIAL && to == CALLER_STATE_STOPPED && !c->manual)) {
         /* A broken invariant of the library itself, never the user's. */
         fprintf(stderr, "libcaller: Caller '%s': no transition from state %d to %d\n", c->name,
                 from, to);
