@@ -605,6 +605,9 @@ CALLER_EXTERN caller_pending_t *caller_call_later(caller_t *c, double delay, cal
  * another label.
  *
  * Thread: any.
+ * @param c     the Caller to run it on.
+ * @param fn    the task's function (not NULL).
+ * @param arg   its argument.
  * @param name  a string with static lifetime, or NULL (no label).
  * @return as caller_call_soon().
  */
