@@ -41,6 +41,19 @@
 extern "C" {
 #endif
 
+/** @name Version
+ *  The version of this header. While the major version is 0, a minor
+ *  version may change the API; a patch version does not. */
+/** @{ */
+#define CALLER_VERSION_MAJOR 0 /**< major version of this header */
+#define CALLER_VERSION_MINOR 1 /**< minor version of this header */
+#define CALLER_VERSION_PATCH 0 /**< patch version of this header */
+/** The header's version as one number, 0xMMmmpp: compare with
+ *  caller_version() to find a library older than the header. */
+#define CALLER_VERSION_HEX                                                                         \
+    ((CALLER_VERSION_MAJOR << 16) | (CALLER_VERSION_MINOR << 8) | CALLER_VERSION_PATCH)
+/** @} */
+
 #if defined(__GNUC__)
 /** Marks the functions the shared library exports (it hides the rest). */
 #define CALLER_EXTERN __attribute__((visibility("default")))
@@ -51,6 +64,19 @@ extern "C" {
 #define CALLER_EXTERN
 #define CALLER_PRINTF(f, a)
 #endif
+
+/**
+ * The version of the library that runs, as CALLER_VERSION_HEX: it may
+ * differ from the header's when a program built against one version runs
+ * with another shared library.
+ *
+ * Thread: any. @return 0xMMmmpp.
+ */
+CALLER_EXTERN unsigned caller_version(void);
+
+/** The version of the library that runs, as text ("0.1.0"). Thread: any.
+ *  @return a string with static lifetime. */
+CALLER_EXTERN const char *caller_version_string(void);
 
 /* ======================================================================== */
 /** @name Errors */
@@ -85,11 +111,13 @@ extern "C" {
     X(EPERM, -EPERM, "operation not permitted")                                                    \
     X(EINVALSTATE, -4001, "invalid state")
 
+/** One row of CALLER_ERRNO_MAP as an item of caller_errno_t (defined only
+ *  here, undefined right after). */
+#define CALLER_ERRNO_ENUM_ITEM(name, value, text) CALLER_##name = (value),
 /** The error codes (all negative). */
 typedef enum {
-#define CALLER__ENUM(name, value, text) CALLER_##name = (value),
-    CALLER_ERRNO_MAP(CALLER__ENUM)
-#undef CALLER__ENUM
+    CALLER_ERRNO_MAP(CALLER_ERRNO_ENUM_ITEM)
+#undef CALLER_ERRNO_ENUM_ITEM
 } caller_errno_t;
 
 /**

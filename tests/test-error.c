@@ -99,3 +99,14 @@ TEST(long_messages_are_cut_at_a_character)
     CHECK_STR_EQ(caller__trunc(buf, sizeof buf, "exactly ten", 10), "exactly te\xE2\x80\xA6");
     CHECK_STR_EQ(caller__trunc(buf, 6, "abcdefgh", 100), "ab\xE2\x80\xA6");
 }
+
+TEST(version_of_the_library_is_the_headers)
+{
+    CHECK_EQ(caller_version(), (unsigned)CALLER_VERSION_HEX);
+    CHECK_EQ(CALLER_VERSION_HEX,
+             (CALLER_VERSION_MAJOR << 16) | (CALLER_VERSION_MINOR << 8) | CALLER_VERSION_PATCH);
+    char want[32];
+    snprintf(want, sizeof want, "%d.%d.%d", CALLER_VERSION_MAJOR, CALLER_VERSION_MINOR,
+             CALLER_VERSION_PATCH);
+    CHECK_STR_EQ(caller_version_string(), want);
+}
