@@ -54,29 +54,8 @@
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* The locks of this file, in the library's order (lockorder.h). */
-static void lock_registry(void)
-{
-    caller__order_acquire(CALLER__RANK_REGISTRY);
-    pthread_mutex_lock(&registry_lock);
-}
-
-static void unlock_registry(void)
-{
-    pthread_mutex_unlock(&registry_lock);
-    caller__order_release(CALLER__RANK_REGISTRY);
-}
-
-static void lock_caller(caller_t *c)
-{
-    caller__order_acquire(CALLER__RANK_CALLER);
-    pthread_mutex_lock(&c->lock);
-}
-
-static void unlock_caller(caller_t *c)
-{
-    pthread_mutex_unlock(&c->lock);
-    caller__order_release(CALLER__RANK_CALLER);
-}
+#define lock_registry() caller__mutex_lock(&registry_lock, CALLER__RANK_REGISTRY)
+#define unlock_registry() caller__mutex_unlock(&registry_lock, CALLER__RANK_REGISTRY)
 static caller__link_t registry = {&registry, &registry};
 static atomic_size_t live_callers;
 
@@ -423,7 +402,7 @@ static void child_detach(caller_t *c)
     if (!parent)
         return;
     bool found = false;
-    lock_caller(parent);
+    caller__lock_caller(parent);
     for (size_t i = 0; i < parent->nchildren; i++) {
         if (parent->children[i] == c) {
             parent->children[i] = parent->children[--parent->nchildren];
@@ -431,7 +410,7 @@ static void child_detach(caller_t *c)
             break;
         }
     }
-    unlock_caller(parent);
+    caller__unlock_caller(parent);
     if (found && !caller__post(parent, &c->child_msg))
         caller_unref(c);
 }
@@ -523,9 +502,9 @@ static void check_finished(caller_t *c)
      * its batch still needs the loop. */
     if (c->in_dispatch || c->finishing || !c->stop_seen || !caller__sched_idle(c))
         return;
-    lock_caller(c);
+    caller__lock_caller(c);
     size_t children = c->nchildren;
-    unlock_caller(c);
+    caller__unlock_caller(c);
     if (children)
         return;
     c->finishing = true;
@@ -780,24 +759,24 @@ int caller_run(caller_t *c, caller_fn body, void *arg, void **result)
 
 static void stop_children(caller_t *c)
 {
-    lock_caller(c);
+    caller__lock_caller(c);
     size_t n = c->nchildren;
     caller_t **kids = n ? caller__malloc(n * sizeof *kids) : NULL;
     if (kids)
         for (size_t i = 0; i < n; i++)
             kids[i] = caller_ref(c->children[i]);
-    unlock_caller(c);
+    caller__unlock_caller(c);
     if (n && !kids) {
         /* No memory for a snapshot: one at a time, each found under the
          * lock and stopped outside it (caller_stop takes the registry
          * lock, above this one in the library's order). */
         for (;;) {
             caller_t *k = NULL;
-            lock_caller(c);
+            caller__lock_caller(c);
             for (size_t i = 0; i < c->nchildren && !k; i++)
                 if (load_state(c->children[i]) < CALLER_STATE_STOPPING)
                     k = caller_ref(c->children[i]);
-            unlock_caller(c);
+            caller__unlock_caller(c);
             if (!k)
                 return;
             caller_stop(k, true);
@@ -935,22 +914,22 @@ caller_t *caller_get(caller_t *parent, const caller_options_t *o)
         return NULL;
     }
     const char *name = o && o->name && o->name[0] ? o->name : NULL;
-    lock_caller(parent);
+    caller__lock_caller(parent);
     if (load_state(parent) >= CALLER_STATE_STOPPING) {
-        unlock_caller(parent);
+        caller__unlock_caller(parent);
         caller__fail_stopped(parent, "caller_get");
         return NULL;
     }
     caller_t *k = name ? find_child(parent, name) : NULL;
     if (k) {
         if (o->backend && strcmp(o->backend, k->ops->name) != 0) {
-            unlock_caller(parent);
+            caller__unlock_caller(parent);
             caller__fail(-EINVAL, "Backend mismatch! (child '%s' runs %s, asked for %s)", name,
                          k->ops->name, o->backend);
             return NULL;
         }
         caller_ref(k);
-        unlock_caller(parent);
+        caller__unlock_caller(parent);
         return k;
     }
     caller_options_t merged = o ? *o : (caller_options_t){0};
@@ -968,7 +947,7 @@ caller_t *caller_get(caller_t *parent, const caller_options_t *o)
         size_t cap = parent->children_cap ? parent->children_cap * 2 : 4;
         caller_t **kids = caller__realloc(parent->children, cap * sizeof *kids);
         if (!kids) {
-            unlock_caller(parent);
+            caller__unlock_caller(parent);
             caller__fail(-ENOMEM, "caller_get: out of memory");
             return NULL;
         }
@@ -977,13 +956,13 @@ caller_t *caller_get(caller_t *parent, const caller_options_t *o)
     }
     k = alloc_caller(&merged, WORKER_NAME);
     if (!k) {
-        unlock_caller(parent);
+        caller__unlock_caller(parent);
         return NULL;
     }
     k->parent = caller_ref(parent);
     /* Listed before it starts, so a parent that stops meanwhile stops it. */
     parent->children[parent->nchildren++] = caller_ref(k);
-    unlock_caller(parent);
+    caller__unlock_caller(parent);
     CALLER__TEST_POINT("get.listed", k);
     if (start_thread(k, "caller_get") < 0) {
         /* It ended unstarted and left the parent (child_detach), which,
@@ -998,12 +977,12 @@ size_t caller_children(caller_t *c, caller_t **out, size_t max)
 {
     if (!c)
         return 0;
-    lock_caller(c);
+    caller__lock_caller(c);
     size_t n = c->nchildren, k = 0;
     for (size_t i = 0; i < n && k < max; i++)
         if (out && (out[k] = ref_if_alive(c->children[i])))
             k++;
-    unlock_caller(c);
+    caller__unlock_caller(c);
     return n;
 }
 

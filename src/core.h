@@ -12,6 +12,7 @@
 #include "heap.h"
 #include "inbox.h"
 #include "list.h"
+#include "lockorder.h"
 #include "sync.h"
 
 #include <pthread.h>
@@ -107,6 +108,17 @@ struct caller {
     int start_error;
     char start_msg[200]; /* the thread's error message when it failed */
 };
+
+/* The Caller's `lock` (rank 2 in lockorder.h). */
+static inline void caller__lock_caller(caller_t *c)
+{
+    caller__mutex_lock(&c->lock, CALLER__RANK_CALLER);
+}
+
+static inline void caller__unlock_caller(caller_t *c)
+{
+    caller__mutex_unlock(&c->lock, CALLER__RANK_CALLER);
+}
 
 /* ---- state.c ---- */
 /* Move @p c from state @p from to @p to (a CAS); false if it was not in

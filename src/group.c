@@ -66,17 +66,8 @@ struct caller_manager {
 
 /* ---- trackers ------------------------------------------------------------ */
 
-static void lock_tracker(tracker_t *t)
-{
-    caller__order_acquire(CALLER__RANK_TRACKER);
-    pthread_mutex_lock(&t->lock);
-}
-
-static void unlock_tracker(tracker_t *t)
-{
-    pthread_mutex_unlock(&t->lock);
-    caller__order_release(CALLER__RANK_TRACKER);
-}
+#define lock_tracker(t) caller__mutex_lock(&(t)->lock, CALLER__RANK_TRACKER)
+#define unlock_tracker(t) caller__mutex_unlock(&(t)->lock, CALLER__RANK_TRACKER)
 
 static void tracker_init(tracker_t *t, tracker_kind_t kind)
 {

@@ -73,8 +73,23 @@ static inline void caller__order_release(int rank)
 }
 #else
 #define CALLER__CHECK_LOCK_ORDER 0
-#define caller__order_acquire(rank) ((void)0)
-#define caller__order_release(rank) ((void)0)
+#define caller__order_acquire(rank) ((void)(rank))
+#define caller__order_release(rank) ((void)(rank))
 #endif
+
+#include <pthread.h>
+
+/* A mutex of @p rank, taken and released with the order check. */
+static inline void caller__mutex_lock(pthread_mutex_t *m, int rank)
+{
+    caller__order_acquire(rank);
+    pthread_mutex_lock(m);
+}
+
+static inline void caller__mutex_unlock(pthread_mutex_t *m, int rank)
+{
+    pthread_mutex_unlock(m);
+    caller__order_release(rank);
+}
 
 #endif /* CALLER_LOCKORDER_H */

@@ -59,31 +59,9 @@ typedef struct {
     bool unparked;           /* off the FIFO, to a worker (under pool->lock) */
 } parked_t;
 
-/* The locks, in the library's order (lockorder.h). */
-static void lock_pool(caller_pool_t *pool)
-{
-    caller__order_acquire(CALLER__RANK_POOL);
-    pthread_mutex_lock(&pool->lock);
-}
-
-static void unlock_pool(caller_pool_t *pool)
-{
-    pthread_mutex_unlock(&pool->lock);
-    caller__order_release(CALLER__RANK_POOL);
-}
-
-static void lock_owner(caller_t *c)
-{
-    caller__order_acquire(CALLER__RANK_CALLER);
-    pthread_mutex_lock(&c->lock);
-}
-
-static void unlock_owner(caller_t *c)
-{
-    pthread_mutex_unlock(&c->lock);
-    caller__order_release(CALLER__RANK_CALLER);
-}
-
+/* The pool's lock, in the library's order (lockorder.h). */
+#define lock_pool(pool) caller__mutex_lock(&(pool)->lock, CALLER__RANK_POOL)
+#define unlock_pool(pool) caller__mutex_unlock(&(pool)->lock, CALLER__RANK_POOL)
 static const caller_pool_config_t defaults = {
     .max_idle = CALLER_MAX_IDLE_POOL_INSTANCES,
     .idle_shutdown = CALLER_IDLE_WORKER_SHUTDOWN_DURATION,
@@ -102,7 +80,7 @@ static const caller__pool_hooks_t hooks = {
  * error names @p api). */
 static caller_pool_t *pool_of(caller_t *c, const char *api)
 {
-    lock_owner(c);
+    caller__lock_caller(c);
     caller_pool_t *pool = c->pool;
     if (!pool) {
         pool = caller__calloc(1, sizeof *pool);
@@ -116,7 +94,7 @@ static caller_pool_t *pool_of(caller_t *c, const char *api)
             atomic_store_explicit(&c->pool_hooks, &hooks, memory_order_release);
         }
     }
-    unlock_owner(c);
+    caller__unlock_caller(c);
     if (!pool)
         caller__fail(-ENOMEM, "%s: out of memory", api);
     return pool;
@@ -156,15 +134,10 @@ static void schedule_sweep_locked(caller_pool_t *pool, int64_t at)
     if (at >= pool->sweep_at || pool->stopped)
         return;
     double delay = (double)(at - caller__now_ns()) / 1e9;
-    /* A worker can come back in a user's thread or task (a call that ended
-     * before to_thread added its done callback): no context there either,
-     * or the user's group would track the sweep and wait for it. (The
-     * detached call makes the task in no context but tracks its Pending in
-     * the current one.) */
-    caller__ctx_t *outer = caller__ctx_swap(NULL);
+    /* Detached: in no context, tracked by none (a worker can come back in a
+     * user's thread or task, inside a group). */
     caller_pending_t *p = caller__call_later_detached(pool->owner, delay > 0 ? delay : 0, sweep,
                                                       pool, "idle worker sweep");
-    caller__ctx_swap(outer);
     if (p) {
         pool->sweep_at = at;
         caller_pending_unref(p);

@@ -42,18 +42,8 @@ typedef struct item {
 } item_t;
 
 /* The lock of a Caller's queues (rank 3 in lockorder.h). */
-static void lock_queues(caller_t *c)
-{
-    caller__order_acquire(CALLER__RANK_QUEUES);
-    pthread_mutex_lock(&c->queues.lock);
-}
-
-static void unlock_queues(caller_t *c)
-{
-    pthread_mutex_unlock(&c->queues.lock);
-    caller__order_release(CALLER__RANK_QUEUES);
-}
-
+#define lock_queues(c) caller__mutex_lock(&(c)->queues.lock, CALLER__RANK_QUEUES)
+#define unlock_queues(c) caller__mutex_unlock(&(c)->queues.lock, CALLER__RANK_QUEUES)
 typedef struct caller__queue caller__queue_t;
 
 struct caller__queue {

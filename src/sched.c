@@ -871,6 +871,7 @@ int caller_pending_wait(caller_pending_t *p, double timeout, bool protect, bool 
     void *v = NULL;
     int64_t deadline = caller__deadline(timeout);
     caller__task_t *task = tl_task;
+    caller_t *self;
     if (caller__pending_completing_here(p)) {
         /* Inside its own done callbacks: done, and the wake a wait would
          * need comes from this thread once the callback returns. */
@@ -883,8 +884,7 @@ int caller_pending_wait(caller_pending_t *p, double timeout, bool protect, bool 
         rc = 0; /* done: no waiter to link, no lock unless the outcome is wanted */
         if (want_result)
             code = caller__pending_outcome(p, &v);
-    } else if (caller__thread_caller() &&
-               caller__pending_owner_of_undone(p) == caller__thread_caller()) {
+    } else if ((self = caller__thread_caller()) && caller__pending_owner_of_undone(p) == self) {
         /* Only this thread's Caller can complete it, and this thread would
          * block instead of running it. */
         char text[160];

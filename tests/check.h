@@ -16,7 +16,9 @@
 
 #include "caller.h"
 
+#include <errno.h>
 #include <inttypes.h>
+#include <semaphore.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -168,6 +170,18 @@ static inline void check_stop(caller_t *c)
         abort();
     }
     caller_unref(c);
+}
+
+/* Wait for @p s to be posted, at most 10 s (scaled); fails the test after. */
+static inline void check_sem_wait(sem_t *s)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += (time_t)(10 * check_time_scale());
+    int rc;
+    while ((rc = sem_timedwait(s, &ts)) != 0 && errno == EINTR)
+        ;
+    CHECK_EQ(rc, 0);
 }
 
 /* The detailed message of this thread's last error. */

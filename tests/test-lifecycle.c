@@ -55,6 +55,31 @@ static int threads_named(const char *name)
     return n;
 }
 
+/* Run @p fn in a forked child with its stderr captured into @p buf: the
+ * signal that ended it (0 if it exited). */
+static int child_dies(void (*fn)(void), char *buf, size_t len)
+{
+    int fds[2];
+    CHECK_EQ(pipe(fds), 0);
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        dup2(fds[1], 2);
+        fn();
+        _exit(4);
+    }
+    close(fds[1]);
+    size_t got = 0;
+    ssize_t r;
+    while (got < len - 1 && (r = read(fds[0], buf + got, len - 1 - got)) > 0)
+        got += (size_t)r;
+    buf[got] = '\0';
+    close(fds[0]);
+    int status;
+    CHECK_EQ(waitpid(pid, &status, 0), pid);
+    return WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+}
+
 /* ---- race: a stop while caller_get lists a child, before it starts ----- */
 
 static caller_t *held_parent;
@@ -180,32 +205,19 @@ TEST(stress_stop_while_creating_a_child)
 
 /* ---- over-release --------------------------------------------------------- */
 
+static void release_once_too_often(void)
+{
+    caller_t *c = caller_create(CALLER_NEW_THREAD, NULL);
+    if (!c)
+        _exit(3);
+    caller_unref(c); /* the one reference the user had */
+    caller_unref(c); /* one too many: its thread still holds it */
+}
+
 TEST(over_release_of_a_running_caller_aborts_with_a_message)
 {
-    int fds[2];
-    CHECK_EQ(pipe(fds), 0);
-    pid_t pid = fork();
-    CHECK(pid >= 0);
-    if (pid == 0) {
-        dup2(fds[1], 2);
-        caller_t *c = caller_create(CALLER_NEW_THREAD, NULL);
-        if (!c)
-            _exit(3);
-        caller_unref(c); /* the one reference the user had */
-        caller_unref(c); /* one too many: its thread still holds it */
-        _exit(4);        /* not reached */
-    }
-    close(fds[1]);
-    char buf[512] = "";
-    size_t got = 0;
-    ssize_t r;
-    while (got < sizeof buf - 1 && (r = read(fds[0], buf + got, sizeof buf - 1 - got)) > 0)
-        got += (size_t)r;
-    close(fds[0]);
-    int status;
-    CHECK_EQ(waitpid(pid, &status, 0), pid);
-    CHECK(WIFSIGNALED(status));
-    CHECK_EQ(WTERMSIG(status), SIGABRT);
+    char buf[512];
+    CHECK_EQ(child_dies(release_once_too_often, buf, sizeof buf), SIGABRT);
     CHECK_CONTAINS(buf, "released more times than it was referenced");
 }
 
@@ -335,33 +347,20 @@ TEST(print_table_lists_only_live_callers)
 
 /* ---- the lock order ------------------------------------------------------------ */
 
+static void take_locks_against_the_order(void)
+{
+    caller__order_acquire(CALLER__RANK_CALLER);
+    caller__order_acquire(CALLER__RANK_INBOX); /* in order: fine */
+    caller__order_release(CALLER__RANK_INBOX);
+    caller__order_release(CALLER__RANK_CALLER);
+    caller__order_acquire(CALLER__RANK_INBOX);
+    caller__order_acquire(CALLER__RANK_REGISTRY); /* against it */
+}
+
 TEST(lock_taken_against_the_order_aborts_naming_both)
 {
     CHECK(CALLER__CHECK_LOCK_ORDER); /* the test build always checks */
-    int fds[2];
-    CHECK_EQ(pipe(fds), 0);
-    pid_t pid = fork();
-    CHECK(pid >= 0);
-    if (pid == 0) {
-        dup2(fds[1], 2);
-        caller__order_acquire(CALLER__RANK_CALLER);
-        caller__order_acquire(CALLER__RANK_INBOX); /* in order: fine */
-        caller__order_release(CALLER__RANK_INBOX);
-        caller__order_release(CALLER__RANK_CALLER);
-        caller__order_acquire(CALLER__RANK_INBOX);
-        caller__order_acquire(CALLER__RANK_REGISTRY); /* against it */
-        _exit(4);
-    }
-    close(fds[1]);
-    char buf[512] = "";
-    size_t got = 0;
-    ssize_t r;
-    while (got < sizeof buf - 1 && (r = read(fds[0], buf + got, sizeof buf - 1 - got)) > 0)
-        got += (size_t)r;
-    close(fds[0]);
-    int status;
-    CHECK_EQ(waitpid(pid, &status, 0), pid);
-    CHECK(WIFSIGNALED(status));
-    CHECK_EQ(WTERMSIG(status), SIGABRT);
+    char buf[512];
+    CHECK_EQ(child_dies(take_locks_against_the_order, buf, sizeof buf), SIGABRT);
     CHECK_CONTAINS(buf, "lock order: taking registry_lock while holding caller->inbox_lock");
 }

@@ -912,17 +912,6 @@ static struct {
     sem_t in_callback, joined;
 } joiner;
 
-static void sem_wait_10s(sem_t *s)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += (time_t)(10 * check_time_scale());
-    int rc;
-    while ((rc = sem_timedwait(s, &ts)) != 0 && errno == EINTR)
-        ;
-    CHECK_EQ(rc, 0);
-}
-
 static void joiner_hook(const char *point, void *obj)
 {
     if (obj == atomic_load(&joiner.p) && strcmp(point, "pending.waiter") == 0)
@@ -934,7 +923,7 @@ static void hold_until_joined(caller_pending_t *p, void *arg)
     (void)p;
     (void)arg;
     sem_post(&joiner.in_callback);
-    sem_wait_10s(&joiner.joined);
+    check_sem_wait(&joiner.joined);
 }
 
 TEST(reset_waiter_joining_during_callbacks_gets_that_round)
@@ -948,7 +937,7 @@ TEST(reset_waiter_joining_during_callbacks_gets_that_round)
     setter_t s = {.p = p, .value = (void *)5, .reset = true};
     pthread_t t;
     CHECK_EQ(pthread_create(&t, NULL, setter_thread, &s), 0);
-    sem_wait_10s(&joiner.in_callback);
+    check_sem_wait(&joiner.in_callback);
     void *v = NULL;
     CHECK_RC(caller_pending_wait(p, 10 * check_time_scale(), true, true, &v), 0);
     atomic_store(&caller__test_hook, NULL);

@@ -371,24 +371,13 @@ static struct {
     atomic_int ran[2];
 } win;
 
-static void win_sem_wait(sem_t *s)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += (time_t)(10 * check_time_scale());
-    int rc;
-    while ((rc = sem_timedwait(s, &ts)) != 0 && errno == EINTR)
-        ;
-    CHECK_EQ(rc, 0);
-}
-
 static void win_hook(const char *point, void *obj)
 {
     if (obj != atomic_load(&win.q))
         return;
     if (strcmp(point, "queue.empty") == 0 && atomic_exchange(&win.hold_empty, 0)) {
         sem_post(&win.held); /* in the gap: hold it until the waiter joined */
-        win_sem_wait(&win.joined);
+        check_sem_wait(&win.joined);
     } else if (strcmp(point, "pending.waiter") == 0 && atomic_exchange(&win.hold_join, 0)) {
         sem_post(&win.joined);
     }
@@ -414,7 +403,7 @@ static void win_hold_in_callback(caller_pending_t *p, void *arg)
     (void)arg;
     CHECK_EQ(caller_pending_done(p), 1);
     sem_post(&win.held);
-    win_sem_wait(&win.joined);
+    check_sem_wait(&win.joined);
 }
 
 /* Queue a gated first item (with the window armed), open the gate, and
@@ -438,7 +427,7 @@ static void queue_and_wait_in_window(bool in_callback)
     atomic_store(&caller__test_hook, win_hook);
     CHECK_RC(caller_pending_set_result(gate, NULL, false), 0);
 
-    win_sem_wait(&win.held); /* the first drain is under way */
+    check_sem_wait(&win.held); /* the first drain is under way */
     CHECK_EQ(atomic_load(&win.ran[0]), 1);
     caller_pending_t *q2 = caller_queue_call_key(c, &key, win_second, P(2));
     CHECK_PTR_EQ(q2, q);
