@@ -355,6 +355,7 @@ static caller_t *alloc_caller(const caller_options_t *o, const char *default_nam
     c->spin.budget = CALLER__SPIN_MAX_NS;
     c->stop_msg.kind = CALLER__MSG_STOP;
     c->child_msg.kind = CALLER__MSG_CHILD;
+    c->pool_msg.kind = CALLER__MSG_POOL;
     atomic_fetch_add_explicit(&live_callers, 1, memory_order_relaxed);
     return c;
 }

@@ -50,6 +50,23 @@ typedef struct caller__pool_hooks {
     void (*free)(caller_pool_t *pool);            /* the owner is freed */
 } caller__pool_hooks_t;
 
+/*
+ * What a worker of a pool (pool.c) lets its own loop (the scheduler) call,
+ * installed on the worker when the pool makes it. All in the worker's
+ * loop thread.
+ */
+typedef struct caller__worker_hooks {
+    /* No pooled call of its own is unfinished, or the one it runs is
+     * about to complete: the next queued call of its pool (a reference,
+     * adopted by @p w, to run), or NULL — then the worker is idle in its
+     * pool (or has left it). */
+    caller_pending_t *(*take)(caller_t *w);
+    /* About to sleep with nothing to do: may it spin first? If true,
+     * spun() follows the spin. */
+    bool (*may_spin)(caller_t *w);
+    void (*spun)(caller_t *w);
+} caller__worker_hooks_t;
+
 struct caller {
     const caller__lifecycle_t *life; /* caller.c's, for the scheduler below it */
     _Atomic uint64_t refs;           /* all | the library's own << 32 (caller.c) */
@@ -96,9 +113,15 @@ struct caller {
     caller_pool_t *pool; /* to_thread workers; made on first use, under `lock` */
     _Atomic(const caller__pool_hooks_t *) pool_hooks; /* set once `pool` is (pool.c) */
     caller__queues_t queues;                          /* its execution queues (queue.c) */
-    /* as a worker idle in its parent's pool: under that pool's lock (pool.c) */
-    caller__link_t pool_link; /* unlinked (to itself) when not idle there */
-    int64_t idle_since;
+    /* as a worker of its parent's pool (pool.c) */
+    _Atomic(const caller__worker_hooks_t *) worker; /* NULL unless in a pool */
+    caller__link_t pool_link;                       /* idle in the pool (under its lock); unlinked
+                                                       (to itself) when not idle there */
+    int64_t idle_since;                             /* under the pool's lock */
+    bool pool_woken;                                /* told to look at the queue (pool's lock) */
+    size_t pool_calls;                              /* (L) pooled calls taken and not ended */
+    atomic_bool pool_posted;                        /* pool_msg is in the inbox */
+    caller__msg_t pool_msg;                         /* MSG_POOL: look at the pool's queue */
 
     /* registry, under the registry lock */
     caller__link_t reg;

@@ -26,6 +26,7 @@ typedef enum {
     CALLER__MSG_DIRECT,   /* call_direct (allocated) */
     CALLER__MSG_STOP,     /* carry out caller_stop in the loop thread */
     CALLER__MSG_CHILD,    /* a child stopped (holds a ref on the child) */
+    CALLER__MSG_POOL,     /* a worker: its pool has a call for it */
 } caller__msg_kind_t;
 
 typedef struct caller__msg caller__msg_t;

@@ -104,7 +104,9 @@ struct caller_pending {
     void *userdata;
     void (*finalizer)(void *);
     const char *name;
-    caller_t *owner; /* whose work completes it (a reference unless weak or lent) */
+    /* Whose work completes it (a reference unless weak or lent). Atomic: a
+     * pooled call's is set as a worker takes it (caller__pending_adopt). */
+    _Atomic(caller_t *) owner;
     uint32_t magic;
     /* A task's, with no owner reference while the task lives (see
      * caller__pending_init_task). Set before the Pending is shared, cleared
@@ -251,7 +253,7 @@ static caller_t *owner_ref(caller_t *owner)
 
 caller_t *caller__pending_owner(const caller_pending_t *p)
 {
-    return p->owner;
+    return atomic_load_explicit(&p->owner, memory_order_acquire);
 }
 
 size_t caller_pending_live_count(void)
@@ -310,7 +312,7 @@ caller_pending_t *caller_pending_new(unsigned flags)
 
 void caller__pending_set_owner(caller_pending_t *p, caller_t *owner, bool weak)
 {
-    p->owner = weak ? owner : owner_ref(owner);
+    atomic_store_explicit(&p->owner, weak ? owner : owner_ref(owner), memory_order_relaxed);
     if (weak)
         atomic_fetch_or_explicit(&p->flags, F_WEAK_OWNER, memory_order_relaxed);
 }
@@ -322,7 +324,8 @@ void caller__pending_init_task(caller_pending_t *p, caller_t *owner, const char 
      * touch the Caller's reference count, which the Caller's thread would
      * otherwise change again as the Pending goes (W3: a contended atomic
      * on each side for every call). */
-    p->owner = lent ? owner : owner_ref(owner);
+    atomic_store_explicit(&p->owner, lent || !owner ? owner : owner_ref(owner),
+                          memory_order_relaxed);
     p->name = name;
     p->canceller = canceller;
     p->canceller_arg = arg;
@@ -341,9 +344,18 @@ void caller__pending_task_over(caller_pending_t *p)
      * last reference, so exactly one caller_unref follows. Not an atomic
      * flag: W1 would pay a locked instruction more per task. */
     if (atomic_load_explicit(&p->refs, memory_order_acquire) > 1) {
-        owner_ref(p->owner);
+        owner_ref(atomic_load_explicit(&p->owner, memory_order_relaxed));
         p->owner_lent = false;
     }
+}
+
+void caller__pending_adopt(caller_pending_t *p, caller_t *owner)
+{
+    /* Lent, as a task submitted to a running Caller: the worker's running
+     * reference covers it while the task lives. Release: whoever reads the
+     * owner with acquire sees the Caller it names fully made. */
+    p->owner_lent = true;
+    atomic_store_explicit(&p->owner, owner, memory_order_release);
 }
 
 static void check_alive(const caller_pending_t *p, const char *fn)
@@ -406,9 +418,10 @@ static void destroy(caller_pending_t *p)
     caller__free(p->errmsg);
     caller__free(p->cancelmsg);
     caller__free(p->cbs);
-    if (p->owner && !(atomic_load_explicit(&p->flags, memory_order_relaxed) & F_WEAK_OWNER) &&
+    caller_t *owner = atomic_load_explicit(&p->owner, memory_order_relaxed);
+    if (owner && !(atomic_load_explicit(&p->flags, memory_order_relaxed) & F_WEAK_OWNER) &&
         !p->owner_lent)
-        owner_ops->unref(p->owner);
+        owner_ops->unref(owner);
     p->magic = PENDING_DEAD;
     if (atomic_load_explicit(&p->flags, memory_order_relaxed) & F_BLOCK)
         caller__block_free(p);
@@ -1042,7 +1055,7 @@ void *caller__pending_owner_of_undone(const caller_pending_t *p)
 {
     if (atomic_load_explicit(&p->flags, memory_order_acquire) & F_DONE)
         return NULL;
-    return p->owner;
+    return atomic_load_explicit(&p->owner, memory_order_acquire);
 }
 
 int caller__pending_wait_end(caller_pending_t *p, int rc, int code, void *v, double timeout,
@@ -1085,7 +1098,7 @@ int caller_pending_repr(const caller_pending_t *cp, char *buf, size_t len)
     caller__trunc(emsg, sizeof emsg, msg_or_empty(p->errmsg), REPR_MAX);
     int code = p->code;
     const char *name = p->name;
-    caller_t *owner = p->owner;
+    caller_t *owner = atomic_load_explicit(&p->owner, memory_order_acquire);
     unlock_p(p);
 
     char cancelled[sizeof cmsg + 32] = "", failed[sizeof emsg + 64] = "", label[192] = "";

@@ -68,7 +68,8 @@ bool caller__pending_trackable(const caller_pending_t *p);
 size_t caller__pending_size(void);
 
 /* The Caller whose work completes @p p (caller__pending_set_owner), or NULL.
- * Set before the Pending is shared and never changed: no lock needed. */
+ * Set before the Pending is shared and never changed — except a pooled
+ * call's, NULL until a worker takes it (caller__pending_adopt). */
 caller_t *caller__pending_owner(const caller_pending_t *p);
 
 /* Let the trackers of the current context see @p p (unless untracked).
@@ -94,6 +95,11 @@ void caller__pending_init_task(caller_pending_t *p, caller_t *owner, const char 
  * real, so the owner outlives it; if not, @p p is about to go and no
  * reference is needed. */
 void caller__pending_task_over(caller_pending_t *p);
+
+/* A worker's loop thread, taking a pooled call made with no owner
+ * (caller__pending_init_task with NULL): @p owner completes it from now on,
+ * lent as in caller__pending_init_task. */
+void caller__pending_adopt(caller_pending_t *p, caller_t *owner);
 
 /* What a Pending may do with its owner, the Caller whose work completes it
  * (pending.c knows nothing more of Callers): installed once by caller.c. */

@@ -1,20 +1,34 @@
 /*
- * The worker pool behind caller_to_thread (SPEC §6), built on the public
- * calls: workers are children made with caller_get(), calls reach them with
- * caller_call_soon(), idle workers are swept by a caller_call_later() task
- * on the pool owner's loop.
+ * The worker pool behind caller_to_thread (SPEC §6). Workers are children
+ * of the pool's owner made with caller_get(): each is a Caller on its own
+ * thread, so caller_current() in a call is the worker's Caller.
  *
- * Locks: pool->lock (lockorder.h), under which a Caller's inbox lock may be
- * taken (call_soon / call_later). caller_stop() and caller_unref() of workers are called with
- * no lock held. The done callback that hands a worker back runs in the
- * worker's thread before the call's waiters wake, so a caller that waits
- * for one to_thread and starts the next finds the worker idle again.
+ * Calls wait in one run queue per pool, and workers pull from it: a worker
+ * whose call ended takes the next one itself, in the same dispatch round
+ * (sched.c's pull()), with no loop turn and no wake-up in between. The
+ * Pending the user holds is the call's own task: queued with no Caller, it
+ * is adopted by the worker that takes it.
  *
- * A parked call is unparked (taken off the FIFO) and marked so in one hold
- * of pool->lock, then dispatched outside it (call_soon may run trackers'
- * code). A cancel in between finds it neither parked nor with a task yet:
- * it only flags the user's Pending, and the dispatch looks at that flag
- * after recording the task, as does the task before it calls the function.
+ * Wake-ups. A worker sleeping in its loop is woken (a MSG_POOL message to
+ * its inbox) only when a call is queued and no other worker will come for
+ * it: a worker takes the next call itself as its call ends (before that
+ * call's waiters wake), and `woken` counts the workers already told to
+ * look; a call is queued with a wake-up only while the queued calls
+ * outnumber those. The worker woken is the one
+ * spinning for work if there is one (its inbox is poked, no system call),
+ * else the most recently idled; with none idle a new worker is started
+ * (up to max_workers). Of the idle workers at most one spins at a time
+ * (on 2 cores, more spinners only steal the CPU from the work).
+ *
+ * A queued call is cancelled under the pool's lock: still queued, it is
+ * taken out and never runs; taken, the worker's loop is told (as for any
+ * task). Which of the two is decided under the lock, by the task's
+ * `msg.kind` (task.h).
+ *
+ * Locks: pool->lock (lockorder.h); a worker's inbox lock is taken only
+ * after it. caller_stop() and caller_unref() of workers are called with no
+ * lock held. The pool holds one reference on each of its workers (`alive`
+ * of them) until the worker leaves it.
  */
 #include "alloc.h"
 #include "context.h"
@@ -36,28 +50,16 @@ struct caller__pool {
     pthread_mutex_t lock;
     caller_t *owner; /* not a reference: the owner frees its pool */
     caller_pool_config_t cfg;
-    caller__link_t idle; /* workers (references) through their pool_link:
-                            the longest idle first, the most recently idled last */
+    caller__link_t runq; /* queued calls, oldest first, through their task's `live` */
+    size_t nqueued;
+    caller__link_t idle; /* idle workers, the longest idle first */
     size_t nidle;
-    size_t alive;          /* workers counted against cfg.max_workers */
-    caller__fifo_t parked; /* calls waiting for a worker (cfg.max_workers) */
-    int64_t sweep_at;      /* the earliest sweep scheduled, or INT64_MAX */
+    size_t alive;      /* workers in the pool (its references) */
+    size_t woken;      /* workers told to look at the queue, not there yet */
+    caller_t *spinner; /* the idle worker spinning for work, or NULL */
+    int64_t sweep_at;  /* the earliest sweep scheduled, or INT64_MAX */
     bool stopped;
 };
-
-/* A call parked until a worker is free: lives in its proxy Pending. */
-typedef struct {
-    caller__msg_t link;
-    caller_pool_t *pool;
-    caller_fn fn;
-    void *arg;
-    const char *name;
-    caller_pending_t *proxy; /* what the user holds */
-    caller_pending_t *task;  /* once dispatched (under pool->lock) */
-    caller_t *worker;
-    struct caller__ctx *ctx; /* the context of the caller_to_thread call */
-    bool unparked;           /* off the FIFO, to a worker (under pool->lock) */
-} parked_t;
 
 /* The pool's lock, in the library's order (lockorder.h). */
 #define lock_pool(pool) caller__mutex_lock(&(pool)->lock, CALLER__RANK_POOL)
@@ -90,6 +92,7 @@ static caller_pool_t *pool_of(caller_t *c, const char *api)
             pool->cfg = defaults;
             pool->sweep_at = INT64_MAX;
             caller__list_init(&pool->idle);
+            caller__list_init(&pool->runq);
             c->pool = pool;
             atomic_store_explicit(&c->pool_hooks, &hooks, memory_order_release);
         }
@@ -127,6 +130,7 @@ static void pool_free(caller_pool_t *pool)
 /* ---- idle workers ------------------------------------------------------- */
 
 static void *sweep(void *arg);
+static void leave_locked(caller_pool_t *pool, caller_t *w);
 
 /* Under the lock: make sure a sweep runs by @p at. */
 static void schedule_sweep_locked(caller_pool_t *pool, int64_t at)
@@ -167,8 +171,8 @@ static void *sweep(void *arg)
         /* Idled in order: the expired ones come first. */
         while (pool->cfg.idle_shutdown > 0 && !caller__list_empty(&pool->idle) && n < 64 &&
                worker_of(pool->idle.next)->idle_since <= limit) {
-            expired[n++] = unlink_idle_locked(pool, pool->idle.next);
-            pool->alive--;
+            expired[n] = worker_of(pool->idle.next);
+            leave_locked(pool, expired[n++]);
         }
         reschedule_sweep_locked(pool);
         unlock_pool(pool);
@@ -180,29 +184,28 @@ static void *sweep(void *arg)
     return NULL;
 }
 
-/* Under the lock: add @p w (a reference) to the idle workers. */
-static bool push_idle_locked(caller_pool_t *pool, caller_t *w)
+/* Under the lock: add @p w (the pool's reference) to the idle workers. */
+static void push_idle_locked(caller_pool_t *pool, caller_t *w)
 {
     w->idle_since = caller__now_ns();
     caller__list_add_tail(&pool->idle, &w->pool_link);
     pool->nidle++;
     reschedule_sweep_locked(pool);
-    return true;
 }
 
-/* Under the lock: the most recently idled worker that still runs. */
-static caller_t *pop_idle_locked(caller_pool_t *pool, caller_t **stale, size_t *nstale)
+/* Under the lock: @p w leaves the pool; the caller drops its reference. */
+static void leave_locked(caller_pool_t *pool, caller_t *w)
 {
-    while (!caller__list_empty(&pool->idle)) {
-        caller_t *w = unlink_idle_locked(pool, pool->idle.prev); /* the most recent */
-        if (caller_state(w) == CALLER_STATE_RUNNING)
-            return w;
-        pool->alive--; /* stopped while idle: it leaves the pool */
-        stale[(*nstale)++] = w;
-        if (*nstale == 8)
-            break;
+    if (!caller__list_empty(&w->pool_link))
+        unlink_idle_locked(pool, &w->pool_link);
+    if (pool->spinner == w)
+        pool->spinner = NULL;
+    if (w->pool_woken) {
+        w->pool_woken = false;
+        pool->woken--;
     }
-    return NULL;
+    pool->alive--;
+    atomic_store_explicit(&w->worker, NULL, memory_order_release);
 }
 
 static void pool_forget(caller_t *parent, caller_t *w)
@@ -213,8 +216,7 @@ static void pool_forget(caller_t *parent, caller_t *w)
     bool found = false;
     lock_pool(pool);
     if (!caller__list_empty(&w->pool_link)) { /* idle in this pool: its parent's */
-        unlink_idle_locked(pool, &w->pool_link);
-        pool->alive--;
+        leave_locked(pool, w);
         found = true;
     }
     unlock_pool(pool);
@@ -222,158 +224,231 @@ static void pool_forget(caller_t *parent, caller_t *w)
         caller_unref(w);
 }
 
-/* ---- running calls ----------------------------------------------------------- */
+/* ---- waking workers ---------------------------------------------------------- */
 
-static void worker_done(caller_pending_t *p, void *arg);
-static void parked_done(caller_pending_t *p, void *arg);
-static void dispatch_parked(caller_pool_t *pool, caller_t *w, parked_t *pk);
+static const caller__worker_hooks_t worker_hooks;
 
 /*
- * A call on worker @p w finished (in w's thread). Hand w to a parked call,
- * back to the pool, or stop it. Consumes the reference on @p w.
+ * Under the lock: if the queued calls outnumber the workers coming for
+ * them, pick a worker to wake (*wake, marked woken) or count one to start
+ * (*make, alive counted). At most one of either per call.
  */
-static void release_worker(caller_t *w)
+static void decide_wake_locked(caller_pool_t *pool, caller_t **wake, bool *make)
 {
-    caller_pool_t *pool = w->parent->pool;
+    if (pool->stopped || pool->nqueued <= pool->woken)
+        return;
+    caller_t *w = NULL;
+    if (pool->spinner) {
+        w = pool->spinner; /* poked, no system call */
+        pool->spinner = NULL;
+    } else if (pool->nidle) {
+        w = worker_of(pool->idle.prev); /* the most recently idled */
+    }
+    if (w) {
+        unlink_idle_locked(pool, &w->pool_link);
+        w->pool_woken = true;
+        pool->woken++;
+        *wake = w;
+        return;
+    }
+    if (pool->cfg.max_workers && pool->alive >= pool->cfg.max_workers)
+        return; /* the busy workers will come for it */
+    pool->alive++;
+    pool->woken++; /* counted as coming from now: it takes on its first round */
+    *make = true;
+}
+
+static void wake_or_make(caller_pool_t *pool, caller_t *wake, bool make);
+
+/* Tell woken worker @p w to look at the queue (no lock held). */
+static void post_wake(caller_pool_t *pool, caller_t *w)
+{
+    if (atomic_exchange_explicit(&w->pool_posted, true, memory_order_acq_rel))
+        return; /* a wake-up is already in its inbox: it will look */
+    if (caller__post(w, &w->pool_msg))
+        return;
+    /* Its inbox closed (it finished): it leaves the pool, another is
+     * picked for the call. */
+    atomic_store_explicit(&w->pool_posted, false, memory_order_release);
+    caller_t *next = NULL;
+    bool make = false;
+    bool left = false;
     lock_pool(pool);
-    bool usable = caller_state(w) == CALLER_STATE_RUNNING && !pool->stopped;
-    if (usable && pool->parked.head) {
-        parked_t *pk = (parked_t *)caller__fifo_pop(&pool->parked);
-        pk->unparked = true; /* with the pop: a cancel sees one or the other */
-        unlock_pool(pool);
-        CALLER__TEST_POINT("pool.unparked", pk->proxy);
-        dispatch_parked(pool, w, pk);
-        return;
+    if (atomic_load_explicit(&w->worker, memory_order_relaxed)) {
+        leave_locked(pool, w);
+        left = true;
     }
-    if (usable && pool->nidle < pool->cfg.max_idle && push_idle_locked(pool, w)) {
-        unlock_pool(pool);
-        return;
-    }
-    pool->alive--;
+    decide_wake_locked(pool, &next, &make);
     unlock_pool(pool);
-    caller_stop(w, true);
-    caller_unref(w);
-}
-
-static void worker_done(caller_pending_t *p, void *arg)
-{
-    (void)p;
-    release_worker(arg);
-}
-
-/* Copy the outcome of @p from onto the proxy @p to. */
-static void forward(caller_pending_t *from, caller_pending_t *to)
-{
-    void *v;
-    char msg[512];
-    int rc = caller_pending_exception(from, msg, sizeof msg);
-    if (rc == 0) {
-        caller_pending_result(from, &v);
-        caller_pending_set_result(to, v, false);
-        return;
-    }
-    if (rc == -ECANCELED && caller_pending_cancelled(from))
-        caller_pending_cancel(to, msg);
-    caller_pending_set_exception(to, rc, "%s", msg);
-}
-
-static void parked_done(caller_pending_t *p, void *arg)
-{
-    parked_t *pk = arg;
-    caller_pool_t *pool = pk->pool;
-    lock_pool(pool);
-    caller_pending_t *t = pk->task; /* == p; the canceller no longer reaches it */
-    pk->task = NULL;
-    unlock_pool(pool);
-    release_worker(pk->worker); /* before the proxy's waiters wake */
-    forward(p, pk->proxy);
-    caller_pending_unref(t);
-    caller_pending_unref(pk->proxy); /* the pool's reference */
+    if (left)
+        caller_unref(w);
+    wake_or_make(pool, next, make);
 }
 
 /*
- * The task of a parked call. A cancel that came after the call was unparked
- * and before its task was recorded reached no task: the user's Pending is
- * flagged, and the function must not run. (Usually the dispatch has
- * cancelled this task before it started; not when the worker was handed
- * over from another thread, which lets the task start at once.)
+ * Start a worker for the queue (counted by decide_wake_locked) and wake it.
+ * NULL if it could not be made (the count undone, caller_get's error
+ * recorded).
  */
-static void *run_parked(void *arg)
+static caller_t *make_worker(caller_pool_t *pool)
 {
-    parked_t *pk = arg;
-    if (caller_pending_cancelled(pk->proxy)) {
-        caller_raise(-ECANCELED, "Cancelled before started.");
+    caller_t *w = caller_get(pool->owner, NULL);
+    lock_pool(pool);
+    if (!w) {
+        pool->alive--;
+        pool->woken--;
+        unlock_pool(pool);
         return NULL;
     }
-    return pk->fn(pk->arg);
+    w->pool_woken = true; /* counted in `woken` by decide_wake_locked */
+    unlock_pool(pool);
+    atomic_store_explicit(&w->worker, &worker_hooks, memory_order_release);
+    post_wake(pool, w);
+    return w;
 }
 
-/* Run parked call @p pk on worker @p w (a reference, passed on). */
-static void dispatch_parked(caller_pool_t *pool, caller_t *w, parked_t *pk)
+/* Under the lock: take @p t off the queue if it is still there. */
+static bool unqueue_locked(caller_pool_t *pool, caller__task_t *t)
 {
-    /* The call runs in the context of its caller_to_thread, as unparked
-     * calls do. */
-    caller__ctx_t *outer = caller__ctx_swap(pk->ctx);
-    caller_pending_t *t = caller_call_soon_named(w, run_parked, pk, pk->name);
-    caller__ctx_swap(outer);
-    caller__ctx_unref(pk->ctx);
-    pk->ctx = NULL;
-    lock_pool(pool);
-    pk->task = t;
-    pk->worker = w;
-    /* A cancel since the unparking reached no task: the canceller runs
-     * after the flag is set and looks for the task under this lock, so
-     * either it saw the task or this sees the flag. */
-    bool cancelled = caller_pending_cancelled(pk->proxy);
-    unlock_pool(pool);
-    if (!t) {
-        /* The worker is stopping: the call fails like any call onto it. */
-        caller_pending_set_exception(pk->proxy, -ESHUTDOWN, "the worker stopped");
-        caller_pending_unref(pk->proxy);
-        release_worker(w);
-        return;
-    }
-    if (cancelled)
-        caller_pending_cancel(t, NULL); /* so it never starts, or is told */
-    /* pk->task keeps its reference until parked_done. */
-    caller_pending_add_done_callback(t, parked_done, pk);
+    if (t->msg.kind != CALLER__POOLED_QUEUED)
+        return false;
+    caller__list_del(&t->live);
+    caller__list_init(&t->live);
+    pool->nqueued--;
+    t->msg.kind = CALLER__POOLED_TAKEN; /* no longer the queue's */
+    return true;
 }
 
-static void parked_canceller(caller_pending_t *proxy, const char *messages, void *arg)
+/*
+ * No worker could be started for the queue (in a worker's thread, or
+ * waking): if none is left to run the queued calls, they fail now rather
+ * than wait forever; with workers busy, they wait for those.
+ */
+static void no_new_worker(caller_pool_t *pool)
 {
-    parked_t *pk = arg;
-    caller_pool_t *pool = pk->pool;
+    caller__fifo_t failed = {0};
     lock_pool(pool);
-    if (!pk->unparked) {
-        /* Still waiting for a worker: take it out; it never runs. */
-        caller__msg_t **pp = &pool->parked.head, *prev = NULL;
-        while (*pp && *pp != &pk->link) {
-            prev = *pp;
-            pp = &(*pp)->next;
-        }
-        bool found = *pp != NULL;
-        if (found) {
-            *pp = pk->link.next;
-            if (pool->parked.tail == &pk->link)
-                pool->parked.tail = prev;
-        }
-        unlock_pool(pool);
-        if (found) {
-            caller__ctx_unref(pk->ctx);
-            pk->ctx = NULL;
-            caller_pending_set_exception(proxy, -ECANCELED, "Cancelled before started.");
-            caller_pending_unref(proxy); /* the pool's reference */
-        }
-        return;
+    while (pool->alive == 0 && !caller__list_empty(&pool->runq)) {
+        caller__task_t *t = container_of(pool->runq.next, caller__task_t, live);
+        unqueue_locked(pool, t);
+        caller__fifo_push(&failed, &t->msg);
     }
-    /* Unparked: its task, if recorded yet, gets the cancel; if not, the
-     * dispatch sees the flag on @p proxy once it recorded the task. */
-    caller_pending_t *t = caller_pending_ref(pk->task);
     unlock_pool(pool);
-    if (t) {
-        caller_pending_cancel(t, messages);
-        caller_pending_unref(t);
+    caller__msg_t *m;
+    while ((m = caller__fifo_pop(&failed))) {
+        caller_pending_t *p = caller__task_pending(container_of(m, caller__task_t, msg));
+        caller_pending_set_exception(p, -EAGAIN, "caller_to_thread: cannot start a worker");
+        caller__task_discard(p);
     }
+}
+
+static void wake_or_make(caller_pool_t *pool, caller_t *wake, bool make)
+{
+    if (wake)
+        post_wake(pool, wake);
+    else if (make && !make_worker(pool))
+        no_new_worker(pool);
+}
+
+/* ---- the worker side (its loop thread, through sched.c) -------------------- */
+
+static caller_pool_t *pool_of_worker(caller_t *w)
+{
+    return w->parent->pool;
+}
+
+static caller_pending_t *worker_take(caller_t *w)
+{
+    caller_pool_t *pool = pool_of_worker(w);
+    caller_t *wake = NULL;
+    bool make = false, left = false;
+    caller_pending_t *p = NULL;
+    lock_pool(pool);
+    if (!atomic_load_explicit(&w->worker, memory_order_relaxed)) {
+        unlock_pool(pool); /* it left the pool already */
+        return NULL;
+    }
+    if (w->pool_woken) {
+        w->pool_woken = false;
+        pool->woken--;
+    }
+    bool idle = !caller__list_empty(&w->pool_link);
+    if (pool->stopped || caller__state(w) != CALLER_STATE_RUNNING) {
+        leave_locked(pool, w);
+        left = true;
+    } else if (pool->nqueued) {
+        caller__task_t *t = container_of(pool->runq.next, caller__task_t, live);
+        unqueue_locked(pool, t); /* taken: a cancel goes to this worker now */
+        p = caller__task_pending(t);
+        caller__pending_adopt(p, w);
+        if (idle) {
+            unlink_idle_locked(pool, &w->pool_link);
+            if (pool->spinner == w)
+                pool->spinner = NULL;
+        }
+    } else if (!idle) {
+        if (pool->nidle < pool->cfg.max_idle) {
+            push_idle_locked(pool, w);
+        } else {
+            leave_locked(pool, w); /* enough idle workers already */
+            left = true;
+        }
+    }
+    /* Calls it leaves behind may need another worker. */
+    decide_wake_locked(pool, &wake, &make);
+    unlock_pool(pool);
+    if (left) {
+        caller_stop(w, true);
+        caller_unref(w);
+    }
+    wake_or_make(pool, wake, make);
+    return p;
+}
+
+static bool worker_may_spin(caller_t *w)
+{
+    caller_pool_t *pool = pool_of_worker(w);
+    bool may = true;
+    lock_pool(pool);
+    if (!caller__list_empty(&w->pool_link)) { /* idle: one spinner at most */
+        may = pool->spinner == NULL;
+        if (may)
+            pool->spinner = w;
+    }
+    unlock_pool(pool);
+    return may;
+}
+
+static void worker_spun(caller_t *w)
+{
+    caller_pool_t *pool = pool_of_worker(w);
+    lock_pool(pool);
+    if (pool->spinner == w)
+        pool->spinner = NULL;
+    unlock_pool(pool);
+}
+
+static const caller__worker_hooks_t worker_hooks = {
+    .take = worker_take,
+    .may_spin = worker_may_spin,
+    .spun = worker_spun,
+};
+
+/* ---- submitting calls ------------------------------------------------------ */
+
+static void pooled_canceller(caller_pending_t *p, const char *messages, void *arg)
+{
+    (void)messages;
+    caller_pool_t *pool = arg;
+    caller__task_t *t = (caller__task_t *)((char *)p + CALLER__PENDING_SIZE);
+    lock_pool(pool);
+    bool queued = unqueue_locked(pool, t);
+    unlock_pool(pool);
+    if (queued)
+        caller__task_discard(p); /* it never runs */
+    else if (caller__pending_owner(p))
+        caller__task_nudge(p); /* a worker has it */
+    /* else: being discarded (its own cancel, from caller__task_discard) */
 }
 
 /* caller_get() failed to make a worker for @p c: report its error as
@@ -404,92 +479,50 @@ caller_pending_t *caller_to_thread_named(caller_t *c, caller_fn fn, void *arg, c
     caller_pool_t *pool = pool_of(c, "caller_to_thread");
     if (!pool)
         return NULL;
-    for (int attempt = 0; attempt < 100; attempt++) {
-        caller_t *stale[8];
-        size_t nstale = 0;
-        lock_pool(pool);
-        if (pool->stopped) {
-            unlock_pool(pool);
-            caller__fail_stopped(c, "caller_to_thread");
-            return NULL;
-        }
-        caller_t *w = pop_idle_locked(pool, stale, &nstale);
-        bool make = false;
-        parked_t *pk = NULL;
-        caller_pending_t *proxy = NULL;
-        if (!w && nstale == 0) {
-            if (pool->cfg.max_workers && pool->alive >= pool->cfg.max_workers) {
-                proxy = caller__pending_new_extra(0, sizeof *pk, (void **)&pk);
-                if (proxy) {
-                    memset(pk, 0, sizeof *pk);
-                    *pk = (parked_t){.pool = pool,
-                                     .fn = fn,
-                                     .arg = arg,
-                                     .name = name,
-                                     .proxy = proxy,
-                                     .ctx = caller__ctx_ref(caller__ctx_current())};
-                    caller__pending_set_name(proxy, name);
-                    caller_pending_set_canceller(proxy, parked_canceller, pk);
-                    caller__pending_track(proxy);
-                    caller_pending_ref(proxy); /* the pool's, until it ends */
-                    caller__fifo_push(&pool->parked, &pk->link);
-                }
-            } else {
-                pool->alive++;
-                make = true;
-            }
-        }
-        unlock_pool(pool);
-        for (size_t i = 0; i < nstale; i++)
-            caller_unref(stale[i]);
-        if (proxy)
-            return proxy; /* parked until a worker is free */
-        if (!w && !make) {
-            if (nstale)
-                continue; /* dropped stopped workers: look again */
-            caller__fail(-ENOMEM, "caller_to_thread: out of memory");
-            return NULL;
-        }
-        if (make) {
-            w = caller_get(c, NULL);
-            if (!w) {
-                lock_pool(pool);
-                pool->alive--;
-                unlock_pool(pool);
-                fail_no_worker(c);
-                return NULL;
-            }
-        }
-        caller_pending_t *p = caller_call_soon_named(w, fn, arg, name);
-        if (!p && caller_last_error(NULL) == -ENOMEM) {
-            release_worker(w); /* it is fine: back to the pool */
-            caller__fail(-ENOMEM, "caller_to_thread: out of memory");
-            return NULL;
-        }
-        if (!p) {
-            /* The worker began stopping since we took it: try another. */
-            lock_pool(pool);
-            pool->alive--;
-            unlock_pool(pool);
-            caller_unref(w);
-            if (caller_state(c) >= CALLER_STATE_STOPPING) {
-                caller__fail_stopped(c, "caller_to_thread");
-                return NULL;
-            }
-            continue;
-        }
-        if (caller_pending_add_done_callback(p, worker_done, w) < 0) {
-            /* No memory to hand it back later: the call still runs; let the
-             * worker go when it stops with its parent. */
-            lock_pool(pool);
-            pool->alive--;
-            unlock_pool(pool);
-            caller_unref(w);
-        }
-        return p;
+    caller_pending_t *p = caller__task_new_pooled(fn, arg, name, pooled_canceller, pool);
+    if (!p) {
+        caller__fail(-ENOMEM, "caller_to_thread: out of memory");
+        return NULL;
     }
-    caller__fail(-EAGAIN, "caller_to_thread: no worker could take the call");
-    return NULL;
+    caller__task_t *t = (caller__task_t *)((char *)p + CALLER__PENDING_SIZE);
+    caller_pending_ref(p); /* the caller's; the queue keeps the first */
+    caller_t *wake = NULL;
+    bool make = false;
+    lock_pool(pool);
+    if (pool->stopped || caller__state(c) >= CALLER_STATE_STOPPING) {
+        unlock_pool(pool);
+        caller__ctx_unref(t->ctx);
+        t->ctx = NULL;
+        caller_pending_unref(p);
+        caller_pending_unref(p);
+        caller__fail_stopped(c, "caller_to_thread");
+        return NULL;
+    }
+    t->msg.kind = CALLER__POOLED_QUEUED;
+    caller__list_add_tail(&pool->runq, &t->live);
+    pool->nqueued++;
+    decide_wake_locked(pool, &wake, &make);
+    unlock_pool(pool);
+    if (make && !make_worker(pool)) {
+        /* No worker for it: the call fails here, unless a worker that
+         * freed up meanwhile took it. */
+        lock_pool(pool);
+        bool queued = unqueue_locked(pool, t);
+        unlock_pool(pool);
+        if (queued) {
+            fail_no_worker(c);
+            caller__ctx_unref(t->ctx);
+            t->ctx = NULL;
+            caller_pending_unref(p);
+            caller_pending_unref(p);
+            return NULL;
+        }
+    }
+    /* Tracked once queued (a group waits for it from here). */
+    caller__pending_track(p);
+    if (wake)
+        post_wake(pool, wake);
+    return p;
 }
 
 caller_pending_t *(caller_to_thread)(caller_t *c, caller_fn fn, void *arg)
@@ -498,7 +531,7 @@ caller_pending_t *(caller_to_thread)(caller_t *c, caller_fn fn, void *arg)
 }
 
 /* Loop thread of the owner, on stop: idle workers go (they are children,
- * stopped with it), parked calls end cancelled. */
+ * stopped with it), queued calls end cancelled. */
 static void pool_stop(caller_t *c)
 {
     caller_pool_t *pool = c->pool;
@@ -506,27 +539,30 @@ static void pool_stop(caller_t *c)
         return;
     lock_pool(pool);
     pool->stopped = true;
-    caller__link_t idle; /* the idle workers move here, to be released unlocked */
+    caller__link_t idle, runq; /* moved here, to be released unlocked */
     caller__list_init(&idle);
-    caller__list_splice_tail_init(&idle, &pool->idle);
-    pool->alive -= pool->nidle;
-    pool->nidle = 0;
-    caller__msg_t *parked = pool->parked.head;
-    pool->parked.head = pool->parked.tail = NULL;
+    caller__list_init(&runq);
+    while (!caller__list_empty(&pool->idle)) {
+        caller_t *w = worker_of(pool->idle.next);
+        leave_locked(pool, w);
+        caller__list_add_tail(&idle, &w->pool_link);
+    }
+    caller__list_splice_tail_init(&runq, &pool->runq);
+    pool->nqueued = 0;
+    for (caller__link_t *l = runq.next; l != &runq; l = l->next)
+        container_of(l, caller__task_t, live)->msg.kind = CALLER__POOLED_TAKEN;
     unlock_pool(pool);
     while (!caller__list_empty(&idle)) {
         caller__link_t *l = idle.next;
         caller__list_del(l);
+        caller__list_init(l);
         caller_unref(worker_of(l));
     }
-    while (parked) {
-        parked_t *pk = (parked_t *)parked;
-        parked = parked->next;
-        caller__ctx_unref(pk->ctx);
-        pk->ctx = NULL;
-        caller_pending_cancel(pk->proxy, NULL);
-        caller_pending_set_exception(pk->proxy, -ECANCELED, "Cancelled before started.");
-        caller_pending_unref(pk->proxy);
+    while (!caller__list_empty(&runq)) {
+        caller__link_t *l = runq.next;
+        caller__list_del(l);
+        caller__list_init(l);
+        caller__task_discard(caller__task_pending(container_of(l, caller__task_t, live)));
     }
 }
 
@@ -561,8 +597,8 @@ int caller_pool_set_config(caller_t *c, const caller_pool_config_t *cfg)
     pool->cfg = *cfg;
     /* Fewer idle workers allowed now: stop the oldest beyond the limit. */
     while (pool->nidle > cfg->max_idle && n < 64) {
-        excess[n++] = unlink_idle_locked(pool, pool->idle.next); /* the longest idle */
-        pool->alive--;
+        excess[n] = worker_of(pool->idle.next); /* the longest idle */
+        leave_locked(pool, excess[n++]);
     }
     pool->sweep_at = INT64_MAX; /* a shorter duration needs an earlier sweep */
     reschedule_sweep_locked(pool);

@@ -25,6 +25,7 @@
 #include "lockorder.h"
 #include "pending.h"
 #include "task.h"
+#include "testpoint.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -66,7 +67,14 @@ void caller__before_sleep(caller_t *c)
 {
     if (c->finishing || c->ready.head)
         return;
-    if (caller__inbox_await_briefly(&c->inbox, &c->spin))
+    /* A pool's idle workers do not all spin: the pool says which may. */
+    const caller__worker_hooks_t *wh = atomic_load_explicit(&c->worker, memory_order_acquire);
+    if (wh && !wh->may_spin(c))
+        return;
+    bool queued = caller__inbox_await_briefly(&c->inbox, &c->spin);
+    if (wh)
+        wh->spun(c);
+    if (queued)
         caller__dispatch(c); /* the loop then does not block: see dispatch's end */
 }
 
@@ -115,6 +123,28 @@ caller_pending_t *caller__task_new(caller_t *c, caller_fn fn, void *arg, const c
     return p;
 }
 
+caller_pending_t *caller__task_new_pooled(caller_fn fn, void *arg, const char *name,
+                                          caller_canceller_fn canceller, void *cancel_arg)
+{
+    caller__task_t *t;
+    caller_pending_t *p = caller__pending_new_extra(0, sizeof *t, (void **)&t);
+    if (!p)
+        return NULL;
+    memset(t, 0, sizeof *t);
+    t->msg.kind = CALLER__MSG_TASK;
+    t->cancel_msg.kind = CALLER__MSG_CANCEL;
+    atomic_init(&t->cancel_posted, false);
+    t->u.fn = fn;
+    t->arg = arg;
+    t->timer.index = CALLER__HEAP_NONE;
+    t->timer.deadline = INT64_MIN;
+    t->msg.kind = CALLER__POOLED_QUEUED; /* the pool queues it at once */
+    caller__list_init(&t->live);
+    t->ctx = caller__ctx_ref(caller__ctx_current());
+    caller__pending_init_task(p, NULL, name, canceller, cancel_arg, false);
+    return p;
+}
+
 static caller__task_t *task_of(caller_pending_t *p)
 {
     return (caller__task_t *)((char *)p + CALLER__PENDING_SIZE);
@@ -157,6 +187,7 @@ int caller__task_submit(caller_t *c, caller_pending_t *p, int64_t deadline)
 }
 
 static void scopes_leave_all(caller__task_t *t);
+static void complete_cancelled_before_start(caller__task_t *t);
 
 /* Loop thread: a task that will not run (again): its end hook, its
  * context, and the loop's reference (may free it). */
@@ -177,6 +208,15 @@ static void task_end(caller_t *c, caller__task_t *t)
     t->state = CALLER__TASK_DONE;
     caller__list_del(&t->live);
     c->nlive--;
+    if (t->msg.kind == CALLER__POOLED_TAKEN)
+        c->pool_calls--;
+    task_release(t);
+}
+
+void caller__task_discard(caller_pending_t *p)
+{
+    caller__task_t *t = task_of(p);
+    complete_cancelled_before_start(t);
     task_release(t);
 }
 
@@ -194,6 +234,8 @@ static void task_entry(void *arg)
     if (!t->raised_code)
         t->u.result = result;
 }
+
+static void accept_pooled(caller_t *c, caller_pending_t *p);
 
 /* Loop thread, scheduler context: run @p t until it suspends or ends. */
 static void run_task(caller_t *c, caller__task_t *t)
@@ -227,6 +269,15 @@ static void run_task(caller_t *c, caller__task_t *t)
         return; /* suspended: it set its own state */
     caller__fiber_free(t->fiber);
     t->fiber = NULL;
+    /* A pooled call: its worker takes the next one (or is idle) before
+     * the waiters wake, so one that submits the next call at once finds it
+     * idle, and the hand-off costs one hold of the pool's lock. */
+    caller_pending_t *next = NULL;
+    if (t->msg.kind == CALLER__POOLED_TAKEN && c->pool_calls == 1) {
+        const caller__worker_hooks_t *wh = atomic_load_explicit(&c->worker, memory_order_acquire);
+        if (wh)
+            next = wh->take(c);
+    }
     if (t->raised_code) {
         caller_pending_set_exception(p, t->raised_code, "%s",
                                      t->u.raised_msg ? t->u.raised_msg : "");
@@ -236,6 +287,12 @@ static void run_task(caller_t *c, caller__task_t *t)
         caller_pending_set_result(p, t->u.result, false);
     }
     task_end(c, t);
+    if (next) {
+        /* Handed over as the last call ended, with the worker busy when it
+         * was queued: off the queue, not yet this loop's. */
+        CALLER__TEST_POINT("pool.unparked", next);
+        accept_pooled(c, next);
+    }
 }
 
 /* ---- suspension ------------------------------------------------------------ */
@@ -460,6 +517,11 @@ static void nudge(caller__task_t *t)
     }
 }
 
+void caller__task_nudge(caller_pending_t *p)
+{
+    nudge(task_of(p));
+}
+
 static void task_canceller(caller_pending_t *p, const char *messages, void *arg)
 {
     (void)p;
@@ -608,7 +670,42 @@ static void process(caller_t *c, caller__msg_t *m)
     case CALLER__MSG_CHILD:
         c->life->on_child_stopped(c, container_of(m, caller_t, child_msg));
         break;
+    case CALLER__MSG_POOL:
+        /* Only a wake-up: the dispatch looks at the pool (pull). */
+        atomic_store_explicit(&c->pool_posted, false, memory_order_release);
+        break;
     }
+}
+
+/* A worker's loop thread: run pooled call @p p, which it just took from its
+ * pool, as its own task (ready now). */
+static void accept_pooled(caller_t *c, caller_pending_t *p)
+{
+    c->pool_calls++;
+    accept_task(c, task_of(p));
+}
+
+/*
+ * A pool's worker runs on past the round's ready tasks: what became ready
+ * since (the next call it took as the last one ended, a task it resumed),
+ * and, with no pooled call of its own unfinished, the next queued call —
+ * until nothing is ready and the queue is empty (then the pool has it
+ * idle). True if it stopped with work maybe left (the loop turns again).
+ */
+static bool pull(caller_t *c, const caller__worker_hooks_t *wh)
+{
+    for (int n = 0; n < 64; n++) {
+        caller__msg_t *m = caller__fifo_pop(&c->ready);
+        if (!m) {
+            caller_pending_t *p = c->pool_calls ? NULL : wh->take(c);
+            if (!p)
+                return false;
+            accept_pooled(c, p);
+            m = caller__fifo_pop(&c->ready);
+        }
+        run_task(c, container_of(m, caller__task_t, msg));
+    }
+    return true;
 }
 
 void caller__dispatch(caller_t *c)
@@ -646,6 +743,8 @@ void caller__dispatch(caller_t *c)
         if (was_last)
             break;
     }
+    const caller__worker_hooks_t *wh = atomic_load_explicit(&c->worker, memory_order_acquire);
+    bool more = wh && pull(c, wh);
 
     c->in_dispatch = false;
     if (!c->finishing) {
@@ -654,7 +753,7 @@ void caller__dispatch(caller_t *c)
          * instead of arming the timer (a system call, and the poll's own
          * latency, would make it later than that). */
         bool soon = tm && tm->deadline - caller__now_ns() < 20000;
-        c->ops->more(c->loop_backend, c->ready.head != NULL || soon);
+        c->ops->more(c->loop_backend, more || c->ready.head != NULL || soon);
         c->ops->timer(c->loop_backend, tm && !soon ? tm->deadline : INT64_MAX);
     }
     c->life->check_finished(c);
@@ -696,6 +795,17 @@ void caller__sched_drain_closed(caller_t *c, caller__msg_t *m)
         case CALLER__MSG_CHILD:
             c->life->unref(container_of(m, caller_t, child_msg));
             break;
+        case CALLER__MSG_POOL: {
+            /* A worker that finished: it leaves its pool (take() sees it
+             * stopped and hands out nothing). */
+            atomic_store_explicit(&c->pool_posted, false, memory_order_release);
+            const caller__worker_hooks_t *wh =
+                atomic_load_explicit(&c->worker, memory_order_acquire);
+            caller_pending_t *p = wh ? wh->take(c) : NULL;
+            if (p)
+                caller__task_discard(p);
+            break;
+        }
         case CALLER__MSG_RESUME: /* no task is left to resume */
         case CALLER__MSG_STOP:
             break;

@@ -30,6 +30,11 @@ typedef enum {
     CALLER__TASK_DONE,
 } caller__task_state_t;
 
+/* A pool's call (caller__task_new_pooled) never goes through an inbox; its
+ * `msg.kind` says where it is instead: in its pool's queue, or taken by a
+ * worker (changed under the pool's lock). */
+enum { CALLER__POOLED_QUEUED = 100, CALLER__POOLED_TAKEN = 101 };
+
 typedef enum {
     CALLER__WAKE_NONE = 0,
     CALLER__WAKE_DONE,    /* what it waited for happened */
@@ -132,6 +137,16 @@ caller_pending_t *caller__call_later_detached(caller_t *c, double delay, caller_
 /* Make a task for @p c (one allocation with its Pending), not yet tracked:
  * callers track it (caller__pending_track) once it was submitted. */
 caller_pending_t *caller__task_new(caller_t *c, caller_fn fn, void *arg, const char *name);
+/* A pool's call: a task with no Caller yet, cancelled through
+ * @p canceller(arg) until a worker adopts it; not tracked yet. */
+caller_pending_t *caller__task_new_pooled(caller_fn fn, void *arg, const char *name,
+                                          caller_canceller_fn canceller, void *cancel_arg);
+/* Any thread, from a pooled call's canceller once a worker adopted it:
+ * tell that worker's loop, as a task's own canceller does. */
+void caller__task_nudge(caller_pending_t *p);
+/* A pooled call that will never run (cancelled or its pool stopped while
+ * it waited): complete it cancelled and drop the queue's reference. */
+void caller__task_discard(caller_pending_t *p);
 /* Queue a task made by caller__task_new (delay_ns >= 0). Consumes the
  * task's reference on failure. */
 int caller__task_submit(caller_t *c, caller_pending_t *p, int64_t deadline);

@@ -570,13 +570,24 @@ TEST(to_thread_reports_its_own_errors)
     }
     CHECK_GE(failed, 1);
     printf("%d to_thread calls failed for lack of memory, each with its own name\n", failed);
-    /* The first allocation is the worker's: its error says so. */
+    /* The first allocation is the call's own (its Pending and task), the
+     * next the worker's: each error says which. */
     caller_t *fresh = new_owner(10, 0, 0);
     caller__alloc_fail_after(0);
     CHECK(caller_to_thread(fresh, job, P(0)) == NULL);
     caller__alloc_fail_after(-1);
     CHECK_RC(caller_last_error(NULL), -ENOMEM);
+    CHECK_STR_EQ(check_last_message(), "caller_to_thread: out of memory");
+    caller__alloc_fail_after(1);
+    CHECK(caller_to_thread(fresh, job, P(0)) == NULL);
+    caller__alloc_fail_after(-1);
+    CHECK_RC(caller_last_error(NULL), -ENOMEM);
     CHECK_STR_EQ(check_last_message(), "caller_to_thread: cannot start a worker: out of memory");
+    /* Nothing was left queued: the next call runs. */
+    caller_pending_t *ok = caller_to_thread(fresh, job, P(0));
+    CHECK(ok != NULL);
+    CHECK_RC(caller_pending_wait(ok, 10, false, false, NULL), 0);
+    caller_pending_unref(ok);
     check_stop(fresh);
     check_stop(c);
 }
