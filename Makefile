@@ -70,7 +70,10 @@ test-tsan: deps
 	echo "$$wrap $(call ctest,build-tsan)"; \
 	$$wrap $(call ctest,build-tsan)
 
+# The Go peer of W4 needs Debian's golang-go; without it (not root, or no
+# package source) its systems are shown as not run.
 bench: deps
+	@bash scripts/ensure-deps.sh golang-go || echo "bench: without Go, W4's Go peer is not run"
 	cmake -S . -B build-release -DCMAKE_BUILD_TYPE=Release -DCALLER_BENCH=ON $(CMAKE_ARGS)
 	cmake --build build-release -j$(JOBS)
 	bash bench/run.sh build-release

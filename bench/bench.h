@@ -2,21 +2,27 @@
  * The benchmark harness shared by the programs in bench/ (header only: every
  * bench/ *.c file is its own executable). Never used by tests.
  *
- * A workload has up to three systems measured in the same run — libcaller
- * ("ours"), a raw pthread floor and a raw libuv floor — and one or more
- * metrics. Each single measurement (one system, one repetition) runs in a
+ * A workload has systems measured in the same run — libcaller ("ours"), a
+ * raw pthread floor and a raw libuv floor, and for some workloads more (a
+ * second libcaller configuration, peers such as a Go program) — and one or
+ * more metrics. Each single measurement (one system, one repetition) runs in a
  * child process forked for it: the child does the whole workload, writes its
  * figures back through a pipe and exits, so peak RSS and thread counts are
  * that run's own and nothing (allocator state, worker pools, the library's
  * globals) leaks from one run or system into the next. The parent never
  * creates threads and never calls libcaller or libuv, so fork is safe.
  *
- * Runs are interleaved (ours, pthread, libuv, ours, ...), BENCH_RUNS of each
- * (default 5, at least 5), after BENCH_WARMUP uncounted rounds (default 1;
- * none for a workload marked no_warmup, which warms up inside each run).
- * For each metric the table shows each system's median [min-max] and the
- * ratios of the medians ours/floor; one JSON record per metric goes to the
- * file named by BENCH_JSON (one record a line; bench/run.sh makes the array).
+ * Runs are interleaved (ours, pthread, libuv, [others,] ours, ...),
+ * BENCH_RUNS of each (default 5, at least 5), after BENCH_WARMUP uncounted
+ * rounds (default 1; none for a workload marked no_warmup, which warms up
+ * inside each run). For each metric the table shows each system's median
+ * [min-max] and the ratios of the medians ours/other, "ours" being the first
+ * system; one JSON record per metric goes to the file named by BENCH_JSON
+ * (one record a line; bench/run.sh makes the array). A workload of three
+ * systems has one column per system and one row per metric; one of more
+ * systems has one row per system and one column per metric, then a row per
+ * ratio, the last ours/best-peer (the best median of the systems that are
+ * not libcaller).
  *
  * A child that crashes, exits non-zero or overruns its time limit (SIGALRM,
  * BENCH_TIMEOUT seconds, default per workload) is reported on stderr with
@@ -42,11 +48,14 @@
 
 #define BENCH_MAX_RUNS 64
 #define BENCH_MAX_METRICS 6
-#define BENCH_SYSTEMS 3
+#define BENCH_SYSTEMS 3     /* the first three: ours and the two floors */
+#define BENCH_MAX_SYSTEMS 6 /* with the others a workload may add */
 
 /* Index of each system in a workload's table. */
 enum { BENCH_OURS = 0, BENCH_PTHREAD = 1, BENCH_LIBUV = 2 };
 
+/* The key of each of the first three systems, unless the system names its
+ * own. */
 static const char *const bench_system_key[BENCH_SYSTEMS] = {"libcaller", "pthread", "libuv"};
 
 /* ---- small helpers for the workloads ------------------------------------ */
@@ -168,16 +177,39 @@ typedef struct {
     bench_run_fn run;  /* NULL: this system has no version of the workload */
 } bench_system_t;
 
+/* What a workload with more than three systems says about each system
+ * (bench_workload_more()). A separate table so that the workloads of three
+ * systems keep their two-field initializers. */
+typedef struct {
+    const char *key[BENCH_MAX_SYSTEMS];  /* JSON and ratio name; NULL:
+                                            bench_system_key[s] for the
+                                            first three; "libcaller..." for
+                                            ours, unique per workload */
+    const char *skip[BENCH_MAX_SYSTEMS]; /* non-NULL (with run NULL): why the
+                                            system is not run, shown in its
+                                            row (e.g. not built) */
+} bench_more_t;
+
 typedef struct {
     const char *id;    /* "W1" */
     const char *title; /* "local spawn" */
     const char *what;  /* one line: what is timed */
     int nmetrics;
     bench_metric_t metrics[BENCH_MAX_METRICS];
-    bench_system_t sys[BENCH_SYSTEMS];
-    int timeout;   /* seconds per run before the child is killed */
+    bench_system_t sys[BENCH_MAX_SYSTEMS]; /* after the first three, up to
+                                              the first without a label */
+    int timeout;                           /* seconds per run before the child is killed */
     int no_warmup; /* skip the warm-up round (the workload warms up inside) */
 } bench_workload_t;
+
+/* How many systems @p w has: the first three, then those with a label. */
+static inline int bench_nsys(const bench_workload_t *w)
+{
+    int n = BENCH_SYSTEMS;
+    while (n < BENCH_MAX_SYSTEMS && w->sys[n].label)
+        n++;
+    return n;
+}
 
 static FILE *bench_json;
 static int bench_failures; /* runs that crashed, failed or timed out */
@@ -221,7 +253,8 @@ static inline void bench_begin(void)
 
 /* Run @p fn in a forked child with a time limit; read its figures back.
  * Returns 0 when the child delivered them all. */
-static inline int bench_fork_run(const bench_workload_t *w, int sys, int run, double *out)
+static inline int bench_fork_run(const bench_workload_t *w, int sys, const char *key, int run,
+                                 double *out)
 {
     int fds[2];
     if (pipe(fds) != 0) {
@@ -269,14 +302,14 @@ static inline int bench_fork_run(const bench_workload_t *w, int sys, int run, do
     const char *who = w->sys[sys].label;
     if (WIFSIGNALED(status)) {
         int sig = WTERMSIG(status);
-        fprintf(stderr, "bench: %s %s (%s) run %d: killed by signal %d (%s)%s\n", w->id,
-                bench_system_key[sys], who, run, sig, strsignal(sig),
+        fprintf(stderr, "bench: %s %s (%s) run %d: killed by signal %d (%s)%s\n", w->id, key, who,
+                run, sig, strsignal(sig),
                 sig == SIGALRM ? " - time limit passed, the run hung or is too slow" : "");
         return -1;
     }
     if (WEXITSTATUS(status) != 0 || got != want) {
-        fprintf(stderr, "bench: %s %s (%s) run %d: failed, exit status %d\n", w->id,
-                bench_system_key[sys], who, run, WEXITSTATUS(status));
+        fprintf(stderr, "bench: %s %s (%s) run %d: failed, exit status %d\n", w->id, key, who, run,
+                WEXITSTATUS(status));
         return -1;
     }
     return 0;
@@ -358,44 +391,39 @@ static inline void bench_json_str(FILE *f, const char *s)
     fputc('"', f);
 }
 
-/* Run workload @p w: warm-up rounds, then runs interleaved by system; print
- * its table; append its JSON records. */
-static inline void bench_workload(const bench_workload_t *w)
+/* The figures of one workload, gathered by bench_workload(). */
+typedef struct {
+    int nsys, runs;
+    const char *key[BENCH_MAX_SYSTEMS];  /* from bench_more_t or the default */
+    const char *skip[BENCH_MAX_SYSTEMS]; /* from bench_more_t */
+    bench_series_t st[BENCH_MAX_SYSTEMS][BENCH_MAX_METRICS];
+    double ratio[BENCH_MAX_SYSTEMS][BENCH_MAX_METRICS]; /* ours/system s, medians */
+    int best[BENCH_MAX_METRICS]; /* the best peer: lowest median of the systems
+                                    that are not libcaller; -1 if none ran */
+} bench_result_t;
+
+static inline void bench_ratio_fmt(char *buf, size_t len, double ratio)
 {
-    if (!bench_selected(w->id))
-        return;
-    int runs = bench_runs(), warm = w->no_warmup ? 0 : bench_env_int("BENCH_WARMUP", 1, 0, 10);
-    static double fig[BENCH_SYSTEMS][BENCH_MAX_METRICS][BENCH_MAX_RUNS];
-    double one[BENCH_MAX_METRICS];
-    double t0 = bench_now();
+    if (isnan(ratio))
+        snprintf(buf, len, "-");
+    else
+        snprintf(buf, len, "%.2fx", ratio);
+}
 
-    printf("\n%s %s: %s\n", w->id, w->title, w->what);
-    for (int r = -warm; r < runs; r++)
-        for (int s = 0; s < BENCH_SYSTEMS; s++) {
-            if (!w->sys[s].run)
-                continue;
-            int ok = bench_fork_run(w, s, r < 0 ? r : r + 1, one) == 0;
-            bench_failures += !ok;
-            if (r < 0)
-                continue;
-            for (int m = 0; m < w->nmetrics; m++)
-                fig[s][m][r] = ok ? one[m] : NAN;
-        }
+/* A libcaller system (ours or another configuration of it): left out of
+ * the best peer. */
+static inline int bench_is_ours(const bench_result_t *res, int s)
+{
+    return strncmp(res->key[s], "libcaller", 9) == 0;
+}
 
-    bench_series_t st[BENCH_SYSTEMS][BENCH_MAX_METRICS];
-    for (int s = 0; s < BENCH_SYSTEMS; s++)
-        for (int m = 0; m < w->nmetrics; m++) {
-            if (w->sys[s].run)
-                bench_series_stat(&st[s][m], fig[s][m], runs);
-            else
-                st[s][m].n = 0;
-        }
-
-    /* The table: a header naming each system's implementation, then one
-     * row per metric. */
+/* Three systems: one column per system, one row per metric, the ratios to
+ * the two floors at the end of each row. */
+static inline void bench_table_columns(const bench_workload_t *w, const bench_result_t *res)
+{
     printf("  %-14s %-5s", "", "");
     for (int s = 0; s < BENCH_SYSTEMS; s++)
-        printf(" %-28s", bench_system_key[s]);
+        printf(" %-28s", res->key[s]);
     printf(" %9s %9s\n", "ours/pth", "ours/uv");
     printf("  %-14s %-5s", "metric", "unit");
     for (int s = 0; s < BENCH_SYSTEMS; s++) {
@@ -406,71 +434,194 @@ static inline void bench_workload(const bench_workload_t *w)
     printf("\n");
     for (int m = 0; m < w->nmetrics; m++) {
         printf("  %-14s %-5s", w->metrics[m].name, w->metrics[m].unit);
-        double ratio[BENCH_SYSTEMS] = {NAN, NAN, NAN};
         for (int s = 0; s < BENCH_SYSTEMS; s++) {
             char cell[128];
-            bench_cell(cell, sizeof cell, &st[s][m], runs);
+            bench_cell(cell, sizeof cell, &res->st[s][m], res->runs);
             printf(" %-28s", cell);
-            if (s > 0 && st[0][m].n && st[s][m].n && st[s][m].median != 0)
-                ratio[s] = st[0][m].median / st[s][m].median;
         }
         for (int s = 1; s < BENCH_SYSTEMS; s++) {
             char r[32];
-            if (isnan(ratio[s]))
-                snprintf(r, sizeof r, "-");
-            else
-                snprintf(r, sizeof r, "%.2fx", ratio[s]);
+            bench_ratio_fmt(r, sizeof r, res->ratio[s][m]);
             printf(" %9s", r);
         }
         printf("\n");
-
-        if (!bench_json)
-            continue;
-        FILE *f = bench_json;
-        fputs("{\"workload\": ", f);
-        bench_json_str(f, w->id);
-        fputs(", \"title\": ", f);
-        bench_json_str(f, w->title);
-        fputs(", \"metric\": ", f);
-        bench_json_str(f, w->metrics[m].name);
-        fputs(", \"unit\": ", f);
-        bench_json_str(f, w->metrics[m].unit);
-        fprintf(f, ", \"runs\": %d, \"systems\": {", runs);
-        int first = 1;
-        for (int s = 0; s < BENCH_SYSTEMS; s++) {
-            if (!w->sys[s].run)
-                continue;
-            fprintf(f, "%s\"%s\": {\"impl\": ", first ? "" : ", ", bench_system_key[s]);
-            first = 0;
-            bench_json_str(f, w->sys[s].label);
-            fputs(", \"median\": ", f);
-            bench_json_num(f, st[s][m].n ? st[s][m].median : NAN);
-            fputs(", \"min\": ", f);
-            bench_json_num(f, st[s][m].n ? st[s][m].min : NAN);
-            fputs(", \"max\": ", f);
-            bench_json_num(f, st[s][m].n ? st[s][m].max : NAN);
-            fputs(", \"runs\": [", f);
-            for (int r = 0; r < runs; r++) {
-                if (r)
-                    fputs(", ", f);
-                bench_json_num(f, st[s][m].v[r]);
-            }
-            fputs("]}", f);
-        }
-        fputs("}, \"ratios\": {", f);
-        first = 1;
-        for (int s = 1; s < BENCH_SYSTEMS; s++) {
-            if (!w->sys[s].run)
-                continue;
-            fprintf(f, "%s\"ours/%s\": ", first ? "" : ", ", bench_system_key[s]);
-            first = 0;
-            bench_json_num(f, ratio[s]);
-        }
-        fputs("}}\n", f);
-        fflush(f);
     }
+}
+
+/* More systems: one row per system, one column per metric, then one row per
+ * ratio ours/system and ours/best-peer (with the best peer's key). */
+static inline void bench_table_rows(const bench_workload_t *w, const bench_result_t *res)
+{
+    printf("  %-14s %-42s", "system", "");
+    for (int m = 0; m < w->nmetrics; m++) {
+        char head[64];
+        snprintf(head, sizeof head, "%s (%s)", w->metrics[m].name, w->metrics[m].unit);
+        printf(" %-*s", m + 1 < w->nmetrics ? 24 : 0, head);
+    }
+    printf("\n");
+    for (int s = 0; s < res->nsys; s++) {
+        printf("  %-14s %-42.42s", res->key[s], w->sys[s].label ? w->sys[s].label : "(none)");
+        if (res->skip[s])
+            printf(" not run: %s", res->skip[s]);
+        else
+            for (int m = 0; m < w->nmetrics; m++) {
+                char cell[128];
+                bench_cell(cell, sizeof cell, &res->st[s][m], res->runs);
+                printf(" %-*s", m + 1 < w->nmetrics ? 24 : 0, cell);
+            }
+        printf("\n");
+    }
+    for (int s = 1; s <= res->nsys; s++) {
+        if (s < res->nsys && !w->sys[s].run)
+            continue;
+        char name[64];
+        snprintf(name, sizeof name, "ours/%s", s < res->nsys ? res->key[s] : "best-peer");
+        printf("  %-57s", name);
+        for (int m = 0; m < w->nmetrics; m++) {
+            char r[32], cell[96];
+            if (s < res->nsys) {
+                bench_ratio_fmt(cell, sizeof cell, res->ratio[s][m]);
+            } else {
+                int b = res->best[m];
+                bench_ratio_fmt(r, sizeof r, b < 0 ? NAN : res->ratio[b][m]);
+                snprintf(cell, sizeof cell, "%s%s%s", r, b < 0 ? "" : " ",
+                         b < 0 ? "" : res->key[b]);
+            }
+            printf(" %-*s", m + 1 < w->nmetrics ? 24 : 0, cell);
+        }
+        printf("\n");
+    }
+}
+
+/* One JSON record (one line) for metric @p m. */
+static inline void bench_json_metric(FILE *f, const bench_workload_t *w, const bench_result_t *res,
+                                     int m)
+{
+    fputs("{\"workload\": ", f);
+    bench_json_str(f, w->id);
+    fputs(", \"title\": ", f);
+    bench_json_str(f, w->title);
+    fputs(", \"metric\": ", f);
+    bench_json_str(f, w->metrics[m].name);
+    fputs(", \"unit\": ", f);
+    bench_json_str(f, w->metrics[m].unit);
+    fprintf(f, ", \"runs\": %d, \"systems\": {", res->runs);
+    int first = 1;
+    for (int s = 0; s < res->nsys; s++) {
+        const bench_series_t *st = &res->st[s][m];
+        if (!w->sys[s].run && !res->skip[s])
+            continue;
+        fprintf(f, "%s\"%s\": {\"impl\": ", first ? "" : ", ", res->key[s]);
+        first = 0;
+        bench_json_str(f, w->sys[s].label);
+        if (res->skip[s]) {
+            fputs(", \"skipped\": ", f);
+            bench_json_str(f, res->skip[s]);
+            fputs("}", f);
+            continue;
+        }
+        fputs(", \"median\": ", f);
+        bench_json_num(f, st->n ? st->median : NAN);
+        fputs(", \"min\": ", f);
+        bench_json_num(f, st->n ? st->min : NAN);
+        fputs(", \"max\": ", f);
+        bench_json_num(f, st->n ? st->max : NAN);
+        fputs(", \"runs\": [", f);
+        for (int r = 0; r < res->runs; r++) {
+            if (r)
+                fputs(", ", f);
+            bench_json_num(f, st->v[r]);
+        }
+        fputs("]}", f);
+    }
+    fputs("}, \"ratios\": {", f);
+    first = 1;
+    for (int s = 1; s < res->nsys; s++) {
+        if (!w->sys[s].run)
+            continue;
+        fprintf(f, "%s\"ours/%s\": ", first ? "" : ", ", res->key[s]);
+        first = 0;
+        bench_json_num(f, res->ratio[s][m]);
+    }
+    if (res->nsys > BENCH_SYSTEMS) {
+        int b = res->best[m];
+        fputs(", \"ours/best-peer\": ", f);
+        bench_json_num(f, b < 0 ? NAN : res->ratio[b][m]);
+        fputs(", \"best-peer\": ", f);
+        if (b < 0)
+            fputs("null", f);
+        else
+            bench_json_str(f, res->key[b]);
+    }
+    fputs("}}\n", f);
+    fflush(f);
+}
+
+/* Run workload @p w: warm-up rounds, then runs interleaved by system; print
+ * its table; append its JSON records. @p more (NULL for none) names the
+ * systems and says which are skipped. */
+static inline void bench_workload_more(const bench_workload_t *w, const bench_more_t *more)
+{
+    if (!bench_selected(w->id))
+        return;
+    int runs = bench_runs(), warm = w->no_warmup ? 0 : bench_env_int("BENCH_WARMUP", 1, 0, 10);
+    static double fig[BENCH_MAX_SYSTEMS][BENCH_MAX_METRICS][BENCH_MAX_RUNS];
+    static bench_result_t res;
+    double one[BENCH_MAX_METRICS];
+    double t0 = bench_now();
+
+    res.nsys = bench_nsys(w);
+    res.runs = runs;
+    for (int s = 0; s < res.nsys; s++) {
+        res.key[s] = more && more->key[s] ? more->key[s]
+                     : s < BENCH_SYSTEMS  ? bench_system_key[s]
+                                          : "?";
+        res.skip[s] = more ? more->skip[s] : NULL;
+    }
+    printf("\n%s %s: %s\n", w->id, w->title, w->what);
+    for (int r = -warm; r < runs; r++)
+        for (int s = 0; s < res.nsys; s++) {
+            if (!w->sys[s].run)
+                continue;
+            int ok = bench_fork_run(w, s, res.key[s], r < 0 ? r : r + 1, one) == 0;
+            bench_failures += !ok;
+            if (r < 0)
+                continue;
+            for (int m = 0; m < w->nmetrics; m++)
+                fig[s][m][r] = ok ? one[m] : NAN;
+        }
+
+    for (int m = 0; m < w->nmetrics; m++) {
+        res.best[m] = -1;
+        for (int s = 0; s < res.nsys; s++) {
+            bench_series_t *st = &res.st[s][m];
+            if (w->sys[s].run)
+                bench_series_stat(st, fig[s][m], runs);
+            else
+                st->n = 0;
+            res.ratio[s][m] = NAN;
+            if (s > 0 && res.st[0][m].n && st->n && st->median != 0)
+                res.ratio[s][m] = res.st[0][m].median / st->median;
+            if (!bench_is_ours(&res, s) && st->n &&
+                (res.best[m] < 0 || st->median < res.st[res.best[m]][m].median))
+                res.best[m] = s;
+        }
+    }
+
+    if (res.nsys > BENCH_SYSTEMS)
+        bench_table_rows(w, &res);
+    else
+        bench_table_columns(w, &res);
+    for (int m = 0; bench_json && m < w->nmetrics; m++)
+        bench_json_metric(bench_json, w, &res, m);
     printf("  (%d runs per system, interleaved, each in its own process; %.1f s)\n", runs,
            bench_now() - t0);
+}
+
+/* bench_workload_more() for a workload of the three usual systems. */
+static inline void bench_workload(const bench_workload_t *w)
+{
+    bench_workload_more(w, NULL);
 }
 
 /* main's return value: 1 if any run failed (each was reported). */

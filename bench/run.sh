@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every benchmark program of a Release build (bench-pending, then
+# Builds the Go peer (bench/go -> <build dir>/go-w4) when go is on PATH, then
+# runs every benchmark program of a Release build (bench-pending, then
 # bench-w1_* ... bench-w6_*) and prints their tables; bench/results.json gets
 # one JSON record per workload and metric (a JSON array). Exits 1 if any run
 # crashed, failed or timed out (each is reported on stderr), after running
@@ -20,10 +21,24 @@ if ((${#progs[@]} == 0)); then
     echo "bench/run.sh: no bench-* programs in $build" >&2
     exit 1
 fi
+# The Go peer of W4 (bench/go), built beside the bench programs as go-w4
+# when Go is installed; bench-w4_pool shows its systems as not run without
+# it. Go's build cache stays in the build directory; no network is used.
+if command -v go >/dev/null; then
+    abs=$(cd "$build" && pwd)
+    (cd "$here/go" && GOCACHE="$abs/go-cache" GOPATH="$abs/go-path" GOPROXY=off GOFLAGS= \
+        GO111MODULE=on go build -o "$abs/go-w4" .) || {
+        echo "bench/run.sh: building the Go peer (bench/go) failed" >&2
+        exit 1
+    }
+else
+    rm -f "$build/go-w4"
+    echo "bench/run.sh: no go on PATH, the Go peer of W4 is not run (apt-get install -y golang-go)" >&2
+fi
 start=$(date +%s.%N)
-echo "libcaller benchmarks: ${BENCH_RUNS:-5} runs per system, interleaved (ours, pthread, libuv, ours, ...)" \
+echo "libcaller benchmarks: ${BENCH_RUNS:-5} runs per system, interleaved (ours, pthread, libuv[, others], ours, ...)" \
     "after ${BENCH_WARMUP:-1} warm-up round(s), each run in its own forked process; $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "cells: median [min-max] over the runs (\"k/n\" when only k of n runs succeeded); ratios: medians, ours/floor"
+echo "cells: median [min-max] over the runs (\"k/n\" when only k of n runs succeeded); ratios: medians, ours/other system"
 failed=0
 for prog in "${progs[@]}"; do
     echo

@@ -13,6 +13,12 @@
  *             work, arg) until N were made; the loop takes each Pending
  *             from caller_iter_next(), reads its result and releases it.
  *             The pool owner is the MANUAL Caller.
+ *  libcaller-all  the pool capped instead of the submissions: the MANUAL
+ *             Caller's pool set to max_workers 10 (caller_pool_set_config),
+ *             its task makes all N caller_to_thread() calls at once (those
+ *             beyond 10 wait in order for a worker), then waits for each
+ *             Pending in submission order, reads its result and releases
+ *             it.
  *  pthread    a fixed pool of 10 threads on a mutex + condvar job queue;
  *             finished jobs go on a mutex + condvar completion list; the
  *             main thread keeps 10 outstanding, takes completions, reads
@@ -22,6 +28,18 @@
  *  libuv      uv_queue_work with UV_THREADPOOL_SIZE=10 from a loop on the
  *             main thread: 10 outstanding, the after-work callback reads
  *             the result, frees the request and submits the next.
+ *  go-all, go-10  the Go peer, bench/go/w4.go, built next to this program
+ *             as go-w4 (BENCH_GO_W4 names another path): the run forks and
+ *             execs it with the calibrated work length on its command line
+ *             and GOMAXPROCS=2 unless set; it times itself and prints one
+ *             line with its figures. go-all: 10 worker goroutines on a
+ *             channel holding all N; go-10: at most 10 outstanding, each a
+ *             goroutine, results taken in completion order from a channel,
+ *             the next started per result. Its peak RSS is getrusage's
+ *             ru_maxrss (after exec, Linux also counts the forked child's
+ *             own peak before it, a couple of MB like the others' start);
+ *             threads as ours, from /proc/self/task. Without the binary
+ *             these systems are shown as not run, not as failures.
  *
  * Threads are counted from /proc/self/task twenty times during the run (the
  * maximum is reported); peak RSS is the run's VmHWM (the child starts as a
@@ -32,6 +50,7 @@
 
 #include <caller.h>
 #include <sched.h>
+#include <sys/prctl.h>
 
 enum { N = 200000, CONCURRENCY = 10, SAMPLE_EVERY = N / 20 };
 
@@ -150,6 +169,48 @@ static int ours(double *out)
     caller_t *c = caller_create(CALLER_MANUAL, &(caller_options_t){.name = "bench-w4"});
     BENCH_CHECK(c != NULL);
     BENCH_CHECK(caller_run(c, ours_body, out, NULL) == 0);
+    caller_unref(c);
+    return 0;
+}
+
+/* ---- libcaller: all submitted, the pool capped at 10 workers -------------- */
+
+static void *ours_all_body(void *arg)
+{
+    double *out = arg;
+    caller_t *c = caller_current();
+    caller_pool_config_t cfg;
+    BENCH_CHECK(caller_pool_get_config(c, &cfg) == 0);
+    cfg.max_workers = CONCURRENCY;
+    BENCH_CHECK(caller_pool_set_config(c, &cfg) == 0);
+    caller_pending_t **ps = malloc(sizeof *ps * N);
+    BENCH_CHECK(ps != NULL);
+    int peak = 0;
+    uintptr_t sink = 0;
+    double t0 = bench_now();
+    for (long i = 0; i < N; i++) {
+        ps[i] = caller_to_thread(c, work_task, (void *)(uintptr_t)i);
+        BENCH_CHECK(ps[i] != NULL);
+    }
+    for (long i = 0; i < N; i++) {
+        void *v = NULL;
+        BENCH_CHECK(caller_pending_wait(ps[i], CALLER_FOREVER, true, true, &v) == 0);
+        sink += (uintptr_t)v;
+        caller_pending_unref(ps[i]);
+        sample_threads(i + 1, &peak);
+    }
+    double t1 = bench_now();
+    work_sink = sink;
+    free(ps);
+    report(out, t0, t1, peak);
+    return NULL;
+}
+
+static int ours_all(double *out)
+{
+    caller_t *c = caller_create(CALLER_MANUAL, &(caller_options_t){.name = "bench-w4-all"});
+    BENCH_CHECK(c != NULL);
+    BENCH_CHECK(caller_run(c, ours_all_body, out, NULL) == 0);
     caller_unref(c);
     return 0;
 }
@@ -329,6 +390,80 @@ static int floor_libuv(double *out)
     return 0;
 }
 
+/* ---- the Go peer --------------------------------------------------------- */
+
+static char go_path[4096];
+
+/* Where the Go program is: $BENCH_GO_W4, else go-w4 beside this program.
+ * Returns 0 if it is there and executable. */
+static int go_find(void)
+{
+    const char *env = getenv("BENCH_GO_W4");
+    if (env && *env) {
+        snprintf(go_path, sizeof go_path, "%s", env);
+    } else {
+        static const char name[] = "go-w4";
+        ssize_t n = readlink("/proc/self/exe", go_path, sizeof go_path - sizeof name);
+        if (n <= 0 || (size_t)n >= sizeof go_path - sizeof name)
+            return -1;
+        go_path[n] = '\0';
+        char *slash = strrchr(go_path, '/');
+        if (!slash)
+            return -1;
+        memcpy(slash + 1, name, sizeof name);
+    }
+    return access(go_path, X_OK);
+}
+
+/* Run the Go program in mode @p mode and parse its line into out[0..2]. */
+static int go_run(const char *mode, double *out)
+{
+    int fds[2];
+    char iters[32];
+    snprintf(iters, sizeof iters, "%ld", work_iters);
+    BENCH_CHECK(pipe(fds) == 0);
+    pid_t pid = fork();
+    BENCH_CHECK(pid >= 0);
+    if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL); /* the run's time limit kills it too */
+        dup2(fds[1], STDOUT_FILENO);
+        close(fds[0]);
+        close(fds[1]);
+        setenv("GOMAXPROCS", "2", 0);
+        execl(go_path, go_path, mode, iters, (char *)NULL);
+        fprintf(stderr, "bench: exec %s: %s\n", go_path, strerror(errno));
+        _exit(127);
+    }
+    close(fds[1]);
+    char line[512];
+    size_t got = 0;
+    ssize_t n;
+    while (got < sizeof line - 1 &&
+           ((n = read(fds[0], line + got, sizeof line - 1 - got)) > 0 || (n < 0 && errno == EINTR)))
+        got += n > 0 ? (size_t)n : 0;
+    line[got] = '\0';
+    close(fds[0]);
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    BENCH_CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    int threads = 0;
+    BENCH_CHECK(sscanf(line, "ns_per_task=%lf peak_rss_mib=%lf threads=%d", &out[0], &out[1],
+                       &threads) == 3);
+    out[2] = threads;
+    return 0;
+}
+
+static int go_all(double *out)
+{
+    return go_run("all", out);
+}
+
+static int go_outstanding(double *out)
+{
+    return go_run("outstanding", out);
+}
+
 static const bench_workload_t w4 = {
     "W4",
     "pool",
@@ -337,16 +472,33 @@ static const bench_workload_t w4 = {
     {{"per task", "ns"}, {"peak RSS", "MiB"}, {"threads", "peak"}},
     {{"to_thread+as_completed_gen", ours},
      {"fixed pool of 10", floor_pthread},
-     {"uv_queue_work, 10 threads", floor_libuv}},
+     {"uv_queue_work, 10 threads", floor_libuv},
+     {"to_thread, all submitted, max_workers 10", ours_all},
+     {"Go, 10 goroutines, all submitted", go_all},
+     {"Go, 10 outstanding", go_outstanding}},
     120,
     0,
 };
 
+enum { GO_ALL = 4, GO_10 = 5 }; /* the Go peer's systems in w4.sys */
+
 int main(void)
 {
+    bench_more_t more = {.key = {[3] = "libcaller-all", [GO_ALL] = "go-all", [GO_10] = "go-10"}};
+    bench_workload_t w = w4;
+    static char why[4200];
     bench_begin();
-    if (bench_selected("W4"))
+    if (bench_selected("W4")) {
         calibrate();
-    bench_workload(&w4);
+        if (go_find() != 0) {
+            /* Not a failure: the peer is optional (make bench builds it
+             * when Go is installed). */
+            snprintf(why, sizeof why, "%s not built (apt-get install golang-go, then make bench)",
+                     go_path);
+            w.sys[GO_ALL].run = w.sys[GO_10].run = NULL;
+            more.skip[GO_ALL] = more.skip[GO_10] = why;
+        }
+    }
+    bench_workload_more(&w, &more);
     return bench_end();
 }

@@ -1,0 +1,3 @@
+module libcaller/bench/go
+
+go 1.19
