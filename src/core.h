@@ -27,6 +27,7 @@ typedef struct caller__pool caller_pool_t;
 typedef struct caller__queues {
     pthread_mutex_t lock; /* rank 3 in lockorder.h */
     struct caller__queue *head;
+    void *index; /* its queues by key (queue.c: a caller__keyindex_t) */
 } caller__queues_t;
 
 /*

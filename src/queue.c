@@ -16,8 +16,16 @@
  * and, if nothing was queued since the close, the later ones too. A wait
  * on a queue that drained with nothing queued since ends at once.
  *
- * Locking: a Caller's queues (the list and each queue's items) are under
- * its `queues.lock`; no user code and no Pending completion runs under
+ * Finding: the open queues (not closed) are in the Caller's index by key
+ * (keyindex.h; `queues.index`), so a call finds its queue in O(1) however
+ * many keys are live; every queue is also on the list `queues.head` from
+ * its creation until it is closed by queue_close or ends. A queue leaves the
+ * index the moment it is closed (retire), so a new call on its key makes a
+ * new queue while the old one ends. The index is freed when its last queue
+ * leaves it, so nothing of it outlives the Caller's queues.
+ *
+ * Locking: a Caller's queues (the index, the list and each queue's items)
+ * are under its `queues.lock`; no user code and no Pending completion runs under
  * it. Closing a round takes the queue's Pending's lock under it (a leaf
  * lock: nothing is taken under that). A queue is freed by its own task when
  * it ends, after leaving the list, so whoever finds it under the lock may
@@ -26,6 +34,7 @@
 #include "alloc.h"
 #include "core.h"
 #include "error.h"
+#include "keyindex.h"
 #include "lockorder.h"
 #include "pending.h"
 #include "task.h"
@@ -47,33 +56,55 @@ typedef struct item {
 typedef struct caller__queue caller__queue_t;
 
 struct caller__queue {
-    struct caller__queue *next; /* in caller->queues.head */
+    caller__keynode_t node;              /* in caller->queues.index while open: its key is
+                                            (fn, NULL) for the queue of (fn, caller), or
+                                            (NULL, key) for an explicit key */
+    struct caller__queue *next, **pprev; /* in caller->queues.head (pprev NULL: not) */
     caller_t *caller;
-    caller_fn key_fn;          /* the queue of (fn, caller) ... */
-    const void *key;           /* ... or of an explicit key */
     caller_pending_t *pending; /* the queue's task; a reference */
     item_t *head, *tail;
     caller_pending_t *wake; /* the idle task waits on it (a reference) */
     bool closed;
 };
 
-/* Under the queues lock. */
-static caller__queue_t *find(caller_t *c, caller_fn fn, const void *key)
+/* Under the queues lock: the open queue of (fn, key), whose hash is @p hash. */
+static caller__queue_t *find(caller_t *c, caller_fn fn, const void *key, size_t hash)
 {
-    for (caller__queue_t *q = c->queues.head; q; q = q->next)
-        if (q->key_fn == fn && q->key == key && !q->closed)
-            return q;
-    return NULL;
+    caller__keynode_t *n = caller__keyindex_find(c->queues.index, fn, key, hash);
+    return n ? caller__container_of(n, caller__queue_t, node) : NULL;
+}
+
+/* Under the queues lock: @p q is closed, so find() no longer returns it. */
+static void retire(caller_t *c, caller__queue_t *q)
+{
+    if (q->closed)
+        return;
+    q->closed = true;
+    caller__keyindex_t *ix = c->queues.index;
+    caller__keyindex_remove(&ix, &q->node);
+    c->queues.index = ix;
 }
 
 /* Under the queues lock. */
-static void unlist(caller_t *c, caller__queue_t *q)
+static void enlist(caller_t *c, caller__queue_t *q)
 {
-    for (caller__queue_t **pp = &c->queues.head; *pp; pp = &(*pp)->next)
-        if (*pp == q) {
-            *pp = q->next;
-            return;
-        }
+    q->next = c->queues.head;
+    if (q->next)
+        q->next->pprev = &q->next;
+    q->pprev = &c->queues.head;
+    c->queues.head = q;
+}
+
+/* Under the queues lock; once listed, a second time does nothing. */
+static void unlist(caller__queue_t *q)
+{
+    if (!q->pprev)
+        return;
+    *q->pprev = q->next;
+    if (q->next)
+        q->next->pprev = q->pprev;
+    q->next = NULL;
+    q->pprev = NULL;
 }
 
 static void free_items(item_t *it)
@@ -148,8 +179,8 @@ static void queue_end(void *arg)
     caller__queue_t *q = arg;
     caller_t *c = q->caller;
     lock_queues(c);
-    q->closed = true;
-    unlist(c, q);
+    retire(c, q);
+    unlist(q);
     item_t *left = q->head;
     caller_pending_t *wake = q->wake;
     q->head = q->tail = NULL;
@@ -159,6 +190,43 @@ static void queue_end(void *arg)
     caller_pending_unref(wake);
     caller_pending_unref(q->pending);
     caller__free(q);
+}
+
+/* Under the queues lock: a new queue of (key_fn, key), its task scheduled,
+ * in the index and on the list; or NULL with the error set. */
+static caller__queue_t *new_queue(caller_t *c, caller_fn key_fn, const void *key, size_t hash,
+                                  const char *name)
+{
+    /* Room in the index first: once the task is scheduled, the queue must
+     * go in. */
+    caller__keyindex_t *ix = c->queues.index;
+    int rc = caller__keyindex_reserve(&ix);
+    c->queues.index = ix;
+    if (rc < 0) {
+        caller__fail(rc, "caller_queue_call: out of memory to grow the table of %zu queues",
+                     caller__keyindex_count(ix));
+        return NULL;
+    }
+    caller__queue_t *q = caller__calloc(1, sizeof *q);
+    if (q) { /* set before its task can look */
+        q->caller = c;
+        q->node = (caller__keynode_t){.fn = key_fn, .key = key, .hash = hash};
+    }
+    caller_pending_t *p =
+        q ? caller__call_soon_ex(c, queue_loop, q, name ? name : "queue", queue_end) : NULL;
+    if (!p) {
+        if (q)
+            caller__free(q);
+        else
+            caller__fail(-ENOMEM, "caller_queue_call: out of memory");
+        caller__keyindex_trim(&ix); /* a table made for this queue goes */
+        c->queues.index = ix;
+        return NULL;
+    }
+    q->pending = p; /* the queue's reference, dropped when it ends */
+    caller__keyindex_insert(ix, &q->node);
+    enlist(c, q);
+    return q;
 }
 
 static caller_pending_t *queue_call(caller_t *c, caller_fn key_fn, const void *key, caller_fn fn,
@@ -181,33 +249,17 @@ static caller_pending_t *queue_call(caller_t *c, caller_fn key_fn, const void *k
         caller__fail_stopped(c, "caller_queue_call");
         return NULL;
     }
-    caller__queue_t *q = find(c, key_fn, key);
+    size_t hash = caller__keyindex_hash(key_fn, key);
+    caller__queue_t *q = find(c, key_fn, key, hash);
     if (q && caller_pending_cancelled(q->pending) == 1) {
         /* Its Pending was cancelled: the queue is ending; start afresh. */
-        q->closed = true;
+        retire(c, q);
         q = NULL;
     }
-    if (!q) {
-        q = caller__calloc(1, sizeof *q);
-        if (q) { /* set before its task can look */
-            q->caller = c;
-            q->key_fn = key_fn;
-            q->key = key;
-        }
-        caller_pending_t *p =
-            q ? caller__call_soon_ex(c, queue_loop, q, name ? name : "queue", queue_end) : NULL;
-        if (!p) {
-            unlock_queues(c);
-            if (q)
-                caller__free(q);
-            else
-                caller__fail(-ENOMEM, "caller_queue_call: out of memory");
-            caller__free(it);
-            return NULL;
-        }
-        q->pending = p; /* the queue's reference, dropped when it ends */
-        q->next = c->queues.head;
-        c->queues.head = q;
+    if (!q && (q = new_queue(c, key_fn, key, hash, name)) == NULL) {
+        unlock_queues(c);
+        caller__free(it);
+        return NULL;
     }
     if (q->tail)
         q->tail->next = it;
@@ -255,13 +307,13 @@ static caller_pending_t *get(caller_t *c, caller_fn fn, const void *key, bool cl
         return NULL;
     }
     lock_queues(c);
-    caller__queue_t *q = find(c, fn, key);
+    caller__queue_t *q = find(c, fn, key, caller__keyindex_hash(fn, key));
     caller_pending_t *p = NULL;
     if (q && (close || caller_pending_cancelled(q->pending) != 1)) {
         p = caller_pending_ref(q->pending);
         if (close) {
-            q->closed = true; /* queue_get no longer finds it */
-            unlist(c, q);
+            retire(c, q); /* queue_get no longer finds it */
+            unlist(q);
         }
     }
     unlock_queues(c);

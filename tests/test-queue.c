@@ -3,6 +3,7 @@
 // TIMEOUT: 120
 #include "check.h"
 #include "internal.h"
+#include "keyindex.h"
 #include "testpoint.h"
 
 #include <errno.h>
@@ -614,4 +615,342 @@ TEST(misuse)
     CHECK_RC(caller_last_error(NULL), -ESHUTDOWN);
     CHECK_RC(caller_wait_stopped(c, 10), 0);
     caller_unref(c);
+}
+
+/* ---- many keys: the index by key (keyindex.h) ---------------------------- */
+
+/* The size of a Caller's index of queues (0: none), under its lock. */
+static size_t index_capacity(caller_t *c)
+{
+    caller__mutex_lock(&c->queues.lock, CALLER__RANK_QUEUES);
+    size_t n = caller__keyindex_capacity(c->queues.index);
+    caller__mutex_unlock(&c->queues.lock, CALLER__RANK_QUEUES);
+    return n;
+}
+
+static size_t index_count(caller_t *c)
+{
+    caller__mutex_lock(&c->queues.lock, CALLER__RANK_QUEUES);
+    size_t n = caller__keyindex_count(c->queues.index);
+    caller__mutex_unlock(&c->queues.lock, CALLER__RANK_QUEUES);
+    return n;
+}
+
+enum { MANY = 20000, MANY_ROUNDS = 3 };
+
+static struct {
+    char keys[MANY]; /* key k is &keys[k] */
+    int last[MANY];  /* the last round of key k that ran (Caller thread only) */
+    long ran, out_of_order;
+    caller_pending_t *p[MANY];
+} many;
+
+/* Round r of key k: runs after round r - 1 of the same key. The last round
+ * closes its own queue, so that no queue's task stays suspended. */
+static void *many_item(void *arg)
+{
+    int k = (int)(I(arg) / MANY_ROUNDS), r = (int)(I(arg) % MANY_ROUNDS);
+    if (many.last[k] != r - 1)
+        many.out_of_order++;
+    many.last[k] = r;
+    many.ran++;
+    if (r == MANY_ROUNDS - 1)
+        CHECK_EQ(caller_queue_close_key(caller_current(), &many.keys[k]), 1);
+    return arg;
+}
+
+/* From a task on the Caller: nothing runs until it waits, so all MANY keys
+ * are live while it queues. */
+static void *many_keys_body(void *arg)
+{
+    (void)arg;
+    caller_t *self = caller_current();
+    for (int r = 0; r < MANY_ROUNDS; r++)
+        for (int k = 0; k < MANY; k++) {
+            caller_pending_t *p =
+                caller_queue_call_key(self, &many.keys[k], many_item, P(k * MANY_ROUNDS + r));
+            CHECK(p != NULL);
+            if (r == 0) {
+                CHECK(k == 0 || p != many.p[k - 1]); /* its own queue */
+                many.p[k] = p;
+            } else {
+                CHECK_PTR_EQ(p, many.p[k]); /* the same queue each round */
+                caller_pending_unref(p);
+            }
+        }
+    CHECK_EQ(index_count(self), MANY);
+    for (int k = 0; k < MANY; k += 97) {
+        caller_pending_t *g = caller_queue_get_key(self, &many.keys[k]);
+        CHECK_PTR_EQ(g, many.p[k]);
+        caller_pending_unref(g);
+    }
+    for (int k = 0; k < MANY; k++) {
+        CHECK_RC(caller_pending_wait(many.p[k], 30 * check_time_scale(), true, false, NULL), 0);
+        caller_pending_unref(many.p[k]);
+    }
+    CHECK_EQ(many.ran, (long)MANY * MANY_ROUNDS);
+    CHECK_EQ(many.out_of_order, 0);
+    for (int k = 0; k < MANY; k++)
+        CHECK_EQ(many.last[k], MANY_ROUNDS - 1);
+    CHECK_EQ(index_capacity(self), 0); /* every queue closed: no index left */
+    return NULL;
+}
+
+TEST(twenty_thousand_keys_each_reach_their_own_queue_in_order)
+{
+    memset(&many, 0, sizeof many);
+    for (int k = 0; k < MANY; k++)
+        many.last[k] = -1;
+    caller_t *c = check_new_thread(NULL);
+    caller_pending_t *t = caller_call_soon(c, many_keys_body, NULL);
+    CHECK_RC(caller_pending_wait(t, 60 * check_time_scale(), true, true, NULL), 0);
+    caller_pending_unref(t);
+    check_stop(c);
+}
+
+static int key_among_many;
+
+/* From a task on the Caller (no queue runs meanwhile): close one key among
+ * many, look up keys that have no queue, and see the index shrink as
+ * queues are closed and vanish when the last one is. */
+static void *close_among_many_body(void *arg)
+{
+    (void)arg;
+    caller_t *self = caller_current();
+    for (int k = 0; k < MANY; k++)
+        caller_pending_unref(caller_queue_call_key(self, &many.keys[k], pass_through, P(k)));
+    CHECK_EQ(index_count(self), MANY);
+    CHECK_GE(index_capacity(self), 2 * MANY); /* at most half full */
+
+    /* Missing keys among many: an unknown pointer, a function with no
+     * queue, and a function used as an explicit key (a different queue
+     * from that function's own). */
+    CHECK(caller_queue_get_key(self, &key_among_many) == NULL);
+    CHECK_EQ(caller_queue_close_key(self, &key_among_many), 0);
+    CHECK(caller_queue_get(self, pass_through) == NULL);
+    CHECK_EQ(caller_queue_close(self, pass_through), 0);
+    CHECK(caller_queue_get_key(self, (const void *)pass_through) == NULL);
+
+    /* One key among many. */
+    int k = MANY / 3;
+    caller_pending_t *old = caller_queue_get_key(self, &many.keys[k]);
+    CHECK(old != NULL);
+    CHECK_EQ(caller_queue_close_key(self, &many.keys[k]), 1);
+    CHECK(caller_queue_get_key(self, &many.keys[k]) == NULL);
+    CHECK_EQ(caller_queue_close_key(self, &many.keys[k]), 0);
+    CHECK_EQ(index_count(self), MANY - 1);
+    for (int j = k - 5; j <= k + 5; j++) { /* its neighbours are still there */
+        caller_pending_t *g = caller_queue_get_key(self, &many.keys[j]);
+        CHECK((g != NULL) == (j != k));
+        caller_pending_unref(g);
+    }
+    caller_pending_t *fresh = caller_queue_call_key(self, &many.keys[k], pass_through, NULL);
+    CHECK(fresh != NULL && fresh != old);
+    CHECK_EQ(index_count(self), MANY);
+    caller_pending_unref(fresh);
+    caller_pending_unref(old);
+
+    /* Closing all but ten shrinks the index; closing those frees it. */
+    for (int j = 10; j < MANY; j++)
+        CHECK_EQ(caller_queue_close_key(self, &many.keys[j]), 1);
+    CHECK_EQ(index_count(self), 10);
+    CHECK_LE(index_capacity(self), 8 * CALLER__KEYINDEX_MIN);
+    for (int j = 0; j < 10; j++)
+        CHECK_EQ(caller_queue_close_key(self, &many.keys[j]), 1);
+    CHECK_EQ(index_capacity(self), 0);
+    return NULL;
+}
+
+TEST(close_and_missing_keys_among_twenty_thousand_and_the_index_shrinks)
+{
+    caller_t *c = check_new_thread(NULL);
+    caller_pending_t *t = caller_call_soon(c, close_among_many_body, NULL);
+    CHECK_RC(caller_pending_wait(t, 60 * check_time_scale(), true, true, NULL), 0);
+    caller_pending_unref(t);
+    check_stop(c);
+}
+
+/* Queues that end on their own (their Pending cancelled) leave the index
+ * too: with all of them over, nothing of it is left. */
+static void *cancelled_queues_body(void *arg)
+{
+    (void)arg;
+    caller_t *self = caller_current();
+    enum { N = 2000 };
+    caller_pending_t *p[N];
+    for (int k = 0; k < N; k++)
+        p[k] = caller_queue_call_key(self, &many.keys[k], pass_through, P(k));
+    CHECK_EQ(index_count(self), N);
+    for (int k = 0; k < N; k++)
+        caller_pending_cancel(p[k], "enough");
+    for (int k = 0; k < N; k++) {
+        CHECK_RC(caller_pending_wait(p[k], 10 * check_time_scale(), true, true, NULL), -ECANCELED);
+        CHECK(caller_queue_get_key(self, &many.keys[k]) == NULL);
+    }
+    /* A task queued after all of them runs after they ended. */
+    caller_pending_t *probe = caller_call_soon(self, pass_through, NULL);
+    CHECK_RC(caller_pending_wait(probe, 10 * check_time_scale(), true, false, NULL), 0);
+    caller_pending_unref(probe);
+    CHECK_EQ(index_capacity(self), 0);
+    for (int k = 0; k < N; k++)
+        caller_pending_unref(p[k]);
+    return NULL;
+}
+
+TEST(queues_ended_by_cancelling_leave_no_index)
+{
+    caller_t *c = check_new_thread(NULL);
+    caller_pending_t *t = caller_call_soon(c, cancelled_queues_body, NULL);
+    CHECK_RC(caller_pending_wait(t, 60 * check_time_scale(), true, true, NULL), 0);
+    caller_pending_unref(t);
+    check_stop(c);
+}
+
+/* Keys as addresses whose low 24 bits are all alike (page-aligned objects
+ * and worse): each still reaches its own queue. */
+#define SAME_LOW_BITS_KEY(k) ((const void *)(((uintptr_t)(k) + 1) << 24 | 0x40))
+
+static void *same_low_bits_body(void *arg)
+{
+    (void)arg;
+    caller_t *self = caller_current();
+    enum { N = 4000 };
+    static caller_pending_t *p[N];
+    for (int k = 0; k < N; k++) {
+        p[k] = caller_queue_call_key(self, SAME_LOW_BITS_KEY(k), pass_through, P(k));
+        CHECK(p[k] != NULL);
+        CHECK(k == 0 || p[k] != p[k - 1]);
+    }
+    for (int k = 0; k < N; k++) {
+        caller_pending_t *g = caller_queue_get_key(self, SAME_LOW_BITS_KEY(k));
+        CHECK_PTR_EQ(g, p[k]);
+        caller_pending_unref(g);
+    }
+    for (int k = 0; k < N; k += 2) /* every other one */
+        CHECK_EQ(caller_queue_close_key(self, SAME_LOW_BITS_KEY(k)), 1);
+    for (int k = 0; k < N; k++) {
+        caller_pending_t *g = caller_queue_get_key(self, SAME_LOW_BITS_KEY(k));
+        CHECK_PTR_EQ(g, k % 2 ? p[k] : NULL);
+        caller_pending_unref(g);
+    }
+    for (int k = 1; k < N; k += 2)
+        CHECK_EQ(caller_queue_close_key(self, SAME_LOW_BITS_KEY(k)), 1);
+    CHECK_EQ(index_capacity(self), 0);
+    for (int k = 0; k < N; k++)
+        caller_pending_unref(p[k]);
+    return NULL;
+}
+
+TEST(keys_with_the_same_low_bits_are_distinct_queues)
+{
+    caller_t *c = check_new_thread(NULL);
+    caller_pending_t *t = caller_call_soon(c, same_low_bits_body, NULL);
+    CHECK_RC(caller_pending_wait(t, 60 * check_time_scale(), true, true, NULL), 0);
+    caller_pending_unref(t);
+    check_stop(c);
+}
+
+/*
+ * The index alone, with hashes that collide on purpose: nodes whose hashes
+ * share their low bits probe through one another's runs, and the runs wrap
+ * around the end of the table. Random inserts and removals against a
+ * record of what is in; after each step every node is found or not as the
+ * record says (removal shifts later nodes back: a wrong shift loses one).
+ */
+TEST(index_with_colliding_hashes_finds_every_node)
+{
+    enum { N = 600, STEPS = 6000 };
+    static caller__keynode_t node[N];
+    static bool in[N];
+    static char keys[N];
+    caller__keyindex_t *ix = NULL;
+    size_t homes[] = {0, 1, 2, 0xfffff}; /* 0xfffff: the last slot, at any size here */
+    for (int i = 0; i < N; i++) {
+        node[i].key = &keys[i];
+        /* Low bits from four homes; high bits tell the hashes apart, or
+         * not at all for every fifth node (equal hashes). */
+        size_t high = i % 5 ? (size_t)i << 20 : 0;
+        node[i].hash = homes[i % 4] | high;
+    }
+    uint64_t rnd = 0x2545f4914f6cdd1dULL;
+    size_t count = 0, peak = 0;
+    for (int s = 0; s < STEPS; s++) {
+        rnd ^= rnd << 13, rnd ^= rnd >> 7, rnd ^= rnd << 17;
+        int i = (int)(rnd % N);
+        if (in[i]) {
+            caller__keyindex_remove(&ix, &node[i]);
+            in[i] = false, count--;
+        } else {
+            CHECK(caller__keyindex_find(ix, NULL, &keys[i], node[i].hash) == NULL);
+            CHECK_RC(caller__keyindex_reserve(&ix), 0);
+            caller__keyindex_insert(ix, &node[i]);
+            in[i] = true, count++;
+        }
+        peak = count > peak ? count : peak;
+        CHECK_EQ(caller__keyindex_count(ix), count);
+        CHECK(count == 0 ? ix == NULL : 2 * count <= caller__keyindex_capacity(ix));
+        if (s % 7 == 0 || s > STEPS - 50)
+            for (int j = 0; j < N; j++)
+                CHECK_PTR_EQ(caller__keyindex_find(ix, NULL, &keys[j], node[j].hash),
+                             in[j] ? &node[j] : NULL);
+    }
+    CHECK_GE(peak, N / 3);
+    for (int j = N - 1; j >= 0; j--)
+        if (in[j])
+            caller__keyindex_remove(&ix, &node[j]);
+    CHECK(ix == NULL);
+}
+
+/* Without memory to grow the index a new key's call fails with -ENOMEM and
+ * leaves the queues there were as they were; the next call succeeds. */
+static void *index_enomem_body(void *arg)
+{
+    (void)arg;
+    caller_t *self = caller_current();
+    static int keys[CALLER__KEYINDEX_MIN];
+    const char *msg = NULL;
+    /* The first key: the index is made. Allocations: the item, then the
+     * index. */
+    caller__alloc_fail_after(1);
+    caller_pending_t *p = caller_queue_call_key(self, &keys[0], pass_through, NULL);
+    caller__alloc_fail_after(-1);
+    CHECK(p == NULL);
+    CHECK_RC(caller_last_error(&msg), -ENOMEM);
+    CHECK_CONTAINS(msg, "table");
+    CHECK_EQ(index_capacity(self), 0);
+    /* Fill the smallest index to half; the next new key must grow it. */
+    int half = CALLER__KEYINDEX_MIN / 2;
+    for (int k = 0; k < half; k++)
+        caller_pending_unref(caller_queue_call_key(self, &keys[k], pass_through, NULL));
+    CHECK_EQ(index_capacity(self), CALLER__KEYINDEX_MIN);
+    caller__alloc_fail_after(1);
+    p = caller_queue_call_key(self, &keys[half], pass_through, NULL);
+    caller__alloc_fail_after(-1);
+    CHECK(p == NULL);
+    CHECK_RC(caller_last_error(&msg), -ENOMEM);
+    CHECK_CONTAINS(msg, "out of memory");
+    CHECK_EQ(index_count(self), half);
+    for (int k = 0; k < half; k++) {
+        caller_pending_t *g = caller_queue_get_key(self, &keys[k]);
+        CHECK(g != NULL);
+        caller_pending_unref(g);
+    }
+    p = caller_queue_call_key(self, &keys[half], pass_through, NULL);
+    CHECK(p != NULL);
+    caller_pending_unref(p);
+    CHECK_EQ(index_count(self), half + 1);
+    CHECK_EQ(index_capacity(self), 2 * CALLER__KEYINDEX_MIN);
+    for (int k = 0; k <= half; k++)
+        CHECK_EQ(caller_queue_close_key(self, &keys[k]), 1);
+    CHECK_EQ(index_capacity(self), 0);
+    return NULL;
+}
+
+TEST(no_memory_to_grow_the_index_fails_the_call_cleanly)
+{
+    caller_t *c = check_new_thread(NULL);
+    caller_pending_t *t = caller_call_soon(c, index_enomem_body, NULL);
+    CHECK_RC(caller_pending_wait(t, 30 * check_time_scale(), true, true, NULL), 0);
+    caller_pending_unref(t);
+    check_stop(c);
 }
