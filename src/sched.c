@@ -101,7 +101,9 @@ static void kick(caller_t *c)
 
 static void task_canceller(caller_pending_t *p, const char *messages, void *arg);
 
-caller_pending_t *caller__task_new(caller_t *c, caller_fn fn, void *arg, const char *name)
+/* A task's Pending and task, in one allocation, running @p fn(arg) in the
+ * current context; its owner and canceller are the caller's to set. */
+static caller_pending_t *task_alloc(caller_fn fn, void *arg, caller__task_t **out)
 {
     caller__task_t *t;
     caller_pending_t *p = caller__pending_new_extra(0, sizeof *t, (void **)&t);
@@ -116,6 +118,16 @@ caller_pending_t *caller__task_new(caller_t *c, caller_fn fn, void *arg, const c
     t->timer.index = CALLER__HEAP_NONE;
     caller__list_init(&t->live);
     t->ctx = caller__ctx_ref(caller__ctx_current()); /* runs in its scheduler's context */
+    *out = t;
+    return p;
+}
+
+caller_pending_t *caller__task_new(caller_t *c, caller_fn fn, void *arg, const char *name)
+{
+    caller__task_t *t;
+    caller_pending_t *p = task_alloc(fn, arg, &t);
+    if (!p)
+        return NULL;
     /* Running: its running reference keeps c until this task is over. */
     bool lent = atomic_load_explicit(&c->state, memory_order_acquire) == CALLER_STATE_RUNNING;
     caller__pending_init_task(p, c, name, task_canceller, t, lent);
@@ -127,20 +139,11 @@ caller_pending_t *caller__task_new_pooled(caller_fn fn, void *arg, const char *n
                                           caller_canceller_fn canceller, void *cancel_arg)
 {
     caller__task_t *t;
-    caller_pending_t *p = caller__pending_new_extra(0, sizeof *t, (void **)&t);
+    caller_pending_t *p = task_alloc(fn, arg, &t);
     if (!p)
         return NULL;
-    memset(t, 0, sizeof *t);
-    t->msg.kind = CALLER__MSG_TASK;
-    t->cancel_msg.kind = CALLER__MSG_CANCEL;
-    atomic_init(&t->cancel_posted, false);
-    t->u.fn = fn;
-    t->arg = arg;
-    t->timer.index = CALLER__HEAP_NONE;
     t->timer.deadline = INT64_MIN;
     t->msg.kind = CALLER__POOLED_QUEUED; /* the pool queues it at once */
-    caller__list_init(&t->live);
-    t->ctx = caller__ctx_ref(caller__ctx_current());
     caller__pending_init_task(p, NULL, name, canceller, cancel_arg, false);
     return p;
 }
