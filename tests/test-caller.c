@@ -6,6 +6,7 @@
 #include "internal.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -661,6 +662,19 @@ static void *cancel_from_same_thread(void *arg)
     return NULL;
 }
 
+static atomic_int hold_started, hold_release;
+
+/* Block the Caller's thread (no suspension) until hold_release is set. */
+static void *hold_thread(void *arg)
+{
+    (void)arg;
+    atomic_store(&hold_started, 1);
+    while (!atomic_load(&hold_release))
+        sched_yield();
+    atomic_store(&hold_started, 0);
+    return NULL;
+}
+
 static void check_cancelled_sleeper(caller_pending_t *p, sleeper_t *s)
 {
     CHECK_RC(caller_pending_wait(p, 10, true, false, NULL), 0);
@@ -681,8 +695,19 @@ TEST(cancel_suspended_task_from_same_and_other_thread)
             await(k);
             caller_pending_unref(k);
         } else {
+            /* Keep the Caller's thread busy while both cancels are made:
+             * otherwise the first may resume the task and end it before
+             * the second arrives, which then finds it done and adds
+             * nothing. */
+            atomic_store(&hold_release, 0);
+            caller_pending_t *h = caller_call_soon(c, hold_thread, NULL);
+            while (!atomic_load(&hold_started))
+                sched_yield();
             CHECK_EQ(caller_pending_cancel(p, "m1"), 1);
             CHECK_EQ(caller_pending_cancel(p, "m2"), 1);
+            atomic_store(&hold_release, 1);
+            await(h);
+            caller_pending_unref(h);
         }
         check_cancelled_sleeper(p, &s);
         caller_pending_unref(p);
