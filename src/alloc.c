@@ -9,6 +9,8 @@
 
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdint.h>
+#include <sys/mman.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -121,6 +123,18 @@ char *caller__vasprintf(const char *fmt, va_list ap)
  * stack (or is freed) when the thread ends. Under ASan a cached block is
  * poisoned past its links, so a use after free is still reported.
  *
+ * Fresh blocks come from the arena, not from malloc: one region of
+ * ARENA_BYTES, reserved at the first need, aligned to and advised for 2 MiB
+ * transparent huge pages. On this kind of virtual machine the first touch
+ * of a 4 KiB page costs 8-14 µs (a page fault; measured on 52 MiB), about
+ * 50 ns for each of its 16 blocks, paid by the thread that submits the
+ * calls; a 2 MiB page takes one fault for 8192 blocks. Blocks carved from
+ * the arena are never given back to the system, only cached and reused
+ * (kept even past MAX_BATCHES): its touched pages are the high-water mark
+ * of blocks alive at once, at most ARENA_BYTES. Once it is used up, fresh
+ * blocks come from caller__malloc as before. Under ASan there is no arena:
+ * every block is malloc'd, so LeakSanitizer still reports a leaked one.
+ *
  * Lock order: batches_lock is a leaf.
  */
 
@@ -135,6 +149,17 @@ char *caller__vasprintf(const char *fmt, va_list ap)
 #endif
 
 enum { BATCH = 64, MAX_BATCHES = 32 };
+
+#define ARENA_BYTES ((size_t)1 << 30)
+#define HUGE_PAGE ((size_t)2 << 20)
+#define ARENA_STRIDE 256 /* a block per 256 bytes: never two in a cache line */
+_Static_assert(CALLER__BLOCK_SIZE <= ARENA_STRIDE, "a block fits its slot in the arena");
+
+#if CALLER__ASAN
+#define ARENA 0
+#else
+#define ARENA 1
+#endif
 
 typedef struct block {
     struct block *next;       /* in a thread's list or a batch */
@@ -157,31 +182,103 @@ static pthread_once_t blocks_once = PTHREAD_ONCE_INIT;
 
 _Static_assert(CALLER__BLOCK_SIZE >= sizeof(block_t), "a cached block holds its links");
 
-/* Free a chain of blocks linked by next. */
-static void free_chain(block_t *b)
+/* The arena (under batches_lock, but `arena` is read without it by
+ * in_arena(): set once, before any block of it exists). */
+static _Atomic(char *) arena;
+static size_t arena_used; /* bytes carved so far */
+static bool arena_failed; /* no region could be reserved: do not retry */
+#if CALLER_TESTING
+static size_t arena_limit = ARENA_BYTES; /* tests carve from less of it */
+#else
+#define arena_limit ARENA_BYTES
+#endif
+
+/* Is @p b a block of the arena (never to be freed)? */
+static inline bool in_arena(const void *b)
 {
-    while (b) {
-        block_t *next = b->next;
-        UNPOISON(b);
-        caller__free(b);
-        b = next;
-    }
+    char *base = atomic_load_explicit(&arena, memory_order_relaxed);
+    return base && (uintptr_t)b - (uintptr_t)base < ARENA_BYTES;
 }
 
-/* Give a chain of at most BATCH blocks to the stack, or free it. */
+/* Under batches_lock: up to BATCH fresh blocks from the arena, linked by
+ * next (*n gets how many), or NULL once it is used up. */
+static block_t *carve_locked(unsigned *n)
+{
+    *n = 0;
+    if (!ARENA || arena_failed)
+        return NULL;
+    char *base = atomic_load_explicit(&arena, memory_order_relaxed);
+    if (!base) {
+        char *raw = mmap(NULL, ARENA_BYTES + HUGE_PAGE, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (raw == MAP_FAILED) {
+            arena_failed = true;
+            return NULL;
+        }
+        base = (char *)(((uintptr_t)raw + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1));
+        if (base > raw)
+            munmap(raw, (size_t)(base - raw));
+        munmap(base + ARENA_BYTES, (size_t)(raw + HUGE_PAGE - base));
+        (void)madvise(base, ARENA_BYTES, MADV_HUGEPAGE); /* without it: 4 KiB pages */
+        atomic_store_explicit(&arena, base, memory_order_relaxed);
+    }
+    block_t *first = NULL, **tail = &first;
+    while (*n < BATCH && arena_used + ARENA_STRIDE <= arena_limit) {
+        block_t *b = (block_t *)(base + arena_used);
+        arena_used += ARENA_STRIDE;
+        *tail = b;
+        tail = &b->next;
+        ++*n;
+    }
+    *tail = NULL;
+    return first;
+}
+
+/* Under batches_lock: push a chain onto the stack. */
+static void push_batch_locked(block_t *first)
+{
+    first->next_batch = batches;
+    batches = first;
+    atomic_store_explicit(&nbatches, atomic_load_explicit(&nbatches, memory_order_relaxed) + 1,
+                          memory_order_relaxed);
+}
+
+/* Free the malloc'd blocks of a chain linked by next; the arena's are kept
+ * (returned as a chain, or NULL). */
+static block_t *free_chain(block_t *b)
+{
+    block_t *kept = NULL;
+    while (b) {
+        block_t *next = b->next;
+        if (in_arena(b)) {
+            b->next = kept;
+            kept = b;
+        } else {
+            UNPOISON(b);
+            caller__free(b);
+        }
+        b = next;
+    }
+    return kept;
+}
+
+/* Give a chain of at most BATCH blocks to the stack; past MAX_BATCHES,
+ * free its malloc'd blocks and give only the arena's. */
 static void give_batch(block_t *first)
 {
     pthread_mutex_lock(&batches_lock);
-    unsigned n = atomic_load_explicit(&nbatches, memory_order_relaxed);
-    bool kept = n < MAX_BATCHES;
-    if (kept) {
-        first->next_batch = batches;
-        batches = first;
-        atomic_store_explicit(&nbatches, n + 1, memory_order_relaxed);
-    }
+    bool kept = atomic_load_explicit(&nbatches, memory_order_relaxed) < MAX_BATCHES;
+    if (kept)
+        push_batch_locked(first);
     pthread_mutex_unlock(&batches_lock);
-    if (!kept)
-        free_chain(first);
+    if (kept)
+        return;
+    first = free_chain(first);
+    if (first) {
+        pthread_mutex_lock(&batches_lock);
+        push_batch_locked(first);
+        pthread_mutex_unlock(&batches_lock);
+    }
 }
 
 /* Detach up to BATCH blocks from the head of @p bc's list. */
@@ -200,7 +297,7 @@ static block_t *take_from_list(block_cache_t *bc)
 static void blocks_thread_end(void *arg)
 {
     block_cache_t *bc = arg;
-    bc->dead = true; /* later frees in this thread's exit go to free() */
+    bc->dead = true; /* later frees in this thread's exit bypass its list */
     while (bc->head)
         give_batch(take_from_list(bc));
 }
@@ -226,11 +323,13 @@ void *caller__block_alloc(void)
     if (atomic_load_explicit(&countdown, memory_order_relaxed) >= 0)
         return caller__malloc(CALLER__BLOCK_SIZE);
 #endif
-    /* The hint spares a thread that only allocates (W1's first 10^6) the
-     * lock while the stack is empty. */
-    if (!bc->head && !bc->dead && atomic_load_explicit(&nbatches, memory_order_relaxed)) {
+    /* A batch from the stack, else fresh ones from the arena: the lock is
+     * taken once per BATCH blocks. */
+    if (!bc->head && !bc->dead &&
+        (ARENA || atomic_load_explicit(&nbatches, memory_order_relaxed))) {
         if (!bc->registered)
             blocks_register(bc);
+        unsigned n = 0;
         pthread_mutex_lock(&batches_lock);
         block_t *b = batches;
         if (b) {
@@ -238,15 +337,14 @@ void *caller__block_alloc(void)
             atomic_store_explicit(&nbatches,
                                   atomic_load_explicit(&nbatches, memory_order_relaxed) - 1,
                                   memory_order_relaxed);
-        }
-        pthread_mutex_unlock(&batches_lock);
-        if (b) {
-            unsigned n = 0;
             for (block_t *x = b; x; x = x->next)
                 n++;
-            bc->head = b;
-            bc->n = n;
+        } else {
+            b = carve_locked(&n);
         }
+        pthread_mutex_unlock(&batches_lock);
+        bc->head = b;
+        bc->n = n;
     }
     block_t *b = bc->head;
     if (!b)
@@ -262,8 +360,13 @@ void caller__block_free(void *p)
     if (!p)
         return;
     block_cache_t *bc = &tl_blocks;
-    if (bc->dead) {
-        caller__free(p);
+    if (bc->dead) { /* the thread is ending: no list */
+        block_t *b = p;
+        b->next = NULL;
+        if (in_arena(b))
+            give_batch(b);
+        else
+            caller__free(b);
         return;
     }
     if (!bc->registered)
@@ -275,6 +378,23 @@ void caller__block_free(void *p)
     if (++bc->n >= 2 * BATCH)
         give_batch(take_from_list(bc));
 }
+
+#if CALLER_TESTING
+bool caller__block_in_arena(const void *p)
+{
+    return in_arena(p);
+}
+
+size_t caller__arena_limit_blocks(size_t blocks)
+{
+    pthread_mutex_lock(&batches_lock);
+    if (blocks * ARENA_STRIDE < arena_limit)
+        arena_limit = blocks * ARENA_STRIDE > arena_used ? blocks * ARENA_STRIDE : arena_used;
+    size_t n = ARENA ? arena_limit / ARENA_STRIDE : 0;
+    pthread_mutex_unlock(&batches_lock);
+    return n;
+}
+#endif
 
 void caller__alloc_fork(int phase)
 {

@@ -63,6 +63,13 @@ char *caller__vasprintf(const char *fmt, va_list ap);
  * return, from any thread (alloc.c explains the cache). */
 void *caller__block_alloc(void);
 void caller__block_free(void *p);
+#if CALLER_TESTING
+/* Test build only: is @p p a block carved from the arena (alloc.c)? And:
+ * carve at most @p blocks from it from now (never fewer than were carved);
+ * returns how many it gives in all (0 with no arena). */
+bool caller__block_in_arena(const void *p);
+size_t caller__arena_limit_blocks(size_t blocks);
+#endif
 /* fork(): 0 = prepare, 1 = in the parent after, 2 = in the child. */
 void caller__alloc_fork(int phase);
 
