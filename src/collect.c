@@ -35,6 +35,16 @@ typedef struct entry {
     bool abandoned; /* closed before its wake came: the wake frees it */
 } entry_t;
 
+/* Entries come in chunks the iterator owns until it is freed, and are
+ * reused through a free list (the consumer's), so a long run of items
+ * costs no allocation per item. */
+typedef struct chunk {
+    struct chunk *next;
+    entry_t e[];
+} chunk_t;
+
+enum { CHUNK_MIN = 16, CHUNK_MAX = 256 };
+
 struct caller_iter {
     atomic_int refs;
     caller__lock_t lock;
@@ -52,6 +62,9 @@ struct caller_iter {
     bool exhausted;
     size_t limit; /* 0 = none */
     bool keep;
+    chunk_t *chunks;   /* every entry's memory, freed with the iterator */
+    entry_t *spare;    /* entries free for reuse, linked by next */
+    size_t chunk_size; /* entries in the next chunk */
 };
 
 static void iter_unref(caller_iter_t *it)
@@ -61,13 +74,48 @@ static void iter_unref(caller_iter_t *it)
     for (size_t i = it->pos; i < it->n; i++)
         caller_pending_unref(it->items[i]);
     caller__free(it->items);
+    for (chunk_t *k = it->chunks, *next; k; k = next) {
+        next = k->next;
+        caller__free(k);
+    }
     caller__free(it);
 }
 
-static void free_entry(entry_t *e)
+/* Consumer: an entry to fill (not zeroed), or NULL for lack of memory. */
+static entry_t *new_entry(caller_iter_t *it)
+{
+    if (!it->spare) {
+        size_t n = it->chunk_size;
+        chunk_t *k = caller__malloc(sizeof *k + n * sizeof(entry_t));
+        if (!k)
+            return NULL;
+        k->next = it->chunks;
+        it->chunks = k;
+        for (size_t i = n; i-- > 0;) {
+            k->e[i].next = it->spare;
+            it->spare = &k->e[i];
+        }
+        if (it->chunk_size < CHUNK_MAX)
+            it->chunk_size *= 2;
+    }
+    entry_t *e = it->spare;
+    it->spare = e->next;
+    return e;
+}
+
+/* Consumer: @p e (its reference already given away or released) is free
+ * for reuse. */
+static void recycle_entry(caller_iter_t *it, entry_t *e)
+{
+    e->next = it->spare;
+    it->spare = e;
+}
+
+/* Consumer: release @p e's reference and reuse it. */
+static void free_entry(caller_iter_t *it, entry_t *e)
 {
     caller_pending_unref(e->p);
-    caller__free(e);
+    recycle_entry(it, e);
 }
 
 static void entry_wake(caller__waiter_t *w)
@@ -95,8 +143,8 @@ static void entry_wake(caller__waiter_t *w)
         it->notify = NULL;
     }
     caller__unlock(&it->lock);
-    if (abandoned)
-        free_entry(e);
+    if (abandoned) /* its memory goes with the iterator's chunks */
+        caller_pending_unref(e->p);
     if (notify) {
         caller_pending_set_result(notify, NULL, false);
         caller_pending_unref(notify);
@@ -120,6 +168,7 @@ static caller_iter_t *iter_new(const caller_as_completed_options_t *o, bool gene
     else if (mc == 0 && generator)
         it->limit = CALLER_MAX_IDLE_POOL_INSTANCES;
     it->keep = o && o->keep_unfinished;
+    it->chunk_size = it->limit && it->limit < CHUNK_MIN ? it->limit : CHUNK_MIN;
     return it;
 }
 
@@ -179,11 +228,12 @@ caller_iter_t *caller_as_completed_gen(caller_generator_fn gen, void *arg,
 /* Start watching @p p (a reference, passed on). */
 static int watch(caller_iter_t *it, caller_pending_t *p, size_t index)
 {
-    entry_t *e = caller__calloc(1, sizeof *e);
+    entry_t *e = new_entry(it);
     if (!e) {
         caller_pending_unref(p);
         return caller__fail(-ENOMEM, "caller_iter_next: out of memory");
     }
+    memset(e, 0, sizeof *e);
     e->w.wake = entry_wake;
     e->it = it;
     e->p = p;
@@ -199,12 +249,16 @@ static int watch(caller_iter_t *it, caller_pending_t *p, size_t index)
     return 0;
 }
 
-/* Ask for more while below the limit. */
-static int fill(caller_iter_t *it)
+/* Ask for more while below the limit. An item already settled (done, its
+ * callbacks run) needs no watching: the first one met is returned at once
+ * (1, with the reference in *got and its position in *index), so a run of
+ * finished items costs no entry and no lock. 0 when nothing settled was
+ * met, or an error. */
+static int fill(caller_iter_t *it, caller_pending_t **got, size_t *index)
 {
     while (!it->exhausted && (it->limit == 0 || it->noutstanding < it->limit)) {
         caller_pending_t *p;
-        size_t index = it->pos;
+        size_t at = it->pos;
         if (it->gen) {
             p = it->gen(it->gen_arg);
             if (p && p == caller_current_pending()) {
@@ -219,7 +273,12 @@ static int fill(caller_iter_t *it)
             it->exhausted = true;
             break;
         }
-        int rc = watch(it, p, index);
+        if (caller__pending_settled(p)) {
+            *got = p;
+            *index = at;
+            return 1;
+        }
+        int rc = watch(it, p, at);
         if (rc < 0)
             return rc;
     }
@@ -271,15 +330,14 @@ static int check_deadlock(caller_iter_t *it, bool need_all, const char *api)
                         api, text);
 }
 
-/* The next delivered entry (the caller frees it), or an error. */
-static int next_entry(caller_iter_t *it, int64_t deadline, bool need_all, const char *api,
-                      entry_t **out)
+/* The next item done: its reference in *out and its position in *index
+ * (0), or an error. Those delivered by their wake-ups first, in order, then
+ * the next already settled the filling meets. */
+static int next_done(caller_iter_t *it, int64_t deadline, bool need_all, const char *api,
+                     caller_pending_t **out, size_t *index)
 {
     *out = NULL;
     for (;;) {
-        int rc = fill(it);
-        if (rc < 0)
-            return rc;
         caller__lock(&it->lock);
         entry_t *e = it->done_head;
         if (e) {
@@ -288,8 +346,19 @@ static int next_entry(caller_iter_t *it, int64_t deadline, bool need_all, const 
                 it->done_tail = NULL;
             caller__unlock(&it->lock);
             unlink_out(it, e);
-            *out = e;
+            *out = e->p; /* the entry's reference */
+            *index = e->index;
+            recycle_entry(it, e);
             return 0;
+        }
+        caller__unlock(&it->lock);
+        int rc = fill(it, out, index);
+        if (rc != 0)
+            return rc < 0 ? rc : 0;
+        caller__lock(&it->lock);
+        if (it->done_head) { /* delivered while filling */
+            caller__unlock(&it->lock);
+            continue;
         }
         if (it->noutstanding == 0 && it->exhausted) {
             caller__unlock(&it->lock);
@@ -338,13 +407,8 @@ int caller_iter_next_timeout(caller_iter_t *it, double timeout, caller_pending_t
         *out = NULL;
     if (!it || !out)
         return caller__fail(-EINVAL, "caller_iter_next: %s is NULL", it ? "out" : "it");
-    entry_t *e;
-    int rc = next_entry(it, caller__deadline(timeout), false, "caller_iter_next", &e);
-    if (rc != 0)
-        return rc;
-    *out = e->p; /* the entry's reference goes to the caller */
-    caller__free(e);
-    return 0;
+    size_t index;
+    return next_done(it, caller__deadline(timeout), false, "caller_iter_next", out, &index);
 }
 
 int caller_iter_next(caller_iter_t *it, caller_pending_t **out)
@@ -371,11 +435,11 @@ void caller_iter_close(caller_iter_t *it)
         bool delivered = e->delivered;
         caller__unlock(&it->lock);
         if (delivered) {
-            free_entry(e);
+            free_entry(it, e);
         } else if (caller__pending_remove_waiter(e->p, &e->w)) {
             if (!it->keep)
                 caller_pending_cancel(e->p, "Cancelled by as_completed");
-            free_entry(e);
+            free_entry(it, e);
             iter_unref(it); /* the waiter's */
         } else {
             /* Its wake is in flight: it frees the entry, unless it already
@@ -386,7 +450,7 @@ void caller_iter_close(caller_iter_t *it)
                 e->abandoned = true;
             caller__unlock(&it->lock);
             if (delivered)
-                free_entry(e);
+                free_entry(it, e);
         }
     }
     /* A fixed set's items not watched yet are unfinished too. */
@@ -423,14 +487,15 @@ int caller_wait(caller_pending_t *const *items, size_t n, double timeout, caller
     size_t nd = 0;
     int rc = 0;
     while (nd < n) {
-        entry_t *e;
-        rc = next_entry(it, deadline, when == CALLER_ALL_COMPLETED, "caller_wait", &e);
+        caller_pending_t *p;
+        size_t index;
+        rc = next_done(it, deadline, when == CALLER_ALL_COMPLETED, "caller_wait", &p, &index);
         if (rc != 0)
             break;
-        finished[e->index] = true;
-        done[nd++] = items[e->index];
-        bool failed = caller_pending_exception(e->p, NULL, 0) != 0;
-        free_entry(e);
+        finished[index] = true;
+        done[nd++] = items[index];
+        bool failed = caller_pending_exception(p, NULL, 0) != 0;
+        caller_pending_unref(p);
         if (when == CALLER_FIRST_COMPLETED || (when == CALLER_FIRST_EXCEPTION && failed))
             break;
     }

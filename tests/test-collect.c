@@ -4,6 +4,7 @@
 #include "internal.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 
@@ -578,4 +579,92 @@ TEST(wait_in_a_task_for_its_own_callers_work_suspends)
     CHECK_EQ(I(v), 2);
     caller_pending_unref(p);
     check_stop(c);
+}
+
+/* The generator hands out items some of which are done already (handed
+ * out at once, without watching) while the others are completed by two
+ * threads a few items ahead of it, racing with the check: each is yielded
+ * once, with its own value, and the limit holds throughout. */
+enum { MIX_N = 20000, MIX_AHEAD = 6 };
+
+typedef struct {
+    caller_pending_t **items;
+    atomic_long made;       /* items handed out by the generator */
+    atomic_long unfinished; /* handed out, not done when handed out */
+} mix_t;
+
+static caller_pending_t *gen_mix(void *arg)
+{
+    mix_t *m = arg;
+    long i = atomic_load(&m->made);
+    if (i >= MIX_N)
+        return NULL;
+    if (!caller_pending_done(m->items[i]))
+        atomic_fetch_add(&m->unfinished, 1);
+    atomic_store(&m->made, i + 1);
+    return caller_pending_ref(m->items[i]);
+}
+
+typedef struct {
+    mix_t *m;
+    int parity;
+} completer_t;
+
+static void *complete_ahead(void *arg)
+{
+    completer_t *c = arg;
+    for (long i = c->parity; i < MIX_N; i += 2) {
+        if (i % 5 == 0)
+            continue; /* done before the run */
+        /* Some only once handed out (so watched), the others up to a few
+         * items ahead (most of them done before they are handed out). */
+        long after = i % 7 < 3 ? i + 1 : i - MIX_AHEAD;
+        while (atomic_load(&c->m->made) < after)
+            sched_yield();
+        caller_pending_set_result(c->m->items[i], P(i), false);
+    }
+    return NULL;
+}
+
+TEST(generator_mixing_done_and_racing_items_yields_each_once)
+{
+    mix_t m = {.items = malloc(MIX_N * sizeof(caller_pending_t *))};
+    for (long i = 0; i < MIX_N; i++) {
+        m.items[i] = caller_pending_new(0);
+        if (i % 5 == 0)
+            caller_pending_set_result(m.items[i], P(i), false);
+    }
+    completer_t cs[2] = {{&m, 0}, {&m, 1}};
+    pthread_t th[2];
+    for (int k = 0; k < 2; k++)
+        CHECK_EQ(pthread_create(&th[k], NULL, complete_ahead, &cs[k]), 0);
+    caller_iter_t *it =
+        caller_as_completed_gen(gen_mix, &m, &(caller_as_completed_options_t){.max_concurrent = 4});
+    unsigned char *seen = calloc(MIX_N, 1);
+    caller_pending_t *q;
+    long n = 0;
+    while (caller_iter_next(it, &q) == 0) {
+        void *v;
+        CHECK_RC(caller_pending_result(q, &v), 0);
+        long idx = (long)(intptr_t)v;
+        CHECK(idx >= 0 && idx < MIX_N);
+        CHECK(m.items[idx] == q);
+        CHECK_EQ(seen[idx], 0);
+        seen[idx] = 1;
+        /* Never more than the limit handed out and not yet yielded. */
+        CHECK_LE(atomic_load(&m.made) - n, 4);
+        caller_pending_unref(q);
+        n++;
+    }
+    caller_iter_close(it);
+    for (int k = 0; k < 2; k++)
+        pthread_join(th[k], NULL);
+    CHECK_EQ(n, MIX_N);
+    /* Both kinds were handed out. */
+    CHECK_GE(atomic_load(&m.unfinished), MIX_N / 4);
+    CHECK_LE(atomic_load(&m.unfinished), MIX_N - MIX_N / 5 - MIX_N / 10);
+    for (long i = 0; i < MIX_N; i++)
+        caller_pending_unref(m.items[i]);
+    free(m.items);
+    free(seen);
 }

@@ -274,6 +274,7 @@ static void *mark_ran(void *arg)
 
 TEST(a_call_waiting_for_a_worker_can_be_cancelled)
 {
+    atomic_store(&ran_parked, 0);
     caller_t *c = new_owner(10, 0, 1);
     /* Occupy the only worker for a while. */
     caller_pending_t *hold = caller_to_thread(c, job, P(50));
