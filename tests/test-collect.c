@@ -660,9 +660,10 @@ TEST(generator_mixing_done_and_racing_items_yields_each_once)
     for (int k = 0; k < 2; k++)
         pthread_join(th[k], NULL);
     CHECK_EQ(n, MIX_N);
-    /* Both kinds were handed out. */
+    /* The premise: a good part was not done when handed out (so watched);
+     * every fifth was done before the run (so handed out at once); how
+     * many of the others were done first depends on the machine's load. */
     CHECK_GE(atomic_load(&m.unfinished), MIX_N / 4);
-    CHECK_LE(atomic_load(&m.unfinished), MIX_N - MIX_N / 5 - MIX_N / 10);
     for (long i = 0; i < MIX_N; i++)
         caller_pending_unref(m.items[i]);
     free(m.items);
