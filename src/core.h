@@ -68,6 +68,10 @@ typedef struct caller__worker_hooks {
     void (*spun)(caller_t *w);
 } caller__worker_hooks_t;
 
+/* Workers of all pools running a call right now (pool.c; a hint, read
+ * without a lock). */
+size_t caller__pool_busy_workers(void);
+
 struct caller {
     const caller__lifecycle_t *life; /* caller.c's, for the scheduler below it */
     _Atomic uint64_t refs;           /* all | the library's own << 32 (caller.c) */
@@ -120,6 +124,7 @@ struct caller {
                                                        (to itself) when not idle there */
     int64_t idle_since;                             /* under the pool's lock */
     bool pool_woken;                                /* told to look at the queue (pool's lock) */
+    bool pool_busy;                                 /* running a call (pool's lock) */
     size_t pool_calls;                              /* (L) pooled calls taken and not ended */
     atomic_bool pool_posted;                        /* pool_msg is in the inbox */
     caller__msg_t pool_msg;                         /* MSG_POOL: look at the pool's queue */

@@ -30,6 +30,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 #include <string.h>
 
 #define container_of caller__container_of
@@ -63,10 +64,29 @@ static bool post(caller_t *c, caller__msg_t *m, bool user)
     return caller__inbox_post(&c->inbox, m, user);
 }
 
+/* The CPUs this process may use (at least 1), read once. */
+static size_t online_cpus(void)
+{
+    static atomic_size_t n;
+    size_t v = atomic_load_explicit(&n, memory_order_relaxed);
+    if (!v) {
+        long k = sysconf(_SC_NPROCESSORS_ONLN);
+        v = k > 0 ? (size_t)k : 1;
+        atomic_store_explicit(&n, v, memory_order_relaxed);
+    }
+    return v;
+}
+
 void caller__before_sleep(caller_t *c)
 {
     if (c->finishing || c->ready.head)
         return;
+    /* Spin only on an idle core: with pool workers running calls on every
+     * core, a spinner takes the CPU from them. */
+    if (caller__pool_busy_workers() >= online_cpus()) {
+        CALLER__TEST_POINT("sched.spin_skipped", c);
+        return;
+    }
     /* A pool's idle workers do not all spin: the pool says which may. */
     const caller__worker_hooks_t *wh = atomic_load_explicit(&c->worker, memory_order_acquire);
     if (wh && !wh->may_spin(c))

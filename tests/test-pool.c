@@ -9,6 +9,7 @@
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <unistd.h>
 
 static caller_t *new_owner(size_t max_idle, double idle_shutdown, size_t max_workers)
 {
@@ -631,4 +632,71 @@ TEST(worker_handed_back_in_a_group_leaves_the_group_alone)
     caller_pending_unref(p);
     check_stop(user);
     check_stop(c);
+}
+
+/* A Caller about to sleep spins for work only while a core is idle: with a
+ * pool's workers running calls on every CPU it goes to sleep at once. */
+static atomic_int spin_skips, busy_started, busy_release;
+static caller_t *watched;
+
+static void count_skips(const char *point, void *obj)
+{
+    if (strcmp(point, "sched.spin_skipped") == 0 && obj == watched)
+        atomic_fetch_add(&spin_skips, 1);
+}
+
+static void *busy_until_released(void *arg)
+{
+    atomic_fetch_add(&busy_started, 1);
+    while (!atomic_load(&busy_release))
+        sched_yield();
+    return arg;
+}
+
+static void *ret_arg(void *arg)
+{
+    return arg;
+}
+
+/* Let @p c run one no-op and then go idle (to sleep). */
+static void one_round(caller_t *c)
+{
+    caller_pending_t *p = caller_call_soon(c, ret_arg, NULL);
+    CHECK_RC(caller_pending_wait(p, 10, false, false, NULL), 0);
+    caller_pending_unref(p);
+    usleep(20000);
+}
+
+TEST(no_spinning_while_workers_fill_every_cpu)
+{
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    CHECK_GE(ncpu, 1);
+    caller_t *owner = new_owner(10, 0, 0);
+    watched = check_new_thread(NULL);
+    atomic_store(&caller__test_hook, count_skips);
+    /* No worker busy: the watched Caller may spin before it sleeps. */
+    one_round(watched);
+    CHECK_EQ(atomic_load(&spin_skips), 0);
+    /* Every CPU runs a call: it sleeps without spinning. */
+    caller_pending_t *busy[64];
+    CHECK_LE(ncpu, 64);
+    for (long i = 0; i < ncpu; i++)
+        CHECK((busy[i] = caller_to_thread(owner, busy_until_released, NULL)) != NULL);
+    while (atomic_load(&busy_started) < ncpu)
+        sched_yield();
+    one_round(watched);
+    CHECK_GE(atomic_load(&spin_skips), 1);
+    atomic_store(&busy_release, 1);
+    for (long i = 0; i < ncpu; i++) {
+        CHECK_RC(caller_pending_wait(busy[i], 10, false, false, NULL), 0);
+        caller_pending_unref(busy[i]);
+    }
+    /* Once the workers are idle again, it spins as before. */
+    usleep(20000);
+    int skips = atomic_load(&spin_skips);
+    one_round(watched);
+    CHECK_EQ(atomic_load(&spin_skips), skips);
+    atomic_store(&caller__test_hook, NULL);
+    check_stop(watched);
+    check_stop(owner);
 }
