@@ -77,25 +77,35 @@ static size_t online_cpus(void)
     return v;
 }
 
+/* Rounds of spin-and-dispatch before_sleep may run before it lets the loop
+ * poll its other handles (I/O, an application's own) once. */
+enum { SLEEP_ROUNDS = 32 };
+
 void caller__before_sleep(caller_t *c)
 {
-    if (c->finishing || c->ready.head)
-        return;
-    /* Spin only on an idle core: with pool workers running calls on every
-     * core, a spinner takes the CPU from them. */
-    if (caller__pool_busy_workers() >= online_cpus()) {
-        CALLER__TEST_POINT("sched.spin_skipped", c);
-        return;
+    /* Work found while spinning is run here, and then the loop would block
+     * again: spin again rather than sleep (a message arriving a µs later
+     * would otherwise cost a wake-up), a bounded number of rounds. */
+    for (int round = 0; round < SLEEP_ROUNDS; round++) {
+        if (c->finishing || c->ready.head)
+            return;
+        /* Spin only on an idle core: with pool workers running calls on
+         * every core, a spinner takes the CPU from them. */
+        if (caller__pool_busy_workers() >= online_cpus()) {
+            CALLER__TEST_POINT("sched.spin_skipped", c);
+            return;
+        }
+        /* A pool's idle workers do not all spin: the pool says which may. */
+        const caller__worker_hooks_t *wh = atomic_load_explicit(&c->worker, memory_order_acquire);
+        if (wh && !wh->may_spin(c))
+            return;
+        bool queued = caller__inbox_await_briefly(&c->inbox, &c->spin);
+        if (wh)
+            wh->spun(c);
+        if (!queued)
+            return;
+        caller__dispatch(c); /* with tasks left ready the loop does not block */
     }
-    /* A pool's idle workers do not all spin: the pool says which may. */
-    const caller__worker_hooks_t *wh = atomic_load_explicit(&c->worker, memory_order_acquire);
-    if (wh && !wh->may_spin(c))
-        return;
-    bool queued = caller__inbox_await_briefly(&c->inbox, &c->spin);
-    if (wh)
-        wh->spun(c);
-    if (queued)
-        caller__dispatch(c); /* the loop then does not block: see dispatch's end */
 }
 
 bool caller__post(caller_t *c, caller__msg_t *m)
