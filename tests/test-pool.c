@@ -700,3 +700,107 @@ TEST(no_spinning_while_workers_fill_every_cpu)
     check_stop(watched);
     check_stop(owner);
 }
+
+/* Several threads submit to one capped pool and cancel about a quarter of
+ * their calls as they go (the calls just made, or up to 8 before; most
+ * are still queued then): every call ends; one that ran did so exactly
+ * once and, unless cancelled, has its own result; one cancelled before it
+ * started never runs; the cap holds; and once all is over no worker
+ * counts as busy. */
+enum { SUB_THREADS = 3, SUB_CALLS = 20000, SUB_CAP = 3 };
+
+static atomic_uchar sub_ran[SUB_THREADS * SUB_CALLS];
+static atomic_int sub_running, sub_max_running;
+
+static void *sub_call(void *arg)
+{
+    int now = atomic_fetch_add(&sub_running, 1) + 1;
+    int max = atomic_load(&sub_max_running);
+    while (now > max && !atomic_compare_exchange_weak(&sub_max_running, &max, now))
+        ;
+    atomic_fetch_add(&sub_ran[I(arg)], 1);
+    if (I(arg) % 17 == 0)
+        sched_yield(); /* some run a little longer */
+    atomic_fetch_sub(&sub_running, 1);
+    return arg;
+}
+
+typedef struct {
+    caller_t *owner;
+    int first;
+    caller_pending_t **p;
+} submitter_t;
+
+static void *submit_and_cancel(void *arg)
+{
+    submitter_t *s = arg;
+    uint32_t x = 2463534242u + (uint32_t)s->first;
+    for (int i = 0; i < SUB_CALLS; i++) {
+        int id = s->first + i;
+        s->p[i] = caller_to_thread(s->owner, sub_call, P(id));
+        CHECK(s->p[i] != NULL);
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        /* Cancel one now and then: this one, or one made a little earlier. */
+        if (x % 4 == 0)
+            caller_pending_cancel(s->p[i - (int)(x / 4 % 8 <= (uint32_t)i ? x / 4 % 8 : 0)],
+                                  "stress");
+    }
+    return NULL;
+}
+
+TEST(stress_submitters_cancelling_into_a_capped_pool)
+{
+    caller_t *owner = new_owner(10, 0, SUB_CAP);
+    submitter_t s[SUB_THREADS];
+    pthread_t th[SUB_THREADS];
+    for (int k = 0; k < SUB_THREADS; k++) {
+        s[k] = (submitter_t){owner, k * SUB_CALLS, malloc(SUB_CALLS * sizeof(caller_pending_t *))};
+        CHECK_EQ(pthread_create(&th[k], NULL, submit_and_cancel, &s[k]), 0);
+    }
+    for (int k = 0; k < SUB_THREADS; k++)
+        CHECK_EQ(pthread_join(th[k], NULL), 0);
+    int cancelled = 0, never_ran = 0;
+    unsigned char *unstarted = calloc(SUB_THREADS * SUB_CALLS, 1);
+    for (int k = 0; k < SUB_THREADS; k++) {
+        for (int i = 0; i < SUB_CALLS; i++) {
+            int id = k * SUB_CALLS + i;
+            caller_pending_t *p = s[k].p[i];
+            CHECK_RC(caller_pending_wait(p, 30, false, false, NULL), 0);
+            int ran = atomic_load(&sub_ran[id]);
+            CHECK_LE(ran, 1);
+            void *v;
+            int rc = caller_pending_result(p, &v);
+            if (rc == 0) {
+                CHECK_EQ(ran, 1);
+                CHECK_EQ(I(v), id);
+            } else {
+                CHECK_RC(rc, -ECANCELED);
+                cancelled++;
+                never_ran += ran == 0;
+                unstarted[id] = ran == 0;
+            }
+            caller_pending_unref(p);
+        }
+        free(s[k].p);
+    }
+    printf("%d of %d calls cancelled, %d of them before they started\n", cancelled,
+           SUB_THREADS * SUB_CALLS, never_ran);
+    CHECK_GE(cancelled, SUB_THREADS * SUB_CALLS / 8); /* the cancels happened */
+    CHECK_GE(never_ran, 1);                           /* some were cancelled while queued */
+    CHECK_LE(atomic_load(&sub_max_running), SUB_CAP);
+    CHECK_LE(caller_children(owner, NULL, 0), SUB_CAP);
+    /* Every worker is idle again: none counts as busy. */
+    for (int i = 0; i < 1000 && caller__pool_busy_workers() != 0; i++)
+        usleep(1000);
+    CHECK_EQ(caller__pool_busy_workers(), 0);
+    check_stop(owner);
+    CHECK_EQ(caller__pool_busy_workers(), 0);
+    /* Those cancelled before they started still have not run, with every
+     * worker gone. */
+    for (int id = 0; id < SUB_THREADS * SUB_CALLS; id++)
+        if (unstarted[id])
+            CHECK_EQ(atomic_load(&sub_ran[id]), 0);
+    free(unstarted);
+}
