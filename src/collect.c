@@ -243,18 +243,30 @@ static int watch(caller_iter_t *it, caller_pending_t *p, size_t index)
     it->out.prev_out->next_out = e;
     it->out.prev_out = e;
     it->noutstanding++;
+    if (caller__pending_settled(p)) {
+        /* Done, its callbacks run: into the done FIFO now, in the order
+         * met, with no waiter (no lock on p, no reference on it). */
+        caller__lock(&it->lock);
+        e->delivered = true;
+        e->next = NULL;
+        if (it->done_tail)
+            it->done_tail->next = e;
+        else
+            it->done_head = e;
+        it->done_tail = e;
+        caller__unlock(&it->lock);
+        return 0;
+    }
     atomic_fetch_add_explicit(&it->refs, 1, memory_order_relaxed); /* the waiter's */
     if (!caller__pending_add_waiter(p, &e->w))
-        entry_wake(&e->w); /* already done (and its callbacks ran) */
+        entry_wake(&e->w); /* done meanwhile (and its callbacks ran) */
     return 0;
 }
 
-/* Ask for more while below the limit. An item already settled (done, its
- * callbacks run) needs no watching: the first one met is returned at once
- * (1, with the reference in *got and its position in *index), so a run of
- * finished items costs no entry and no lock. 0 when nothing settled was
- * met, or an error. */
-static int fill(caller_iter_t *it, caller_pending_t **got, size_t *index)
+/* Ask for more while below the limit: every item is watched as soon as it
+ * is met (all of a fixed set at the first call), so the done FIFO keeps
+ * the order in which they completed. */
+static int fill(caller_iter_t *it)
 {
     while (!it->exhausted && (it->limit == 0 || it->noutstanding < it->limit)) {
         caller_pending_t *p;
@@ -272,11 +284,6 @@ static int fill(caller_iter_t *it, caller_pending_t **got, size_t *index)
         if (!p) {
             it->exhausted = true;
             break;
-        }
-        if (caller__pending_settled(p)) {
-            *got = p;
-            *index = at;
-            return 1;
         }
         int rc = watch(it, p, at);
         if (rc < 0)
@@ -330,14 +337,16 @@ static int check_deadlock(caller_iter_t *it, bool need_all, const char *api)
                         api, text);
 }
 
-/* The next item done: its reference in *out and its position in *index
- * (0), or an error. Those delivered by their wake-ups first, in order, then
- * the next already settled the filling meets. */
+/* The next item done, in the order they completed: its reference in *out
+ * and its position in *index (0), or an error. */
 static int next_done(caller_iter_t *it, int64_t deadline, bool need_all, const char *api,
                      caller_pending_t **out, size_t *index)
 {
     *out = NULL;
     for (;;) {
+        int rc = fill(it);
+        if (rc < 0)
+            return rc;
         caller__lock(&it->lock);
         entry_t *e = it->done_head;
         if (e) {
@@ -350,15 +359,6 @@ static int next_done(caller_iter_t *it, int64_t deadline, bool need_all, const c
             *index = e->index;
             recycle_entry(it, e);
             return 0;
-        }
-        caller__unlock(&it->lock);
-        int rc = fill(it, out, index);
-        if (rc != 0)
-            return rc < 0 ? rc : 0;
-        caller__lock(&it->lock);
-        if (it->done_head) { /* delivered while filling */
-            caller__unlock(&it->lock);
-            continue;
         }
         if (it->noutstanding == 0 && it->exhausted) {
             caller__unlock(&it->lock);

@@ -669,3 +669,48 @@ TEST(generator_mixing_done_and_racing_items_yields_each_once)
     free(m.items);
     free(seen);
 }
+
+/* Items are yielded in the order they completed even when the consumer
+ * takes them late: one done before the first call, then two completed
+ * between calls in the order 2, 0; from a fixed set and from a generator. */
+typedef struct {
+    caller_pending_t **items;
+    int next;
+} array_gen_t;
+
+static caller_pending_t *gen_array(void *arg)
+{
+    array_gen_t *g = arg;
+    return g->next < 3 ? caller_pending_ref(g->items[g->next++]) : NULL;
+}
+
+TEST(order_of_completion_kept_for_a_slow_consumer)
+{
+    for (int use_gen = 0; use_gen < 2; use_gen++) {
+        caller_pending_t *p[3];
+        for (int i = 0; i < 3; i++)
+            p[i] = caller_pending_new(0);
+        array_gen_t g = {p, 0};
+        caller_iter_t *it =
+            use_gen ? caller_as_completed_gen(gen_array, &g,
+                                              &(caller_as_completed_options_t){.max_concurrent = 3})
+                    : caller_as_completed(p, 3, NULL);
+        caller_pending_set_result(p[1], P(1), false);
+        caller_pending_t *q;
+        CHECK_RC(caller_iter_next(it, &q), 0);
+        CHECK_PTR_EQ(q, p[1]);
+        caller_pending_unref(q);
+        caller_pending_set_result(p[2], P(2), false);
+        caller_pending_set_result(p[0], P(0), false);
+        CHECK_RC(caller_iter_next(it, &q), 0);
+        CHECK_PTR_EQ(q, p[2]);
+        caller_pending_unref(q);
+        CHECK_RC(caller_iter_next(it, &q), 0);
+        CHECK_PTR_EQ(q, p[0]);
+        caller_pending_unref(q);
+        CHECK_RC(caller_iter_next(it, &q), CALLER_ITER_END);
+        caller_iter_close(it);
+        for (int i = 0; i < 3; i++)
+            caller_pending_unref(p[i]);
+    }
+}
