@@ -241,7 +241,10 @@ static void pool_forget(caller_t *parent, caller_t *w)
         return;
     bool found = false;
     lock_pool(pool);
-    if (!caller__list_empty(&w->pool_link)) { /* idle in this pool: its parent's */
+    /* Idle in this pool: its parent's. One that left already (its link may
+     * be on pool_stop's list) is not looked at. */
+    if (atomic_load_explicit(&w->worker, memory_order_relaxed) &&
+        !caller__list_empty(&w->pool_link)) {
         leave_locked(pool, w);
         found = true;
     }
@@ -438,6 +441,10 @@ static bool worker_may_spin(caller_t *w)
     caller_pool_t *pool = pool_of_worker(w);
     bool may = true;
     lock_pool(pool);
+    if (!atomic_load_explicit(&w->worker, memory_order_relaxed)) {
+        unlock_pool(pool); /* it left the pool (its link is not the pool's) */
+        return false;
+    }
     if (!caller__list_empty(&w->pool_link)) { /* idle: one spinner at most */
         may = pool->spinner == NULL;
         if (may)
@@ -580,10 +587,18 @@ static void pool_stop(caller_t *c)
     for (caller__link_t *l = runq.next; l != &runq; l = l->next)
         container_of(l, caller__task_t, live)->msg.kind = CALLER__POOLED_TAKEN;
     unlock_pool(pool);
-    while (!caller__list_empty(&idle)) {
-        caller__link_t *l = idle.next;
-        caller__list_del(l);
-        caller__list_init(l);
+    /* Each link is unhooked under the lock, the reference dropped without
+     * it. */
+    for (;;) {
+        lock_pool(pool);
+        caller__link_t *l = caller__list_empty(&idle) ? NULL : idle.next;
+        if (l) {
+            caller__list_del(l);
+            caller__list_init(l);
+        }
+        unlock_pool(pool);
+        if (!l)
+            break;
         caller_unref(worker_of(l));
     }
     while (!caller__list_empty(&runq)) {
