@@ -101,6 +101,49 @@ char *caller__vasprintf(const char *fmt, va_list ap)
     return s;
 }
 
+/* ---- large areas ------------------------------------------------------ */
+
+#if CALLER__ASAN
+#define BIG_MAPPED 0 /* ASan sees malloc'd memory only */
+#else
+#define BIG_MAPPED 1
+#endif
+
+/* Bytes mapped for an area of @p size: a whole number of huge pages, plus
+ * one to align the start. */
+static size_t big_span(size_t size)
+{
+    return (size + ((size_t)2 << 20) - 1) / ((size_t)2 << 20) * ((size_t)2 << 20);
+}
+
+void *caller__big_alloc(size_t size)
+{
+    if (!BIG_MAPPED || size < CALLER__BIG_SIZE)
+        return caller__calloc(1, size);
+    if (inject())
+        return NULL;
+    size_t span = big_span(size), huge = (size_t)2 << 20;
+    char *raw = mmap(NULL, span + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED)
+        return NULL;
+    char *p = (char *)(((uintptr_t)raw + huge - 1) & ~(uintptr_t)(huge - 1));
+    if (p > raw)
+        munmap(raw, (size_t)(p - raw));
+    munmap(p + span, (size_t)(raw + huge - p));
+    (void)madvise(p, span, MADV_HUGEPAGE); /* without it: 4 KiB pages */
+    return p;                              /* anonymous memory is zeroed */
+}
+
+void caller__big_free(void *p, size_t size)
+{
+    if (!p)
+        return;
+    if (!BIG_MAPPED || size < CALLER__BIG_SIZE)
+        caller__free(p);
+    else
+        munmap(p, big_span(size));
+}
+
 /* ---- the task-block cache ----------------------------------------------- */
 
 /*

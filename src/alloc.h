@@ -58,6 +58,15 @@ char *caller__vasprintf(const char *fmt, va_list ap);
  * checks that they fit. */
 #define CALLER__BLOCK_SIZE 248
 
+/* A large zeroed area (@p size bytes, any size) for one owner: from its own
+ * mapping advised for 2 MiB transparent huge pages when @p size is at least
+ * CALLER__BIG_SIZE (one fault per 2 MiB instead of 512), else from
+ * caller__calloc; NULL on failure. Give it back with caller__big_free and
+ * the same size. Under ASan always caller__calloc. */
+#define CALLER__BIG_SIZE ((size_t)2 << 20)
+void *caller__big_alloc(size_t size);
+void caller__big_free(void *p, size_t size);
+
 /* A block of CALLER__BLOCK_SIZE bytes (a Pending with its task) from this
  * thread's cache, else from caller__malloc (NULL on failure); and its
  * return, from any thread (alloc.c explains the cache). */

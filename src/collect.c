@@ -40,6 +40,7 @@ typedef struct entry {
  * costs no allocation per item. */
 typedef struct chunk {
     struct chunk *next;
+    size_t bytes; /* for caller__big_free */
     entry_t e[];
 } chunk_t;
 
@@ -76,7 +77,7 @@ static void iter_unref(caller_iter_t *it)
     caller__free(it->items);
     for (chunk_t *k = it->chunks, *next; k; k = next) {
         next = k->next;
-        caller__free(k);
+        caller__big_free(k, k->bytes);
     }
     caller__free(it);
 }
@@ -86,9 +87,11 @@ static entry_t *new_entry(caller_iter_t *it)
 {
     if (!it->spare) {
         size_t n = it->chunk_size;
-        chunk_t *k = caller__malloc(sizeof *k + n * sizeof(entry_t));
+        size_t bytes = sizeof(chunk_t) + n * sizeof(entry_t);
+        chunk_t *k = caller__big_alloc(bytes); /* a large set: huge pages */
         if (!k)
             return NULL;
+        k->bytes = bytes;
         k->next = it->chunks;
         it->chunks = k;
         for (size_t i = n; i-- > 0;) {
@@ -207,6 +210,9 @@ caller_iter_t *caller_as_completed(caller_pending_t *const *items, size_t n,
             it->items[i] = caller_pending_ref(items[i]);
     }
     it->n = n;
+    /* All are watched at the first call when unlimited: one chunk for all. */
+    if (n > it->chunk_size && (it->limit == 0 || it->limit >= n))
+        it->chunk_size = n;
     return it;
 }
 
@@ -494,7 +500,7 @@ int caller_wait(caller_pending_t *const *items, size_t n, double timeout, caller
             break;
         finished[index] = true;
         done[nd++] = items[index];
-        bool failed = caller_pending_exception(p, NULL, 0) != 0;
+        bool failed = when == CALLER_FIRST_EXCEPTION && caller_pending_exception(p, NULL, 0) != 0;
         caller_pending_unref(p);
         if (when == CALLER_FIRST_COMPLETED || (when == CALLER_FIRST_EXCEPTION && failed))
             break;
