@@ -151,3 +151,20 @@ TEST(blocks_cross_threads_under_stress)
                 caller__block_free(b);
         }
 }
+
+/* Large areas: zeroed, writable end to end, given back; small ones too. */
+TEST(big_areas_are_zeroed_and_writable)
+{
+    size_t sizes[] = {100, CALLER__BIG_SIZE - 1, CALLER__BIG_SIZE, 3 * CALLER__BIG_SIZE + 12345};
+    for (size_t k = 0; k < sizeof sizes / sizeof *sizes; k++) {
+        unsigned char *p = caller__big_alloc(sizes[k]);
+        CHECK(p != NULL);
+        for (size_t i = 0; i < sizes[k]; i += 997)
+            CHECK_EQ(p[i], 0);
+        CHECK_EQ(p[sizes[k] - 1], 0);
+        memset(p, 0xa5, sizes[k]);
+        CHECK_EQ(p[sizes[k] - 1], 0xa5);
+        caller__big_free(p, sizes[k]);
+    }
+    caller__big_free(NULL, 1);
+}

@@ -714,3 +714,48 @@ TEST(order_of_completion_kept_for_a_slow_consumer)
             caller_pending_unref(p[i]);
     }
 }
+
+/* A set large enough for its entries to come from one large area: 30 000
+ * items, a third done before, the rest completed by another thread while
+ * they are collected; each yielded once. */
+static void *complete_odd_thirds(void *arg)
+{
+    caller_pending_t **p = arg;
+    for (int i = 0; i < 30000; i++)
+        if (i % 3 != 0)
+            caller_pending_set_result(p[i], P(i), false);
+    return NULL;
+}
+
+TEST(large_set_each_yielded_once)
+{
+    enum { N = 30000 };
+    caller_pending_t **p = malloc(N * sizeof *p);
+    for (int i = 0; i < N; i++) {
+        p[i] = caller_pending_new(0);
+        if (i % 3 == 0)
+            caller_pending_set_result(p[i], P(i), false);
+    }
+    caller_iter_t *it = caller_as_completed(p, N, NULL);
+    pthread_t th;
+    CHECK_EQ(pthread_create(&th, NULL, complete_odd_thirds, p), 0);
+    unsigned char *seen = calloc(N, 1);
+    caller_pending_t *q;
+    int n = 0;
+    while (caller_iter_next(it, &q) == 0) {
+        void *v;
+        CHECK_RC(caller_pending_result(q, &v), 0);
+        CHECK(I(v) >= 0 && I(v) < N && p[I(v)] == q);
+        CHECK_EQ(seen[I(v)], 0);
+        seen[I(v)] = 1;
+        caller_pending_unref(q);
+        n++;
+    }
+    caller_iter_close(it);
+    CHECK_EQ(pthread_join(th, NULL), 0);
+    CHECK_EQ(n, N);
+    for (int i = 0; i < N; i++)
+        caller_pending_unref(p[i]);
+    free(p);
+    free(seen);
+}
