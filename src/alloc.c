@@ -109,29 +109,36 @@ char *caller__vasprintf(const char *fmt, va_list ap)
 #define BIG_MAPPED 1
 #endif
 
-/* Bytes mapped for an area of @p size: a whole number of huge pages, plus
- * one to align the start. */
+#define HUGE_PAGE ((size_t)2 << 20)
+
+/* Bytes mapped for an area of @p size: a whole number of huge pages. */
 static size_t big_span(size_t size)
 {
-    return (size + ((size_t)2 << 20) - 1) / ((size_t)2 << 20) * ((size_t)2 << 20);
+    return (size + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+}
+
+/* A mapping of @p span bytes (a multiple of HUGE_PAGE) aligned to a huge
+ * page and advised for huge pages (zeroed), or NULL. @p flags: extra mmap
+ * flags. */
+static void *map_huge(size_t span, int flags)
+{
+    char *raw = mmap(NULL, span + HUGE_PAGE, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | flags, -1, 0);
+    if (raw == MAP_FAILED)
+        return NULL;
+    char *p = (char *)(((uintptr_t)raw + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1));
+    if (p > raw)
+        munmap(raw, (size_t)(p - raw));
+    munmap(p + span, (size_t)(raw + HUGE_PAGE - p));
+    (void)madvise(p, span, MADV_HUGEPAGE); /* without it: 4 KiB pages */
+    return p;
 }
 
 void *caller__big_alloc(size_t size)
 {
     if (!BIG_MAPPED || size < CALLER__BIG_SIZE)
         return caller__calloc(1, size);
-    if (inject())
-        return NULL;
-    size_t span = big_span(size), huge = (size_t)2 << 20;
-    char *raw = mmap(NULL, span + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (raw == MAP_FAILED)
-        return NULL;
-    char *p = (char *)(((uintptr_t)raw + huge - 1) & ~(uintptr_t)(huge - 1));
-    if (p > raw)
-        munmap(raw, (size_t)(p - raw));
-    munmap(p + span, (size_t)(raw + huge - p));
-    (void)madvise(p, span, MADV_HUGEPAGE); /* without it: 4 KiB pages */
-    return p;                              /* anonymous memory is zeroed */
+    return inject() ? NULL : map_huge(big_span(size), 0);
 }
 
 void caller__big_free(void *p, size_t size)
@@ -194,7 +201,6 @@ void caller__big_free(void *p, size_t size)
 enum { BATCH = 64, MAX_BATCHES = 32 };
 
 #define ARENA_BYTES ((size_t)1 << 30)
-#define HUGE_PAGE ((size_t)2 << 20)
 #define ARENA_STRIDE 256 /* a block per 256 bytes: never two in a cache line */
 _Static_assert(CALLER__BLOCK_SIZE <= ARENA_STRIDE, "a block fits its slot in the arena");
 
@@ -252,17 +258,11 @@ static block_t *carve_locked(unsigned *n)
         return NULL;
     char *base = atomic_load_explicit(&arena, memory_order_relaxed);
     if (!base) {
-        char *raw = mmap(NULL, ARENA_BYTES + HUGE_PAGE, PROT_READ | PROT_WRITE,
-                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-        if (raw == MAP_FAILED) {
+        base = map_huge(ARENA_BYTES, MAP_NORESERVE);
+        if (!base) {
             arena_failed = true;
             return NULL;
         }
-        base = (char *)(((uintptr_t)raw + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1));
-        if (base > raw)
-            munmap(raw, (size_t)(base - raw));
-        munmap(base + ARENA_BYTES, (size_t)(raw + HUGE_PAGE - base));
-        (void)madvise(base, ARENA_BYTES, MADV_HUGEPAGE); /* without it: 4 KiB pages */
         atomic_store_explicit(&arena, base, memory_order_relaxed);
     }
     block_t *first = NULL, **tail = &first;

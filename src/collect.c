@@ -121,6 +121,17 @@ static void free_entry(caller_iter_t *it, entry_t *e)
     recycle_entry(it, e);
 }
 
+/* Under it->lock: @p e is done; append it to the done FIFO. */
+static void push_done_locked(caller_iter_t *it, entry_t *e)
+{
+    e->next = NULL;
+    if (it->done_tail)
+        it->done_tail->next = e;
+    else
+        it->done_head = e;
+    it->done_tail = e;
+}
+
 static void entry_wake(caller__waiter_t *w)
 {
     entry_t *e = (entry_t *)w;
@@ -136,12 +147,7 @@ static void entry_wake(caller__waiter_t *w)
     /* Once closed, the FIFO is dead (close frees its entries): linking
      * would write into an entry close may already have freed. */
     if (!abandoned && !it->closed) {
-        e->next = NULL;
-        if (it->done_tail)
-            it->done_tail->next = e;
-        else
-            it->done_head = e;
-        it->done_tail = e;
+        push_done_locked(it, e);
         notify = it->notify;
         it->notify = NULL;
     }
@@ -254,12 +260,7 @@ static int watch(caller_iter_t *it, caller_pending_t *p, size_t index)
          * met, with no waiter (no lock on p, no reference on it). */
         caller__lock(&it->lock);
         e->delivered = true;
-        e->next = NULL;
-        if (it->done_tail)
-            it->done_tail->next = e;
-        else
-            it->done_head = e;
-        it->done_tail = e;
+        push_done_locked(it, e);
         caller__unlock(&it->lock);
         return 0;
     }
