@@ -58,15 +58,54 @@ TEST(empty_set_ends_at_once)
     CHECK_EQ(nn, 0);
 }
 
+/* A task that waits for its gate, then returns its value or fails. */
+typedef struct {
+    caller_pending_t *gate;
+    int value;
+    bool fail;
+} gated_t;
+
+static void *gated(void *arg)
+{
+    gated_t *g = arg;
+    if (caller_pending_wait(g->gate, CALLER_FOREVER, true, false, NULL) < 0)
+        return NULL;
+    if (g->fail)
+        caller_raise(-EIO, "gated %d failed", g->value);
+    return P(g->value);
+}
+
+typedef struct {
+    gated_t *g;
+    caller_pending_t **p;
+} opener_t;
+
+/* Open the gates in the order 1, 2, 0, each once the previous task ended. */
+static void *open_gates(void *arg)
+{
+    opener_t *o = arg;
+    static const int order[3] = {1, 2, 0};
+    for (int k = 0; k < 3; k++) {
+        int i = order[k];
+        caller_pending_set_result(o->g[i].gate, NULL, false);
+        CHECK_RC(caller_pending_wait(o->p[i], 10, false, false, NULL), 0);
+    }
+    return NULL;
+}
+
 TEST(completion_order_and_errors)
 {
     caller_t *c = check_new_thread(NULL);
-    caller_pending_t *p[3] = {
-        caller_call_soon(c, sleeper, P(60)),
-        caller_call_soon(c, sleeper, P(0x10000 | 10)),
-        caller_call_soon(c, sleeper, P(30)),
-    };
+    gated_t g[3] = {{caller_pending_new(0), 60, false},
+                    {caller_pending_new(0), 10, true},
+                    {caller_pending_new(0), 30, false}};
+    caller_pending_t *p[3];
+    for (int i = 0; i < 3; i++)
+        p[i] = caller_call_soon(c, gated, &g[i]);
     caller_iter_t *it = caller_as_completed(p, 3, NULL);
+    opener_t o = {g, p};
+    pthread_t th;
+    CHECK_EQ(pthread_create(&th, NULL, open_gates, &o), 0);
     caller_pending_t *q;
     int order[3], n = 0;
     while (caller_iter_next(it, &q) == 0) {
@@ -76,14 +115,17 @@ TEST(completion_order_and_errors)
         caller_pending_unref(q);
     }
     caller_iter_close(it);
+    CHECK_EQ(pthread_join(th, NULL), 0);
     CHECK_EQ(n, 3);
     CHECK_EQ(order[0], 1);
     CHECK_EQ(order[1], 2);
     CHECK_EQ(order[2], 0);
     CHECK_RC(caller_pending_result(p[1], NULL), -EIO);
-    CHECK_STR_EQ(check_last_message(), "sleeper 10 failed");
-    for (int i = 0; i < 3; i++)
+    CHECK_STR_EQ(check_last_message(), "gated 10 failed");
+    for (int i = 0; i < 3; i++) {
         caller_pending_unref(p[i]);
+        caller_pending_unref(g[i].gate);
+    }
     check_stop(c);
 }
 
