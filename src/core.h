@@ -68,9 +68,12 @@ typedef struct caller__worker_hooks {
     void (*spun)(caller_t *w);
 } caller__worker_hooks_t;
 
-/* Workers of all pools running a call right now (pool.c; a hint, read
- * without a lock). */
+/* Workers of all pools running a call right now (a hint, read without a
+ * lock): the scheduler spins before sleeping only while they leave a CPU
+ * idle. Counted in sched.c; pool.c adds 1 / -1 as a worker takes a call /
+ * goes idle or leaves. */
 size_t caller__pool_busy_workers(void);
+void caller__busy_workers_add(int delta);
 
 struct caller {
     const caller__lifecycle_t *life; /* caller.c's, for the scheduler below it */

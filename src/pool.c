@@ -56,7 +56,6 @@ struct caller__pool {
     size_t nidle;
     size_t alive;      /* workers in the pool (its references) */
     size_t woken;      /* workers told to look at the queue, not there yet */
-    size_t busy;       /* workers running a call */
     caller_t *spinner; /* the idle worker spinning for work, or NULL */
     int64_t sweep_at;  /* the earliest sweep scheduled, or INT64_MAX */
     bool stopped;
@@ -130,28 +129,13 @@ static void pool_free(caller_pool_t *pool)
 
 /* ---- idle workers ------------------------------------------------------- */
 
-/* Workers running a call, in every pool of the process: a thread about to
- * sleep spins for work only while they leave a core idle (sched.c). */
-static atomic_size_t busy_workers;
-
-size_t caller__pool_busy_workers(void)
-{
-    return atomic_load_explicit(&busy_workers, memory_order_relaxed);
-}
-
 /* Under the lock: worker @p w now runs a call (@p busy) or not. */
-static void set_busy_locked(caller_pool_t *pool, caller_t *w, bool busy)
+static void set_busy_locked(caller_t *w, bool busy)
 {
     if (w->pool_busy == busy)
         return;
     w->pool_busy = busy;
-    if (busy) {
-        pool->busy++;
-        atomic_fetch_add_explicit(&busy_workers, 1, memory_order_relaxed);
-    } else {
-        pool->busy--;
-        atomic_fetch_sub_explicit(&busy_workers, 1, memory_order_relaxed);
-    }
+    caller__busy_workers_add(busy ? 1 : -1);
 }
 
 static void *sweep(void *arg);
@@ -229,7 +213,7 @@ static void leave_locked(caller_pool_t *pool, caller_t *w)
         w->pool_woken = false;
         pool->woken--;
     }
-    set_busy_locked(pool, w, false);
+    set_busy_locked(w, false);
     pool->alive--;
     atomic_store_explicit(&w->worker, NULL, memory_order_release);
 }
@@ -424,7 +408,7 @@ static caller_pending_t *worker_take(caller_t *w)
         }
     }
     if (!left)
-        set_busy_locked(pool, w, p != NULL);
+        set_busy_locked(w, p != NULL);
     /* Calls it leaves behind may need another worker. */
     decide_wake_locked(pool, &wake, &make);
     unlock_pool(pool);

@@ -28,6 +28,7 @@
 #include "testpoint.h"
 
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -62,6 +63,18 @@ static caller_t *task_caller(caller__task_t *t)
 static bool post(caller_t *c, caller__msg_t *m, bool user)
 {
     return caller__inbox_post(&c->inbox, m, user);
+}
+
+static atomic_size_t busy_workers;
+
+size_t caller__pool_busy_workers(void)
+{
+    return atomic_load_explicit(&busy_workers, memory_order_relaxed);
+}
+
+void caller__busy_workers_add(int delta)
+{
+    atomic_fetch_add_explicit(&busy_workers, (size_t)(ptrdiff_t)delta, memory_order_relaxed);
 }
 
 /* The CPUs this process may use (at least 1), read once. */
@@ -99,6 +112,7 @@ void caller__before_sleep(caller_t *c)
         const caller__worker_hooks_t *wh = atomic_load_explicit(&c->worker, memory_order_acquire);
         if (wh && !wh->may_spin(c))
             return;
+        CALLER__TEST_POINT("sched.spin_allowed", c);
         bool queued = caller__inbox_await_briefly(&c->inbox, &c->spin);
         if (wh)
             wh->spun(c);
