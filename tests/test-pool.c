@@ -650,13 +650,17 @@ TEST(worker_handed_back_in_a_group_leaves_the_group_alone)
 
 /* A Caller about to sleep spins for work only while a core is idle: with a
  * pool's workers running calls on every CPU it goes to sleep at once. */
-static atomic_int spin_skips, busy_started, busy_release;
+static atomic_int spin_skips, spin_allowed, busy_started, busy_release;
 static caller_t *watched;
 
 static void count_skips(const char *point, void *obj)
 {
-    if (strcmp(point, "sched.spin_skipped") == 0 && obj == watched)
+    if (obj != watched)
+        return;
+    if (strcmp(point, "sched.spin_skipped") == 0)
         atomic_fetch_add(&spin_skips, 1);
+    else if (strcmp(point, "sched.spin_allowed") == 0)
+        atomic_fetch_add(&spin_allowed, 1);
 }
 
 static void *busy_until_released(void *arg)
@@ -672,13 +676,18 @@ static void *ret_arg(void *arg)
     return arg;
 }
 
-/* Let @p c run one no-op and then go idle (to sleep). */
+/* Let @p c run one no-op, then wait (10 s at most) until its loop decided,
+ * about to sleep, whether to spin. */
 static void one_round(caller_t *c)
 {
+    int before = atomic_load(&spin_skips) + atomic_load(&spin_allowed);
     caller_pending_t *p = caller_call_soon(c, ret_arg, NULL);
     CHECK_RC(caller_pending_wait(p, 10, false, false, NULL), 0);
     caller_pending_unref(p);
-    usleep(20000);
+    double until = check_now() + 10;
+    while (atomic_load(&spin_skips) + atomic_load(&spin_allowed) == before && check_now() < until)
+        sched_yield();
+    CHECK_GE(atomic_load(&spin_skips) + atomic_load(&spin_allowed), before + 1);
 }
 
 TEST(no_spinning_while_workers_fill_every_cpu)
@@ -706,7 +715,10 @@ TEST(no_spinning_while_workers_fill_every_cpu)
         caller_pending_unref(busy[i]);
     }
     /* Once the workers are idle again, it spins as before. */
-    usleep(20000);
+    double until = check_now() + 10;
+    while (caller__pool_busy_workers() != 0 && check_now() < until)
+        sched_yield();
+    CHECK_EQ(caller__pool_busy_workers(), 0);
     int skips = atomic_load(&spin_skips);
     one_round(watched);
     CHECK_EQ(atomic_load(&spin_skips), skips);
