@@ -495,6 +495,8 @@ caller_pending_t *caller_to_thread_named(caller_t *c, caller_fn fn, void *arg, c
         caller__fail(-EINVAL, "caller_to_thread: %s is NULL", c ? "fn" : "caller");
         return NULL;
     }
+    if (caller__arg_on_task_stack(arg, "caller_to_thread", "arg"))
+        return NULL;
     caller_pool_t *pool = pool_of(c, "caller_to_thread");
     if (!pool)
         return NULL;
