@@ -50,7 +50,7 @@ static void *pattern_task(void *arg)
         mine[i] = (unsigned char)(w->id * 31 + i);
     const void *where = mine;
     for (int k = 0; k < 3; k++) {
-        if (caller_pending_wait(w->gate, 30 * check_time_scale(), true, false, NULL) != 0)
+        if (caller_pending_wait(w->gate, 120 * check_time_scale(), true, false, NULL) != 0)
             return NULL;
         if (caller_sleep(0) != 0) /* and let the others run in between */
             return NULL;
@@ -65,7 +65,7 @@ static void *pattern_task(void *arg)
 
 TEST(suspended_tasks_keep_their_locals)
 {
-    enum { N = 2000 };
+    enum { N = 1000 }; /* past the 512 TSan fiber contexts fiber.c makes */
     caller_t *c = copy_caller("copy-locals");
     caller_pending_t *gate = caller_pending_new(CALLER_PENDING_UNTRACKED);
     waiter_arg_t *args = calloc(N, sizeof *args);
@@ -80,7 +80,7 @@ TEST(suspended_tasks_keep_their_locals)
     CHECK_RC(caller_pending_set_result(gate, NULL, false), 0);
     for (int i = 0; i < N; i++) {
         void *v = NULL;
-        CHECK_RC(caller_pending_wait(ps[i], 30 * check_time_scale(), true, true, &v), 0);
+        CHECK_RC(caller_pending_wait(ps[i], 120 * check_time_scale(), true, true, &v), 0);
         CHECK_EQ(I(v), i + 1);
         caller_pending_unref(ps[i]);
     }
