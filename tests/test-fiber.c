@@ -605,7 +605,7 @@ const char *__asan_default_options(void)
 /* In a child process: churn is how many fibers to run and free first, so
  * that the overflowing fiber gets a stack the pool handed out before (and,
  * past the pool's dirty limit, whose pages it dropped). */
-static void overflow_in_child(int churn)
+static void overflow_in_child(int churn, bool copied)
 {
     start_clean();
     int fds[2];
@@ -635,7 +635,8 @@ static void overflow_in_child(int churn)
             caller__fiber_cache_clear();
             free(fs);
         }
-        caller__fiber_t *f = caller__fiber_new(0, overflow_fn, NULL);
+        caller__fiber_t *f = copied ? caller__fiber_new_copied(0, overflow_fn, NULL)
+                                    : caller__fiber_new(0, overflow_fn, NULL);
         if (!f)
             _exit(3);
         void *lo, *hi;
@@ -662,14 +663,20 @@ static void overflow_in_child(int churn)
 
 TEST(stack_overflow_hits_guard)
 {
-    overflow_in_child(0);
+    overflow_in_child(0, false);
+}
+
+/* Copy-stack mode: the run stack has its guard page too. */
+TEST(copied_fiber_overflow_hits_the_run_stack_guard)
+{
+    overflow_in_child(0, true);
 }
 
 /* A stack back from the pool keeps its guard, also after the pool dropped
  * its pages (2000 fibers given back: past the pool's 1024 dirty slots). */
 TEST(stack_overflow_hits_guard_of_a_reused_stack)
 {
-    overflow_in_child(2000);
+    overflow_in_child(2000, false);
 }
 
 /* ---- the stack pool, shared by threads ------------------------------------ */
