@@ -110,8 +110,12 @@ void caller__before_sleep(caller_t *c)
         }
         /* A pool's idle workers do not all spin: the pool says which may. */
         const caller__worker_hooks_t *wh = atomic_load_explicit(&c->worker, memory_order_acquire);
-        if (wh && !wh->may_spin(c))
+        if (wh)
+            CALLER__TEST_POINT("sched.may_spin", c); /* the pool may be letting it go */
+        if (wh && !wh->may_spin(c)) {
+            CALLER__TEST_POINT("sched.spin_refused", c);
             return;
+        }
         CALLER__TEST_POINT("sched.spin_allowed", c);
         bool queued = caller__inbox_await_briefly(&c->inbox, &c->spin);
         if (wh)
