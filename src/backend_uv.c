@@ -7,11 +7,26 @@
  * timers count whole milliseconds, so a call_later would run up to ~1 ms
  * late on average (measured, W5: p50 lateness 1.7 ms); a timerfd armed at
  * the absolute deadline in nanoseconds fires when it is due.
+ *
+ * Descriptor watches (caller_wait_fd) live in an epoll set of our own,
+ * made at the first watch and watched by the loop with one more
+ * uv_poll_t, not in one uv_poll_t per descriptor. libuv calls abort() when
+ * its deferred epoll_ctl finds a descriptor closed (libuv/libuv#1495,
+ * #5130: a task closing a descriptor another task is about to wait on
+ * would kill the process), puts every polled descriptor in O_NONBLOCK
+ * (a flag of the open file description, which the application and other
+ * processes share) and refuses a second uv_poll_t on a descriptor the
+ * application already polls on this loop. Our own epoll_ctl reports the
+ * closed descriptor as an error instead, changes no flags, and lives
+ * beside the application's handles.
  */
 #include "backend.h"
 #include "alloc.h"
 
+#include "caller.h" /* CALLER_READABLE, CALLER_WRITABLE */
+
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/timerfd.h>
 #include <unistd.h>
 #include <uv.h>
@@ -30,6 +45,24 @@ struct caller__backend {
     bool idle_on;
     void *owner;
     const caller__backend_events_t *events;
+    /* descriptor watches: made at the first one */
+    bool io_open;
+    int io_fd;       /* the epoll set of the watched descriptors */
+    uv_poll_t io;    /* on io_fd */
+    int io_dispatch; /* inside on_io: closed watches wait in io_dead */
+    caller__backend_watch_t *io_dead;
+};
+
+/* A descriptor watch: registered in the backend's epoll set (with itself
+ * as the event's data) while `events` is not 0. */
+struct caller__backend_watch {
+    caller__backend_t *b;
+    int fd;
+    unsigned events; /* watched now (0: not in the set) */
+    bool dead;       /* closed inside on_io: freed when it returns */
+    caller__backend_watch_fn cb;
+    void *arg;
+    caller__backend_watch_t *next_dead;
 };
 
 static void on_async(uv_async_t *h)
@@ -161,12 +194,16 @@ static void on_close(uv_handle_t *h)
     caller__backend_t *b = h->data;
     if (h == (uv_handle_t *)&b->timer)
         close(b->timer_fd);
+    if (h == (uv_handle_t *)&b->io)
+        close(b->io_fd);
     if (--b->open_handles == 0)
         b->events->on_closed(b->owner);
 }
 
 static void uvb_close(caller__backend_t *b)
 {
+    if (b->io_open)
+        uv_close((uv_handle_t *)&b->io, on_close);
     uv_close((uv_handle_t *)&b->async, on_close);
     uv_close((uv_handle_t *)&b->timer, on_close);
     uv_close((uv_handle_t *)&b->idle, on_close);
@@ -189,6 +226,127 @@ static void *uvb_native(caller__backend_t *b)
     return b->loop;
 }
 
+/* ---- descriptor watches ---- */
+
+enum { IO_BATCH = 64 };
+
+/* The loop found the epoll set readable: run the callbacks of what is
+ * ready. A batch at a time: with more ready, the set stays readable and
+ * the loop comes back next iteration, after its other handles. */
+static void on_io(uv_poll_t *h, int status, int events)
+{
+    (void)status;
+    (void)events;
+    caller__backend_t *b = h->data;
+    struct epoll_event ev[IO_BATCH];
+    int n = epoll_wait(b->io_fd, ev, IO_BATCH, 0);
+    b->io_dispatch++;
+    for (int i = 0; i < n; i++) {
+        caller__backend_watch_t *w = ev[i].data.ptr;
+        /* A callback may close or change watches later in this batch. */
+        if (w->dead || !w->events)
+            continue;
+        unsigned ready = 0;
+        if (ev[i].events & EPOLLIN)
+            ready |= CALLER_READABLE;
+        if (ev[i].events & EPOLLOUT)
+            ready |= CALLER_WRITABLE;
+        if (ev[i].events & (EPOLLERR | EPOLLHUP))
+            ready |= w->events; /* let the reader or writer see it */
+        ready &= w->events;
+        if (ready)
+            w->cb(w->arg, ready);
+    }
+    if (--b->io_dispatch == 0) {
+        while (b->io_dead) {
+            caller__backend_watch_t *w = b->io_dead;
+            b->io_dead = w->next_dead;
+            caller__free(w);
+        }
+    }
+}
+
+/* The epoll set and its uv_poll_t, at the first watch. */
+static int io_open(caller__backend_t *b)
+{
+    if (b->io_open)
+        return 0;
+    b->io_fd = epoll_create1(EPOLL_CLOEXEC);
+    if (b->io_fd < 0)
+        return -errno;
+    int rc = uv_poll_init(b->loop, &b->io, b->io_fd);
+    if (rc) {
+        close(b->io_fd);
+        return rc;
+    }
+    b->io.data = b;
+    uv_poll_start(&b->io, UV_READABLE, on_io);
+    uv_unref((uv_handle_t *)&b->io); /* waiting tasks keep the Caller open, not this */
+    b->io_open = true;
+    b->open_handles++;
+    return 0;
+}
+
+static int uvb_watch_start(caller__backend_t *b, int fd, caller__backend_watch_fn cb, void *arg,
+                           caller__backend_watch_t **out)
+{
+    int rc = io_open(b);
+    if (rc)
+        return rc;
+    caller__backend_watch_t *w = caller__calloc(1, sizeof *w);
+    if (!w)
+        return -ENOMEM;
+    w->b = b;
+    w->fd = fd;
+    w->cb = cb;
+    w->arg = arg;
+    *out = w;
+    return 0;
+}
+
+static int uvb_watch_update(caller__backend_watch_t *w, unsigned events)
+{
+    if (events == w->events)
+        return 0;
+    caller__backend_t *b = w->b;
+    if (!events) {
+        /* Out of the set, so a hang-up nobody waits for does not keep the
+         * set readable. A descriptor closed meanwhile left it already. */
+        epoll_ctl(b->io_fd, EPOLL_CTL_DEL, w->fd, NULL);
+        w->events = 0;
+        return 0;
+    }
+    struct epoll_event ev = {
+        .events =
+            (events & CALLER_READABLE ? EPOLLIN : 0u) | (events & CALLER_WRITABLE ? EPOLLOUT : 0u),
+        .data.ptr = w,
+    };
+    if (epoll_ctl(b->io_fd, w->events ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, w->fd, &ev) != 0) {
+        int err = errno;
+        if (w->events)
+            epoll_ctl(b->io_fd, EPOLL_CTL_DEL, w->fd, NULL);
+        w->events = 0;
+        /* MOD of a descriptor closed (and so dropped from the set) or
+         * reused since: ENOENT. */
+        return err == ENOENT ? -EBADF : -err;
+    }
+    w->events = events;
+    return 0;
+}
+
+static void uvb_watch_close(caller__backend_watch_t *w)
+{
+    uvb_watch_update(w, 0);
+    caller__backend_t *b = w->b;
+    if (b->io_dispatch) {
+        w->dead = true;
+        w->next_dead = b->io_dead;
+        b->io_dead = w;
+        return;
+    }
+    caller__free(w);
+}
+
 const caller__backend_ops_t caller__backend_uv = {
     .name = "libuv",
     .open = uvb_open,
@@ -199,6 +357,9 @@ const caller__backend_ops_t caller__backend_uv = {
     .close = uvb_close,
     .destroy = uvb_destroy,
     .native = uvb_native,
+    .watch_start = uvb_watch_start,
+    .watch_update = uvb_watch_update,
+    .watch_close = uvb_watch_close,
 };
 
 const caller__backend_ops_t *caller__backend_find(const char *name)
