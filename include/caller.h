@@ -699,36 +699,31 @@ CALLER_EXTERN int caller_sleep(double seconds);
  *
  * A task waits for a file descriptor (or a ZeroMQ socket) to become ready
  * without blocking its thread: the Caller's loop watches the descriptor
- * (libuv's uv_poll) and resumes the task when it is ready. On any other
- * thread the same calls block in poll(2). Readiness is a hint, as with
- * poll(2): read or write with the descriptor in non-blocking mode and go
- * back to waiting on EAGAIN.
+ * and resumes the task when it is ready. On any other thread the same
+ * calls block in poll(2). Readiness is a hint, as with poll(2): read or
+ * write with the descriptor in non-blocking mode and go back to waiting on
+ * EAGAIN. The wait never changes the descriptor's flags (it does not set
+ * O_NONBLOCK: do that yourself if you need it).
  *
- * - Several tasks of one Caller may wait on the same descriptor at once
- *   (say one for CALLER_READABLE and one for CALLER_WRITABLE on a socket,
- *   or two for CALLER_READABLE): the Caller keeps one watch per descriptor
- *   and wakes every waiter whose events are ready — all of them for a
- *   readable descriptor, so only one may find data and the others go back
- *   to waiting. Tasks of different Callers, and plain threads, may wait on
- *   one descriptor too. If something other than these functions already
- *   watches the descriptor on the Caller's loop (an application's own
- *   uv_poll_t on caller_loop()), libuv allows no second watch: the wait
- *   fails with -EBUSY.
- * - While a task waits, the descriptor is in non-blocking mode (libuv sets
- *   O_NONBLOCK, which belongs to the open file description and so is seen
- *   by every descriptor and process sharing it); when the last task of the
- *   Caller stops waiting on it, a descriptor that was blocking is made
- *   blocking again.
+ * - Two waiters on one descriptor: allowed. Several tasks of one Caller
+ *   may wait on the same descriptor at once (one for CALLER_READABLE and
+ *   one for CALLER_WRITABLE on a socket, or several for CALLER_READABLE):
+ *   the Caller keeps one watch per descriptor and wakes every waiter
+ *   whose events are ready — every reader when data arrives, though
+ *   perhaps only one finds it; the others get EAGAIN and wait again.
+ *   Tasks of different Callers, plain threads, and an application's own
+ *   libuv handles on caller_loop() may watch the same descriptor too.
  * - Closing a descriptor while a task or thread waits on it is an error in
- *   the program, but it does not hang the waiter: the wait notices within
- *   half a second that the descriptor is closed (or now refers to another
- *   file) and returns -EBADF. The descriptor's number is only checked, so
- *   do not reuse it for a new descriptor of the same kind meanwhile (two
- *   eventfds look alike).
+ *   the program, but it neither crashes nor hangs the waiter: the wait
+ *   notices within half a second that the descriptor is closed (or now
+ *   refers to another file) and returns -EBADF. Only its number and file
+ *   are checked: a new descriptor of the same kind with the same number
+ *   (two eventfds look alike) is not noticed.
  * - A regular file is always ready (as with poll(2)): the wait returns the
  *   events asked for at once.
- * - Costs nothing until used: a Caller allocates a watch only while a task
- *   waits on that descriptor.
+ * - Costs nothing until used: a Caller allocates a watch only while one of
+ *   its tasks waits on that descriptor (and its loop opens one epoll set,
+ *   with one libuv handle, at the first such wait).
  */
 /* ======================================================================== */
 /** @{ */
@@ -766,8 +761,7 @@ CALLER_EXTERN int caller_sleep(double seconds);
  *         -ETIMEDOUT if not ready in time; -ECANCELED (a task, cancelled:
  *         see above); -EINVAL (@p fd < 0, @p events 0 or with unknown
  *         bits, @p timeout NaN); -EBADF (@p fd is not open, or was closed
- *         while waiting); -EBUSY (the Caller's loop already watches @p fd
- *         for something else; see above); -ENOMEM.
+ *         while waiting); -ENOMEM.
  */
 CALLER_EXTERN int caller_wait_fd(int fd, unsigned events, double timeout);
 

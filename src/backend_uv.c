@@ -47,19 +47,23 @@ struct caller__backend {
     const caller__backend_events_t *events;
     /* descriptor watches: made at the first one */
     bool io_open;
-    int io_fd;       /* the epoll set of the watched descriptors */
-    uv_poll_t io;    /* on io_fd */
-    int io_dispatch; /* inside on_io: closed watches wait in io_dead */
-    caller__backend_watch_t *io_dead;
+    int io_fd;                        /* the epoll set of the watched descriptors */
+    uv_poll_t io;                     /* on io_fd */
+    int io_dispatch;                  /* inside on_io: closed watches wait in io_dead */
+    caller__backend_watch_t *io_dead; /* closed, freed once on_io returns */
+    caller__backend_watch_t *io_kept; /* closed, freed with the backend (see watch_close) */
 };
 
-/* A descriptor watch: registered in the backend's epoll set (with itself
- * as the event's data) while `events` is not 0. */
+/* A descriptor watch: in the backend's epoll set (with itself as the
+ * event's data) while `in_set`. Registered EPOLLONESHOT: once it fired it
+ * watches nothing until watch_update arms it again. */
 struct caller__backend_watch {
     caller__backend_t *b;
     int fd;
-    unsigned events; /* watched now (0: not in the set) */
-    bool dead;       /* closed inside on_io: freed when it returns */
+    unsigned armed; /* what it watches now */
+    bool in_set;
+    bool lost; /* an epoll_ctl on it failed: the set may still hold it */
+    bool dead; /* closed: on_io ignores it */
     caller__backend_watch_fn cb;
     void *arg;
     caller__backend_watch_t *next_dead;
@@ -212,6 +216,11 @@ static void uvb_close(caller__backend_t *b)
 
 static void uvb_destroy(caller__backend_t *b)
 {
+    while (b->io_kept) {
+        caller__backend_watch_t *w = b->io_kept;
+        b->io_kept = w->next_dead;
+        caller__free(w);
+    }
     if (b->owns) {
         /* Anything the application started on this loop is its own; run
          * the loop once more to let close callbacks finish. */
@@ -244,7 +253,7 @@ static void on_io(uv_poll_t *h, int status, int events)
     for (int i = 0; i < n; i++) {
         caller__backend_watch_t *w = ev[i].data.ptr;
         /* A callback may close or change watches later in this batch. */
-        if (w->dead || !w->events)
+        if (w->dead || !w->armed)
             continue;
         unsigned ready = 0;
         if (ev[i].events & EPOLLIN)
@@ -252,8 +261,9 @@ static void on_io(uv_poll_t *h, int status, int events)
         if (ev[i].events & EPOLLOUT)
             ready |= CALLER_WRITABLE;
         if (ev[i].events & (EPOLLERR | EPOLLHUP))
-            ready |= w->events; /* let the reader or writer see it */
-        ready &= w->events;
+            ready |= w->armed; /* let the reader or writer see it */
+        ready &= w->armed;
+        w->armed = 0; /* one-shot: it fired */
         if (ready)
             w->cb(w->arg, ready);
     }
@@ -306,45 +316,62 @@ static int uvb_watch_start(caller__backend_t *b, int fd, caller__backend_watch_f
 
 static int uvb_watch_update(caller__backend_watch_t *w, unsigned events)
 {
-    if (events == w->events)
-        return 0;
     caller__backend_t *b = w->b;
     if (!events) {
-        /* Out of the set, so a hang-up nobody waits for does not keep the
-         * set readable. A descriptor closed meanwhile left it already. */
-        epoll_ctl(b->io_fd, EPOLL_CTL_DEL, w->fd, NULL);
-        w->events = 0;
+        /* Out of the set, so that nothing fires for it. */
+        if (w->in_set && epoll_ctl(b->io_fd, EPOLL_CTL_DEL, w->fd, NULL) != 0)
+            w->lost = true;
+        w->in_set = false;
+        w->armed = 0;
         return 0;
     }
+    if (events == w->armed)
+        return 0;
     struct epoll_event ev = {
-        .events =
-            (events & CALLER_READABLE ? EPOLLIN : 0u) | (events & CALLER_WRITABLE ? EPOLLOUT : 0u),
+        .events = EPOLLONESHOT | (events & CALLER_READABLE ? EPOLLIN : 0u) |
+                  (events & CALLER_WRITABLE ? EPOLLOUT : 0u),
         .data.ptr = w,
     };
-    if (epoll_ctl(b->io_fd, w->events ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, w->fd, &ev) != 0) {
+    if (epoll_ctl(b->io_fd, w->in_set ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, w->fd, &ev) != 0) {
         int err = errno;
-        if (w->events)
-            epoll_ctl(b->io_fd, EPOLL_CTL_DEL, w->fd, NULL);
-        w->events = 0;
-        /* MOD of a descriptor closed (and so dropped from the set) or
-         * reused since: ENOENT. */
-        return err == ENOENT ? -EBADF : -err;
+        if (w->in_set) {
+            /* MOD: the descriptor was closed (EBADF), or its number is
+             * another file now (ENOENT). */
+            w->lost = true;
+            w->in_set = false;
+            err = EBADF;
+        }
+        w->armed = 0;
+        return -err;
     }
-    w->events = events;
+    w->in_set = true;
+    w->armed = events;
     return 0;
 }
 
+/*
+ * epoll holds a registration until the open file description goes, not
+ * the descriptor: a descriptor closed while another one (a dup, a child
+ * process's copy) keeps its file open stays in the set under a number
+ * EPOLL_CTL_DEL no longer reaches, and may fire once more (one-shot: only
+ * once). A watch whose epoll_ctl failed is therefore kept, dead, until the
+ * set is gone; only a program that closes descriptors while waiting on
+ * them pays those few bytes.
+ */
 static void uvb_watch_close(caller__backend_watch_t *w)
 {
     uvb_watch_update(w, 0);
     caller__backend_t *b = w->b;
-    if (b->io_dispatch) {
-        w->dead = true;
+    w->dead = true;
+    if (w->lost) {
+        w->next_dead = b->io_kept;
+        b->io_kept = w;
+    } else if (b->io_dispatch) {
         w->next_dead = b->io_dead;
         b->io_dead = w;
-        return;
+    } else {
+        caller__free(w);
     }
-    caller__free(w);
 }
 
 const caller__backend_ops_t caller__backend_uv = {

@@ -23,6 +23,7 @@
 #include "list.h"
 #include "sync.h"
 #include "task.h"
+#include "testpoint.h"
 
 #include <poll.h>
 #include <stdint.h>
@@ -344,6 +345,7 @@ int caller_wait_zmq(void *socket, unsigned events, double timeout)
             return (int)(ready & events);
         if (caller__now_ns() >= deadline)
             return caller__fail(-ETIMEDOUT, "caller_wait_zmq: the socket was not ready in time");
+        CALLER__TEST_POINT("io.zmq_before_sleep", socket);
         rc = wait_fd("caller_wait_zmq", zfd, CALLER_READABLE, deadline, false);
         if (rc == -EBADF)
             return caller__fail(-ENOTSOCK, "caller_wait_zmq: the socket was closed while waiting");
