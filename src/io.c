@@ -8,8 +8,10 @@
  * A Caller keeps at most one watch per descriptor (a backend's epoll set
  * holds a descriptor once), shared by every task of the Caller that waits
  * on it: the list in caller->io, made of the watches that have waiters, so
- * a Caller that never waits has none. Each waiter is a node on its task's
- * stack. Everything here runs in the Caller's own thread (the loop's
+ * a Caller that never waits has none. Each waiter is a node allocated with
+ * its Pending, not on its task's stack: the loop walks the waiters while
+ * the tasks are suspended, when a copy-stack task's stack is not where it
+ * was (CALLER_STACK_COPY). Everything here runs in the Caller's own thread (the loop's
  * callbacks and the waiting tasks), so there is no lock.
  *
  * A descriptor closed while it is waited on vanishes from epoll without an
@@ -47,7 +49,7 @@ typedef struct watch {
     caller__link_t linked; /* waiters not yet woken */
 } watch_t;
 
-/* A task waiting on a watch: on its stack. */
+/* A task waiting on a watch: the extra bytes of its Pending. */
 typedef struct {
     caller__link_t link; /* in its watch's `linked` until woken */
     unsigned events;
@@ -183,17 +185,20 @@ static void leave(watch_t *wt)
 
 static int wait_task(caller_t *c, int fd, unsigned events, int64_t deadline, const struct stat *id)
 {
-    caller_pending_t *p = caller_pending_new(CALLER_PENDING_UNTRACKED);
+    waiter_t *w;
+    caller_pending_t *p =
+        caller__pending_new_extra(CALLER_PENDING_UNTRACKED, sizeof *w, (void **)&w);
     if (!p)
         return -ENOMEM;
+    caller__pending_track(p);
     watch_t *wt;
     int rc = join(c, fd, id, &wt);
     if (rc < 0) {
         caller_pending_unref(p);
         return rc;
     }
-    waiter_t w = {.events = events, .p = p};
-    caller__list_add_tail(&wt->linked, &w.link);
+    *w = (waiter_t){.events = events, .p = p};
+    caller__list_add_tail(&wt->linked, &w->link);
     rearm(wt); /* a failure completes p */
     for (;;) {
         /* In steps of at most CHECK_NS, to look at the descriptor. */
@@ -214,8 +219,8 @@ static int wait_task(caller_t *c, int fd, unsigned events, int64_t deadline, con
             break;
         }
     }
-    if (!caller__list_empty(&w.link))
-        caller__list_del(&w.link);
+    if (!caller__list_empty(&w->link))
+        caller__list_del(&w->link);
     leave(wt);
     caller_pending_unref(p);
     return rc;

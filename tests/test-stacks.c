@@ -11,9 +11,11 @@
 #include "check.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <string.h>
+#include <unistd.h>
 
 static caller_t *copy_caller(const char *name)
 {
@@ -327,4 +329,76 @@ TEST(stress_waits_completed_from_other_threads)
     }
     finish(cs[0]);
     finish(cs[1]);
+}
+
+/* ---- waiting for descriptors ------------------------------------------------ */
+
+/* Tasks of a copy-stack Caller wait on pipes (two tasks on each, so they
+ * share a watch); another thread writes to the pipes in reverse order.
+ * The loop walks the waiters while the tasks are suspended: they must not
+ * be on the tasks' stacks. Each task checks its locals after each wake. */
+enum { PIPES = 16, ROUNDS = 20 };
+static int pipes[PIPES][2];
+
+static void *fd_waiter(void *arg)
+{
+    intptr_t id = I(arg);
+    int fd = pipes[id % PIPES][0];
+    volatile intptr_t mine[32];
+    for (int i = 0; i < 32; i++)
+        mine[i] = id * 1000 + i;
+    for (int r = 0; r < ROUNDS; r++) {
+        int rc = caller_wait_fd(fd, CALLER_READABLE, 30 * check_time_scale());
+        if (rc != (int)CALLER_READABLE)
+            return P(-1);
+        char b;
+        /* Two tasks per pipe, one byte for each: whoever reads it. */
+        if (read(fd, &b, 1) != 1 && errno != EAGAIN)
+            return P(-2);
+        for (int i = 0; i < 32; i++)
+            if (mine[i] != id * 1000 + i)
+                return P(-3);
+        caller_sleep(0);
+    }
+    return P(1);
+}
+
+static void *pipe_writer(void *arg)
+{
+    (void)arg;
+    for (int r = 0; r < ROUNDS; r++)
+        for (int k = PIPES - 1; k >= 0; k--) {
+            char b[2] = {'a', 'b'};
+            if (write(pipes[k][1], b, 2) != 2)
+                return P(-1);
+        }
+    return NULL;
+}
+
+TEST(tasks_waiting_for_descriptors)
+{
+    for (int k = 0; k < PIPES; k++) {
+        CHECK_EQ(pipe(pipes[k]), 0);
+        CHECK_EQ(fcntl(pipes[k][0], F_SETFL, O_NONBLOCK), 0);
+    }
+    caller_t *c = copy_caller("copy-fds");
+    caller_pending_t *ps[2 * PIPES];
+    for (int i = 0; i < 2 * PIPES; i++)
+        CHECK((ps[i] = caller_call_soon(c, fd_waiter, P(i))) != NULL);
+    pthread_t w;
+    CHECK_EQ(pthread_create(&w, NULL, pipe_writer, NULL), 0);
+    void *wrc;
+    CHECK_EQ(pthread_join(w, &wrc), 0);
+    CHECK_PTR_EQ(wrc, NULL);
+    for (int i = 0; i < 2 * PIPES; i++) {
+        void *v = NULL;
+        CHECK_RC(caller_pending_wait(ps[i], 60 * check_time_scale(), true, true, &v), 0);
+        CHECK_EQ(I(v), 1);
+        caller_pending_unref(ps[i]);
+    }
+    finish(c);
+    for (int k = 0; k < PIPES; k++) {
+        close(pipes[k][0]);
+        close(pipes[k][1]);
+    }
 }
