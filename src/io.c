@@ -8,8 +8,7 @@
  * A Caller keeps at most one watch per descriptor (a backend's epoll set
  * holds a descriptor once), shared by every task of the Caller that waits
  * on it: the list in caller->io, made of the watches that have waiters, so
- * a Caller that never waits has none. Each waiter is a node on its task's
- * stack. Everything here runs in the Caller's own thread (the loop's
+ * a Caller that never waits has none. Everything here runs in the Caller's own thread (the loop's
  * callbacks and the waiting tasks), so there is no lock.
  *
  * A descriptor closed while it is waited on vanishes from epoll without an
@@ -47,7 +46,9 @@ typedef struct watch {
     caller__link_t linked; /* waiters not yet woken */
 } watch_t;
 
-/* A task waiting on a watch: on its stack. */
+/* A task waiting on a watch. Not on the task's stack: the loop's callback
+ * reaches it while the task is suspended, when a copy-stack task's stack
+ * is not where it was (CALLER_STACK_COPY). */
 typedef struct {
     caller__link_t link; /* in its watch's `linked` until woken */
     unsigned events;
@@ -183,17 +184,22 @@ static void leave(watch_t *wt)
 
 static int wait_task(caller_t *c, int fd, unsigned events, int64_t deadline, const struct stat *id)
 {
-    caller_pending_t *p = caller_pending_new(CALLER_PENDING_UNTRACKED);
-    if (!p)
+    waiter_t *w = caller__malloc(sizeof *w);
+    caller_pending_t *p = w ? caller_pending_new(CALLER_PENDING_UNTRACKED) : NULL;
+    if (!p) {
+        caller__free(w);
         return -ENOMEM;
+    }
     watch_t *wt;
     int rc = join(c, fd, id, &wt);
     if (rc < 0) {
         caller_pending_unref(p);
+        caller__free(w);
         return rc;
     }
-    waiter_t w = {.events = events, .p = p};
-    caller__list_add_tail(&wt->linked, &w.link);
+    w->events = events;
+    w->p = p;
+    caller__list_add_tail(&wt->linked, &w->link);
     rearm(wt); /* a failure completes p */
     for (;;) {
         /* In steps of at most CHECK_NS, to look at the descriptor. */
@@ -214,10 +220,11 @@ static int wait_task(caller_t *c, int fd, unsigned events, int64_t deadline, con
             break;
         }
     }
-    if (!caller__list_empty(&w.link))
-        caller__list_del(&w.link);
+    if (!caller__list_empty(&w->link))
+        caller__list_del(&w->link);
     leave(wt);
     caller_pending_unref(p);
+    caller__free(w);
     return rc;
 }
 
