@@ -216,6 +216,54 @@ TEST(caller_runs_other_tasks_while_one_waits)
     close(fds[1]);
 }
 
+/* Copy-stack mode: a suspended task's stack is copied away and the run
+ * stack reused by the next task, so nothing of a wait may stay on it. */
+static caller_t *copy_caller(void)
+{
+    caller_t *c = caller_create(
+        CALLER_NEW_THREAD, &(caller_options_t){.name = "io-copy", .stack_mode = CALLER_STACK_COPY});
+    CHECK(c != NULL);
+    return c;
+}
+
+/* A task that fills its stack, so a run stack reused by it is overwritten. */
+static void *scribble(void *arg)
+{
+    volatile unsigned char junk[8192];
+    for (size_t i = 0; i < sizeof junk; i++)
+        junk[i] = (unsigned char)(i + (size_t)I(arg));
+    return P(junk[100]);
+}
+
+TEST(copy_stack_tasks_wait)
+{
+    int sv[2], fds[2];
+    make_socketpair(sv);
+    make_pipe(fds);
+    caller_t *c = copy_caller();
+    wait_t a, b, d;
+    wait_init(&a, sv[0], CALLER_READABLE, CALLER_FOREVER);
+    wait_init(&b, sv[0], CALLER_READABLE, CALLER_FOREVER);
+    wait_init(&d, fds[0], CALLER_READABLE, scaled(10));
+    caller_pending_t *pa = caller_call_soon(c, wait_task, &a);
+    caller_pending_t *pb = caller_call_soon(c, wait_task, &b);
+    caller_pending_t *pd = caller_call_soon(c, wait_task, &d);
+    for (int i = 0; i < 10; i++)
+        await(caller_call_soon(c, scribble, P(i)));
+    until_suspended(c);
+    CHECK_EQ(write(sv[1], "x", 1), 1);
+    CHECK_EQ(write(fds[1], "y", 1), 1);
+    CHECK_EQ(I(await(pa)), CALLER_READABLE);
+    CHECK_EQ(I(await(pb)), CALLER_READABLE);
+    CHECK_EQ(I(await(pd)), CALLER_READABLE);
+    check_no_watches(c);
+    check_stop(c);
+    close(sv[0]);
+    close(sv[1]);
+    close(fds[0]);
+    close(fds[1]);
+}
+
 /* ---- timeouts ------------------------------------------------------------------ */
 
 TEST(timeout_returns_etimedout)
@@ -689,9 +737,8 @@ static void *echo_thread(void *arg)
     return NULL;
 }
 
-TEST(stress_wake_wait_cycles)
+static void stress(caller_t *c)
 {
-    caller_t *c = check_new_thread("io");
     pair_t pairs[PAIRS];
     caller_pending_t *tasks[PAIRS];
     pthread_t threads[PAIRS];
@@ -714,4 +761,14 @@ TEST(stress_wake_wait_cycles)
         close(pairs[i].to_thread[0]);
         close(pairs[i].to_thread[1]);
     }
+}
+
+TEST(stress_wake_wait_cycles)
+{
+    stress(check_new_thread("io"));
+}
+
+TEST(stress_wake_wait_cycles_copy_stack)
+{
+    stress(copy_caller());
 }
