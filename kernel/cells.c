@@ -279,6 +279,8 @@ static char *trim(char *s)
 
 static int run_line(kcell_t *c, char *line)
 {
+    char whole[160];
+    snprintf(whole, sizeof whole, "%s", line);
     char *args = line;
     while (*args && !isspace((unsigned char)*args))
         args++;
@@ -294,7 +296,7 @@ static int run_line(kcell_t *c, char *line)
     return fail(c, -EINVAL, "UnknownCommand",
                 "'%s' is not a command of caller-kernel: a cell holds %%callers, %%sleep S or "
                 "%%example [jobs=N] [seconds=S], one per line",
-                line);
+                whole);
 }
 
 void *kcell_run(void *arg)

@@ -43,6 +43,8 @@ static void *zctx;
 static caller_t *shell;
 static void *shell_socket, *control_socket;
 static atomic_bool control_socket_taken;
+/* Completed when a shutdown_request has been answered (on either channel). */
+static caller_pending_t *shutdown_requested;
 static int execution_count; /* the Shell's thread only */
 
 /* The Pending of the cell that runs now (a reference), for interrupts. */
@@ -232,7 +234,7 @@ static void serve(channel_t ch, void *socket)
     }
     kwait_close(w);
     if (!go_on)
-        caller_stop(shell, true); /* stops Control and the workers too */
+        caller_pending_set_result(shutdown_requested, NULL, false);
 }
 
 static void *control_main(void *arg)
@@ -244,23 +246,39 @@ static void *control_main(void *arg)
     return NULL;
 }
 
+static void *shell_serve(void *arg)
+{
+    (void)arg;
+    serve(SHELL, shell_socket);
+    return NULL;
+}
+
+/* The Shell's first task: when it returns, caller_run() stops the Shell
+ * and its children (Control, the workers). It waits for a shutdown_request,
+ * then ends the shell's task (cancelling a cell that still runs). */
 static void *shell_main(void *arg)
 {
     (void)arg;
+    caller_t *self = caller_current();
     caller_options_t o = {.name = "Control", .protect = true};
-    caller_t *control = caller_get(caller_current(), &o);
+    caller_t *control = caller_get(self, &o);
     caller_pending_t *p = control ? caller_call_soon(control, control_main, NULL) : NULL;
-    if (!p) {
+    caller_unref(control);
+    caller_pending_t *shell_task = p ? caller_call_soon(self, shell_serve, NULL) : NULL;
+    if (!p || !shell_task) {
         const char *msg;
         caller_last_error(&msg);
-        fprintf(stderr, "caller-kernel: cannot start the Control caller: %s\n", msg);
-        caller_unref(control);
+        fprintf(stderr, "caller-kernel: cannot start serving: %s\n", msg);
+        caller_pending_unref(p);
+        caller_raise(caller_last_error(NULL), "%s", msg);
         return NULL;
     }
     caller_pending_unref(p);
-    caller_unref(control);
     kiopub_status(NULL, "starting");
-    serve(SHELL, shell_socket);
+    caller_pending_wait(shutdown_requested, CALLER_FOREVER, true, false, NULL);
+    caller_pending_cancel(shell_task, "shutdown_request");
+    caller_pending_wait(shell_task, CALLER_FOREVER, true, false, NULL);
+    caller_pending_unref(shell_task);
     return NULL;
 }
 
@@ -344,8 +362,9 @@ static int run(const char *connection_file)
     hb = NULL; /* the heartbeat thread's now */
     hb_started = true;
 
+    shutdown_requested = caller_pending_new(CALLER_PENDING_UNTRACKED);
     caller_options_t o = {.name = "Shell", .protect = true, .zmq_context = zctx};
-    shell = caller_create(CALLER_MANUAL, &o);
+    shell = shutdown_requested ? caller_create(CALLER_MANUAL, &o) : NULL;
     if (!shell) {
         const char *msg;
         caller_last_error(&msg);
@@ -364,6 +383,7 @@ out:
         zmq_close(stdin_socket);
     if (hb)
         zmq_close(hb);
+    caller_pending_unref(shutdown_requested);
     /* Every Caller has stopped and closed its iopub socket: end the
      * heartbeat and iopub threads (their blocking calls return ETERM). */
     zmq_ctx_shutdown(zctx);
