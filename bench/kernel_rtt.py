@@ -90,6 +90,8 @@ def main():
         subprocess.run([exe, "install", "--prefix", tmp], check=True, stdout=subprocess.DEVNULL)
         os.environ["JUPYTER_PATH"] = os.path.join(tmp, "share/jupyter")
         os.environ["JUPYTER_RUNTIME_DIR"] = os.path.join(tmp, "runtime")
+        # ipykernel's debugger warns about frozen modules on every start.
+        os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
         from jupyter_client.manager import KernelManager
         import ipykernel
         import jupyter_client
