@@ -694,6 +694,114 @@ CALLER_EXTERN int caller_sleep(double seconds);
 /** @} */
 
 /* ======================================================================== */
+/**
+ * @name Waiting for I/O
+ *
+ * A task waits for a file descriptor (or a ZeroMQ socket) to become ready
+ * without blocking its thread: the Caller's loop watches the descriptor
+ * and resumes the task when it is ready. On any other thread the same
+ * calls block in poll(2). Readiness is a hint, as with poll(2): read or
+ * write with the descriptor in non-blocking mode and go back to waiting on
+ * EAGAIN. The wait never changes the descriptor's flags (it does not set
+ * O_NONBLOCK: do that yourself if you need it).
+ *
+ * - Two waiters on one descriptor: allowed. Several tasks of one Caller
+ *   may wait on the same descriptor at once (one for CALLER_READABLE and
+ *   one for CALLER_WRITABLE on a socket, or several for CALLER_READABLE):
+ *   the Caller keeps one watch per descriptor and wakes every waiter
+ *   whose events are ready — every reader when data arrives, though
+ *   perhaps only one finds it; the others get EAGAIN and wait again.
+ *   Tasks of different Callers, plain threads, and an application's own
+ *   libuv handles on caller_loop() may watch the same descriptor too.
+ * - Closing a descriptor while a task or thread waits on it is an error in
+ *   the program, but it neither crashes nor hangs the waiter: the wait
+ *   notices within half a second that the descriptor is closed (or now
+ *   refers to another file) and returns -EBADF. Only its number and file
+ *   are checked: a new descriptor of the same kind with the same number
+ *   (two eventfds look alike) is not noticed.
+ * - A regular file is always ready (as with poll(2)): the wait returns the
+ *   events asked for at once.
+ * - Costs nothing until used: a Caller allocates a watch only while one of
+ *   its tasks waits on that descriptor (and its loop opens one epoll set,
+ *   with one libuv handle, at the first such wait).
+ */
+/* ======================================================================== */
+/** @{ */
+
+/** caller_wait_fd() / caller_wait_zmq(): wait until data can be read
+ *  (POLLIN, ZMQ_POLLIN). */
+#define CALLER_READABLE 1u
+/** caller_wait_fd() / caller_wait_zmq(): wait until data can be written
+ *  (POLLOUT, ZMQ_POLLOUT). */
+#define CALLER_WRITABLE 2u
+
+/**
+ * Wait until @p fd is ready for one of @p events.
+ *
+ * In a task, suspends the task (its thread runs other tasks meanwhile);
+ * the wait is a suspension point like any other: cancelling the task's
+ * Pending, a cancelled cancel scope and a scope's deadline end it with
+ * -ECANCELED. On any other thread — a plain thread, or a Caller's thread
+ * outside its tasks (a direct call: it blocks the Caller's loop) — it
+ * blocks in poll(2); signals do not cut it short.
+ *
+ * With @p timeout 0 it only checks, with poll(2), and never suspends (so
+ * it is not a cancellation point): the ready events or -ETIMEDOUT.
+ *
+ * Thread: any.
+ * @param fd       an open file descriptor (a socket, a pipe, an eventfd, a
+ *                 terminal, ...: anything poll(2) takes).
+ * @param events   CALLER_READABLE, CALLER_WRITABLE, or both.
+ * @param timeout  seconds; negative (CALLER_FOREVER) waits forever; 0 only
+ *                 checks.
+ * @return the events that are ready (> 0: CALLER_READABLE and/or
+ *         CALLER_WRITABLE, only ones asked for). An error or hang-up on
+ *         the descriptor (POLLERR, POLLHUP) reports as every event asked
+ *         for, so that the following read or write sees it.
+ *         -ETIMEDOUT if not ready in time; -ECANCELED (a task, cancelled:
+ *         see above); -EINVAL (@p fd < 0, @p events 0 or with unknown
+ *         bits, @p timeout NaN); -EBADF (@p fd is not open, or was closed
+ *         while waiting); -ENOMEM.
+ */
+CALLER_EXTERN int caller_wait_fd(int fd, unsigned events, double timeout);
+
+/**
+ * caller_wait_fd() for a ZeroMQ socket: wait until it can receive
+ * (CALLER_READABLE = ZMQ_POLLIN) or send (CALLER_WRITABLE = ZMQ_POLLOUT)
+ * a message.
+ *
+ * The socket's ZMQ_FD is edge-triggered: it signals that ZMQ_EVENTS may
+ * have changed, not that a message is there, and stays quiet while
+ * messages wait unread. So this reads ZMQ_EVENTS first and after every
+ * wake-up, and never sleeps while ZMQ_EVENTS already shows an event asked
+ * for. After it returns CALLER_READABLE, receive with ZMQ_DONTWAIT until
+ * EAGAIN before waiting again (ZeroMQ's own advice): a wait with messages
+ * still queued returns at once, so nothing is lost, but each wait then
+ * returns only one more.
+ *
+ * ZeroMQ sockets are not thread-safe: call it in the thread that uses the
+ * socket (a task of that thread's Caller, or a plain thread). Several
+ * tasks may wait on one socket (caller_wait_fd's rule: they share the
+ * watch on its ZMQ_FD). Closing the socket while a task waits on it is an
+ * error in the program, as for any other use of a closed socket.
+ *
+ * Thread: the socket's. Built without ZeroMQ (-DCALLER_WITH_ZMQ=OFF) it
+ * returns -ENOTSUP.
+ * @param socket   a ZeroMQ socket (`void *`, so this header needs no
+ *                 zmq.h); not NULL.
+ * @param events   CALLER_READABLE, CALLER_WRITABLE, or both.
+ * @param timeout  seconds; negative (CALLER_FOREVER) waits forever; 0 only
+ *                 checks ZMQ_EVENTS.
+ * @return the events that are ready (> 0); -ETIMEDOUT; -ECANCELED;
+ *         -EINVAL (NULL @p socket, bad @p events or @p timeout);
+ *         -ENOTSOCK (@p socket is not a ZeroMQ socket, or was closed, or
+ *         its context was terminated); -ENOMEM; -ENOTSUP.
+ */
+CALLER_EXTERN int caller_wait_zmq(void *socket, unsigned events, double timeout);
+
+/** @} */
+
+/* ======================================================================== */
 /** @name The worker pool (SPEC §6) */
 /* ======================================================================== */
 /** @{ */

@@ -1,10 +1,10 @@
 /*
  * The event-loop interface under every Caller (SPEC §11). A backend gives a
- * Caller four things on its own thread — a cross-thread wake-up, one timer,
- * a "more work is ready" flag that keeps the loop from blocking, and a way
- * to run and to close — and calls back into the Caller through
- * caller__backend_events_t. libuv (backend_uv.c) is the first; a second
- * (GLib's main context) can be added beside it without touching the rest.
+ * Caller five things on its own thread — a cross-thread wake-up, one timer,
+ * a "more work is ready" flag that keeps the loop from blocking, watches on
+ * file descriptors (for io.c's caller_wait_fd), and a way to run and to
+ * close — and calls back into the Caller through caller__backend_events_t. libuv (backend_uv.c) is
+ * the first; a second (GLib's main context) can be added beside it without touching the rest.
  */
 #ifndef CALLER_BACKEND_H
 #define CALLER_BACKEND_H
@@ -13,6 +13,14 @@
 #include <stdint.h>
 
 typedef struct caller__backend caller__backend_t;
+
+/* A watch on one file descriptor (watch_start), owned by the backend. */
+typedef struct caller__backend_watch caller__backend_watch_t;
+
+/* Loop thread: the watched descriptor is ready: @p ready holds
+ * CALLER_READABLE and/or CALLER_WRITABLE. An error or hang-up on the
+ * descriptor shows as every event watched. */
+typedef void (*caller__backend_watch_fn)(void *arg, unsigned ready);
 
 typedef struct {
     void (*on_work)(void *owner);   /* wake, timer or "more": dispatch now */
@@ -45,6 +53,24 @@ typedef struct {
     void (*destroy)(caller__backend_t *b);
     /* The native loop (uv_loop_t * for libuv). */
     void *(*native)(caller__backend_t *b);
+    /* Loop thread: a watch on @p fd, watching nothing yet (watch_update
+     * says what): @p cb(arg, ...) runs on the loop thread whenever the
+     * loop finds @p fd ready for what is watched, until watch_close. A
+     * backend needs nothing of the descriptor until the first
+     * watch_update, and never changes its flags (O_NONBLOCK). A watch
+     * never keeps the loop alive by itself. 0 or -ENOMEM. */
+    int (*watch_start)(caller__backend_t *b, int fd, caller__backend_watch_fn cb, void *arg,
+                       caller__backend_watch_t **out);
+    /* Loop thread: watch for @p events (CALLER_READABLE | CALLER_WRITABLE;
+     * 0: nothing, not even errors). 0 or -errno: -EBADF (the descriptor is
+     * closed), -EPERM (the loop cannot watch this kind of descriptor: a
+     * regular file), -EEXIST (another watch of this backend has @p fd),
+     * -ENOMEM. On failure it watches nothing. A descriptor closed while
+     * watched is no error here: its watch just never fires. */
+    int (*watch_update)(caller__backend_watch_t *w, unsigned events);
+    /* Loop thread: end the watch; its callback never runs again (also if
+     * called from inside a watch callback). Before close(). */
+    void (*watch_close)(caller__backend_watch_t *w);
 } caller__backend_ops_t;
 
 extern const caller__backend_ops_t caller__backend_uv;

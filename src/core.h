@@ -115,6 +115,7 @@ struct caller {
     bool stop_seen;         /* MSG_STOP processed */
     bool finishing;         /* backend close requested */
     caller_pending_t *body; /* caller_run: the body's task */
+    void *io;               /* its descriptor watches (io.c's), NULL while none */
     caller__msg_t stop_msg;
     caller__msg_t child_msg; /* posted to the parent when this one stops */
 
