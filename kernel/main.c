@@ -22,7 +22,6 @@
  */
 #include "cells.h"
 #include "iopub.h"
-#include "wait.h"
 #include "wire.h"
 
 #include <caller.h>
@@ -212,17 +211,14 @@ static bool dispatch(channel_t ch, void *socket, const kwire_msg_t *req)
 }
 
 /* Serve @p socket in the running task until it is cancelled or a
- * shutdown_request arrives. */
-static void serve(channel_t ch, void *socket)
+ * shutdown_request arrives. caller_wait_zmq() suspends the task until the
+ * socket has a message (it handles ZMQ_FD's edge trigger); then every
+ * queued message is read, without waiting, before the next wait. */
+static void serve(void *socket, channel_t ch)
 {
-    kwait_t *w = kwait_new(socket);
-    if (!w) {
-        fprintf(stderr, "caller-kernel: cannot wait on the %s socket\n",
-                ch == SHELL ? "shell" : "control");
-        return;
-    }
     bool go_on = true;
-    while (go_on && kwait_readable(w) == 0) {
+    int rc = 0;
+    while (go_on && (rc = caller_wait_zmq(socket, CALLER_READABLE, CALLER_FOREVER)) > 0) {
         kwire_msg_t m;
         int r;
         while (go_on && (r = kwire_recv(socket, &m)) >= 0) {
@@ -232,7 +228,9 @@ static void serve(channel_t ch, void *socket)
             }
         }
     }
-    kwait_close(w);
+    if (go_on && rc != -ECANCELED)
+        fprintf(stderr, "caller-kernel: waiting on the %s socket: %s\n",
+                ch == SHELL ? "shell" : "control", caller_strerror(rc));
     if (!go_on)
         caller_pending_set_result(shutdown_requested, NULL, false);
 }
@@ -241,7 +239,7 @@ static void *control_main(void *arg)
 {
     (void)arg;
     atomic_store(&control_socket_taken, true);
-    serve(CONTROL, control_socket);
+    serve(control_socket, CONTROL);
     zmq_close(control_socket);
     return NULL;
 }
@@ -249,7 +247,7 @@ static void *control_main(void *arg)
 static void *shell_serve(void *arg)
 {
     (void)arg;
-    serve(SHELL, shell_socket);
+    serve(shell_socket, SHELL);
     return NULL;
 }
 
