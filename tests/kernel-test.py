@@ -384,6 +384,41 @@ def bad_messages(k):
         check("dropped a message: " + why in log, "not logged: %s\n%s" % (why, log))
 
 
+def console(prefix):
+    """The README's `jupyter console --kernel caller` (Debian's jupyter-console),
+    fed a few cells on stdin; at the end of input it shuts the kernel down."""
+    tmp = tempfile.mkdtemp(prefix="caller-kernel-console-")
+    try:
+        runtime = os.path.join(tmp, "runtime")
+        env = dict(os.environ, HOME=tmp, JUPYTER_PATH=os.path.join(prefix, "share/jupyter"),
+                   JUPYTER_RUNTIME_DIR=runtime, JUPYTER_DATA_DIR=os.path.join(tmp, "data"),
+                   JUPYTER_CONFIG_DIR=os.path.join(tmp, "config"))
+        cells = "%callers\n%example jobs=4 seconds=0\nnonsense\n"
+        try:
+            out = subprocess.run([sys.executable, "-m", "jupyter_console", "--kernel", "caller",
+                                  "--simple-prompt"], input=cells, env=env, capture_output=True,
+                                 text=True, timeout=2 * WAIT)
+        except subprocess.TimeoutExpired:
+            fail("jupyter console did not end")
+        text = out.stdout + out.stderr
+        check(out.returncode == 0, "jupyter console exited with %d:\n%s" % (out.returncode, text))
+        lines = text.splitlines()
+        check(any(SHELL_ROW.match(re.sub(r"^In \[\d+\]: ", "", l)) for l in lines),
+              "no Shell row:\n" + text)
+        check("Finished: 4" in text, "no Finished: 4:\n" + text)
+        check("UnknownCommand: 'nonsense'" in text, "no error for nonsense:\n" + text)
+        # No process is left with this run's connection file.
+        for pid in os.listdir("/proc"):
+            try:
+                with open("/proc/%s/cmdline" % pid, "rb") as f:
+                    cmd = f.read()
+            except OSError:
+                continue
+            check(runtime.encode() not in cmd, "kernel left running: %r" % cmd)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 SCENARIOS = {f.__name__: f for f in (kernel_info, callers, example, interrupt,
                                      control_while_busy, shutdown, bad_messages)}
 
@@ -392,6 +427,10 @@ def main():
     if len(sys.argv) == 6 and sys.argv[1] == "setup":
         setup(*sys.argv[2:])
         print("setup: ok")
+        return 0
+    if len(sys.argv) == 3 and sys.argv[1] == "console":
+        console(sys.argv[2])
+        print("console: ok")
         return 0
     if len(sys.argv) != 3 or sys.argv[1] not in SCENARIOS:
         print(__doc__, file=sys.stderr)
