@@ -389,6 +389,14 @@ out:
         pthread_join(hb_thread, NULL);
     kiopub_join();
     zmq_ctx_term(zctx);
+    /* For the tests: every Caller (Shell, Control, workers) and every
+     * Pending (cells, jobs, flushes) must be gone by now. */
+    if (getenv("CALLER_KERNEL_CHECK_LEAKS") &&
+        (caller_live_count() != 0 || caller_pending_live_count() != 0)) {
+        fprintf(stderr, "caller-kernel: %zu Callers and %zu Pendings still alive at exit\n",
+                caller_live_count(), caller_pending_live_count());
+        status = 3;
+    }
     return status;
 }
 

@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 
+# The kernel checks at exit that no Caller or Pending is left (exit status 3).
+os.environ["CALLER_KERNEL_CHECK_LEAKS"] = "1"
 SCALE = float(os.environ.get("CALLER_TEST_TIME_SCALE", "1") or 1)
 WAIT = 30 * SCALE  # generous deadline for things that take milliseconds
 
