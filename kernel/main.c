@@ -19,6 +19,9 @@
  * Every ZeroMQ socket is used by one thread only; the shell and control
  * sockets are made and bound in main before the Callers start and handed
  * to their thread by the scheduling call (a full memory barrier).
+ *
+ * Lock order: `cell_lock` is a leaf; under it only Pending references are
+ * taken and released (an interrupt cancels after letting it go).
  */
 #include "cells.h"
 #include "iopub.h"
