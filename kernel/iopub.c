@@ -153,18 +153,19 @@ int kiopub_flush(void)
         caller_pending_unref(done);
         return -ENOMEM;
     }
-    w->id = atomic_fetch_add(&next_id, 1);
+    uint64_t id = atomic_fetch_add(&next_id, 1);
+    char token[TOKEN_LEN + 24];
+    memcpy(token, TOKEN, TOKEN_LEN);
+    int n = snprintf(token + TOKEN_LEN, sizeof token - TOKEN_LEN, "%llu", (unsigned long long)id);
+    /* Once `w` is in the list, the forwarder may take and free it at any
+     * time: it is not touched again outside `sync_lock`. */
+    w->id = id;
     w->done = caller_pending_ref(done);
     pthread_mutex_lock(&sync_lock);
     w->next = waiters;
     waiters = w;
     pthread_mutex_unlock(&sync_lock);
 
-    char token[TOKEN_LEN + 24];
-    memcpy(token, TOKEN, TOKEN_LEN);
-    int n =
-        snprintf(token + TOKEN_LEN, sizeof token - TOKEN_LEN, "%llu", (unsigned long long)w->id);
-    uint64_t id = w->id;
     /* Resend with a growing pause while the token is dropped (no
      * subscription yet); the first usually arrives. */
     double pause = 0.001, waited = 0;

@@ -101,7 +101,12 @@ class Kernel:
         self.proc = self.km.provisioner.process
         self.kc = self.km.client()
         self.kc.start_channels()
-        self.kc.wait_for_ready(timeout=WAIT)
+        try:
+            self.kc.wait_for_ready(timeout=WAIT)
+        except BaseException:
+            sys.stderr.write("--- kernel stderr ---\n" + self.stderr())
+            self.close()
+            raise
 
     def stderr(self):
         self.log.flush()
