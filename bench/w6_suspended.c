@@ -13,6 +13,9 @@
  *             N-th task suspended (calls run in order), so all N are
  *             suspended. RSS is read, the gate is set, and the main thread
  *             waits for each task's Pending and releases it.
+ *  libcaller-copy  the same with the Caller in copy-stack mode
+ *             (CALLER_STACK_COPY): each suspended task keeps the used part
+ *             of its stack in a heap buffer instead of a stack of its own.
  *  pthread    not measured: the floor the issue names, one 4 KiB page of
  *             stack per suspended task, is printed as a figure (4096 B).
  *             (100,000 threads would exceed this VM's vm.max_map_count and
@@ -53,9 +56,12 @@ static void *waiter(void *arg)
     return (void *)(intptr_t)(rc == 0);
 }
 
-static int ours(double *out)
+static int run_ours(double *out, unsigned stack_mode)
 {
-    caller_t *c = caller_create(CALLER_NEW_THREAD, &(caller_options_t){.name = "bench-w6"});
+    caller_t *c = caller_create(CALLER_NEW_THREAD, &(caller_options_t){
+                                                       .name = "bench-w6",
+                                                       .stack_mode = stack_mode,
+                                                   });
     BENCH_CHECK(c != NULL);
     caller_pending_t **p = malloc(N * sizeof *p);
     BENCH_CHECK(p);
@@ -114,6 +120,16 @@ static int ours(double *out)
     out[1] = (t2 - t0) * 1e3;
     out[2] = (t1 - t0) * 1e3;
     return 0;
+}
+
+static int ours(double *out)
+{
+    return run_ours(out, CALLER_STACK_OWN);
+}
+
+static int ours_copy(double *out)
+{
+    return run_ours(out, CALLER_STACK_COPY);
 }
 
 /* ---- pthread: the theoretical floor -------------------------------------- */
@@ -213,7 +229,8 @@ static const bench_workload_t w6 = {
     {{"RSS per task", "B"}, {"wall", "ms"}, {"all parked", "ms"}},
     {{"call_soon+pending_wait", ours},
      {"theory: 1 page/stack", floor_pthread},
-     {"stackless continuations", floor_libuv}},
+     {"stackless continuations", floor_libuv},
+     {"copy-stack mode (CALLER_STACK_COPY)", ours_copy}},
     120,
     0,
 };
@@ -221,6 +238,6 @@ static const bench_workload_t w6 = {
 int main(void)
 {
     bench_begin();
-    bench_workload(&w6);
+    bench_workload_more(&w6, &(bench_more_t){.key = {[3] = "libcaller-copy"}});
     return bench_end();
 }

@@ -473,6 +473,45 @@ typedef void (*caller_direct_fn)(void *arg);
 struct uv_loop_s;
 
 /**
+ * Where a Caller's tasks keep their stacks (caller_options_t.stack_mode).
+ */
+typedef enum {
+    /** Each task has a stack of its own (stack_size bytes of address
+     *  space, a guard page below it; the pages it touches stay resident
+     *  while it lives). Safe for any C code. The default. */
+    CALLER_STACK_OWN = 0,
+    /**
+     * Copy-stack mode: every task of the Caller runs on the Caller's one
+     * run stack (stack_size bytes, a guard page below it). When a task
+     * suspends and another task runs, the used part of the first one's
+     * stack (typically a few hundred bytes to a few KiB) is copied to the
+     * heap, and copied back to the same addresses before it resumes. A
+     * suspended task then costs its used stack instead of at least a page,
+     * and no stack memory is touched for the first time per task.
+     *
+     * The rule it imposes: **while a task is suspended, nothing may use a
+     * pointer into its stack.** Do not hand the address of a local
+     * variable to another task, a worker, a callback or another thread
+     * and then suspend while they may use it (caller_pending_wait,
+     * caller_sleep, caller_wait, ... are suspension points). Hand over heap
+     * memory instead. Within one task, between its own suspension points,
+     * local pointers work as usual. The library checks what it can: the
+     * `arg` of caller_call_soon(), caller_call_later(), caller_to_thread()
+     * and caller_queue_call(), and the value of caller_pending_set_result(),
+     * when it points into the run stack from a copy-stack task, are refused
+     * with -EINVAL and a message naming the rule. Pointers stored inside
+     * such arguments cannot be checked.
+     *
+     * Costs: one copy out and one copy in of the used stack when the task
+     * that runs next is another one (none when a task suspends and is the
+     * next to resume). Stack overflow past stack_size faults on the guard
+     * page as in the default mode. A task suspended with a deep stack keeps
+     * a buffer of that depth until it ends.
+     */
+    CALLER_STACK_COPY = 1,
+} caller_stack_mode_t;
+
+/**
  * Options for caller_create() and caller_get(). Zero-initialise and set what
  * you need (`caller_options_t o = {.name = "ControlThread"};`); NULL means
  * all defaults.
@@ -496,12 +535,18 @@ typedef struct caller_options {
     caller_log_fn log;
     /** The first argument passed to `log`. */
     void *log_arg;
-    /** Stack size for tasks in bytes; 0 = 256 KiB. Rounded up to pages. */
+    /** Stack size for tasks in bytes; 0 = 256 KiB. Rounded up to pages.
+     *  With CALLER_STACK_COPY: the size of the one run stack. */
     size_t stack_size;
     /** CALLER_CURRENT_THREAD only: the libuv loop of this thread to attach
      *  to. The application keeps running it; the Caller's handles join it
      *  (and keep it alive until the Caller stops). */
     struct uv_loop_s *loop;
+    /** How tasks get their stacks: CALLER_STACK_OWN (0, the default) or
+     *  CALLER_STACK_COPY; see caller_stack_mode_t. Not inherited by
+     *  children (caller_get) or pool workers: the mode is a rule for the
+     *  code that runs on this Caller. Another value: -EINVAL. */
+    unsigned stack_mode;
 } caller_options_t;
 
 /**

@@ -332,7 +332,14 @@ static int uvb_watch_update(caller__backend_watch_t *w, unsigned events)
                   (events & CALLER_WRITABLE ? EPOLLOUT : 0u),
         .data.ptr = w,
     };
-    if (epoll_ctl(b->io_fd, w->in_set ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, w->fd, &ev) != 0) {
+    int rc = epoll_ctl(b->io_fd, w->in_set ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, w->fd, &ev);
+    if (rc != 0 && !w->in_set && errno == EEXIST) {
+        /* The set still holds this file under this number for a watch
+         * closed while its descriptor was (see watch_close), and the
+         * number was given the same file again: take the entry over. */
+        rc = epoll_ctl(b->io_fd, EPOLL_CTL_MOD, w->fd, &ev);
+    }
+    if (rc != 0) {
         int err = errno;
         if (w->in_set) {
             /* MOD: the descriptor was closed (EBADF), or its number is

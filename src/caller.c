@@ -315,6 +315,10 @@ static caller_t *alloc_caller(const caller_options_t *o, const char *default_nam
         caller__fail(-EINVAL, "caller_create: unknown backend '%s' (available: libuv)", o->backend);
         return NULL;
     }
+    if (o && o->stack_mode > CALLER_STACK_COPY) {
+        caller__fail(-EINVAL, "caller_create: unknown stack_mode %u", o->stack_mode);
+        return NULL;
+    }
     caller_t *c = caller__calloc(1, sizeof *c);
     if (!c) {
         caller__fail(-ENOMEM, "caller_create: out of memory");
@@ -347,6 +351,7 @@ static caller_t *alloc_caller(const caller_options_t *o, const char *default_nam
         c->log = o->log;
         c->log_arg = o->log_arg;
         c->stack_size = o->stack_size;
+        c->copy_stacks = o->stack_mode == CALLER_STACK_COPY;
     }
     pthread_mutex_init(&c->lock, NULL);
     pthread_mutex_init(&c->queues.lock, NULL);

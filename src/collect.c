@@ -29,7 +29,7 @@ typedef struct entry {
     struct caller_iter *it;
     caller_pending_t *p; /* a reference */
     size_t index;        /* position in a fixed set */
-    struct entry *next;  /* done FIFO */
+    caller__msg_t link;  /* in the done FIFO, or the free list */
     struct entry *prev_out, *next_out;
     bool delivered; /* in the done FIFO (under it->lock) */
     bool abandoned; /* closed before its wake came: the wake frees it */
@@ -49,7 +49,7 @@ enum { CHUNK_MIN = 16, CHUNK_MAX = 256 };
 struct caller_iter {
     atomic_int refs;
     caller__lock_t lock;
-    entry_t *done_head, *done_tail;
+    caller__fifo_t done; /* settled entries, in the order they settled */
     caller_pending_t *notify;
     bool closed;
 
@@ -95,14 +95,14 @@ static entry_t *new_entry(caller_iter_t *it)
         k->next = it->chunks;
         it->chunks = k;
         for (size_t i = n; i-- > 0;) {
-            k->e[i].next = it->spare;
+            k->e[i].link.next = it->spare ? &it->spare->link : NULL;
             it->spare = &k->e[i];
         }
         if (it->chunk_size < CHUNK_MAX)
             it->chunk_size *= 2;
     }
     entry_t *e = it->spare;
-    it->spare = e->next;
+    it->spare = e->link.next ? caller__container_of(e->link.next, entry_t, link) : NULL;
     return e;
 }
 
@@ -110,7 +110,7 @@ static entry_t *new_entry(caller_iter_t *it)
  * for reuse. */
 static void recycle_entry(caller_iter_t *it, entry_t *e)
 {
-    e->next = it->spare;
+    e->link.next = it->spare ? &it->spare->link : NULL;
     it->spare = e;
 }
 
@@ -122,16 +122,6 @@ static void free_entry(caller_iter_t *it, entry_t *e)
 }
 
 /* Under it->lock: @p e is done; append it to the done FIFO. */
-static void push_done_locked(caller_iter_t *it, entry_t *e)
-{
-    e->next = NULL;
-    if (it->done_tail)
-        it->done_tail->next = e;
-    else
-        it->done_head = e;
-    it->done_tail = e;
-}
-
 static void entry_wake(caller__waiter_t *w)
 {
     entry_t *e = (entry_t *)w;
@@ -147,7 +137,7 @@ static void entry_wake(caller__waiter_t *w)
     /* Once closed, the FIFO is dead (close frees its entries): linking
      * would write into an entry close may already have freed. */
     if (!abandoned && !it->closed) {
-        push_done_locked(it, e);
+        caller__fifo_push(&it->done, &e->link);
         notify = it->notify;
         it->notify = NULL;
     }
@@ -260,7 +250,7 @@ static int watch(caller_iter_t *it, caller_pending_t *p, size_t index)
          * met, with no waiter (no lock on p, no reference on it). */
         caller__lock(&it->lock);
         e->delivered = true;
-        push_done_locked(it, e);
+        caller__fifo_push(&it->done, &e->link);
         caller__unlock(&it->lock);
         return 0;
     }
@@ -355,12 +345,10 @@ static int next_done(caller_iter_t *it, int64_t deadline, bool need_all, const c
         if (rc < 0)
             return rc;
         caller__lock(&it->lock);
-        entry_t *e = it->done_head;
-        if (e) {
-            it->done_head = e->next;
-            if (!it->done_head)
-                it->done_tail = NULL;
+        caller__msg_t *m = caller__fifo_pop(&it->done);
+        if (m) {
             caller__unlock(&it->lock);
+            entry_t *e = caller__container_of(m, entry_t, link);
             unlink_out(it, e);
             *out = e->p; /* the entry's reference */
             *index = e->index;
@@ -379,7 +367,7 @@ static int next_done(caller_iter_t *it, int64_t deadline, bool need_all, const c
         if (!notify)
             return caller__fail(-ENOMEM, "%s: out of memory", api);
         caller__lock(&it->lock);
-        if (it->done_head) {
+        if (it->done.head) {
             /* Delivered since we looked. */
             caller__unlock(&it->lock);
             caller_pending_unref(notify);

@@ -92,6 +92,7 @@ struct caller {
     caller_log_fn log;
     void *log_arg;
     size_t stack_size;
+    bool copy_stacks; /* CALLER_STACK_COPY */
     void *zmq_context;
     void *iopub;               /* its PUB socket, in its own thread only (iopub.c) */
     caller_pending_t *stopped; /* the stopped event */

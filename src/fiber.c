@@ -113,6 +113,14 @@ struct caller__fiber {
     size_t stack_size;          /* size asked for, rounded up to pages: the cache key */
     bool started;
     bool finished;
+    bool copied; /* runs on its thread's run stack (copy-stack mode) */
+    char *saved; /* copied: its used stack while another fiber has the run stack */
+    size_t saved_len, saved_cap;
+#if !FIBER_ASM
+    char *save_from; /* copied: the lowest live byte of its stack when it yielded */
+#endif
+    void *slot; /* caller__fiber_slot() */
+    _Alignas(16) unsigned char park[CALLER__FIBER_PARK_SIZE];
 #if FIBER_ASAN
     void *fake_stack; /* ASan's fake stack of this fiber while suspended */
 #endif
@@ -127,7 +135,15 @@ struct caller__fiber {
 
 struct fiber_thread {
     caller__fiber_t *current; /* running fiber; NULL on the scheduler context */
-    caller__fiber_t *cache;   /* finished fibers, most recently freed first */
+    void *sched_slot;         /* caller__fiber_slot() on the scheduler context */
+    /* Copy-stack mode: the run stack (a slot of its own, the struct at its
+     * top unused but for the bounds), the copied fiber whose bytes are on
+     * it now, and how many copied fibers live. */
+    caller__fiber_t *run;
+    caller__fiber_t *resident;
+    size_t copied_live;
+    struct save_arena *save; /* the copied fibers' buffers (see fiber_save_alloc) */
+    caller__fiber_t *cache;  /* finished fibers, most recently freed first */
     size_t cached;
     size_t mapped;
     size_t page;
@@ -150,6 +166,9 @@ struct fiber_thread {
 
 static _Thread_local struct fiber_thread fiber_thread;
 
+/* A copied fiber's struct is a block (alloc.h) where it fits one. */
+#define COPIED_IN_BLOCK (sizeof(caller__fiber_t) <= CALLER__BLOCK_SIZE)
+
 #if FIBER_ASM
 /* src/switch_<arch>.S */
 void *caller__fiber_asm_init(void *top, void *arg, void (*main)(void *), void (*exit)(void *));
@@ -163,10 +182,16 @@ __attribute__((noreturn, cold)) static void fiber_misuse(const char *what)
     abort();
 }
 
+/* The top of f's stack: its struct, or for a copied fiber the run stack's. */
+static char *fiber_top(const caller__fiber_t *f)
+{
+    return f->copied ? (char *)f->owner->run : (char *)f;
+}
+
 #if FIBER_ASAN || !FIBER_ASM
 static size_t fiber_stack_bytes(const caller__fiber_t *f)
 {
-    return (size_t)((const char *)f - f->stack_lo);
+    return (size_t)(fiber_top(f) - f->stack_lo);
 }
 #endif
 
@@ -663,16 +688,11 @@ FIBER_NO_TSAN_FRAME static void fiber_uc_entry(void)
 }
 #endif
 
-/* Make f ready to run fn(arg) from its first instruction. */
-static int fiber_prepare(caller__fiber_t *f, caller__fiber_fn fn, void *arg)
+/* Build f's first frame at the top of its stack. */
+static int fiber_build(caller__fiber_t *f)
 {
-    f->fn = fn;
-    f->arg = arg;
-    f->next = NULL;
-    f->started = false;
-    f->finished = false;
 #if FIBER_ASM
-    f->sp = caller__fiber_asm_init(f, f, fiber_main, fiber_exit);
+    f->sp = caller__fiber_asm_init(fiber_top(f), f, fiber_main, fiber_exit);
 #else
     if (getcontext(&f->uc) != 0)
         return caller__fail(-errno, "getcontext: %s", strerror(errno));
@@ -681,6 +701,209 @@ static int fiber_prepare(caller__fiber_t *f, caller__fiber_fn fn, void *arg)
     f->uc.uc_link = NULL;
     makecontext(&f->uc, fiber_uc_entry, 0);
 #endif
+    return 0;
+}
+
+/* Make f ready to run fn(arg) from its first instruction (a copied fiber's
+ * frame is built when it first gets the run stack). */
+static int fiber_prepare(caller__fiber_t *f, caller__fiber_fn fn, void *arg)
+{
+    f->fn = fn;
+    f->arg = arg;
+    f->next = NULL;
+    f->started = false;
+    f->finished = false;
+    f->slot = NULL;
+    return f->copied ? 0 : fiber_build(f);
+}
+
+/* ---- copy-stack mode ------------------------------------------------------ */
+
+/* The lowest live byte of a suspended copied fiber's stack. */
+static char *fiber_saved_sp(const caller__fiber_t *f)
+{
+#if FIBER_ASM
+    return f->sp;
+#else
+    return f->save_from;
+#endif
+}
+
+/* Copy the resident fiber's used stack out to its buffer (sized when it
+ * yielded). */
+static void fiber_save(struct fiber_thread *t, caller__fiber_t *r)
+{
+    char *top = (char *)t->run;
+    char *from = fiber_saved_sp(r);
+    size_t len = (size_t)(top - from);
+    if (len > r->saved_cap)
+        fiber_misuse("a copied fiber's stack outgrew the buffer reserved when it yielded");
+#if FIBER_ASAN
+    /* Its frames' redzones are poisoned: the copy reads them anyway. */
+    ASAN_UNPOISON_MEMORY_REGION(from, len);
+#endif
+    memcpy(r->saved, from, len);
+    r->saved_len = len;
+}
+
+/* Before switching to copied fiber f: put its bytes on the run stack. */
+static void fiber_take_run(struct fiber_thread *t, caller__fiber_t *f)
+{
+    caller__fiber_t *r = t->resident;
+    if (r == f)
+        return; /* still there since it yielded */
+    if (r)
+        fiber_save(t, r);
+    t->resident = f;
+#if FIBER_ASAN
+    /* Stale poison of other fibers' frames would be taken for f's. */
+    ASAN_UNPOISON_MEMORY_REGION(f->stack_lo, fiber_stack_bytes(f));
+#endif
+    if (!f->started) {
+        if (fiber_build(f) != 0)
+            fiber_misuse("cannot build a copied fiber's first frame");
+        return;
+    }
+    memcpy((char *)t->run - f->saved_len, f->saved, f->saved_len);
+}
+
+/*
+ * Save buffers. A thread's copied fibers are all its own, so their buffers
+ * come from a per-thread arena without locks: size classes of 64-byte
+ * steps up to 4 KiB, then powers of two up to 64 KiB (bigger ones from
+ * caller__malloc), carved from 2 MiB areas advised for huge pages
+ * (caller__big_alloc) and kept on a free list per class. With 100 000
+ * suspended tasks that is 100 000 buffers of a few hundred bytes: from
+ * malloc on a Caller's thread (a non-main arena that grows by mprotect,
+ * one 4 KiB page fault at a time) they took most of the time. The areas go
+ * back when the thread's last copied fiber is freed and its cache cleared.
+ */
+#define SAVE_STEP 64
+#define SAVE_STEPS 64      /* classes 0..63: 64 .. 4096 bytes */
+#define SAVE_CLASSES 68    /* 64..67: 8, 16, 32, 64 KiB */
+#define SAVE_AREAS_MAX 512 /* 1 GiB of buffers; then caller__malloc */
+
+struct save_arena {
+    void *free[SAVE_CLASSES];
+    char *bump, *end;
+    size_t nareas;
+    void *areas[SAVE_AREAS_MAX];
+};
+
+static size_t save_class_size(unsigned k)
+{
+    return k < SAVE_STEPS ? (size_t)(k + 1) * SAVE_STEP : (size_t)4096 << (k - SAVE_STEPS + 1);
+}
+
+/* The class holding @p size bytes, or SAVE_CLASSES if none does. */
+static unsigned save_class(size_t size)
+{
+    if (size <= SAVE_STEPS * SAVE_STEP)
+        return size ? (unsigned)((size - 1) / SAVE_STEP) : 0;
+    unsigned k = SAVE_STEPS;
+    while (k < SAVE_CLASSES && save_class_size(k) < size)
+        k++;
+    return k;
+}
+
+/* A buffer of at least @p need bytes; its capacity in *cap. */
+static char *fiber_save_alloc(struct fiber_thread *t, size_t need, size_t *cap)
+{
+    unsigned k = save_class(need);
+    if (k == SAVE_CLASSES) {
+        *cap = need;
+        return caller__malloc(need);
+    }
+    size_t size = save_class_size(k);
+    *cap = size;
+    struct save_arena *a = t->save;
+    if (!a && !(a = t->save = caller__calloc(1, sizeof *a)))
+        return NULL;
+    if (a->free[k]) {
+        char *b = a->free[k];
+        memcpy(&a->free[k], b, sizeof(void *));
+        return b;
+    }
+    if ((size_t)(a->end - a->bump) < size) {
+        if (a->nareas == SAVE_AREAS_MAX)
+            return caller__malloc(size);
+        char *area = caller__big_alloc(CALLER__BIG_SIZE);
+        if (!area)
+            return NULL;
+        a->areas[a->nareas++] = area;
+        a->bump = area;
+        a->end = area + CALLER__BIG_SIZE;
+    }
+    char *b = a->bump;
+    a->bump += size;
+    return b;
+}
+
+static bool fiber_save_in_areas(const struct save_arena *a, const char *b)
+{
+    for (size_t i = 0; i < a->nareas; i++)
+        if (b >= (const char *)a->areas[i] && b < (const char *)a->areas[i] + CALLER__BIG_SIZE)
+            return true;
+    return false;
+}
+
+static void fiber_save_free(struct fiber_thread *t, char *b, size_t cap)
+{
+    if (!b)
+        return;
+    unsigned k = save_class(cap);
+    struct save_arena *a = t->save;
+    if (k == SAVE_CLASSES || save_class_size(k) != cap || !a ||
+        (a->nareas == SAVE_AREAS_MAX && !fiber_save_in_areas(a, b))) {
+        caller__free(b);
+        return;
+    }
+    memcpy(b, &a->free[k], sizeof(void *));
+    a->free[k] = b;
+}
+
+/* The thread's last copied fiber is gone: give the areas back. */
+static void fiber_save_release(struct fiber_thread *t)
+{
+    struct save_arena *a = t->save;
+    if (!a)
+        return;
+    for (size_t i = 0; i < a->nareas; i++)
+        caller__big_free(a->areas[i], CALLER__BIG_SIZE);
+    caller__free(a);
+    t->save = NULL;
+}
+
+/* An address below everything live on the stack when the caller of the
+ * caller of this function switches away: this frame is at least as deep
+ * as the switch's (called from the same frame or a shallower one), and
+ * the switch pushes 72 bytes on x86_64 (a return address and 64 bytes),
+ * 176 on aarch64; the margin covers those (fiber_save checks it held). */
+__attribute__((noinline)) static char *fiber_low_water(void)
+{
+    return (char *)__builtin_frame_address(0) - 192;
+}
+
+/* In copied fiber f, about to yield: make its buffer hold its used stack. */
+static int fiber_reserve(struct fiber_thread *t, caller__fiber_t *f)
+{
+    char *low = fiber_low_water();
+    if (low < f->stack_lo)
+        low = f->stack_lo;
+#if !FIBER_ASM
+    f->save_from = low;
+#endif
+    size_t need = (size_t)((char *)t->run - low);
+    if (need <= f->saved_cap)
+        return 0;
+    size_t cap;
+    char *buf = fiber_save_alloc(t, need, &cap);
+    if (!buf)
+        return caller__fail(-ENOMEM, "no memory to save a copy-stack task's stack (%zu bytes)",
+                            need);
+    fiber_save_free(t, f->saved, f->saved_cap);
+    f->saved = buf;
+    f->saved_cap = cap;
     return 0;
 }
 
@@ -715,6 +938,80 @@ caller__fiber_t *caller__fiber_new(size_t stack_size, caller__fiber_fn fn, void 
     return f;
 }
 
+caller__fiber_t *caller__fiber_new_copied(size_t stack_size, caller__fiber_fn fn, void *arg)
+{
+    struct fiber_thread *t = &fiber_thread;
+    if (!fn) {
+        caller__fail(-EINVAL, "caller__fiber_new_copied: fn is NULL");
+        return NULL;
+    }
+    if (stack_size == 0)
+        stack_size = CALLER__FIBER_DEFAULT_STACK;
+    if (stack_size > SIZE_MAX / 4) {
+        caller__fail(-ENOMEM, "cannot map a run stack of %zu bytes: too big", stack_size);
+        return NULL;
+    }
+    size_t page = fiber_page(t);
+    stack_size = (stack_size + page - 1) & ~(page - 1);
+    if (t->run && t->run->stack_size != stack_size) {
+        if (t->copied_live) {
+            caller__fail(-EINVAL,
+                         "copy-stack tasks of one thread share one run stack: it has %zu "
+                         "bytes, not %zu",
+                         t->run->stack_size, stack_size);
+            return NULL;
+        }
+        fiber_unmap(t, t->run);
+        t->run = NULL;
+    }
+    if (!t->run && !(t->run = fiber_map(t, stack_size)))
+        return NULL;
+    caller__fiber_t *f = COPIED_IN_BLOCK ? caller__block_alloc() : caller__malloc(sizeof *f);
+    if (!f) {
+        caller__fail(-ENOMEM, "no memory for a copy-stack task");
+        return NULL;
+    }
+    memset(f, 0, sizeof *f);
+    f->owner = t;
+    f->copied = true;
+    f->stack_lo = t->run->stack_lo;
+    f->stack_size = stack_size;
+    fiber_prepare(f, fn, arg);
+#if FIBER_TSAN
+    fiber_tsan_attach(t, f);
+#endif
+    t->copied_live++;
+    return f;
+}
+
+bool caller__fiber_copied(const caller__fiber_t *f)
+{
+    return f->copied;
+}
+
+bool caller__fiber_on_run_stack(const void *p)
+{
+    struct fiber_thread *t = &fiber_thread;
+    caller__fiber_t *f = t->current;
+    return f && f->copied && (const char *)p >= f->stack_lo && (const char *)p < fiber_top(f);
+}
+
+size_t caller__fiber_saved_bytes(const caller__fiber_t *f)
+{
+    return f->copied ? f->saved_len : 0;
+}
+
+void *caller__fiber_park(caller__fiber_t *f)
+{
+    return f->park;
+}
+
+void **caller__fiber_slot(void)
+{
+    struct fiber_thread *t = &fiber_thread;
+    return t->current ? &t->current->slot : &t->sched_slot;
+}
+
 void caller__fiber_switch_to(caller__fiber_t *f)
 {
     struct fiber_thread *t = &fiber_thread;
@@ -724,6 +1021,8 @@ void caller__fiber_switch_to(caller__fiber_t *f)
         fiber_misuse("caller__fiber_switch_to: not a fiber of this thread");
     if (f->finished)
         fiber_misuse("caller__fiber_switch_to: the fiber has finished");
+    if (f->copied)
+        fiber_take_run(t, f);
     f->started = true;
     t->current = f;
 #if FIBER_ASAN
@@ -744,12 +1043,14 @@ void caller__fiber_switch_to(caller__fiber_t *f)
     t->current = NULL;
 }
 
-void caller__fiber_yield(void)
+int caller__fiber_yield(void)
 {
     struct fiber_thread *t = &fiber_thread;
     caller__fiber_t *f = t->current;
     if (!f)
         fiber_misuse("caller__fiber_yield called outside a fiber");
+    if (f->copied && fiber_reserve(t, f) != 0)
+        return -ENOMEM;
 #if FIBER_ASAN
     __sanitizer_start_switch_fiber(&f->fake_stack, t->sched_bottom, t->sched_size);
 #endif
@@ -764,6 +1065,7 @@ void caller__fiber_yield(void)
 #if FIBER_ASAN
     __sanitizer_finish_switch_fiber(f->fake_stack, &t->sched_bottom, &t->sched_size);
 #endif
+    return 0;
 }
 
 caller__fiber_t *caller__fiber_current(void)
@@ -790,6 +1092,17 @@ void caller__fiber_free(caller__fiber_t *f)
 #if FIBER_TSAN
     fiber_tsan_detach(t, f);
 #endif
+    if (f->copied) {
+        if (t->resident == f)
+            t->resident = NULL;
+        t->copied_live--;
+        fiber_save_free(t, f->saved, f->saved_cap);
+        if (COPIED_IN_BLOCK)
+            caller__block_free(f);
+        else
+            caller__free(f);
+        return;
+    }
     if (t->cached >= CALLER__FIBER_CACHE_MAX) {
         fiber_unmap(t, f);
         return;
@@ -811,6 +1124,12 @@ void caller__fiber_cache_clear(void)
         t->cached--;
         fiber_unmap(t, f);
     }
+    if (!t->copied_live) {
+        if (t->run)
+            fiber_unmap(t, t->run);
+        t->run = NULL;
+        fiber_save_release(t);
+    }
 #if FIBER_TSAN
     fiber_tsan_drop_idle(true);
 #endif
@@ -823,14 +1142,14 @@ size_t caller__fiber_stacks_mapped(void)
 
 void caller__fiber_guard(const caller__fiber_t *f, void **lo, void **hi)
 {
-    *lo = f->map;
+    *lo = f->copied ? f->owner->run->map : f->map;
     *hi = f->stack_lo;
 }
 
 void caller__fiber_stack(const caller__fiber_t *f, void **lo, void **hi)
 {
     *lo = f->stack_lo;
-    *hi = (void *)f;
+    *hi = fiber_top(f);
 }
 
 const char *caller__fiber_impl(void)

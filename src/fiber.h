@@ -29,6 +29,19 @@
  * the floating-point environment too). A new fiber starts with the control
  * modes of the thread that created it, as of caller__fiber_new().
  *
+ * Copy-stack mode (caller__fiber_new_copied): the fiber runs on its
+ * thread's one run stack (a guarded slot like any other) instead of a stack
+ * of its own. When another copied fiber is switched to, the used part of
+ * the one whose bytes are on the run stack ([its saved stack pointer, the
+ * top)) is copied out to a heap buffer, and the new one's bytes are copied
+ * back to the same addresses, so pointers into a running fiber's stack stay
+ * valid while it runs. While it is suspended they are not: its bytes are
+ * elsewhere, or another fiber's frames are there. Copying is lazy: a fiber
+ * that suspends and is the next copied fiber to run costs no copy. The
+ * buffer is sized when the fiber yields (caller__fiber_yield fails with
+ * -ENOMEM, and the fiber keeps running, when it cannot be), so a switch
+ * never allocates.
+ *
  * Misuse that the scheduler can never do on purpose (switching from inside a
  * fiber, freeing a suspended fiber, using a fiber on another thread) is a
  * broken invariant: it aborts with a message.
@@ -41,6 +54,10 @@
 
 typedef struct caller__fiber caller__fiber_t;
 typedef void (*caller__fiber_fn)(void *arg);
+
+/* Bytes of caller__fiber_park(): state others may read while the fiber is
+ * suspended (in copy-stack mode its stack is not readable then). */
+#define CALLER__FIBER_PARK_SIZE 80
 
 /* Default usable stack size of a fiber. */
 #define CALLER__FIBER_DEFAULT_STACK ((size_t)256 * 1024)
@@ -61,6 +78,34 @@ typedef void (*caller__fiber_fn)(void *arg);
 caller__fiber_t *caller__fiber_new(size_t stack_size, caller__fiber_fn fn, void *arg);
 
 /*
+ * As caller__fiber_new, in copy-stack mode (see above): the fiber runs on
+ * this thread's run stack of stack_size bytes (0 = the default), mapped at
+ * the first such fiber and kept while any lives. Every copied fiber of a
+ * thread uses the same size: asking for another while one lives fails with
+ * -EINVAL. The fiber struct is malloc'd; nothing is mapped per fiber.
+ */
+caller__fiber_t *caller__fiber_new_copied(size_t stack_size, caller__fiber_fn fn, void *arg);
+
+/* True if f runs in copy-stack mode. */
+bool caller__fiber_copied(const caller__fiber_t *f);
+
+/* True if the running fiber is a copied one and @p p points into the run
+ * stack: memory that is not there while that fiber is suspended. */
+bool caller__fiber_on_run_stack(const void *p);
+
+/* Bytes a copied fiber holds in its buffer (its used stack when it last
+ * gave the run stack up), 0 for others. For tests and statistics. */
+size_t caller__fiber_saved_bytes(const caller__fiber_t *f);
+
+/* CALLER__FIBER_PARK_SIZE bytes of f's own, off its stack, 16-aligned, for
+ * the life of the fiber (reused fibers keep old contents). */
+void *caller__fiber_park(caller__fiber_t *f);
+
+/* A pointer-sized slot of the running fiber (the scheduler context has one
+ * per thread): for lists of frames that only that fiber may walk. */
+void **caller__fiber_slot(void);
+
+/*
  * From the scheduler context (not inside a fiber) of the fiber's own thread:
  * run f until it calls caller__fiber_yield() or its fn returns. f must not
  * have finished. A fiber that runs to completion without suspending costs
@@ -69,10 +114,11 @@ caller__fiber_t *caller__fiber_new(size_t stack_size, caller__fiber_fn fn, void 
 void caller__fiber_switch_to(caller__fiber_t *f);
 
 /*
- * From inside the running fiber: back to the scheduler context; returns when
- * the scheduler switches to this fiber again.
+ * From inside the running fiber: back to the scheduler context; returns 0
+ * when the scheduler switches to this fiber again. A copied fiber whose
+ * save buffer cannot grow to its used stack does not switch: -ENOMEM.
  */
-void caller__fiber_yield(void);
+int caller__fiber_yield(void);
 
 /* The fiber running now on this thread, or NULL on the scheduler context. */
 caller__fiber_t *caller__fiber_current(void);

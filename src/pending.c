@@ -480,37 +480,34 @@ static int outcome_locked(const caller_pending_t *p, unsigned flags)
 }
 
 /*
- * The Pendings whose done callbacks this thread is running, innermost first,
- * each with the fiber (the task) it runs on (NULL: none). Inside its own callbacks a
+ * The Pendings whose done callbacks this fiber is running, innermost first.
+ * Inside its own callbacks a
  * Pending is done, and the wake a wait would need is sent by this very
  * thread once the callback returns: caller_pending_wait looks here and
  * answers at once instead of waiting for itself. A callback that suspends
- * (in a task) leaves its frame listed while other tasks of the thread run
- * and list theirs, so a frame is unlinked by identity, not popped.
+ * (in a task) leaves its frame listed while other tasks of the thread run,
+ * so each fiber (and the thread's scheduler context) has a list of its own
+ * (caller__fiber_slot): only the fiber itself walks it, as a copy-stack
+ * task's frames are not readable while it is suspended.
  */
 typedef struct completing {
     const caller_pending_t *p;
-    const caller__fiber_t *fiber;
     struct completing *next;
 } completing_t;
 
-static _Thread_local completing_t *tl_completing;
-
 bool caller__pending_completing_here(const caller_pending_t *p)
 {
-    if (!tl_completing)
-        return false;
-    const caller__fiber_t *fiber = caller__fiber_current();
-    for (completing_t *f = tl_completing; f; f = f->next)
-        if (f->p == p && f->fiber == fiber)
+    for (completing_t *f = *caller__fiber_slot(); f; f = f->next)
+        if (f->p == p)
             return true;
     return false;
 }
 
 static void run_callbacks(caller_pending_t *p, callback_t cb0, callback_vec_t *cbs)
 {
-    completing_t frame = {p, caller__fiber_current(), tl_completing};
-    tl_completing = &frame;
+    void **head = caller__fiber_slot();
+    completing_t frame = {p, *head};
+    *head = &frame;
     if (cb0.fn)
         cb0.fn(p, cb0.arg);
     if (cbs) {
@@ -518,11 +515,7 @@ static void run_callbacks(caller_pending_t *p, callback_t cb0, callback_vec_t *c
             cbs->items[i].fn(p, cbs->items[i].arg);
         caller__free(cbs);
     }
-    for (completing_t **pp = &tl_completing; *pp; pp = &(*pp)->next)
-        if (*pp == &frame) {
-            *pp = frame.next;
-            break;
-        }
+    *head = frame.next; /* this fiber's list: frames end in order */
 }
 
 /* Detach every linked waiter. Under the lock. */
@@ -688,6 +681,11 @@ int caller_pending_set_result(caller_pending_t *p, void *value, bool reset)
 {
     if (!p)
         return caller__fail(-EINVAL, "caller_pending_set_result: p is NULL");
+    if (caller__fiber_on_run_stack(value))
+        return caller__fail(-EINVAL, "caller_pending_set_result: the value points into a "
+                                     "copy-stack task's stack, which is not there while the "
+                                     "task is suspended: pass heap memory (see "
+                                     "CALLER_STACK_COPY)");
     return complete(p, value, 0, NULL, reset, false, NULL, "caller_pending_set_result");
 }
 

@@ -495,6 +495,8 @@ caller_pending_t *caller_to_thread_named(caller_t *c, caller_fn fn, void *arg, c
         caller__fail(-EINVAL, "caller_to_thread: %s is NULL", c ? "fn" : "caller");
         return NULL;
     }
+    if (caller__arg_on_task_stack(arg, "caller_to_thread", "arg"))
+        return NULL;
     caller_pool_t *pool = pool_of(c, "caller_to_thread");
     if (!pool)
         return NULL;
@@ -571,8 +573,10 @@ static void pool_stop(caller_t *c)
     for (caller__link_t *l = runq.next; l != &runq; l = l->next)
         container_of(l, caller__task_t, live)->msg.kind = CALLER__POOLED_TAKEN;
     unlock_pool(pool);
+    CALLER__TEST_POINT("pool.stop_unhooking", c);
     /* Each link is unhooked under the lock, the reference dropped without
-     * it. */
+     * it: a worker that loaded its hooks before it left may be asking
+     * may_spin about its link right now. */
     for (;;) {
         lock_pool(pool);
         caller__link_t *l = caller__list_empty(&idle) ? NULL : idle.next;

@@ -236,6 +236,8 @@ static caller_pending_t *queue_call(caller_t *c, caller_fn key_fn, const void *k
         caller__fail(-EINVAL, "caller_queue_call: %s is NULL", !c ? "caller" : !fn ? "fn" : "key");
         return NULL;
     }
+    if (caller__arg_on_task_stack(arg, "caller_queue_call", "arg"))
+        return NULL;
     item_t *it = caller__malloc(sizeof *it);
     if (!it) {
         caller__fail(-ENOMEM, "caller_queue_call: out of memory");

@@ -110,8 +110,12 @@ void caller__before_sleep(caller_t *c)
         }
         /* A pool's idle workers do not all spin: the pool says which may. */
         const caller__worker_hooks_t *wh = atomic_load_explicit(&c->worker, memory_order_acquire);
-        if (wh && !wh->may_spin(c))
+        if (wh)
+            CALLER__TEST_POINT("sched.may_spin", c); /* the pool may be letting it go */
+        if (wh && !wh->may_spin(c)) {
+            CALLER__TEST_POINT("sched.spin_refused", c);
             return;
+        }
         CALLER__TEST_POINT("sched.spin_allowed", c);
         bool queued = caller__inbox_await_briefly(&c->inbox, &c->spin);
         if (wh)
@@ -295,7 +299,8 @@ static void run_task(caller_t *c, caller__task_t *t)
             task_end(c, t);
             return;
         }
-        t->fiber = caller__fiber_new(c->stack_size, task_entry, t);
+        t->fiber = c->copy_stacks ? caller__fiber_new_copied(c->stack_size, task_entry, t)
+                                  : caller__fiber_new(c->stack_size, task_entry, t);
         if (!t->fiber) {
             caller_pending_set_exception(p, -ENOMEM, "no memory for the task's stack");
             task_end(c, t);
@@ -371,7 +376,12 @@ static caller__wake_t task_suspend(caller__task_t *t, int64_t deadline, bool can
     t->wake = CALLER__WAKE_NONE;
     t->uncancellable = !cancellable;
     t->state = CALLER__TASK_SUSPENDED;
-    caller__fiber_yield();
+    if (caller__fiber_yield() != 0) {
+        /* Copy-stack mode, no memory to save the stack: not suspended. */
+        caller__heap_remove(&c->timers, &t->timer);
+        t->state = CALLER__TASK_RUNNING;
+        return CALLER__WAKE_NOMEM;
+    }
     return t->wake;
 }
 
@@ -439,13 +449,18 @@ static caller__wake_t suspend_point(caller__task_t *t, int64_t deadline, const b
     }
 }
 
-/* A task's waiter on a Pending: the node lives on the task's fiber stack. */
+/* A task's waiter on a Pending. The node lives in its fiber's park, not on
+ * its stack: the completing thread reads it while the task is suspended,
+ * when a copy-stack task's stack is not where it was. A task waits for one
+ * thing at a time. */
 typedef struct {
     caller__waiter_t w;
     caller__msg_t msg; /* MSG_RESUME */
     caller__task_t *task;
     bool woken; /* (L) */
 } fiber_waiter_t;
+
+_Static_assert(sizeof(fiber_waiter_t) <= CALLER__FIBER_PARK_SIZE, "a waiter fits a fiber's park");
 
 static void on_resume(fiber_waiter_t *fw)
 {
@@ -480,25 +495,27 @@ int caller__task_wait(caller__task_t *t, caller_pending_t *p, int64_t deadline, 
         *code = want ? caller_pending_result(p, value) : 0;
         return 0;
     }
-    fiber_waiter_t fw = {.w = {.wake = fiber_wake}, .msg = {.kind = CALLER__MSG_RESUME}, .task = t};
-    if (!caller__pending_add_waiter(p, &fw.w)) {
+    fiber_waiter_t *fw = caller__fiber_park(t->fiber);
+    *fw =
+        (fiber_waiter_t){.w = {.wake = fiber_wake}, .msg = {.kind = CALLER__MSG_RESUME}, .task = t};
+    if (!caller__pending_add_waiter(p, &fw->w)) {
         *code = caller_pending_result(p, value);
         return 0;
     }
-    caller__wake_t why = suspend_point(t, deadline, &fw.woken);
-    if (!fw.woken) {
-        if (caller__pending_remove_waiter(p, &fw.w)) {
+    caller__wake_t why = suspend_point(t, deadline, &fw->woken);
+    if (!fw->woken) {
+        if (caller__pending_remove_waiter(p, &fw->w)) {
             if (why == CALLER__WAKE_NOMEM)
                 return caller__fail(-ENOMEM, "caller_pending_wait: no memory for the timeout");
             return why == CALLER__WAKE_CANCEL ? -ECANCELED : -ETIMEDOUT;
         }
         /* Completed just as we gave up: its wake is on the way, and this
          * frame must outlive it. Wait for it; it will not be long. */
-        while (!fw.woken)
+        while (!fw->woken)
             task_suspend(t, INT64_MAX, false);
     }
-    *code = fw.w.code;
-    *value = fw.w.value;
+    *code = fw->w.code;
+    *value = fw->w.value;
     return 0;
 }
 
@@ -863,6 +880,17 @@ void caller__sched_drain_closed(caller_t *c, caller__msg_t *m)
 
 /* ---- scheduling API ------------------------------------------------------------ */
 
+bool caller__arg_on_task_stack(const void *p, const char *api, const char *what)
+{
+    if (!caller__fiber_on_run_stack(p))
+        return false;
+    caller__fail(-EINVAL,
+                 "%s: %s points into a copy-stack task's stack, which is not there while the "
+                 "task is suspended: pass heap memory (see CALLER_STACK_COPY)",
+                 api, what);
+    return true;
+}
+
 static caller_pending_t *schedule(caller_t *c, double delay, caller_fn fn, void *arg,
                                   const char *name, const char *api, caller_direct_fn on_end,
                                   bool detached)
@@ -871,6 +899,8 @@ static caller_pending_t *schedule(caller_t *c, double delay, caller_fn fn, void 
         caller__fail(-EINVAL, "%s: %s is NULL", api, c ? "fn" : "caller");
         return NULL;
     }
+    if (caller__arg_on_task_stack(arg, api, "arg"))
+        return NULL;
     if (!(delay >= 0))
         delay = 0; /* negative and NaN: now */
     int64_t deadline = delay > 0 ? caller__deadline(delay) : INT64_MIN;

@@ -82,9 +82,11 @@ static void quiet_log(void *arg, int level, const char *message)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
+    /* The second Caller runs its tasks in copy-stack mode. */
     const caller_options_t quiet = {.log = quiet_log};
+    const caller_options_t copying = {.log = quiet_log, .stack_mode = CALLER_STACK_COPY};
     caller_t *c[2] = {caller_create(CALLER_NEW_THREAD, &quiet),
-                      caller_create(CALLER_NEW_THREAD, &quiet)};
+                      caller_create(CALLER_NEW_THREAD, &copying)};
     REQUIRE(c[0] && c[1]);
     caller_pending_t *slot[SLOTS] = {0};
     int key[2];

@@ -237,20 +237,33 @@ TEST(generator_asked_only_below_max_concurrent)
     check_stop(c);
 }
 
+/* Opens the gate Pending @p arg. */
+static void *open_gate(void *arg)
+{
+    caller_pending_set_result(arg, NULL, false);
+    return arg;
+}
+
 static void *as_completed_in_task(void *arg)
 {
     caller_t *other = arg;
     caller_t *self = caller_current();
-    /* While this task is suspended in caller_iter_next, its Caller runs
-     * other tasks: `ticker` completes before the slow item does. */
-    caller_pending_t *ticker = caller_call_soon(self, sleeper, P(1));
-    caller_pending_t *items[2] = {caller_call_soon(other, sleeper, P(40)),
-                                  caller_call_soon(other, sleeper, P(50))};
+    /* The items (on the other Caller) wait for a gate that only `opener`,
+     * a task of this Caller, opens: they can complete only if this task
+     * suspends in caller_iter_next and lets its Caller run the opener.
+     * The opener ends (in this thread) before this task is resumed. */
+    caller_pending_t *gate = caller_pending_new(CALLER_PENDING_UNTRACKED);
+    CHECK(gate != NULL);
+    gated_t g[2] = {{gate, 1, false}, {gate, 2, false}};
+    caller_pending_t *items[2] = {caller_call_soon(other, gated, &g[0]),
+                                  caller_call_soon(other, gated, &g[1])};
+    caller_pending_t *ticker = caller_call_soon(self, open_gate, gate);
     caller_iter_t *it = caller_as_completed(items, 2, NULL);
     caller_pending_t *q;
     int n = 0;
     while (caller_iter_next(it, &q) == 0) {
         CHECK_EQ(caller_pending_done(ticker), 1);
+        CHECK_RC(caller_pending_result(q, NULL), 0);
         caller_pending_unref(q);
         n++;
     }
@@ -262,6 +275,7 @@ static void *as_completed_in_task(void *arg)
     caller_pending_unref(items[0]);
     caller_pending_unref(items[1]);
     caller_pending_unref(ticker);
+    caller_pending_unref(gate);
     return P(n);
 }
 
@@ -270,7 +284,7 @@ TEST(as_completed_inside_a_task_suspends_it)
     caller_t *a = check_new_thread(NULL), *b = check_new_thread(NULL);
     caller_pending_t *p = caller_call_soon(a, as_completed_in_task, b);
     void *v;
-    CHECK_RC(caller_pending_wait(p, 10, false, true, &v), 0);
+    CHECK_RC(caller_pending_wait(p, 20 * check_time_scale(), false, true, &v), 0);
     CHECK_EQ(I(v), 2);
     caller_pending_unref(p);
     check_stop(a);

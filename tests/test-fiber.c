@@ -605,7 +605,7 @@ const char *__asan_default_options(void)
 /* In a child process: churn is how many fibers to run and free first, so
  * that the overflowing fiber gets a stack the pool handed out before (and,
  * past the pool's dirty limit, whose pages it dropped). */
-static void overflow_in_child(int churn)
+static void overflow_in_child(int churn, bool copied)
 {
     start_clean();
     int fds[2];
@@ -635,7 +635,8 @@ static void overflow_in_child(int churn)
             caller__fiber_cache_clear();
             free(fs);
         }
-        caller__fiber_t *f = caller__fiber_new(0, overflow_fn, NULL);
+        caller__fiber_t *f = copied ? caller__fiber_new_copied(0, overflow_fn, NULL)
+                                    : caller__fiber_new(0, overflow_fn, NULL);
         if (!f)
             _exit(3);
         void *lo, *hi;
@@ -662,14 +663,20 @@ static void overflow_in_child(int churn)
 
 TEST(stack_overflow_hits_guard)
 {
-    overflow_in_child(0);
+    overflow_in_child(0, false);
+}
+
+/* Copy-stack mode: the run stack has its guard page too. */
+TEST(copied_fiber_overflow_hits_the_run_stack_guard)
+{
+    overflow_in_child(0, true);
 }
 
 /* A stack back from the pool keeps its guard, also after the pool dropped
  * its pages (2000 fibers given back: past the pool's 1024 dirty slots). */
 TEST(stack_overflow_hits_guard_of_a_reused_stack)
 {
-    overflow_in_child(2000);
+    overflow_in_child(2000, false);
 }
 
 /* ---- the stack pool, shared by threads ------------------------------------ */
@@ -837,5 +844,261 @@ TEST(ten_thousand_suspended)
     CHECK_EQ(caller__fiber_stacks_mapped(), CALLER__FIBER_CACHE_MAX);
     free(fs);
     free(ms);
+    end_clean();
+}
+
+/* ---- copy-stack mode -------------------------------------------------------- */
+
+/* Each fiber fills a local array with its own pattern, notes its address,
+ * and yields many times at several depths; whenever it runs again its
+ * locals must be intact and at the same address, whichever fibers ran on
+ * the run stack meanwhile. */
+struct copied {
+    int id, yields, bad;
+    const void *where;
+};
+
+__attribute__((noinline)) static void copied_level(struct copied *c, int depth)
+{
+    unsigned char mine[200 + 40 * (depth % 5)];
+    for (size_t i = 0; i < sizeof mine; i++)
+        mine[i] = (unsigned char)(c->id * 31 + depth * 7 + i);
+    __asm__ volatile("" : : "r"(mine) : "memory");
+    if (depth == 0)
+        c->where = mine;
+    for (int k = 0; k < c->yields; k++) {
+        CHECK_EQ(caller__fiber_yield(), 0);
+        if (depth == 0 && c->where != (const void *)mine)
+            c->bad++;
+        for (size_t i = 0; i < sizeof mine; i++)
+            if (mine[i] != (unsigned char)(c->id * 31 + depth * 7 + i))
+                c->bad++;
+    }
+    if (depth < 6)
+        copied_level(c, depth + 1);
+}
+
+static void copied_fn(void *arg)
+{
+    copied_level(arg, 0);
+}
+
+TEST(copied_fibers_keep_their_stacks)
+{
+    start_clean();
+    enum { N = 50, YIELDS = 3 };
+    struct copied cs[N];
+    caller__fiber_t *fs[N];
+    for (int i = 0; i < N; i++) {
+        cs[i] = (struct copied){.id = i, .yields = YIELDS};
+        fs[i] = caller__fiber_new_copied(64 * 1024, copied_fn, &cs[i]);
+        CHECK(fs[i] != NULL);
+        CHECK(caller__fiber_copied(fs[i]));
+    }
+    /* One run stack for all of them, whatever their number. */
+    CHECK_EQ(caller__fiber_stacks_mapped(), 1);
+    void *lo0, *hi0, *lo1, *hi1;
+    caller__fiber_stack(fs[0], &lo0, &hi0);
+    caller__fiber_stack(fs[N - 1], &lo1, &hi1);
+    CHECK_PTR_EQ(lo0, lo1);
+    CHECK_PTR_EQ(hi0, hi1);
+    /* Round robin until all have finished: every switch evicts another. */
+    int live = N, rounds = 0;
+    while (live > 0) {
+        for (int i = 0; i < N; i++) {
+            if (!fs[i])
+                continue;
+            caller__fiber_switch_to(fs[i]);
+            if (caller__fiber_finished(fs[i])) {
+                caller__fiber_free(fs[i]);
+                fs[i] = NULL;
+                live--;
+            }
+        }
+        rounds++;
+    }
+    CHECK_EQ(rounds, 7 * YIELDS + 1);
+    for (int i = 0; i < N; i++)
+        CHECK_EQ(cs[i].bad, 0);
+    /* The run stack stays until the cache is cleared with none alive. */
+    CHECK_EQ(caller__fiber_stacks_mapped(), 1);
+    end_clean();
+}
+
+/* A copied fiber that yields and runs again with no other copied fiber in
+ * between is never copied: its bytes stayed on the run stack. */
+TEST(copied_fiber_alone_is_not_copied)
+{
+    start_clean();
+    struct copied c = {.id = 1, .yields = 100};
+    caller__fiber_t *f = caller__fiber_new_copied(0, copied_fn, &c);
+    CHECK(f != NULL);
+    while (!caller__fiber_finished(f)) {
+        caller__fiber_switch_to(f);
+        CHECK_EQ(caller__fiber_saved_bytes(f), 0);
+    }
+    CHECK_EQ(c.bad, 0);
+    caller__fiber_free(f);
+    end_clean();
+}
+
+/* What a suspended copied fiber keeps is its used stack: far less than a
+ * page for a shallow one, and the run stack is not touched per fiber. */
+TEST(copied_fiber_saves_its_used_stack)
+{
+    start_clean();
+    struct copied a = {.id = 2, .yields = 1}, b = {.id = 3, .yields = 1};
+    caller__fiber_t *fa = caller__fiber_new_copied(0, copied_fn, &a);
+    caller__fiber_t *fb = caller__fiber_new_copied(0, copied_fn, &b);
+    CHECK(fa && fb);
+    caller__fiber_switch_to(fa); /* a suspends at depth 0 */
+    caller__fiber_switch_to(fb); /* b takes the run stack: a is copied out */
+    size_t saved = caller__fiber_saved_bytes(fa);
+    CHECK_GE(saved, 200);   /* at least its array */
+    CHECK_LT(saved, 16384); /* and not the whole run stack */
+    while (!caller__fiber_finished(fa) || !caller__fiber_finished(fb)) {
+        if (!caller__fiber_finished(fa))
+            caller__fiber_switch_to(fa);
+        if (!caller__fiber_finished(fb))
+            caller__fiber_switch_to(fb);
+    }
+    CHECK_EQ(a.bad, 0);
+    CHECK_EQ(b.bad, 0);
+    caller__fiber_free(fa);
+    caller__fiber_free(fb);
+    end_clean();
+}
+
+/* Deep frames (most of a 256 KiB run stack) survive being copied out at
+ * the deepest point and back in while another fiber runs: each frame
+ * checks its locals on the way back up. */
+struct deep_copied {
+    char *top;
+    size_t want, reached, saved;
+    int bad;
+};
+
+__attribute__((noinline)) static void deep_copied_rec(struct deep_copied *d, int depth)
+{
+    volatile unsigned char buf[512];
+    for (size_t i = 0; i < sizeof buf; i++)
+        buf[i] = (unsigned char)(depth * 13 + i);
+    size_t used = (size_t)(d->top - (char *)__builtin_frame_address(0));
+    if (used < d->want) {
+        deep_copied_rec(d, depth + 1);
+    } else {
+        d->reached = used;
+        CHECK_EQ(caller__fiber_yield(), 0);
+    }
+    for (size_t i = 0; i < sizeof buf; i++)
+        if (buf[i] != (unsigned char)(depth * 13 + i))
+            d->bad++;
+}
+
+static void deep_copied_fn(void *arg)
+{
+    deep_copied_rec(arg, 0);
+}
+
+TEST(copied_fiber_deep_stack)
+{
+    start_clean();
+    struct deep_copied d = {.want = 150 * 1024};
+    caller__fiber_t *f = caller__fiber_new_copied(0, deep_copied_fn, &d);
+    struct copied other = {.id = 9, .yields = 2};
+    caller__fiber_t *g = caller__fiber_new_copied(0, copied_fn, &other);
+    CHECK(f && g);
+    void *lo, *hi;
+    caller__fiber_stack(f, &lo, &hi);
+    d.top = hi;
+    caller__fiber_switch_to(f); /* suspends 150 KiB deep */
+    CHECK_GE(d.reached, 150 * 1024);
+    while (!caller__fiber_finished(g))
+        caller__fiber_switch_to(g);
+    CHECK_GE(caller__fiber_saved_bytes(f), d.reached);
+    caller__fiber_switch_to(f);
+    CHECK(caller__fiber_finished(f));
+    CHECK_EQ(d.bad, 0);
+    CHECK_EQ(other.bad, 0);
+    caller__fiber_free(f);
+    caller__fiber_free(g);
+    end_clean();
+}
+
+/* All copied fibers of a thread share one run stack size. */
+TEST(copied_fibers_share_one_size)
+{
+    start_clean();
+    struct copied c = {.id = 4, .yields = 1};
+    caller__fiber_t *f = caller__fiber_new_copied(64 * 1024, copied_fn, &c);
+    CHECK(f != NULL);
+    CHECK_PTR_EQ(caller__fiber_new_copied(128 * 1024, copied_fn, &c), NULL);
+    const char *msg;
+    CHECK_EQ(caller_last_error(&msg), -EINVAL);
+    CHECK(strstr(msg, "one run stack") != NULL);
+    while (!caller__fiber_finished(f))
+        caller__fiber_switch_to(f);
+    caller__fiber_free(f);
+    /* None alive: another size is fine (the run stack is replaced). */
+    f = caller__fiber_new_copied(128 * 1024, copied_fn, &c);
+    CHECK(f != NULL);
+    CHECK_EQ(caller__fiber_stacks_mapped(), 1);
+    caller__fiber_free(f);
+    end_clean();
+}
+
+/* Out of memory for the save buffer: the yield fails with -ENOMEM and the
+ * fiber keeps running; it can yield once memory is back. */
+static void nomem_fn(void *arg)
+{
+    int *rc = arg;
+    caller__alloc_fail_after(0);
+    rc[0] = caller__fiber_yield();
+    caller__alloc_fail_after(-1);
+    rc[1] = caller__fiber_yield();
+}
+
+TEST(copied_fiber_yield_without_memory)
+{
+    start_clean();
+    int rc[2] = {1, 1};
+    caller__fiber_t *f = caller__fiber_new_copied(0, nomem_fn, rc);
+    CHECK(f != NULL);
+    caller__fiber_switch_to(f); /* the first yield fails, the second works */
+    CHECK_EQ(rc[0], -ENOMEM);
+    CHECK(!caller__fiber_finished(f));
+    caller__fiber_switch_to(f);
+    CHECK_EQ(rc[1], 0);
+    CHECK(caller__fiber_finished(f));
+    caller__fiber_free(f);
+    end_clean();
+}
+
+/* Pointers into the run stack are recognised only from a copied fiber. */
+static void on_run_stack_fn(void *arg)
+{
+    int *seen = arg;
+    int local = 0;
+    seen[0] = caller__fiber_on_run_stack(&local);
+    seen[1] = caller__fiber_on_run_stack(seen);
+}
+
+TEST(copied_fiber_knows_its_run_stack)
+{
+    start_clean();
+    int seen[2] = {-1, -1};
+    caller__fiber_t *f = caller__fiber_new_copied(0, on_run_stack_fn, seen);
+    CHECK(f != NULL);
+    caller__fiber_switch_to(f);
+    CHECK_EQ(seen[0], 1);
+    CHECK_EQ(seen[1], 0);
+    caller__fiber_free(f);
+    int local;
+    CHECK(!caller__fiber_on_run_stack(&local)); /* not in a fiber */
+    f = caller__fiber_new(0, on_run_stack_fn, seen);
+    CHECK(f != NULL);
+    caller__fiber_switch_to(f);
+    CHECK_EQ(seen[0], 0); /* a stack of its own */
+    caller__fiber_free(f);
     end_clean();
 }

@@ -328,11 +328,17 @@ TEST(cancel_while_waiting_on_a_socket)
     CHECK_EQ(zmq_ctx_term(st.ctx), 0);
 }
 
+typedef struct {
+    void *ctx;
+    const char *endpoint;
+} where_t;
+
 static void *timeouts(void *arg)
 {
-    void *ctx = arg;
+    where_t *wh = arg;
+    void *ctx = wh->ctx;
     void *pull = zsock(ctx, ZMQ_PULL);
-    CHECK_EQ(zmq_bind(pull, "inproc://io-timeout"), 0);
+    CHECK_EQ(zmq_bind(pull, wh->endpoint), 0);
     double t0 = check_now();
     CHECK_RC(caller_wait_zmq(pull, CALLER_READABLE, 0.05), -ETIMEDOUT);
     CHECK(check_now() - t0 >= 0.05);
@@ -340,7 +346,7 @@ static void *timeouts(void *arg)
     CHECK_RC(caller_wait_zmq(pull, CALLER_READABLE, 0), -ETIMEDOUT);
     /* A PUSH with a peer can send at once; ask for both, get one. */
     void *push = zsock(ctx, ZMQ_PUSH);
-    CHECK_EQ(zmq_connect(push, "inproc://io-timeout"), 0);
+    CHECK_EQ(zmq_connect(push, wh->endpoint), 0);
     CHECK_EQ(caller_wait_zmq(push, CALLER_READABLE | CALLER_WRITABLE, 0), CALLER_WRITABLE);
     CHECK_EQ(zmq_send(push, "x", 1, 0), 1);
     wait_ready(pull, CALLER_READABLE);
@@ -354,9 +360,13 @@ TEST(timeouts_in_a_task_and_a_thread)
 {
     void *ctx = zmq_ctx_new();
     caller_t *c = check_new_thread("io-zmq");
-    await(caller_call_soon(c, timeouts, ctx));
+    /* Two endpoints: a closed socket's inproc name is freed only later, by
+     * ZeroMQ's reaper thread. */
+    where_t in_task = {ctx, "inproc://io-timeout-task"};
+    await(caller_call_soon(c, timeouts, &in_task));
     check_stop(c);
-    timeouts(ctx);
+    where_t in_thread = {ctx, "inproc://io-timeout-thread"};
+    timeouts(&in_thread);
     CHECK_EQ(zmq_ctx_term(ctx), 0);
 }
 

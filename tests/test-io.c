@@ -627,8 +627,22 @@ TEST(descriptor_closed_while_a_duplicate_keeps_it_open)
     CHECK_EQ(write(fds[1], "x", 1), 1);
     wait_init(&w, dup_fd, CALLER_READABLE, CALLER_FOREVER);
     CHECK_EQ(I(await(caller_call_soon(c, wait_task, &w))), CALLER_READABLE);
+    /* The old number given the same file again: epoll still has it under
+     * that number; a new wait takes the entry over. */
+    dup2_t d = {fds[0], dup_fd};
+    CHECK_EQ(I(await(caller_call_soon(c, dup2_over, &d))), fds[0]);
+    wait_init(&w, fds[0], CALLER_READABLE, CALLER_FOREVER);
+    CHECK_EQ(I(await(caller_call_soon(c, wait_task, &w))), CALLER_READABLE);
+    char b;
+    CHECK_EQ(read(fds[0], &b, 1), 1);
+    wait_init(&w, fds[0], CALLER_READABLE, CALLER_FOREVER);
+    caller_pending_t *p2 = caller_call_soon(c, wait_task, &w);
+    until_suspended(c);
+    CHECK_EQ(write(fds[1], "y", 1), 1);
+    CHECK_EQ(I(await(p2)), CALLER_READABLE);
     check_no_watches(c);
     check_stop(c);
+    close(fds[0]);
     close(dup_fd);
     close(fds[1]);
 }

@@ -103,6 +103,12 @@ TEST(null_arguments_across_the_api)
     EXPECT(caller_raise(-EIO, "outside a task"), -EPERM);
     EXPECT(caller_raise(5, "positive"), -EINVAL);
     EXPECT(caller_sleep(-1), -EINVAL);
+    EXPECT(caller_wait_fd(-1, CALLER_READABLE, 0), -EINVAL);
+#ifdef CALLER_WITH_ZMQ
+    EXPECT(caller_wait_zmq(NULL, CALLER_READABLE, 0), -EINVAL);
+#else
+    EXPECT(caller_wait_zmq(NULL, CALLER_READABLE, 0), -ENOTSUP);
+#endif
     CHECK(caller_name(NULL) == NULL);
     CHECK(caller_backend(NULL) == NULL);
     CHECK(caller_parent(NULL) == NULL);

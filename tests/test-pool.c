@@ -830,3 +830,72 @@ TEST(stress_submitters_cancelling_into_a_capped_pool)
             CHECK_EQ(atomic_load(&sub_ran[id]), 0);
     free(unstarted);
 }
+
+/*
+ * A worker that loaded its pool hooks just before the pool let it go asks
+ * may_spin while pool_stop unhooks its idle link: the window held open.
+ * The worker is held at "sched.may_spin" (hooks loaded, about to ask)
+ * until pool_stop has taken it off the pool and reached the unhooking
+ * ("pool.stop_unhooking"); both then run at once. may_spin must see that
+ * the worker left (no spin granted) and touch its link only under the
+ * pool's lock (TSan checks that).
+ */
+static caller_t *held_worker, *stopping_owner;
+static atomic_int worker_held, stop_reached, held_decision; /* 1 refused, 2 allowed */
+
+static void hold_may_spin(const char *point, void *obj)
+{
+    if (obj == held_worker && strcmp(point, "sched.may_spin") == 0 &&
+        !atomic_exchange(&worker_held, 1)) {
+        double until = check_now() + 30 * check_time_scale();
+        while (!atomic_load(&stop_reached) && check_now() < until)
+            sched_yield();
+    } else if (obj == held_worker && atomic_load(&worker_held) &&
+               (strcmp(point, "sched.spin_refused") == 0 ||
+                strcmp(point, "sched.spin_allowed") == 0)) {
+        /* the decision of the held round (the first one after the hold) */
+        int d = strcmp(point, "sched.spin_refused") == 0 ? 1 : 2, none = 0;
+        atomic_compare_exchange_strong(&held_decision, &none, d);
+    } else if (obj == stopping_owner && strcmp(point, "pool.stop_unhooking") == 0) {
+        atomic_store(&stop_reached, 1);
+    }
+}
+
+static void *current_worker(void *arg)
+{
+    (void)arg;
+    return caller_ref(caller_current());
+}
+
+TEST(worker_asking_to_spin_while_the_pool_stops)
+{
+    stopping_owner = new_owner(10, 3600, 0);
+    caller_pending_t *p = caller_to_thread(stopping_owner, current_worker, NULL);
+    void *v = NULL;
+    CHECK_RC(caller_pending_wait(p, 10, false, true, &v), 0);
+    caller_pending_unref(p);
+    held_worker = v;
+    double until = check_now() + 10 * check_time_scale();
+    while (caller_pool_idle(stopping_owner) != 1 && check_now() < until)
+        sched_yield();
+    CHECK_EQ(caller_pool_idle(stopping_owner), 1);
+    atomic_store(&caller__test_hook, hold_may_spin);
+    /* Wake the idle worker: after this no-op its loop, about to sleep,
+     * loads its hooks and is held before asking may_spin. */
+    p = caller_call_soon(held_worker, ret_arg, NULL);
+    CHECK(p != NULL);
+    until = check_now() + 10 * check_time_scale();
+    while (!atomic_load(&worker_held) && check_now() < until)
+        sched_yield();
+    CHECK_EQ(atomic_load(&worker_held), 1);
+    CHECK(caller_stop(stopping_owner, false) >= 0);
+    CHECK_RC(caller_wait_stopped(stopping_owner, 10 * check_time_scale()), 0);
+    CHECK_EQ(atomic_load(&stop_reached), 1);
+    CHECK_RC(caller_pending_wait(p, 10, false, false, NULL), 0);
+    caller_pending_unref(p);
+    CHECK_RC(caller_wait_stopped(held_worker, 10 * check_time_scale()), 0);
+    atomic_store(&caller__test_hook, NULL);
+    CHECK_EQ(atomic_load(&held_decision), 1); /* it had left: no spin granted */
+    caller_unref(held_worker);
+    caller_unref(stopping_owner);
+}
