@@ -30,7 +30,7 @@ ctest = ctest --test-dir $(1) --output-on-failure -j$(JOBS) $(ARGS)
 # "Entering directory" lines.
 MAKEFLAGS += --no-print-directory
 
-FORMAT_FILES = $(wildcard include/*.h src/*.c src/*.h tests/*.c tests/*.h bench/*.c examples/*.c)
+FORMAT_FILES = $(wildcard include/*.h src/*.c src/*.h tests/*.c tests/*.h bench/*.c examples/*.c kernel/*.c kernel/*.h)
 
 .PHONY: soak fuzz build deps test test-asan test-tsan bench demo docs install format format-check clean
 

@@ -7,7 +7,8 @@
 # As root, installs what is missing; otherwise says what to install and fails.
 set -euo pipefail
 
-packages=(cmake pkg-config gcc make libuv1-dev libzmq3-dev "$@")
+packages=(cmake pkg-config gcc make libuv1-dev libzmq3-dev
+    libjansson-dev libsodium-dev python3-jupyter-client python3-ipykernel jupyter-console "$@")
 
 missing=()
 for pkg in "${packages[@]}"; do
