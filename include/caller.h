@@ -328,8 +328,11 @@ CALLER_EXTERN int caller_pending_result(const caller_pending_t *p, void **value)
  * @param buf, len  if @p buf is not NULL and @p len > 0, receive the message
  *                  (cut to fit, always NUL-terminated; "" for a result).
  * @return 0 if the Pending is done with a result; the error code if it
- *         failed; -ECANCELED if cancelled (@p buf gets the messages);
- *         CALLER_EINVALSTATE if not done; -EINVAL if @p p is NULL.
+ *         failed; -ECANCELED if cancelled (@p buf gets the messages) —
+ *         also while a cancelled Pending is not done yet (a running call
+ *         that cannot be stopped, as in a worker), as caller_pending_result
+ *         does; CALLER_EINVALSTATE if not done and not cancelled; -EINVAL
+ *         if @p p is NULL.
  */
 CALLER_EXTERN int caller_pending_exception(const caller_pending_t *p, char *buf, size_t len);
 
@@ -386,7 +389,13 @@ CALLER_EXTERN int caller_pending_remove_done_callback(caller_pending_t *p, calle
  *                     (the value of the completion that woke this wait,
  *                     even if the Pending was reset since).
  * @return 0; -ETIMEDOUT if not done in time; with @p want_result the
- *         Pending's own outcome (-ECANCELED, its error code); -EINVAL.
+ *         Pending's own outcome (-ECANCELED, its error code); -EINVAL if
+ *         @p p is NULL; in a task, -ECANCELED if the waiting task was
+ *         cancelled (or a cancel scope around the wait was) while it
+ *         waited; -EDEADLK if a task waits for its own Pending, or if a
+ *         Caller's own thread, outside its tasks, would block on a Pending
+ *         only that Caller can complete; -ENOMEM in a task without memory
+ *         for the timeout (or, with CALLER_STACK_COPY, to save its stack).
  */
 CALLER_EXTERN int caller_pending_wait(caller_pending_t *p, double timeout, bool protect,
                                       bool want_result, void **value);
@@ -464,7 +473,11 @@ typedef void (*caller_log_fn)(void *arg, int level, const char *message);
 
 /** A task function: runs in the Caller's thread; its return value is the
  *  result of the task's Pending. To fail instead, call caller_raise()
- *  before returning. */
+ *  before returning. If the task's Pending was cancelled before the
+ *  function returned, what it returns is dropped (the Pending's outcome is
+ *  -ECANCELED and nobody receives the value): a task that returns memory
+ *  or a reference should check caller_pending_cancelled(
+ *  caller_current_pending()) and release it itself when cancelled. */
 typedef void *(*caller_fn)(void *arg);
 
 /** A function for caller_call_direct(): runs in the loop, not as a task. */
@@ -571,10 +584,12 @@ CALLER_EXTERN caller_t *caller_create(caller_mode_t mode, const caller_options_t
 
 /**
  * Run a manual Caller in this thread (the seed's `async with Caller("manual")`):
- * starts the loop, runs `body(arg)` as the first task (calls scheduled
- * before are kept and run after it starts), and when `body` returns stops
- * the Caller (forced, so a protected one stops too), waits until every task
- * ended and every child stopped, and returns.
+ * starts the loop, runs `body(arg)` as the first task, and when `body`
+ * returns stops the Caller (forced, so a protected one stops too), waits
+ * until every task ended and every child stopped, and returns. Calls
+ * scheduled before the run are kept and run after the body's first
+ * suspension; those still waiting when the body returns (all of them, if
+ * it returns without suspending) end cancelled without running.
  *
  * Thread: the thread that created the Caller with CALLER_MANUAL.
  * @param c       the manual Caller.
@@ -1017,8 +1032,10 @@ typedef caller_pending_t *(*caller_generator_fn)(void *arg);
 typedef struct caller_as_completed_options {
     /** At most this many Pendings outstanding (not yet yielded); the
      *  generator is asked for more only below it. 0 = the default: for a
-     *  generator CALLER_MAX_IDLE_POOL_INSTANCES, for a fixed set no limit.
-     *  Negative = no limit. */
+     *  generator the constant CALLER_MAX_IDLE_POOL_INSTANCES (10; not the
+     *  pool's current `max_idle`, which caller_pool_set_config may have
+     *  changed: pass that value here to follow it), for a fixed set no
+     *  limit. Negative = no limit. */
     int max_concurrent;
     /** The seed's `cancel_unfinished=False`: closing leaves unfinished
      *  Pendings alone instead of cancelling them ("Cancelled by
@@ -1228,8 +1245,10 @@ CALLER_EXTERN int caller_group_enter(caller_group_t *g);
  * for it anyway. Restores the enclosing context.
  * Thread: the task that entered, groups exited in reverse order.
  * @return 0; -ECANCELED if the group was cancelled (caller_last_error()
- *         gives the messages, "\n"-joined, e.g. the failing Pending's);
- *         -ETIMEDOUT if its timeout passed; CALLER_EINVALSTATE.
+ *         gives the messages, "\n"-joined, e.g. the failing Pending's),
+ *         also when the body's own task was cancelled from outside while
+ *         it waited here (what the group tracked is cancelled and waited
+ *         for first); -ETIMEDOUT if its timeout passed; CALLER_EINVALSTATE.
  */
 CALLER_EXTERN int caller_group_exit(caller_group_t *g);
 

@@ -69,6 +69,73 @@ TEST(manual_runs_body_then_is_stopped)
     caller_unref(c);
 }
 
+/* Calls scheduled before caller_run are kept: they run once the body
+ * suspends; if the body returns first, the Caller stops and they end
+ * cancelled without running. */
+static void *body_yields(void *arg)
+{
+    if (arg)
+        CHECK_RC(caller_sleep(0), 0);
+    return NULL;
+}
+
+TEST(manual_calls_before_the_run)
+{
+    for (int yields = 0; yields < 2; yields++) {
+        caller_t *c = caller_create(CALLER_MANUAL, NULL);
+        CHECK(c != NULL);
+        caller_pending_t *early = caller_call_soon(c, ret_arg, P(7));
+        CHECK(early != NULL);
+        CHECK_RC(caller_run(c, body_yields, yields ? P(1) : NULL, NULL), 0);
+        CHECK_EQ(caller_pending_done(early), 1);
+        void *v = NULL;
+        if (yields) {
+            CHECK_RC(caller_pending_result(early, &v), 0);
+            CHECK_EQ(I(v), 7);
+        } else {
+            CHECK_RC(caller_pending_result(early, &v), -ECANCELED);
+        }
+        caller_pending_unref(early);
+        caller_unref(c);
+    }
+}
+
+/* A task whose Pending was cancelled while it ran: its return value is
+ * dropped, as the header says, and the task can see it was cancelled. */
+typedef struct {
+    caller_pending_t *started, *go_on;
+    int saw_cancel;
+} late_t;
+
+static void *returns_after_cancel(void *arg)
+{
+    late_t *l = arg;
+    caller_pending_set_result(l->started, NULL, false);
+    caller_scope_t *shield = caller_scope_enter(CALLER_FOREVER, CALLER_SCOPE_SHIELD);
+    CHECK_RC(caller_pending_wait(l->go_on, 10, true, false, NULL), 0);
+    caller_scope_exit(shield);
+    l->saw_cancel = caller_pending_cancelled(caller_current_pending());
+    return P(99);
+}
+
+TEST(value_returned_after_cancel_is_dropped)
+{
+    caller_t *c = check_new_thread(NULL);
+    late_t l = {.started = caller_pending_new(0), .go_on = caller_pending_new(0)};
+    caller_pending_t *p = caller_call_soon(c, returns_after_cancel, &l);
+    CHECK_RC(caller_pending_wait(l.started, 10, true, false, NULL), 0);
+    CHECK_EQ(caller_pending_cancel(p, "late"), 1);
+    CHECK_RC(caller_pending_set_result(l.go_on, NULL, false), 0);
+    void *v = P(1);
+    CHECK_RC(caller_pending_wait(p, 10, true, true, &v), -ECANCELED);
+    CHECK_PTR_EQ(v, NULL);
+    CHECK_EQ(l.saw_cancel, 1);
+    caller_pending_unref(p);
+    caller_pending_unref(l.started);
+    caller_pending_unref(l.go_on);
+    check_stop(c);
+}
+
 TEST(manual_when_one_exists_fails)
 {
     caller_t *c = caller_create(CALLER_MANUAL, NULL);

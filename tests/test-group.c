@@ -210,6 +210,45 @@ TEST(cancel_from_another_thread_while_the_body_waits)
     check_stop(c);
 }
 
+/* The body's own task is cancelled from outside while it waits in
+ * caller_group_exit: the group cancels what it tracks, waits for it, and
+ * exit reports -ECANCELED. */
+typedef struct {
+    caller_pending_t *exiting, *child;
+    int exit_rc, child_cancelled;
+} exit_cancel_t;
+
+static void *body_exits_slowly(void *arg)
+{
+    exit_cancel_t *e = arg;
+    caller_group_t *g = caller_create_pending_group(NULL, false);
+    CHECK_RC(caller_group_enter(g), 0);
+    e->child = caller_call_soon(caller_current(), nap, P(10000));
+    CHECK(e->child != NULL);
+    caller_pending_set_result(e->exiting, NULL, false);
+    e->exit_rc = caller_group_exit(g);
+    e->child_cancelled = caller_pending_cancelled(e->child);
+    caller_group_unref(g);
+    return NULL;
+}
+
+TEST(exit_after_the_body_task_was_cancelled)
+{
+    caller_t *c = check_new_thread(NULL);
+    exit_cancel_t e = {.exiting = caller_pending_new(0)};
+    caller_pending_t *p = caller_call_soon(c, body_exits_slowly, &e);
+    CHECK_RC(caller_pending_wait(e.exiting, 10, false, false, NULL), 0);
+    CHECK_EQ(caller_pending_cancel(p, "stop the body"), 1);
+    CHECK_RC(caller_pending_wait(p, 10, true, false, NULL), 0);
+    CHECK_RC(e.exit_rc, -ECANCELED);
+    CHECK_EQ(e.child_cancelled, 1);
+    CHECK_EQ(caller_pending_done(e.child), 1);
+    caller_pending_unref(e.child);
+    caller_pending_unref(e.exiting);
+    caller_pending_unref(p);
+    check_stop(c);
+}
+
 static void *body_removes(void *arg)
 {
     (void)arg;

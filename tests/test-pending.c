@@ -95,6 +95,43 @@ TEST(exception_code_and_message)
 
 /* ---- cancellation ---------------------------------------------------------- */
 
+/* A call running in a worker cannot be stopped by a cancel: its Pending
+ * is cancelled but not done until the call returns. result() and
+ * exception() both report -ECANCELED (with the message) meanwhile. */
+static atomic_int held_started, held_release;
+
+static void *held_call(void *arg)
+{
+    atomic_store(&held_started, 1);
+    while (!atomic_load(&held_release))
+        sched_yield();
+    return arg;
+}
+
+TEST(cancelled_but_not_done)
+{
+    caller_t *c = caller_create(CALLER_NEW_THREAD, NULL);
+    CHECK(c != NULL);
+    caller_pending_t *p = caller_to_thread(c, held_call, P(5));
+    CHECK(p != NULL);
+    double until = check_now() + 10 * check_time_scale();
+    while (!atomic_load(&held_started) && check_now() < until)
+        sched_yield();
+    CHECK_EQ(atomic_load(&held_started), 1);
+    CHECK_EQ(caller_pending_cancel(p, "stop it"), 1);
+    CHECK_EQ(caller_pending_done(p), 0);
+    CHECK_EQ(caller_pending_cancelled(p), 1);
+    char buf[64];
+    CHECK_RC(caller_pending_exception(p, buf, sizeof buf), -ECANCELED);
+    CHECK_CONTAINS(buf, "stop it");
+    CHECK_RC(caller_pending_result(p, NULL), -ECANCELED);
+    atomic_store(&held_release, 1);
+    CHECK_RC(caller_pending_wait(p, 10 * check_time_scale(), true, true, NULL), -ECANCELED);
+    CHECK_EQ(caller_pending_done(p), 1);
+    caller_pending_unref(p);
+    check_stop(c);
+}
+
 TEST(cancel_twice_joins_messages)
 {
     caller_pending_t *p = new_pending();
