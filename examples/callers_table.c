@@ -1,8 +1,8 @@
 /*
- * A few Callers and the callers table (the seed's `%callers`): the main
- * thread runs a protected manual Caller "Shell"; it gets a protected child
- * "ControlThread" and two unnamed children (new threads), asks each for its
- * name from inside its own thread, and prints the table.
+ * A few Callers and the callers table (the `%callers` magic of the Python original, async-kernel):
+ * the main thread runs a protected manual Caller "Shell"; it gets a protected child "ControlThread"
+ * and two unnamed children (new threads), asks each for its name from inside its own thread, and
+ * prints the table.
  */
 // RUN-IN-TESTS
 #include <caller.h>

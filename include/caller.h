@@ -4,7 +4,10 @@
  *
  * One event loop per thread (a Caller), tasks that can suspend, thread-safe
  * futures (Pending), a worker pool, timers, execution queues and structured
- * concurrency. This is the one public header.
+ * concurrency. This is the one public header. It is the C implementation
+ * of the `Caller` system of the Python project async-kernel
+ * (https://github.com/fleming79/async-kernel), called "the Python
+ * original" below where a name or behaviour comes from it.
  *
  * Conventions that hold for every function below unless its comment says
  * otherwise:
@@ -176,7 +179,7 @@ typedef struct caller_pending caller_pending_t;
 
 /** Flags for caller_pending_new(). */
 enum {
-    /** The seed's `allow_tracking=False`: the new Pending does not join the
+    /** The Python original's `allow_tracking=False`: the new Pending does not join the
      *  trackers (groups, managers) active in the current context. */
     CALLER_PENDING_UNTRACKED = 1u << 0,
 };
@@ -261,7 +264,7 @@ CALLER_EXTERN void *caller_pending_userdata(const caller_pending_t *p);
 CALLER_EXTERN int caller_pending_set_result(caller_pending_t *p, void *value, bool reset);
 
 /**
- * Set an error (the seed's exception), making the Pending done.
+ * Set an error (the Python original's exception), making the Pending done.
  *
  * Thread: any.
  * @param p     the Pending.
@@ -321,7 +324,7 @@ CALLER_EXTERN int caller_pending_cancelled(const caller_pending_t *p);
 CALLER_EXTERN int caller_pending_result(const caller_pending_t *p, void **value);
 
 /**
- * The error, if any (the seed's `exception()`).
+ * The error, if any (the Python original's `exception()`).
  *
  * Thread: any.
  * @param p         the Pending.
@@ -363,7 +366,7 @@ CALLER_EXTERN int caller_pending_remove_done_callback(caller_pending_t *p, calle
 /**
  * Wait until the Pending is done.
  *
- * On a plain thread this blocks the thread (the seed's `wait_sync`);
+ * On a plain thread this blocks the thread (the Python original's `wait_sync`);
  * signals do not interrupt it. Inside a task it suspends only the task.
  * It ends after the Pending's done callbacks ran, except inside one of
  * those callbacks, in the thread (or task) running them: there the
@@ -439,7 +442,7 @@ CALLER_EXTERN size_t caller_pending_live_count(void);
  */
 typedef struct caller caller_t;
 
-/** How caller_create() finds or makes a Caller (SPEC §2). */
+/** How caller_create() finds or makes a Caller. */
 typedef enum {
     /** This thread's Caller; else attach a new one to `options->loop`. */
     CALLER_CURRENT_THREAD = 0,
@@ -563,7 +566,7 @@ typedef struct caller_options {
 } caller_options_t;
 
 /**
- * Create or find a Caller (the seed's `Caller(modifier, **kwargs)`).
+ * Create or find a Caller (the Python original's `Caller(modifier, **kwargs)`).
  *
  * - CALLER_CURRENT_THREAD: this thread's Caller if it has one (a given
  *   name or backend that differs is an error: -EINVAL "The thread and
@@ -583,7 +586,7 @@ typedef struct caller_options {
 CALLER_EXTERN caller_t *caller_create(caller_mode_t mode, const caller_options_t *options);
 
 /**
- * Run a manual Caller in this thread (the seed's `async with Caller("manual")`):
+ * Run a manual Caller in this thread (the Python original's `async with Caller("manual")`):
  * starts the loop, runs `body(arg)` as the first task, and when `body`
  * returns stops the Caller (forced, so a protected one stops too), waits
  * until every task ended and every child stopped, and returns. Calls
@@ -613,7 +616,7 @@ CALLER_EXTERN caller_t *caller_ref(caller_t *c);
 CALLER_EXTERN void caller_unref(caller_t *c);
 
 /**
- * Stop (SPEC §3). A protected Caller ignores this unless @p force. Else the
+ * Stop. A protected Caller ignores this unless @p force. Else the
  * state becomes stopping, the Caller leaves the registry, and in its thread
  * every child is stopped (forced), every call not yet started ends
  * cancelled, and every running task is cancelled at its next suspension
@@ -645,7 +648,7 @@ CALLER_EXTERN int caller_stop(caller_t *c, bool force);
 CALLER_EXTERN int caller_wait_stopped(caller_t *c, double timeout);
 
 /**
- * The named child of @p parent, or a new one (the seed's `Caller.get`): a
+ * The named child of @p parent, or a new one (the Python original's `Caller.get`): a
  * new thread added to @p parent's children and stopped with it. An existing
  * name with a different backend fails (-EINVAL "Backend mismatch!"). With
  * no name, always a new child. Backend, zmq context, log and stack size
@@ -730,7 +733,7 @@ CALLER_EXTERN caller_pending_t *caller_call_later_named(caller_t *c, double dela
 CALLER_EXTERN int caller_call_direct(caller_t *c, caller_direct_fn fn, void *arg);
 
 /**
- * Report a failure from a task (the seed's `raise`): when the task function
+ * Report a failure from a task (the Python original's `raise`): when the task function
  * returns, its Pending ends with @p code and the message instead of a
  * result. In a caller_call_direct() function, the failure is logged. The
  * last call before returning wins.
@@ -862,7 +865,7 @@ CALLER_EXTERN int caller_wait_zmq(void *socket, unsigned events, double timeout)
 /** @} */
 
 /* ======================================================================== */
-/** @name The worker pool (SPEC §6) */
+/** @name The worker pool */
 /* ======================================================================== */
 /** @{ */
 
@@ -926,7 +929,7 @@ CALLER_EXTERN size_t caller_pool_idle(caller_t *c);
 /** @} */
 
 /* ======================================================================== */
-/** @name Execution queues (SPEC §7) */
+/** @name Execution queues */
 /* ======================================================================== */
 /** @{ */
 
@@ -1005,12 +1008,12 @@ CALLER_EXTERN int caller_queue_close_key(caller_t *c, const void *key);
 /** @} */
 
 /* ======================================================================== */
-/** @name Collecting results (SPEC §8) */
+/** @name Collecting results */
 /* ======================================================================== */
 /** @{ */
 
 /**
- * An iterator over Pendings in the order they complete (the seed's
+ * An iterator over Pendings in the order they complete (the Python original's
  * `as_completed`). Drive it in a plain loop:
  *
  *     caller_pending_t *p;
@@ -1037,7 +1040,7 @@ typedef struct caller_as_completed_options {
      *  changed: pass that value here to follow it), for a fixed set no
      *  limit. Negative = no limit. */
     int max_concurrent;
-    /** The seed's `cancel_unfinished=False`: closing leaves unfinished
+    /** The Python original's `cancel_unfinished=False`: closing leaves unfinished
      *  Pendings alone instead of cancelling them ("Cancelled by
      *  as_completed"). */
     bool keep_unfinished;
@@ -1060,7 +1063,7 @@ CALLER_EXTERN caller_iter_t *caller_as_completed(caller_pending_t *const *items,
 
 /**
  * Iterate the Pendings a generator produces, as they complete, with at most
- * `max_concurrent` outstanding (the seed's example: an endless generator of
+ * `max_concurrent` outstanding (the Python original's example: an endless generator of
  * caller_to_thread() calls, bounded this way).
  *
  * Thread: any. @return an iterator, or NULL (-EINVAL, -ENOMEM).
@@ -1106,7 +1109,7 @@ typedef enum {
 } caller_return_when_t;
 
 /**
- * Wait for @p items (the seed's `wait`). Fills @p done (in completion
+ * Wait for @p items (the Python original's `wait`). Fills @p done (in completion
  * order) and @p not_done (in the items' order), each with room for @p n
  * pointers; no references are taken (they are @p items' own). A timeout is
  * not an error: the unfinished stay in @p not_done. Nothing is cancelled.
@@ -1128,7 +1131,7 @@ CALLER_EXTERN int caller_wait(caller_pending_t *const *items, size_t n, double t
 
 /* ======================================================================== */
 /**
- * @name Structured concurrency (SPEC §9)
+ * @name Structured concurrency
  *
  * Contexts. Code carries a context: each task runs with the context that
  * was current where it was scheduled (caller_call_soon, caller_call_later,
@@ -1331,7 +1334,7 @@ CALLER_EXTERN size_t caller_manager_pending(caller_manager_t *m, caller_pending_
 
 /* ======================================================================== */
 /**
- * @name ZeroMQ iopub (SPEC §10)
+ * @name ZeroMQ iopub
  *
  * A Caller created with a ZeroMQ context (`options.zmq_context`) opens, in
  * its own thread as it starts, a PUB socket (linger 50 ms) connected to the
@@ -1439,7 +1442,7 @@ CALLER_EXTERN struct uv_loop_s *caller_loop(caller_t *c);
 CALLER_EXTERN int caller_repr(const caller_t *c, char *buf, size_t len);
 
 /**
- * Print the callers table (the seed's `%callers`): one row per Caller that
+ * Print the callers table (the Python original's `%callers`): one row per Caller that
  * is not stopped — Name, Running ✓, Protected 🔐, Thread (name and id) — and
  * `← current` on the calling thread's row. Thread: any.
  * @return 0, or -EINVAL if @p out is NULL.
