@@ -36,12 +36,13 @@ pc=$(find "$prefix" -name caller.pc -path '*/pkgconfig/*' | head -n1)
 [[ -n $pc ]] || fail "no caller.pc installed"
 libdir=$(dirname "$(dirname "$pc")")
 [[ -f $prefix/include/caller.h ]] || fail "no include/caller.h"
-for f in libcaller.a libcaller.so libcaller.so.0 "$(basename "$(readlink -f "$libdir/libcaller.so")")"; do
+for f in libcaller.a libcaller.so libcaller.so.0.1 "$(basename "$(readlink -f "$libdir/libcaller.so")")"; do
     [[ -e $libdir/$f ]] || fail "no $libdir/$f"
 done
-[[ $(readlink "$libdir/libcaller.so") == libcaller.so.0 ]] || fail "libcaller.so is not a link to libcaller.so.0"
+[[ $(readlink "$libdir/libcaller.so") == libcaller.so.0.1 ]] || fail "libcaller.so is not a link to libcaller.so.0.1"
+# While 0.x, a minor version may break the ABI: the SONAME carries it.
 soname=$(objdump -p "$libdir/libcaller.so" | awk '$1 == "SONAME" { print $2 }')
-[[ $soname == libcaller.so.0 ]] || fail "SONAME is '$soname', expected libcaller.so.0"
+[[ $soname == libcaller.so.0.1 ]] || fail "SONAME is '$soname', expected libcaller.so.0.1"
 [[ -f $libdir/cmake/caller/callerConfig.cmake ]] || fail "no CMake package config"
 
 mkdir "$tmp/app"
@@ -96,13 +97,13 @@ target_link_libraries(prog-static PRIVATE caller::caller_static)
 EOF
 
 # Runs a program and checks what it printed; the shared ones must load the
-# installed libcaller.so.0.
+# installed libcaller.so.0.1.
 check_run() {
     local prog=$1 shared=$2 out loads
     if [[ $shared == shared ]]; then
         loads=$(LD_LIBRARY_PATH=$libdir ldd "$prog" | grep 'libcaller\.so' || true)
-        [[ $loads == *"libcaller.so.0 => $libdir/libcaller.so.0 "* ]] ||
-            fail "$prog does not load $libdir/libcaller.so.0: $loads"
+        [[ $loads == *"libcaller.so.0.1 => $libdir/libcaller.so.0.1 "* ]] ||
+            fail "$prog does not load $libdir/libcaller.so.0.1: $loads"
     fi
     out=$(LD_LIBRARY_PATH=$libdir "$prog") || fail "$prog failed (status $?), printed: $out"
     [[ $out == "installed says 42" ]] || fail "$prog printed '$out'"
