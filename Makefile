@@ -11,6 +11,7 @@
 #   make docs          API reference from include/caller.h into build/docs/html
 #                      (installs doxygen; fails on anything undocumented)
 #   make install       install build/ into $(PREFIX)
+#   make uninstall     remove what the last `make install` installed
 #   make format, format-check, clean
 #
 # WERROR=OFF to build with warnings allowed (default ON).
@@ -32,7 +33,7 @@ MAKEFLAGS += --no-print-directory
 
 FORMAT_FILES = $(wildcard include/*.h src/*.c src/*.h tests/*.c tests/*.h bench/*.c examples/*.c kernel/*.c kernel/*.h)
 
-.PHONY: soak fuzz build deps test test-asan test-tsan bench demo docs install format format-check clean
+.PHONY: soak fuzz build deps test test-asan test-tsan bench demo docs install uninstall format format-check clean
 
 build: deps
 	cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_ARGS)
@@ -110,6 +111,11 @@ docs:
 
 install: build
 	cmake --install build --prefix $(PREFIX)
+	cp build/install_manifest.txt build/make-install-manifest.txt
+
+# Remove what the last `make install` put in place (its list of files).
+uninstall:
+	cmake -DMANIFEST=build/make-install-manifest.txt -P cmake/uninstall.cmake
 
 format:
 	@bash scripts/ensure-deps.sh clang-format

@@ -29,6 +29,7 @@ fail() {
 echo "install-test: cmake --install $build --prefix $prefix"
 "$cmake" --install "$build" --prefix "$prefix" >"$tmp/install.log" ||
     { cat "$tmp/install.log" >&2; fail "cmake --install failed"; }
+cp "$build/install_manifest.txt" "$tmp/manifest.txt" # for the uninstall at the end
 
 # What must be there. The library directory is lib/ or lib/<multiarch>/,
 # depending on how the build was configured: find it from caller.pc.
@@ -127,5 +128,14 @@ echo "install-test: cmake -DCMAKE_PREFIX_PATH=$prefix"
     { cat "$tmp/build.log" >&2; fail "building the CMake project failed"; }
 check_run "$tmp/app/build/prog-shared" shared
 check_run "$tmp/app/build/prog-static" static
+
+# 3. Uninstall: cmake/uninstall.cmake with the install's list leaves no
+# file or link under the prefix (the kernelspec included).
+src=$(cd "$(dirname "$0")/.." && pwd)
+"$cmake" -DMANIFEST="$tmp/manifest.txt" -P "$src/cmake/uninstall.cmake" >"$tmp/uninstall.log" ||
+    { cat "$tmp/uninstall.log" >&2; fail "uninstall failed"; }
+left=$(find "$prefix" \( -type f -o -type l \) | head -n5)
+[[ -z $left ]] || fail "uninstall left files: $left"
+echo "install-test: uninstall left no files"
 
 echo "install-test: ok"
