@@ -126,17 +126,23 @@ typedef enum {
 /**
  * Describe an error code.
  *
- * Thread: any. Returns a static string, never NULL: the library's text for
- * its own codes, the C library's description for other `-errno` values, and
- * "unknown error" otherwise. 0 gives "success".
+ * Thread: any.
+ * @param code  an error code: one of the library's, any `-errno` value,
+ *              0, or anything else.
+ * @return a static string, never NULL: the library's text for its own
+ *         codes, the C library's description for other `-errno` values,
+ *         and "unknown error" otherwise. 0 gives "success".
  */
 CALLER_EXTERN const char *caller_strerror(int code);
 
 /**
  * The symbolic name of an error code ("ECANCELED", "EINVALSTATE", ...).
  *
- * Thread: any. Returns a static string, never NULL ("UNKNOWN" for a code
- * that is neither the library's nor an errno value; "OK" for 0).
+ * Thread: any.
+ * @param code  an error code: one of the library's, any `-errno` value,
+ *              0, or anything else.
+ * @return a static string, never NULL ("UNKNOWN" for a code that is
+ *         neither the library's nor an errno value; "OK" for 0).
  */
 CALLER_EXTERN const char *caller_err_name(int code);
 
@@ -209,6 +215,7 @@ CALLER_EXTERN caller_pending_t *caller_pending_new(unsigned flags);
 
 /**
  * Take a reference. Thread: any.
+ * @param p  the Pending (alive: the caller holds a reference); may be NULL.
  * @return @p p (NULL if @p p is NULL).
  */
 CALLER_EXTERN caller_pending_t *caller_pending_ref(caller_pending_t *p);
@@ -221,6 +228,7 @@ CALLER_EXTERN caller_pending_t *caller_pending_ref(caller_pending_t *p);
  *
  * Thread: any. NULL is ignored. Releasing a freed Pending is detected (as
  * far as memory still allows) and aborts with a message.
+ * @param p  the Pending whose reference is released; may be NULL.
  */
 CALLER_EXTERN void caller_pending_unref(caller_pending_t *p);
 
@@ -229,12 +237,20 @@ CALLER_EXTERN void caller_pending_unref(caller_pending_t *p);
  * the data is replaced by another call of this function).
  *
  * Thread: any. @p finalizer may be NULL.
+ * @param p          the Pending (not NULL: -EINVAL).
+ * @param data       the user data; may be NULL.
+ * @param finalizer  called with @p data when the Pending is freed or the
+ *                   data is replaced (the previous data's finalizer runs
+ *                   in this thread, at once); may be NULL (none).
  * @return 0, or -EINVAL if @p p is NULL.
  */
 CALLER_EXTERN int caller_pending_set_userdata(caller_pending_t *p, void *data,
                                               void (*finalizer)(void *data));
 
-/** The user data (NULL if none or if @p p is NULL). Thread: any. */
+/** The user data. Thread: any.
+ *  @param p  the Pending; may be NULL.
+ *  @return the data set with caller_pending_set_userdata(), or NULL if
+ *          none or if @p p is NULL. */
 CALLER_EXTERN void *caller_pending_userdata(const caller_pending_t *p);
 
 /**
@@ -259,7 +275,14 @@ CALLER_EXTERN void *caller_pending_userdata(const caller_pending_t *p);
  * and caller_pending_cancel().
  *
  * Thread: any.
- * @return 0; CALLER_EINVALSTATE if already done; -EINVAL if @p p is NULL.
+ * @param p      the Pending (not NULL: -EINVAL).
+ * @param value  the result, passed to the waiters as it is; may be NULL.
+ *               From a copy-stack task (CALLER_STACK_COPY), a pointer
+ *               into the run stack is refused with -EINVAL.
+ * @param reset  if true, the Pending becomes not done again once its done
+ *               callbacks ran (see above).
+ * @return 0; CALLER_EINVALSTATE if already done; -EINVAL if @p p is NULL
+ *         (or @p value points into a copy-stack task's stack).
  */
 CALLER_EXTERN int caller_pending_set_result(caller_pending_t *p, void *value, bool reset);
 
@@ -267,7 +290,7 @@ CALLER_EXTERN int caller_pending_set_result(caller_pending_t *p, void *value, bo
  * Set an error (the Python original's exception), making the Pending done.
  *
  * Thread: any.
- * @param p     the Pending.
+ * @param p     the Pending (not NULL: -EINVAL).
  * @param code  a negative error code (e.g. -EIO, or any negative value of
  *              the application's choosing); 0 or positive is -EINVAL.
  * @param fmt   printf-style message; may be NULL (no message).
@@ -283,7 +306,10 @@ CALLER_EXTERN int caller_pending_set_exception(caller_pending_t *p, int code, co
  * thread, after the message is recorded). Cancelling a done Pending changes
  * nothing.
  *
- * Thread: any. @p message may be NULL (no message added).
+ * Thread: any.
+ * @param p        the Pending (not NULL: -EINVAL).
+ * @param message  added to the cancellation messages; may be NULL (no
+ *                 message added).
  * @return 1 if the Pending is cancelled after the call, 0 if it is not (it
  *         was done before it was ever cancelled); -EINVAL if @p p is NULL;
  *         -ENOMEM if the message could not be stored (it is then cancelled
@@ -297,6 +323,9 @@ CALLER_EXTERN int caller_pending_cancel(caller_pending_t *p, const char *message
  * so far.
  *
  * Thread: any.
+ * @param p    the Pending (not NULL: -EINVAL).
+ * @param fn   the canceller (not NULL: -EINVAL).
+ * @param arg  passed to @p fn; may be NULL.
  * @return 0; CALLER_EINVALSTATE if the Pending is done or a canceller is
  *         already set (then @p fn never runs); -EINVAL if @p p or @p fn is
  *         NULL.
@@ -304,17 +333,22 @@ CALLER_EXTERN int caller_pending_cancel(caller_pending_t *p, const char *message
 CALLER_EXTERN int caller_pending_set_canceller(caller_pending_t *p, caller_canceller_fn fn,
                                                void *arg);
 
-/** 1 if a result or error is set, 0 if not, -EINVAL if @p p is NULL. Thread: any. */
+/** Whether a result or error is set. Thread: any.
+ *  @param p  the Pending (not NULL: -EINVAL).
+ *  @return 1 if a result or error is set, 0 if not, -EINVAL if @p p is
+ *          NULL. */
 CALLER_EXTERN int caller_pending_done(const caller_pending_t *p);
 
-/** 1 if cancelled, 0 if not, -EINVAL if @p p is NULL. Thread: any. */
+/** Whether the Pending was cancelled (done or not). Thread: any.
+ *  @param p  the Pending (not NULL: -EINVAL).
+ *  @return 1 if cancelled, 0 if not, -EINVAL if @p p is NULL. */
 CALLER_EXTERN int caller_pending_cancelled(const caller_pending_t *p);
 
 /**
  * The outcome.
  *
  * Thread: any.
- * @param p      the Pending.
+ * @param p      the Pending (not NULL: -EINVAL).
  * @param value  if not NULL, receives the result (NULL when there is none).
  * @return 0 with the result; -ECANCELED if cancelled (caller_last_error()
  *         gives the messages) — whether done or not; the error code if an
@@ -327,7 +361,7 @@ CALLER_EXTERN int caller_pending_result(const caller_pending_t *p, void **value)
  * The error, if any (the Python original's `exception()`).
  *
  * Thread: any.
- * @param p         the Pending.
+ * @param p         the Pending (not NULL: -EINVAL).
  * @param buf, len  if @p buf is not NULL and @p len > 0, receive the message
  *                  (cut to fit, always NUL-terminated; "" for a result).
  * @return 0 if the Pending is done with a result; the error code if it
@@ -347,6 +381,9 @@ CALLER_EXTERN int caller_pending_exception(const caller_pending_t *p, char *buf,
  * Pending gets the outcome at once (see caller_pending_wait()).
  *
  * Thread: any.
+ * @param p    the Pending (not NULL: -EINVAL).
+ * @param fn   the callback (not NULL: -EINVAL).
+ * @param arg  passed to @p fn; may be NULL.
  * @return 0; -EINVAL if @p p or @p fn is NULL; -ENOMEM (then @p fn never
  *         runs). The first callback never allocates; later ones may.
  */
@@ -357,6 +394,10 @@ CALLER_EXTERN int caller_pending_add_done_callback(caller_pending_t *p, caller_d
  * Remove every registration of (@p fn, @p arg) that has not run yet.
  *
  * Thread: any.
+ * @param p    the Pending (not NULL: -EINVAL).
+ * @param fn   the callback to remove (not NULL: -EINVAL).
+ * @param arg  the argument it was added with (compared as a pointer; may
+ *             be NULL).
  * @return how many were removed (0 if none, including when the Pending is
  *         already done); -EINVAL if @p p or @p fn is NULL.
  */
@@ -379,7 +420,7 @@ CALLER_EXTERN int caller_pending_remove_done_callback(caller_pending_t *p, calle
  * queue is drained and nothing was queued since (caller_queue_call()).
  *
  * Thread: any.
- * @param p            the Pending.
+ * @param p            the Pending (not NULL: -EINVAL).
  * @param timeout      seconds; negative (CALLER_FOREVER) waits forever; 0
  *                     only checks.
  * @param protect      if false, a timeout cancels the Pending with the
@@ -410,13 +451,19 @@ CALLER_EXTERN int caller_pending_wait(caller_pending_t *p, double timeout, bool 
  *
  * Thread: any. Writes at most @p len bytes including the NUL (@p buf may be
  * NULL when @p len is 0).
- * @return the length of the whole text (as snprintf), or -EINVAL.
+ * @param p    the Pending (not NULL: -EINVAL).
+ * @param buf  receives the text, cut to fit and NUL-terminated; NULL only
+ *             with @p len 0 (else -EINVAL).
+ * @param len  the size of @p buf in bytes.
+ * @return the length of the whole text (as snprintf), or -EINVAL if @p p
+ *         is NULL or @p buf is NULL with @p len > 0.
  */
 CALLER_EXTERN int caller_pending_repr(const caller_pending_t *p, char *buf, size_t len);
 
 /**
  * The number of Pendings alive in the process (created and not yet freed).
  * For leak checks in tests and at shutdown. Thread: any.
+ * @return the number of live Pendings.
  */
 CALLER_EXTERN size_t caller_pending_live_count(void);
 
@@ -579,7 +626,11 @@ typedef struct caller_options {
  * - CALLER_MANUAL: a new, not started Caller for this thread; -EEXIST "An
  *   instance already exists for thread ..." if the thread has one.
  *
- * Thread: any. @p options may be NULL.
+ * Thread: any.
+ * @param mode     how to find or make the Caller (see above); another value
+ *                 is -EINVAL.
+ * @param options  the options (caller_options_t); may be NULL (all
+ *                 defaults).
  * @return a reference the caller owns, or NULL (caller_last_error(): -EINVAL,
  *         -ENOENT, -EEXIST, -ENOMEM, -EAGAIN when no thread can be made).
  */
@@ -595,9 +646,10 @@ CALLER_EXTERN caller_t *caller_create(caller_mode_t mode, const caller_options_t
  * it returns without suspending) end cancelled without running.
  *
  * Thread: the thread that created the Caller with CALLER_MANUAL.
- * @param c       the manual Caller.
- * @param body    the first task; when it returns, the Caller stops.
- * @param arg     passed to @p body.
+ * @param c       the manual Caller (not NULL: -EINVAL).
+ * @param body    the first task; when it returns, the Caller stops (not
+ *                NULL: -EINVAL).
+ * @param arg     passed to @p body; may be NULL.
  * @param result  if not NULL, receives body's return value.
  * @return 0 if body returned normally; body's error code if it called
  *         caller_raise(); -EBUSY "Already starting/running"; -EPERM
@@ -606,13 +658,16 @@ CALLER_EXTERN caller_t *caller_create(caller_mode_t mode, const caller_options_t
  */
 CALLER_EXTERN int caller_run(caller_t *c, caller_fn body, void *arg, void **result);
 
-/** Take a reference. Thread: any. Returns @p c. */
+/** Take a reference. Thread: any.
+ *  @param c  the Caller (alive: the caller holds a reference); may be NULL.
+ *  @return @p c (NULL if @p c is NULL). */
 CALLER_EXTERN caller_t *caller_ref(caller_t *c);
 
 /** Release a reference; the last one frees the Caller (which by then has
  *  stopped, or never started). Thread: any. NULL is ignored. Releasing the
  *  last reference of a Caller that is still running is a broken invariant
- *  that cannot happen: its thread holds one. */
+ *  that cannot happen: its thread holds one.
+ *  @param c  the Caller whose reference is released; may be NULL. */
 CALLER_EXTERN void caller_unref(caller_t *c);
 
 /**
@@ -624,7 +679,11 @@ CALLER_EXTERN void caller_unref(caller_t *c);
  * state becomes stopped and the stopped event fires. Idempotent.
  *
  * Thread: any, including the Caller's own tasks.
- * @return the state after the call (a caller_state_t, >= 0); -EINVAL.
+ * @param c      the Caller (not NULL: -EINVAL).
+ * @param force  stop even a protected Caller.
+ * @return the state after the call (a caller_state_t, >= 0; a protected
+ *         Caller's unchanged state without @p force); -EINVAL if @p c is
+ *         NULL.
  */
 CALLER_EXTERN int caller_stop(caller_t *c, bool force);
 
@@ -639,7 +698,7 @@ CALLER_EXTERN int caller_stop(caller_t *c, bool force);
  *
  * Thread: any. Blocking on the Caller's own thread outside a task would
  * never end: -EDEADLK.
- * @param c        the Caller.
+ * @param c        the Caller (not NULL: -EINVAL).
  * @param timeout  seconds; negative waits forever.
  * @return 0 once stopped; -ETIMEDOUT (also if the Caller stopped but its
  *         thread had not exited by then); -ECANCELED (the waiting task was
@@ -654,8 +713,12 @@ CALLER_EXTERN int caller_wait_stopped(caller_t *c, double timeout);
  * no name, always a new child. Backend, zmq context, log and stack size
  * default to the parent's.
  *
- * Thread: any. @return a reference, or NULL (-EINVAL, -ESHUTDOWN if @p
- * parent is stopping or stopped, -ENOMEM, -EAGAIN).
+ * Thread: any.
+ * @param parent   the parent Caller (not NULL: -EINVAL).
+ * @param options  the child's options; may be NULL (defaults, as above);
+ *                 `options->name` NULL or "" means no name.
+ * @return a reference, or NULL (-EINVAL, -ESHUTDOWN if @p parent is
+ *         stopping or stopped, -ENOMEM, -EAGAIN).
  */
 CALLER_EXTERN caller_t *caller_get(caller_t *parent, const caller_options_t *options);
 
@@ -672,6 +735,11 @@ CALLER_EXTERN caller_t *caller_get(caller_t *parent, const caller_options_t *opt
  * (manual) keeps the call until it starts.
  *
  * Thread: any.
+ * @param c    the Caller to run it on (not NULL: -EINVAL).
+ * @param fn   the task's function (not NULL: -EINVAL).
+ * @param arg  passed to @p fn; may be NULL. From a copy-stack task, a
+ *             pointer into the run stack is refused with -EINVAL (see
+ *             CALLER_STACK_COPY).
  * @return the task's Pending — a reference the caller owns — or NULL:
  *         -ESHUTDOWN "Caller<...> is stopped!" if @p c is stopping or
  *         stopped; -EINVAL; -ENOMEM. Cancelling the Pending before the task
@@ -684,7 +752,13 @@ CALLER_EXTERN caller_pending_t *caller_call_soon(caller_t *c, caller_fn fn, void
  * As caller_call_soon(), but not before @p delay seconds after this call
  * (measured from submission). Negative delays count as 0.
  *
- * Thread: any. @return as caller_call_soon().
+ * Thread: any.
+ * @param c      the Caller to run it on (not NULL: -EINVAL).
+ * @param delay  seconds; negative (or NaN) counts as 0.
+ * @param fn     the task's function (not NULL: -EINVAL).
+ * @param arg    passed to @p fn; may be NULL (the copy-stack rule of
+ *               caller_call_soon() applies).
+ * @return as caller_call_soon().
  */
 CALLER_EXTERN caller_pending_t *caller_call_later(caller_t *c, double delay, caller_fn fn,
                                                   void *arg);
@@ -696,9 +770,9 @@ CALLER_EXTERN caller_pending_t *caller_call_later(caller_t *c, double delay, cal
  * another label.
  *
  * Thread: any.
- * @param c     the Caller to run it on.
- * @param fn    the task's function (not NULL).
- * @param arg   its argument.
+ * @param c     the Caller to run it on (not NULL: -EINVAL).
+ * @param fn    the task's function (not NULL: -EINVAL).
+ * @param arg   its argument (as for caller_call_soon()); may be NULL.
  * @param name  a string with static lifetime, or NULL (no label).
  * @return as caller_call_soon().
  */
@@ -706,7 +780,13 @@ CALLER_EXTERN caller_pending_t *caller_call_soon_named(caller_t *c, caller_fn fn
                                                        const char *name);
 
 /** caller_call_later() with @p name as the Pending's label (static
- *  lifetime, or NULL). Thread: any. @return as caller_call_later(). */
+ *  lifetime, or NULL). Thread: any.
+ *  @param c      the Caller to run it on (not NULL: -EINVAL).
+ *  @param delay  seconds; negative (or NaN) counts as 0.
+ *  @param fn     the task's function (not NULL: -EINVAL).
+ *  @param arg    its argument (as for caller_call_soon()); may be NULL.
+ *  @param name   a string with static lifetime, or NULL (no label).
+ *  @return as caller_call_later(). */
 CALLER_EXTERN caller_pending_t *caller_call_later_named(caller_t *c, double delay, caller_fn fn,
                                                         void *arg, const char *name);
 
@@ -726,6 +806,9 @@ CALLER_EXTERN caller_pending_t *caller_call_later_named(caller_t *c, double dela
  * the Caller's log callback; the loop goes on.
  *
  * Thread: any.
+ * @param c    the Caller whose loop runs it (not NULL: -EINVAL).
+ * @param fn   the function (not NULL: -EINVAL).
+ * @param arg  passed to @p fn; may be NULL.
  * @return 0 (then @p fn runs exactly once, in submission order with the
  *         Caller's other calls; only a manual Caller stopped before it ever
  *         ran drops it unrun); -ESHUTDOWN; -EINVAL; -ENOMEM.
@@ -749,7 +832,9 @@ CALLER_EXTERN int caller_raise(int code, const char *fmt, ...) CALLER_PRINTF(2, 
  * Sleep: in a task, suspends it (the thread runs other tasks); elsewhere
  * blocks the thread (signals do not cut it short).
  *
- * Thread: any. @return 0; -ECANCELED if the task was cancelled meanwhile;
+ * Thread: any.
+ * @param seconds  how long, in seconds (>= 0).
+ * @return 0; -ECANCELED if the task was cancelled meanwhile;
  *         -EINVAL for a negative or NaN duration; -ENOMEM.
  */
 CALLER_EXTERN int caller_sleep(double seconds);
@@ -897,6 +982,10 @@ typedef struct caller_pool_config {
  * are idle, else it stops. Inside `fn`, caller_current() is the worker.
  *
  * Thread: any.
+ * @param c    the Caller whose pool runs it (not NULL: -EINVAL).
+ * @param fn   the function (not NULL: -EINVAL).
+ * @param arg  passed to @p fn; may be NULL (the copy-stack rule of
+ *             caller_call_soon() applies).
  * @return the call's Pending (a reference the caller owns), or NULL:
  *         -ESHUTDOWN if @p c is stopping or stopped; -EINVAL; -ENOMEM;
  *         -EAGAIN (no thread could be started). With `max_workers` reached
@@ -906,7 +995,12 @@ typedef struct caller_pool_config {
 CALLER_EXTERN caller_pending_t *caller_to_thread(caller_t *c, caller_fn fn, void *arg);
 
 /** caller_to_thread() with @p name as the Pending's label (static
- *  lifetime, or NULL). Thread: any. @return as caller_to_thread(). */
+ *  lifetime, or NULL). Thread: any.
+ *  @param c     the Caller whose pool runs it (not NULL: -EINVAL).
+ *  @param fn    the function (not NULL: -EINVAL).
+ *  @param arg   its argument (as for caller_to_thread()); may be NULL.
+ *  @param name  a string with static lifetime, or NULL (no label).
+ *  @return as caller_to_thread(). */
 CALLER_EXTERN caller_pending_t *caller_to_thread_named(caller_t *c, caller_fn fn, void *arg,
                                                        const char *name);
 /** caller_to_thread() is a macro over the function of the same name that
@@ -914,16 +1008,26 @@ CALLER_EXTERN caller_pending_t *caller_to_thread_named(caller_t *c, caller_fn fn
  *  evaluated once). */
 #define caller_to_thread(c, fn, arg) caller_to_thread_named((c), (fn), (arg), #fn)
 
-/** @p c's pool settings into @p out. Thread: any. 0 or -EINVAL/-ENOMEM. */
+/** @p c's pool settings into @p out. Thread: any.
+ *  @param c    the Caller (not NULL: -EINVAL).
+ *  @param out  receives the settings (not NULL: -EINVAL).
+ *  @return 0; -EINVAL; -ENOMEM (the pool, made at first use, could not be
+ *          allocated). */
 CALLER_EXTERN int caller_pool_get_config(caller_t *c, caller_pool_config_t *out);
 
 /** Change @p c's pool settings at run time: idle workers beyond a lower
  *  `max_idle` stop now; a shorter `idle_shutdown` applies to workers
- *  already idle. Thread: any. 0 or -EINVAL (negative idle_shutdown),
- *  -ENOMEM. */
+ *  already idle. Thread: any.
+ *  @param c    the Caller (not NULL: -EINVAL).
+ *  @param cfg  the new settings, copied (not NULL: -EINVAL).
+ *  @return 0; -EINVAL (NULL @p c or @p cfg, negative or NaN
+ *          idle_shutdown); -ENOMEM. */
 CALLER_EXTERN int caller_pool_set_config(caller_t *c, const caller_pool_config_t *cfg);
 
-/** How many workers idle in @p c's pool now. Thread: any. */
+/** How many workers idle in @p c's pool now. Thread: any.
+ *  @param c  the Caller; may be NULL (0).
+ *  @return the number of idle workers (0 for NULL or before the pool's
+ *          first use). */
 CALLER_EXTERN size_t caller_pool_idle(caller_t *c);
 
 /** @} */
@@ -951,6 +1055,11 @@ CALLER_EXTERN size_t caller_pool_idle(caller_t *c);
  * (the Pending itself stays not done between rounds).
  *
  * Thread: any.
+ * @param c    the Caller the queue's task runs on (not NULL: -EINVAL).
+ * @param fn   the item's function, also the queue's key (not NULL:
+ *             -EINVAL).
+ * @param arg  passed to @p fn; may be NULL (the copy-stack rule of
+ *             caller_call_soon() applies).
  * @return the queue's Pending (a reference the caller owns), or NULL:
  *         -ESHUTDOWN, -EINVAL, -ENOMEM. Cancelling that Pending closes the
  *         queue (as caller_queue_close does).
@@ -958,18 +1067,34 @@ CALLER_EXTERN size_t caller_pool_idle(caller_t *c);
 CALLER_EXTERN caller_pending_t *caller_queue_call(caller_t *c, caller_fn fn, void *arg);
 
 /** As caller_queue_call(), for the queue of an explicit @p key (not NULL),
- *  e.g. one queue per object of the application. */
+ *  e.g. one queue per object of the application. Thread: any.
+ *  @param c    the Caller the queue's task runs on (not NULL: -EINVAL).
+ *  @param key  the queue's key, compared as a pointer (not NULL: -EINVAL).
+ *  @param fn   the item's function (not NULL: -EINVAL).
+ *  @param arg  passed to @p fn; may be NULL.
+ *  @return as caller_queue_call(). */
 CALLER_EXTERN caller_pending_t *caller_queue_call_key(caller_t *c, const void *key, caller_fn fn,
                                                       void *arg);
 
 /** caller_queue_call() with @p name (static lifetime, or NULL) as the label
- *  of the queue's Pending. Thread: any. @return as caller_queue_call(). */
+ *  of the queue's Pending. Thread: any.
+ *  @param c     the Caller the queue's task runs on (not NULL: -EINVAL).
+ *  @param fn    the item's function and the queue's key (not NULL:
+ *               -EINVAL).
+ *  @param arg   passed to @p fn; may be NULL.
+ *  @param name  a string with static lifetime, or NULL (no label).
+ *  @return as caller_queue_call(). */
 CALLER_EXTERN caller_pending_t *caller_queue_call_named(caller_t *c, caller_fn fn, void *arg,
                                                         const char *name);
 
 /** caller_queue_call_key() with @p name (static lifetime, or NULL) as the
- *  label of the queue's Pending. Thread: any. @return as
- *  caller_queue_call_key(). */
+ *  label of the queue's Pending. Thread: any.
+ *  @param c     the Caller the queue's task runs on (not NULL: -EINVAL).
+ *  @param key   the queue's key, compared as a pointer (not NULL: -EINVAL).
+ *  @param fn    the item's function (not NULL: -EINVAL).
+ *  @param arg   passed to @p fn; may be NULL.
+ *  @param name  a string with static lifetime, or NULL (no label).
+ *  @return as caller_queue_call_key(). */
 CALLER_EXTERN caller_pending_t *caller_queue_call_key_named(caller_t *c, const void *key,
                                                             caller_fn fn, void *arg,
                                                             const char *name);
@@ -984,11 +1109,18 @@ CALLER_EXTERN caller_pending_t *caller_queue_call_key_named(caller_t *c, const v
 #define caller_queue_call_key(c, key, fn, arg)                                                     \
     caller_queue_call_key_named((c), (key), (fn), (arg), #fn)
 
-/** The Pending of the queue of (@p fn, @p c) (a reference), or NULL if there
- *  is none (never made, closed, or ending). Thread: any. */
+/** The Pending of the queue of (@p fn, @p c). Thread: any.
+ *  @param c   the Caller (not NULL: -EINVAL).
+ *  @param fn  the queue's function (not NULL: -EINVAL).
+ *  @return a reference the caller owns, or NULL if there is none (never
+ *          made, closed, or ending; caller_last_error() is not set then)
+ *          or on -EINVAL. */
 CALLER_EXTERN caller_pending_t *caller_queue_get(caller_t *c, caller_fn fn);
 
-/** As caller_queue_get(), for an explicit @p key. */
+/** As caller_queue_get(), for an explicit @p key. Thread: any.
+ *  @param c    the Caller (not NULL: -EINVAL).
+ *  @param key  the queue's key (not NULL: -EINVAL).
+ *  @return as caller_queue_get(). */
 CALLER_EXTERN caller_pending_t *caller_queue_get_key(caller_t *c, const void *key);
 
 /**
@@ -997,12 +1129,17 @@ CALLER_EXTERN caller_pending_t *caller_queue_get_key(caller_t *c, const void *ke
  * Afterwards caller_queue_get() finds none and caller_queue_call() starts a
  * fresh queue. Stopping @p c closes all its queues.
  *
- * Thread: any. @return 1 if a queue was closed, 0 if there was none,
- *         -EINVAL.
+ * Thread: any.
+ * @param c   the Caller (not NULL: -EINVAL).
+ * @param fn  the queue's function (not NULL: -EINVAL).
+ * @return 1 if a queue was closed, 0 if there was none, -EINVAL.
  */
 CALLER_EXTERN int caller_queue_close(caller_t *c, caller_fn fn);
 
-/** As caller_queue_close(), for an explicit @p key. */
+/** As caller_queue_close(), for an explicit @p key. Thread: any.
+ *  @param c    the Caller (not NULL: -EINVAL).
+ *  @param key  the queue's key (not NULL: -EINVAL).
+ *  @return as caller_queue_close(). */
 CALLER_EXTERN int caller_queue_close_key(caller_t *c, const void *key);
 
 /** @} */
@@ -1053,7 +1190,10 @@ typedef struct caller_as_completed_options {
  * Iterate @p n Pendings (@p items may be NULL when @p n is 0) as they
  * complete. The iterator takes its own references.
  *
- * Thread: any. @p options may be NULL.
+ * Thread: any.
+ * @param items    the Pendings (none NULL: -EINVAL); NULL only with @p n 0.
+ * @param n        how many.
+ * @param options  the options; may be NULL (defaults).
  * @return an iterator to close with caller_iter_close(), or NULL: -EINVAL;
  *         -EDEADLK if one of @p items is the current task's own Pending;
  *         -ENOMEM.
@@ -1066,7 +1206,12 @@ CALLER_EXTERN caller_iter_t *caller_as_completed(caller_pending_t *const *items,
  * `max_concurrent` outstanding (the Python original's example: an endless generator of
  * caller_to_thread() calls, bounded this way).
  *
- * Thread: any. @return an iterator, or NULL (-EINVAL, -ENOMEM).
+ * Thread: any.
+ * @param gen      the generator (not NULL: -EINVAL).
+ * @param arg      passed to @p gen; may be NULL.
+ * @param options  the options; may be NULL (defaults).
+ * @return an iterator to close with caller_iter_close(), or NULL (-EINVAL,
+ *         -ENOMEM).
  */
 CALLER_EXTERN caller_iter_t *caller_as_completed_gen(caller_generator_fn gen, void *arg,
                                                      const caller_as_completed_options_t *options);
@@ -1076,8 +1221,9 @@ CALLER_EXTERN caller_iter_t *caller_as_completed_gen(caller_generator_fn gen, vo
  * ran.
  *
  * Thread: the iterating thread or task.
- * @param it   the iterator.
- * @param out  receives a reference the caller owns (NULL when none).
+ * @param it   the iterator (not NULL: -EINVAL).
+ * @param out  receives a reference the caller owns (NULL when none); not
+ *             NULL (-EINVAL).
  * @return 0; CALLER_ITER_END when all were yielded; -ECANCELED if the
  *         waiting task was cancelled; -EDEADLK if the generator produced the
  *         current task's own Pending, or if a plain (non-task) wait on a
@@ -1088,7 +1234,12 @@ CALLER_EXTERN int caller_iter_next(caller_iter_t *it, caller_pending_t **out);
 
 /** As caller_iter_next(), waiting at most @p timeout seconds (negative:
  *  forever): -ETIMEDOUT when none completed in time (nothing is
- *  cancelled). */
+ *  cancelled). Thread: the iterating thread or task.
+ *  @param it       the iterator (not NULL: -EINVAL).
+ *  @param timeout  seconds; negative (CALLER_FOREVER) waits forever.
+ *  @param out      receives a reference the caller owns, NULL when none
+ *                  (not NULL: -EINVAL).
+ *  @return as caller_iter_next(), or -ETIMEDOUT. */
 CALLER_EXTERN int caller_iter_next_timeout(caller_iter_t *it, double timeout,
                                            caller_pending_t **out);
 
@@ -1097,6 +1248,7 @@ CALLER_EXTERN int caller_iter_next_timeout(caller_iter_t *it, double timeout,
  * as_completed") unless `keep_unfinished`; its references are released.
  * Closing before the end is how a loop stops early. Thread: the iterating
  * one. NULL is ignored.
+ * @param it  the iterator; may be NULL.
  */
 CALLER_EXTERN void caller_iter_close(caller_iter_t *it);
 
@@ -1115,10 +1267,13 @@ typedef enum {
  * not an error: the unfinished stay in @p not_done. Nothing is cancelled.
  *
  * Thread: any (suspends a task, blocks a plain thread).
- * @param items, n          the Pendings to wait for.
+ * @param items, n          the Pendings to wait for; @p items may be NULL
+ *                          only when @p n is 0 (else -EINVAL).
  * @param timeout           seconds; negative waits forever.
- * @param return_when       when to return (see caller_return_when_t).
- * @param done, not_done    receive the two sets (room for @p n each).
+ * @param return_when       when to return (see caller_return_when_t);
+ *                          another value is -EINVAL.
+ * @param done, not_done    receive the two sets (room for @p n each); may
+ *                          be NULL only when @p n is 0 (else -EINVAL).
  * @param ndone, nnot_done  receive the counts (may be NULL).
  * @return 0; -ECANCELED if the waiting task was cancelled (the sets hold
  *         what was known then); -EDEADLK; -EINVAL; -ENOMEM.
@@ -1187,12 +1342,15 @@ CALLER_EXTERN caller_scope_t *caller_scope_enter(double timeout, unsigned flags)
 CALLER_EXTERN int caller_scope_exit(caller_scope_t *s);
 
 /** Take a reference on @p s (NULL: nothing). Thread: any that holds a
- *  reference, or the scope's task while it is entered. @return @p s. */
+ *  reference, or the scope's task while it is entered.
+ *  @param s  the scope; may be NULL.
+ *  @return @p s (NULL for NULL). */
 CALLER_EXTERN caller_scope_t *caller_scope_ref(caller_scope_t *s);
 
 /** Release a reference from caller_scope_ref() (NULL: nothing). The scope
  *  is freed with its last reference. Releasing more than was taken aborts
- *  with a message. Thread: any. */
+ *  with a message. Thread: any.
+ *  @param s  the scope; may be NULL. */
 CALLER_EXTERN void caller_scope_unref(caller_scope_t *s);
 
 /** Cancel a scope: while it is entered, its task's suspension points
@@ -1203,7 +1361,11 @@ CALLER_EXTERN void caller_scope_unref(caller_scope_t *s);
  *  @param s  the scope (not NULL). @return 0, or -EINVAL for NULL. */
 CALLER_EXTERN int caller_scope_cancel(caller_scope_t *s);
 
-/** 1 if cancelled (or past its deadline and noticed), 0 if not. */
+/** Whether the scope was cancelled. Thread: any that holds a reference
+ *  (the task's own while entered, or one from caller_scope_ref()).
+ *  @param s  the scope (not NULL: -EINVAL).
+ *  @return 1 if cancelled (or past its deadline and noticed), 0 if not,
+ *          -EINVAL for NULL. */
 CALLER_EXTERN int caller_scope_cancelled(const caller_scope_t *s);
 
 /**
@@ -1227,19 +1389,28 @@ CALLER_EXTERN int caller_scope_cancelled(const caller_scope_t *s);
  */
 typedef struct caller_group caller_group_t;
 
-/** A new group, not entered. @p c: the Caller whose task will run the body
- *  (NULL: the current one; informational). @p shield: cancellation from
- *  outside does not reach the body. Thread: any. NULL on -ENOMEM. */
+/** A new group, not entered. Thread: any.
+ *  @param c       the Caller whose task will run the body (NULL: the
+ *                 current one; informational).
+ *  @param shield  if true, cancellation from outside does not reach the
+ *                 body.
+ *  @return a new group with one reference the caller owns (release it
+ *          with caller_group_unref()), or NULL on -ENOMEM. */
 CALLER_EXTERN caller_group_t *caller_create_pending_group(caller_t *c, bool shield);
 
 /** Cancel after @p seconds from entering (call before entering): the group
  *  is cancelled ("PendingGroup timed out") and exit returns -ETIMEDOUT.
+ *  Thread: any.
+ *  @param g        the group (not NULL: -EINVAL).
+ *  @param seconds  the timeout, >= 0 (negative or NaN: -EINVAL).
  *  @return 0, -EINVAL, CALLER_EINVALSTATE if already entered. */
 CALLER_EXTERN int caller_group_set_timeout(caller_group_t *g, double seconds);
 
 /** Enter: from now on new Pendings of this task's context are tracked.
  *  Thread: a task (the body runs in it). A group is entered once.
- *  @return 0, -EPERM (not in a task), CALLER_EINVALSTATE, -ENOMEM. */
+ *  @param g  the group (not NULL: -EINVAL).
+ *  @return 0, -EINVAL, -EPERM (not in a task), CALLER_EINVALSTATE (already
+ *          entered), -ENOMEM. */
 CALLER_EXTERN int caller_group_enter(caller_group_t *g);
 
 /**
@@ -1247,33 +1418,49 @@ CALLER_EXTERN int caller_group_enter(caller_group_t *g);
  * removed; if the body is cancelled meanwhile, cancel what is left and wait
  * for it anyway. Restores the enclosing context.
  * Thread: the task that entered, groups exited in reverse order.
+ * @param g  the group this task entered last (not NULL: -EINVAL).
  * @return 0; -ECANCELED if the group was cancelled (caller_last_error()
  *         gives the messages, "\n"-joined, e.g. the failing Pending's),
  *         also when the body's own task was cancelled from outside while
  *         it waited here (what the group tracked is cancelled and waited
- *         for first); -ETIMEDOUT if its timeout passed; CALLER_EINVALSTATE.
+ *         for first); -ETIMEDOUT if its timeout passed; CALLER_EINVALSTATE
+ *         (not the group this task entered last); -EINVAL.
  */
 CALLER_EXTERN int caller_group_exit(caller_group_t *g);
 
-/** Cancel the group (thread-safe): every tracked Pending and the body.
- *  @p message may be NULL. @return 1, 0 if it already exited, -EINVAL. */
+/** Cancel the group: every tracked Pending and the body. Thread: any.
+ *  @param g        the group (not NULL: -EINVAL).
+ *  @param message  the cancellation message; may be NULL.
+ *  @return 1, 0 if it already exited, -EINVAL. */
 CALLER_EXTERN int caller_group_cancel(caller_group_t *g, const char *message);
 
-/** 1 if the group was cancelled, 0 if not, -EINVAL. Thread: any. */
+/** Whether the group was cancelled. Thread: any.
+ *  @param g  the group (not NULL: -EINVAL).
+ *  @return 1 if the group was cancelled, 0 if not, -EINVAL. */
 CALLER_EXTERN int caller_group_cancelled(const caller_group_t *g);
 
 /** Stop tracking @p p (its failure no longer cancels the group, and exit
- *  does not wait for it). @return 1 if it was tracked, 0 if not; -EINVAL. */
+ *  does not wait for it). Thread: any.
+ *  @param g  the group (not NULL: -EINVAL).
+ *  @param p  the Pending (not NULL: -EINVAL).
+ *  @return 1 if it was tracked, 0 if not; -EINVAL. */
 CALLER_EXTERN int caller_group_remove(caller_group_t *g, caller_pending_t *p);
 
-/** The tracked Pendings now: up to @p max references into @p out.
- *  @return how many are tracked. Thread: any. */
+/** The tracked Pendings now: up to @p max references into @p out (the
+ *  caller releases each). Thread: any.
+ *  @param g    the group; may be NULL (0).
+ *  @param out  room for @p max pointers; may be NULL only when @p max is 0.
+ *  @param max  how many to fill at most.
+ *  @return how many are tracked (may exceed @p max); 0 for NULL @p g. */
 CALLER_EXTERN size_t caller_group_pending(caller_group_t *g, caller_pending_t **out, size_t max);
 
-/** Take a reference. Thread: any. @return @p g (NULL for NULL). */
+/** Take a reference. Thread: any.
+ *  @param g  the group; may be NULL.
+ *  @return @p g (NULL for NULL). */
 CALLER_EXTERN caller_group_t *caller_group_ref(caller_group_t *g);
 /** Release a reference; the last one frees the group (which must not be
- *  entered then). Thread: any. NULL is ignored. */
+ *  entered then). Thread: any. NULL is ignored.
+ *  @param g  the group; may be NULL. */
 CALLER_EXTERN void caller_group_unref(caller_group_t *g);
 
 /**
@@ -1293,40 +1480,65 @@ typedef struct caller_manager_token {
     void *outer, *node;
 } caller_manager_token_t;
 
-/** A new, idle manager (one reference), or NULL (-ENOMEM). */
+/** A new, idle manager. Thread: any.
+ *  @return a new manager with one reference the caller owns (release it
+ *          with caller_manager_unref()), or NULL (-ENOMEM). */
 CALLER_EXTERN caller_manager_t *caller_manager_new(void);
 /** Release a reference; the last one frees the manager. Thread: any. NULL
- *  is ignored. */
+ *  is ignored.
+ *  @param m  the manager; may be NULL. */
 CALLER_EXTERN void caller_manager_unref(caller_manager_t *m);
 
-/** Activate (from idle, or again after it stopped). @return 0,
- *  CALLER_EINVALSTATE if active, -EINVAL. Thread: any. */
+/** Activate (from idle, or again after it stopped). Thread: any.
+ *  @param m  the manager (not NULL: -EINVAL).
+ *  @return 0, CALLER_EINVALSTATE if active (or still finishing after
+ *          caller_manager_deactivate()), -EINVAL. */
 CALLER_EXTERN int caller_manager_activate(caller_manager_t *m);
 
 /** Track new Pendings of the current context (this thread's, or this
  *  task's) until caller_manager_stop() with the same token. Thread: any;
  *  start and stop in the same thread or task, in reverse order of others.
+ *  @param m      the manager (not NULL: -EINVAL).
+ *  @param token  receives what caller_manager_stop() needs (not NULL:
+ *                -EINVAL).
  *  @return 0, CALLER_EINVALSTATE (not active), -EINVAL, -ENOMEM. */
 CALLER_EXTERN int caller_manager_start(caller_manager_t *m, caller_manager_token_t *token);
 
-/** Stop tracking in the context where @p token was made. @return 0,
- *  -EINVAL, CALLER_EINVALSTATE (another context was entered since). */
+/** Stop tracking in the context where @p token was made. Thread: the
+ *  thread or task that called caller_manager_start() with @p token.
+ *  @param m      the manager (not NULL: -EINVAL).
+ *  @param token  the token from caller_manager_start() (-EINVAL if NULL,
+ *                already stopped, or another manager's).
+ *  @return 0, -EINVAL, CALLER_EINVALSTATE (another context was entered
+ *          since, or this is another thread or task). */
 CALLER_EXTERN int caller_manager_stop(caller_manager_t *m, caller_manager_token_t *token);
 
 /**
  * Deactivate: the tracked Pendings are cancelled ("PendingManager has been
  * deactivated") or, without @p cancel_pending, released (no longer
- * tracked). @return 1 if some are still finishing (caller_manager_wait()
- * waits for them), 0 if none; CALLER_EINVALSTATE if not active.
+ * tracked). Thread: any.
+ * @param m               the manager (not NULL: -EINVAL).
+ * @param cancel_pending  if true, cancel the tracked Pendings; if false,
+ *                        stop tracking them.
+ * @return 1 if some are still finishing (caller_manager_wait() waits for
+ *         them), 0 if none; CALLER_EINVALSTATE if not active; -EINVAL.
  */
 CALLER_EXTERN int caller_manager_deactivate(caller_manager_t *m, bool cancel_pending);
 
-/** Wait until the manager tracks nothing. @return 0, -ETIMEDOUT,
- *  -ECANCELED. Thread: any (suspends a task). */
+/** Wait until the manager tracks nothing. Thread: any (suspends a task,
+ *  blocks a plain thread).
+ *  @param m        the manager (not NULL: -EINVAL).
+ *  @param timeout  seconds; negative (CALLER_FOREVER) waits forever.
+ *  @return 0, -ETIMEDOUT, -ECANCELED (the waiting task was cancelled),
+ *          -EINVAL, -ENOMEM. */
 CALLER_EXTERN int caller_manager_wait(caller_manager_t *m, double timeout);
 
-/** The tracked Pendings now (references into @p out, up to @p max).
- *  @return how many. */
+/** The tracked Pendings now (references into @p out, up to @p max; the
+ *  caller releases each). Thread: any.
+ *  @param m    the manager; may be NULL (0).
+ *  @param out  room for @p max pointers; may be NULL only when @p max is 0.
+ *  @param max  how many to fill at most.
+ *  @return how many are tracked (may exceed @p max); 0 for NULL @p m. */
 CALLER_EXTERN size_t caller_manager_pending(caller_manager_t *m, caller_pending_t **out,
                                             size_t max);
 
@@ -1353,25 +1565,39 @@ CALLER_EXTERN size_t caller_manager_pending(caller_manager_t *m, caller_pending_
 
 /** The iopub URL for Callers that start from now on; default
  *  "inproc://iopub" (a SUB socket binds there). Thread: any.
+ *  @param url  the URL, copied (not NULL, not empty: -EINVAL).
  *  @return 0, or -EINVAL (NULL, empty, or longer than 255 bytes). */
 CALLER_EXTERN int caller_iopub_set_url(const char *url);
 
-/** The iopub URL, snprintf-style into @p buf. Thread: any. */
+/** The iopub URL, snprintf-style into @p buf. Thread: any.
+ *  @param buf  receives the URL, cut to fit and NUL-terminated; NULL only
+ *              with @p len 0 (else -EINVAL).
+ *  @param len  the size of @p buf in bytes.
+ *  @return the length of the whole URL (as snprintf), or -EINVAL. */
 CALLER_EXTERN int caller_iopub_url(char *buf, size_t len);
 
-/** The calling thread's iopub socket (its Caller's), or NULL. Thread: any;
- *  the socket may be used only in this thread. */
+/** The calling thread's iopub socket (its Caller's). Thread: any;
+ *  the socket may be used only in this thread.
+ *  @return the socket, or NULL if this thread has none (or the library was
+ *          built without ZeroMQ). */
 CALLER_EXTERN void *caller_iopub_socket(void);
 
 /** The iopub socket registered for @p thread, or NULL. Thread: any — but
  *  the socket may be used only in @p thread (this is for lookups and
- *  checks, not for sending from elsewhere). */
+ *  checks, not for sending from elsewhere).
+ *  @param thread  the thread to look up.
+ *  @return the socket, or NULL if @p thread has none (or the library was
+ *          built without ZeroMQ). */
 CALLER_EXTERN void *caller_iopub_socket_for(pthread_t thread);
 
-/** How many iopub sockets are open in the process. Thread: any. */
+/** How many iopub sockets are open in the process. Thread: any.
+ *  @return the number of registered iopub sockets (0 when built without
+ *          ZeroMQ). */
 CALLER_EXTERN size_t caller_iopub_count(void);
 
-/** @p c's ZeroMQ context, or NULL. Thread: any (contexts are thread-safe). */
+/** @p c's ZeroMQ context. Thread: any (contexts are thread-safe).
+ *  @param c  the Caller; may be NULL.
+ *  @return the context, or NULL if @p c has none or is NULL. */
 CALLER_EXTERN void *caller_zmq_context(const caller_t *c);
 
 /** @} */
@@ -1381,63 +1607,100 @@ CALLER_EXTERN void *caller_zmq_context(const caller_t *c);
 /* ======================================================================== */
 /** @{ */
 
-/** This thread's Caller (until it stops), or NULL. Borrowed: no reference.
- *  Thread: any. */
+/** This thread's Caller (until it stops). Borrowed: no reference.
+ *  Thread: any.
+ *  @return the Caller, or NULL if this thread has none. */
 CALLER_EXTERN caller_t *caller_current(void);
 
-/** The Caller of thread @p t (not stopping or stopped), or NULL. A
- *  reference. Thread: any. */
+/** The Caller of thread @p t (not stopping or stopped). Thread: any.
+ *  @param t  the thread to look up.
+ *  @return a reference the caller owns, or NULL if there is none. */
 CALLER_EXTERN caller_t *caller_for_thread(pthread_t t);
 
 /**
  * The Callers of the process that are not stopping or stopped (with
  * @p running_only, only those running). Fills up to @p max references into
  * @p out (which may be NULL when @p max is 0).
- * Thread: any. @return how many there are (may exceed @p max).
+ * Thread: any.
+ * @param running_only  count and fill only running Callers.
+ * @param out           receives references the caller owns; may be NULL
+ *                      when @p max is 0.
+ * @param max           how many to fill at most.
+ * @return how many there are (may exceed @p max).
  */
 CALLER_EXTERN size_t caller_all(bool running_only, caller_t **out, size_t max);
 
-/** The Pending of the task running now in this thread, or NULL outside a
- *  task. Borrowed. Thread: any. */
+/** The Pending of the task running now in this thread. Borrowed.
+ *  Thread: any.
+ *  @return the Pending (no reference), or NULL outside a task. */
 CALLER_EXTERN caller_pending_t *caller_current_pending(void);
 
 /** The parent (the Caller that created @p c with caller_get() or as a
- *  worker), or NULL. A reference. Thread: any. */
+ *  worker). Thread: any.
+ *  @param c  the Caller; may be NULL.
+ *  @return a reference the caller owns, or NULL (no parent, or @p c is
+ *          NULL). */
 CALLER_EXTERN caller_t *caller_parent(caller_t *c);
 
 /** The children that have not stopped: up to @p max references into @p out.
- *  Thread: any. @return how many there are. */
+ *  Thread: any.
+ *  @param c    the Caller; may be NULL (0).
+ *  @param out  receives references the caller owns; may be NULL (nothing
+ *              is filled).
+ *  @param max  how many to fill at most.
+ *  @return how many there are (may exceed @p max); 0 for NULL @p c. */
 CALLER_EXTERN size_t caller_children(caller_t *c, caller_t **out, size_t max);
 
-/** The name (valid while @p c lives), or NULL for NULL. Thread: any. */
+/** The name. Thread: any.
+ *  @param c  the Caller; may be NULL.
+ *  @return the name (valid while @p c lives), or NULL for NULL. */
 CALLER_EXTERN const char *caller_name(const caller_t *c);
 
-/** The backend's name ("libuv"), or NULL for NULL. Thread: any. */
+/** The backend's name. Thread: any.
+ *  @param c  the Caller; may be NULL.
+ *  @return the backend's name ("libuv"; static), or NULL for NULL. */
 CALLER_EXTERN const char *caller_backend(const caller_t *c);
 
 /** The thread the Caller runs in (for a manual Caller: the thread that
- *  created it). Thread: any; @p c must not be NULL. */
+ *  created it). Thread: any.
+ *  @param c  the Caller; must not be NULL (not checked).
+ *  @return the thread's id. */
 CALLER_EXTERN pthread_t caller_thread(const caller_t *c);
 
-/** 1 if protected, 0 if not, -EINVAL. Thread: any. */
+/** Whether the Caller is protected (caller_options_t.protect). Thread: any.
+ *  @param c  the Caller (not NULL: -EINVAL).
+ *  @return 1 if protected, 0 if not, -EINVAL. */
 CALLER_EXTERN int caller_protected(const caller_t *c);
 
-/** 1 if running (accepting and running calls), 0 if not, -EINVAL. */
+/** Whether the Caller is running. Thread: any.
+ *  @param c  the Caller (not NULL: -EINVAL).
+ *  @return 1 if running (accepting and running calls), 0 if not,
+ *          -EINVAL. */
 CALLER_EXTERN int caller_running(const caller_t *c);
 
-/** The state (a caller_state_t, >= 0), or -EINVAL. Thread: any. */
+/** The life-cycle state. Thread: any.
+ *  @param c  the Caller (not NULL: -EINVAL).
+ *  @return the state (a caller_state_t, >= 0), or -EINVAL. */
 CALLER_EXTERN int caller_state(const caller_t *c);
 
 /** The libuv loop under @p c (NULL before it started and after it stopped),
  *  so applications can run their own libuv I/O in the Caller's thread. Use
  *  it only from that thread (libuv loops are not thread-safe); schedule
- *  onto the Caller to get there. */
+ *  onto the Caller to get there. Thread: any may ask for it; only the
+ *  Caller's thread may use it.
+ *  @param c  the Caller; may be NULL.
+ *  @return the loop, or NULL (NULL @p c, not started, or stopped). */
 CALLER_EXTERN struct uv_loop_s *caller_loop(caller_t *c);
 
 /**
  * The text form: `Caller<name libuv 🏃 running 2 children>`; states are
  * shown as "❗ not running", "starting", "🏃 running", "🏁 stopping",
- * "🏁 stopped". Thread: any. snprintf semantics; -EINVAL.
+ * "🏁 stopped". Thread: any.
+ * @param c    the Caller (not NULL: -EINVAL).
+ * @param buf  receives the text, cut to fit and NUL-terminated; NULL only
+ *             with @p len 0 (else -EINVAL).
+ * @param len  the size of @p buf in bytes.
+ * @return the length of the whole text (as snprintf), or -EINVAL.
  */
 CALLER_EXTERN int caller_repr(const caller_t *c, char *buf, size_t len);
 
@@ -1445,12 +1708,14 @@ CALLER_EXTERN int caller_repr(const caller_t *c, char *buf, size_t len);
  * Print the callers table (the Python original's `%callers`): one row per Caller that
  * is not stopped — Name, Running ✓, Protected 🔐, Thread (name and id) — and
  * `← current` on the calling thread's row. Thread: any.
+ * @param out  the stream to print to (not NULL: -EINVAL).
  * @return 0, or -EINVAL if @p out is NULL.
  */
 CALLER_EXTERN int caller_print_table(FILE *out);
 
 /** How many Callers exist (created and not yet freed), for leak checks.
- *  Thread: any. */
+ *  Thread: any.
+ *  @return the number of live Callers. */
 CALLER_EXTERN size_t caller_live_count(void);
 
 /** @} */
