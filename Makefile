@@ -12,6 +12,7 @@
 #                      (installs doxygen; fails on anything undocumented)
 #   make install       install build/ into $(PREFIX)
 #   make uninstall     remove what the last `make install` installed
+#   make package       a Debian package (CPack) in build/
 #   make format, format-check, clean
 #
 # WERROR=OFF to build with warnings allowed (default ON).
@@ -33,7 +34,7 @@ MAKEFLAGS += --no-print-directory
 
 FORMAT_FILES = $(wildcard include/*.h src/*.c src/*.h tests/*.c tests/*.h bench/*.c examples/*.c kernel/*.c kernel/*.h)
 
-.PHONY: soak fuzz build deps test test-asan test-tsan bench demo docs install uninstall format format-check clean
+.PHONY: soak fuzz build deps test test-asan test-tsan bench demo docs install uninstall package format format-check clean
 
 build: deps
 	cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_ARGS)
@@ -112,6 +113,10 @@ docs:
 install: build
 	cmake --install build --prefix $(PREFIX)
 	cp build/install_manifest.txt build/make-install-manifest.txt
+
+# A Debian package of what `make install` installs, under /usr, in build/.
+package: build
+	cd build && cpack -G DEB
 
 # Remove what the last `make install` put in place (its list of files).
 uninstall:
