@@ -10,7 +10,7 @@
 #                      (DEMO_ARGS='--seconds 10 --workers 20')
 #   make docs          API reference from include/caller.h into build/docs/html
 #                      (installs doxygen; fails on anything undocumented)
-#   make install       install build/ into $(PREFIX)
+#   make install       install build/ into $(PREFIX) (with the man pages: docs first)
 #   make uninstall     remove what the last `make install` installed
 #   make package       a Debian package (CPack) in build/
 #   make format, format-check, clean
@@ -110,12 +110,12 @@ docs:
 	CALLER_VERSION=$(CALLER_VERSION) doxygen docs/Doxyfile
 	@echo "docs: build/docs/html/index.html"
 
-install: build
+install: build docs
 	cmake --install build --prefix $(PREFIX)
 	cp build/install_manifest.txt build/make-install-manifest.txt
 
 # A Debian package of what `make install` installs, under /usr, in build/.
-package: build
+package: build docs
 	cd build && cpack -G DEB
 
 # Remove what the last `make install` put in place (its list of files).

@@ -43,6 +43,16 @@ for f in ./usr/include/caller.h ./usr/lib/libcaller.so ./usr/lib/libcaller.so.0.
     ./usr/bin/caller-kernel ./usr/share/jupyter/kernels/caller/kernel.json; do
     grep -q " $f\( \|$\)" <<<"$contents" || fail "$f is not in the package"
 done
+# The man pages are in it when `make docs` made them (CI does, before
+# `make test`; `make package` does too).
+src=$(cd "$(dirname "$0")/.." && pwd)
+if [[ -d $src/build/docs/man/man3 ]]; then
+    for f in ./usr/share/man/man3/caller.h.3 ./usr/share/man/man3/caller_pending_wait.3; do
+        grep -q " $f\( \|$\)" <<<"$contents" || fail "$f is not in the package"
+    done
+else
+    echo "package-test: no build/docs/man (make docs not run): man pages not checked"
+fi
 [[ $(dpkg-deb -f "$deb" Package) == libcaller-dev ]] || fail "wrong package name"
 depends=$(dpkg-deb -f "$deb" Depends)
 [[ $depends == *libuv1-dev* ]] || fail "Depends lacks libuv1-dev: $depends"
@@ -93,6 +103,10 @@ loads=$(ldd "$tmp/app/prog" | awk '$1 == "libcaller.so.0.1" { print $3 }')
 out=$("$tmp/app/prog") || fail "the program failed: $out"
 [[ $out == "packaged says 42" ]] || fail "the program printed '$out'"
 echo "package-test: $out"
+if [[ -d $src/build/docs/man/man3 ]]; then
+    man -w caller_pending_wait >/dev/null 2>&1 || [[ -f /usr/share/man/man3/caller_pending_wait.3 ]] ||
+        fail "no installed man page caller_pending_wait(3)"
+fi
 grep -q '"/usr/bin/caller-kernel"' /usr/share/jupyter/kernels/caller/kernel.json ||
     fail "the kernelspec does not name /usr/bin/caller-kernel"
 
