@@ -599,7 +599,12 @@ typedef struct caller_options {
     /** The first argument passed to `log`. */
     void *log_arg;
     /** Stack size for tasks in bytes; 0 = 256 KiB. Rounded up to pages.
-     *  With CALLER_STACK_COPY: the size of the one run stack. */
+     *  With CALLER_STACK_COPY: the size of the one run stack. A task that
+     *  overflows it faults in the guard page below it; unless the
+     *  application installed a SIGSEGV handler of its own before its first
+     *  Caller (or a sanitizer runs), the process then dies of SIGSEGV after
+     *  writing "libcaller: stack overflow in task <name> on Caller
+     *  '<name>'" to stderr. */
     size_t stack_size;
     /** CALLER_CURRENT_THREAD only: the libuv loop of this thread to attach
      *  to. The application keeps running it; the Caller's handles join it

@@ -304,6 +304,8 @@ static pthread_once_t owner_ops_once = PTHREAD_ONCE_INIT;
 static void install_owner_ops(void)
 {
     caller__pending_set_owner_ops(&owner_ops);
+    /* A task overflowing its stack says which task on which Caller. */
+    caller__fiber_overflow_messages(caller__task_describe);
 }
 
 static caller_t *alloc_caller(const caller_options_t *o, const char *default_name)

@@ -34,10 +34,13 @@
 #include "sync.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -143,6 +146,7 @@ struct fiber_thread {
     caller__fiber_t *resident;
     size_t copied_live;
     struct save_arena *save; /* the copied fibers' buffers (see fiber_save_alloc) */
+    void *altstack;          /* the overflow handler's signal stack, or NULL */
     caller__fiber_t *cache;  /* finished fibers, most recently freed first */
     size_t cached;
     size_t mapped;
@@ -907,6 +911,105 @@ static int fiber_reserve(struct fiber_thread *t, caller__fiber_t *f)
     return 0;
 }
 
+/* ---- stack overflow messages -------------------------------------------- */
+
+#define ALTSTACK_SIZE (64 * 1024)
+static _Atomic(caller__fiber_describe_fn) overflow_describe;
+static atomic_bool overflow_installed;
+
+static void write_all(const char *s, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = write(STDERR_FILENO, s, n);
+        if (w <= 0)
+            return;
+        s += w;
+        n -= (size_t)w;
+    }
+}
+
+/* Is @p addr in the guard page of the fiber running on this thread? */
+static bool in_running_guard(const char *addr)
+{
+    caller__fiber_t *f = fiber_thread.current;
+    if (!f)
+        return false;
+    const caller__fiber_t *slot = f->copied ? f->owner->run : f;
+    return slot && addr >= slot->map && addr < slot->stack_lo;
+}
+
+static void overflow_handler(int sig, siginfo_t *info, void *uctx)
+{
+    (void)uctx;
+    if (in_running_guard(info->si_addr)) {
+        char what[256] = "a task";
+        caller__fiber_describe_fn d =
+            atomic_load_explicit(&overflow_describe, memory_order_relaxed);
+        if (d)
+            d(what, sizeof what);
+        write_all("libcaller: stack overflow in ", 29);
+        write_all(what, strnlen(what, sizeof what));
+        write_all("\n", 1);
+    }
+    /* The default action: returning re-runs the faulting access. */
+    struct sigaction dfl = {.sa_handler = SIG_DFL};
+    sigemptyset(&dfl.sa_mask);
+    sigaction(sig, &dfl, NULL);
+}
+
+/* On a fiber thread's first fiber: its alternate signal stack. */
+static void overflow_thread_init(struct fiber_thread *t)
+{
+    if (t->altstack || !atomic_load_explicit(&overflow_installed, memory_order_acquire))
+        return;
+    stack_t old;
+    if (sigaltstack(NULL, &old) == 0 && !(old.ss_flags & SS_DISABLE))
+        return; /* the application gave this thread one */
+    void *mem =
+        mmap(NULL, ALTSTACK_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED)
+        return;
+    stack_t ss = {.ss_sp = mem, .ss_size = ALTSTACK_SIZE};
+    if (sigaltstack(&ss, NULL) != 0) {
+        munmap(mem, ALTSTACK_SIZE);
+        return;
+    }
+    t->altstack = mem;
+}
+
+static void overflow_thread_fini(struct fiber_thread *t)
+{
+    if (!t->altstack)
+        return;
+    stack_t ss = {.ss_flags = SS_DISABLE};
+    sigaltstack(&ss, NULL);
+    munmap(t->altstack, ALTSTACK_SIZE);
+    t->altstack = NULL;
+}
+
+void caller__fiber_overflow_messages(caller__fiber_describe_fn describe)
+{
+    atomic_store_explicit(&overflow_describe, describe, memory_order_relaxed);
+#if FIBER_ASAN || FIBER_TSAN
+    (void)overflow_handler; /* the sanitizers report faults themselves */
+#else
+    static pthread_mutex_t once = PTHREAD_MUTEX_INITIALIZER;
+    pthread_mutex_lock(&once);
+    if (!atomic_load(&overflow_installed)) {
+        struct sigaction old;
+        if (sigaction(SIGSEGV, NULL, &old) == 0 && !(old.sa_flags & SA_SIGINFO) &&
+            old.sa_handler == SIG_DFL) {
+            struct sigaction sa = {.sa_sigaction = overflow_handler,
+                                   .sa_flags = SA_SIGINFO | SA_ONSTACK};
+            sigemptyset(&sa.sa_mask);
+            if (sigaction(SIGSEGV, &sa, NULL) == 0)
+                atomic_store_explicit(&overflow_installed, true, memory_order_release);
+        }
+    }
+    pthread_mutex_unlock(&once);
+#endif
+}
+
 /* ---- API ---------------------------------------------------------------- */
 
 caller__fiber_t *caller__fiber_new(size_t stack_size, caller__fiber_fn fn, void *arg)
@@ -928,6 +1031,7 @@ caller__fiber_t *caller__fiber_new(size_t stack_size, caller__fiber_fn fn, void 
     caller__fiber_t *f = fiber_cache_take(t, stack_size);
     if (!f && !(f = fiber_map(t, stack_size)))
         return NULL;
+    overflow_thread_init(t);
     if (fiber_prepare(f, fn, arg) != 0) {
         fiber_unmap(t, f);
         return NULL;
@@ -966,6 +1070,7 @@ caller__fiber_t *caller__fiber_new_copied(size_t stack_size, caller__fiber_fn fn
     }
     if (!t->run && !(t->run = fiber_map(t, stack_size)))
         return NULL;
+    overflow_thread_init(t);
     caller__fiber_t *f = COPIED_IN_BLOCK ? caller__block_alloc() : caller__malloc(sizeof *f);
     if (!f) {
         caller__fail(-ENOMEM, "no memory for a copy-stack task");
@@ -1130,6 +1235,7 @@ void caller__fiber_cache_clear(void)
         t->run = NULL;
         fiber_save_release(t);
     }
+    overflow_thread_fini(t);
 #if FIBER_TSAN
     fiber_tsan_drop_idle(true);
 #endif

@@ -148,6 +148,21 @@ void caller__fiber_guard(const caller__fiber_t *f, void **lo, void **hi);
 /* The usable stack of f: [*lo, *hi), the fiber's first frame just below hi. */
 void caller__fiber_stack(const caller__fiber_t *f, void **lo, void **hi);
 
+/*
+ * Stack overflow messages. Where the process's SIGSEGV disposition is the
+ * default (the application installed no handler of its own) and no
+ * sanitizer runs, a fault in the guard page of the running fiber's stack
+ * writes "libcaller: stack overflow in " followed by what @p describe
+ * writes (e.g. "task fn on Caller 'name'"), then the default action
+ * follows (the process dies of SIGSEGV, with a core where enabled). The
+ * handler runs on an alternate signal stack each fiber thread gets with
+ * its first fiber (given back by caller__fiber_cache_clear). @p describe
+ * runs in the signal handler: it may only copy strings into @p buf.
+ * Call once, before fibers are made; later calls change @p describe only.
+ */
+typedef void (*caller__fiber_describe_fn)(char *buf, size_t len);
+void caller__fiber_overflow_messages(caller__fiber_describe_fn describe);
+
 /* "asm (x86_64)", "asm (aarch64)" or "ucontext": the switch this build uses. */
 const char *caller__fiber_impl(void);
 

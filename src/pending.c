@@ -457,6 +457,11 @@ void *caller_pending_userdata(const caller_pending_t *p)
     return d;
 }
 
+const char *caller__pending_name(const caller_pending_t *p)
+{
+    return p->name;
+}
+
 void caller__pending_set_name(caller_pending_t *p, const char *name)
 {
     lock_p(p);

@@ -59,6 +59,9 @@ int caller__pending_end_round(caller_pending_t *p, void *value, caller__waiter_t
 /* Label shown in the text form (a string with static lifetime, e.g. the
  * scheduled function's name). */
 void caller__pending_set_name(caller_pending_t *p, const char *name);
+/* Its name (a label with static lifetime), or NULL; no lock (a signal
+ * handler reads it: a pointer read whole). */
+const char *caller__pending_name(const caller_pending_t *p);
 
 /* Whether the Pending was created with allow_tracking (trackers, later). */
 bool caller__pending_trackable(const caller_pending_t *p);

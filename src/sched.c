@@ -880,6 +880,33 @@ void caller__sched_drain_closed(caller_t *c, caller__msg_t *m)
 
 /* ---- scheduling API ------------------------------------------------------------ */
 
+static size_t append(char *buf, size_t len, size_t at, const char *s)
+{
+    while (s && *s && at + 1 < len)
+        buf[at++] = *s++;
+    buf[at < len ? at : len - 1] = 0;
+    return at;
+}
+
+void caller__task_describe(char *buf, size_t len)
+{
+    caller__task_t *t = tl_task;
+    if (!t || len == 0)
+        return;
+    const char *name = caller__pending_name(caller__task_pending(t));
+    size_t at = append(buf, len, 0, "task ");
+    at = append(buf, len, at, name ? name : "(unnamed)");
+    caller_t *c = task_caller(t);
+    if (c) {
+        at = append(buf, len, at, " on Caller '");
+        char cname[sizeof c->name + 1];
+        memcpy(cname, c->name, sizeof c->name);
+        cname[sizeof c->name] = 0;
+        at = append(buf, len, at, cname);
+        append(buf, len, at, "'");
+    }
+}
+
 bool caller__arg_on_task_stack(const void *p, const char *api, const char *what)
 {
     if (!caller__fiber_on_run_stack(p))

@@ -155,6 +155,11 @@ int caller__task_submit(caller_t *c, caller_pending_t *p, int64_t deadline);
  * something was). For runners of several calls in one task (queues). */
 bool caller__task_take_raised(int *code, char **msg);
 
+/* For stack overflow messages (caller__fiber_overflow_messages): "task
+ * <name> on Caller '<name>'" of the task running on this thread, copied
+ * into @p buf; async-signal-safe. */
+void caller__task_describe(char *buf, size_t len);
+
 /* True (and -EINVAL recorded, naming @p api and @p what) if @p p points
  * into the run stack of the copy-stack task running now. */
 bool caller__arg_on_task_stack(const void *p, const char *api, const char *what);

@@ -1337,3 +1337,52 @@ TEST(naming_macros_evaluate_fn_once_and_named_variants_label)
     caller_pending_unref(p);
     check_stop(c);
 }
+
+/* ---- a task's stack overflow says which task ---------------------------- */
+
+/* In a child process, in both stack modes: a task that recurses without
+ * end dies of SIGSEGV after "libcaller: stack overflow in task <its name> on Caller '<name>'"
+ * on stderr. (The sanitizers report such faults themselves: there the
+ * library installs no handler, and this case checks nothing.) */
+TEST(stack_overflow_names_the_task_and_caller)
+{
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+    puts("skipped: the sanitizer reports the fault");
+#else
+    for (unsigned mode = CALLER_STACK_OWN; mode <= CALLER_STACK_COPY; mode++) {
+        int fds[2];
+        CHECK_EQ(pipe(fds), 0);
+        fflush(NULL);
+        pid_t pid = fork();
+        CHECK(pid >= 0);
+        if (pid == 0) {
+            dup2(fds[1], STDERR_FILENO);
+            close(fds[0]);
+            caller_t *c = caller_create(
+                CALLER_NEW_THREAD, &(caller_options_t){.name = "overflower", .stack_mode = mode});
+            if (!c)
+                _exit(2);
+            caller_pending_t *p = caller_call_soon_named(c, overflow, NULL, "deep_recursion");
+            if (!p)
+                _exit(3);
+            caller_pending_wait(p, 30, true, false, NULL);
+            _exit(4); /* not reached: the process dies first */
+        }
+        close(fds[1]);
+        char out[1024] = {0};
+        size_t n = 0;
+        ssize_t r;
+        while (n + 1 < sizeof out && (r = read(fds[0], out + n, sizeof out - 1 - n)) > 0)
+            n += (size_t)r;
+        close(fds[0]);
+        int status = 0;
+        CHECK_EQ(waitpid(pid, &status, 0), pid);
+        if (!WIFSIGNALED(status))
+            fprintf(stderr, "child exited with %d: %s\n", WEXITSTATUS(status), out);
+        CHECK(WIFSIGNALED(status));
+        CHECK_EQ(WTERMSIG(status), SIGSEGV);
+        CHECK_CONTAINS(out,
+                       "libcaller: stack overflow in task deep_recursion on Caller 'overflower'");
+    }
+#endif
+}

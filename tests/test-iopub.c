@@ -166,17 +166,6 @@ TEST(every_thread_publishes_through_its_own_socket)
 
 /* ---- over TCP, with the subscriber in another process --------------------- */
 
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof a;
-    CHECK_EQ(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
-    CHECK_EQ(getsockname(fd, (struct sockaddr *)&a, &len), 0);
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
 static void write_join(int id, void *arg)
 {
     unsigned char b = (unsigned char)id;
@@ -213,27 +202,45 @@ TEST(tcp_subscriber_in_another_process)
 {
     enum { N = 500 }; /* within the PUB socket's default high-water mark */
     reset_shared(N, true);
-    int port = free_port(), joins[2];
+    int joins[2], ep[2];
     CHECK_EQ(pipe(joins), 0);
-    char url[64];
-    snprintf(url, sizeof url, "tcp://127.0.0.1:%d", port);
+    CHECK_EQ(pipe(ep), 0);
     pid_t pid = fork(); /* before any thread of ours exists */
     CHECK(pid >= 0);
     if (pid == 0) {
         close(joins[0]);
+        close(ep[0]);
         void *ctx = zmq_ctx_new();
         void *sub = zmq_socket(ctx, ZMQ_SUB);
         int timeout = 30000;
         zmq_setsockopt(sub, ZMQ_RCVTIMEO, &timeout, sizeof timeout);
         zmq_setsockopt(sub, ZMQ_SUBSCRIBE, "", 0);
-        if (zmq_bind(sub, url) != 0)
+        /* A port the system picks, told to the parent: a port found free
+         * and bound later could be taken meanwhile by another test's
+         * process (the kernel tests bind many). */
+        char bound[64] = {0};
+        size_t blen = sizeof bound - 1;
+        if (zmq_bind(sub, "tcp://127.0.0.1:*") != 0 ||
+            zmq_getsockopt(sub, ZMQ_LAST_ENDPOINT, bound, &blen) != 0 ||
+            write(ep[1], bound, sizeof bound) != (ssize_t)sizeof bound)
             _exit(6);
+        close(ep[1]);
         int rc = collect(sub, 4, write_join, &joins[1]);
         zmq_close(sub);
         zmq_ctx_term(ctx);
         _exit(rc);
     }
     close(joins[1]);
+    close(ep[1]);
+    char url[64] = {0};
+    size_t got_len = 0;
+    ssize_t r;
+    while (got_len < sizeof url && (r = read(ep[0], url + got_len, sizeof url - got_len)) > 0)
+        got_len += (size_t)r;
+    close(ep[0]);
+    CHECK_EQ(got_len, sizeof url);
+    url[sizeof url - 1] = 0;
+    CHECK(strncmp(url, "tcp://127.0.0.1:", 16) == 0);
     pthread_t reader;
     pthread_create(&reader, NULL, read_joins, P(joins[0]));
     CHECK_RC(caller_iopub_set_url(url), 0);
