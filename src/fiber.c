@@ -1012,21 +1012,30 @@ void caller__fiber_overflow_messages(caller__fiber_describe_fn describe)
 
 /* ---- API ---------------------------------------------------------------- */
 
-caller__fiber_t *caller__fiber_new(size_t stack_size, caller__fiber_fn fn, void *arg)
+/* The stack size @p api asked for, checked (@p fn too), defaulted and
+ * rounded up to pages; 0 on failure (recorded). */
+static size_t fiber_checked_size(struct fiber_thread *t, caller__fiber_fn fn, size_t stack_size,
+                                 const char *api)
 {
-    struct fiber_thread *t = &fiber_thread;
     if (!fn) {
-        caller__fail(-EINVAL, "caller__fiber_new: fn is NULL");
-        return NULL;
+        caller__fail(-EINVAL, "%s: fn is NULL", api);
+        return 0;
     }
     if (stack_size == 0)
         stack_size = CALLER__FIBER_DEFAULT_STACK;
     if (stack_size > SIZE_MAX / 4) {
         caller__fail(-ENOMEM, "cannot map a fiber stack of %zu bytes: too big", stack_size);
-        return NULL;
+        return 0;
     }
     size_t page = fiber_page(t);
-    stack_size = (stack_size + page - 1) & ~(page - 1);
+    return (stack_size + page - 1) & ~(page - 1);
+}
+
+caller__fiber_t *caller__fiber_new(size_t stack_size, caller__fiber_fn fn, void *arg)
+{
+    struct fiber_thread *t = &fiber_thread;
+    if (!(stack_size = fiber_checked_size(t, fn, stack_size, "caller__fiber_new")))
+        return NULL;
 
     caller__fiber_t *f = fiber_cache_take(t, stack_size);
     if (!f && !(f = fiber_map(t, stack_size)))
@@ -1045,18 +1054,8 @@ caller__fiber_t *caller__fiber_new(size_t stack_size, caller__fiber_fn fn, void 
 caller__fiber_t *caller__fiber_new_copied(size_t stack_size, caller__fiber_fn fn, void *arg)
 {
     struct fiber_thread *t = &fiber_thread;
-    if (!fn) {
-        caller__fail(-EINVAL, "caller__fiber_new_copied: fn is NULL");
+    if (!(stack_size = fiber_checked_size(t, fn, stack_size, "caller__fiber_new_copied")))
         return NULL;
-    }
-    if (stack_size == 0)
-        stack_size = CALLER__FIBER_DEFAULT_STACK;
-    if (stack_size > SIZE_MAX / 4) {
-        caller__fail(-ENOMEM, "cannot map a run stack of %zu bytes: too big", stack_size);
-        return NULL;
-    }
-    size_t page = fiber_page(t);
-    stack_size = (stack_size + page - 1) & ~(page - 1);
     if (t->run && t->run->stack_size != stack_size) {
         if (t->copied_live) {
             caller__fail(-EINVAL,

@@ -184,6 +184,38 @@ static inline void check_sem_wait(sem_t *s)
     CHECK_EQ(rc, 0);
 }
 
+/* Wait (at most @p seconds, scaled) for @p p, release it, return its
+ * result. */
+static inline void *check_await(caller_pending_t *p, double seconds)
+{
+    CHECK(p != NULL);
+    void *v = NULL;
+    CHECK_RC(caller_pending_wait(p, seconds * check_time_scale(), false, true, &v), 0);
+    caller_pending_unref(p);
+    return v;
+}
+
+/* A task: post the semaphore @p arg. Scheduled after a task that waits,
+ * it runs only once that task has suspended (one thread, FIFO order). */
+static inline void *check_post_sem(void *arg)
+{
+    sem_post(arg);
+    return NULL;
+}
+
+/* Schedule check_post_sem after what is queued on @p c and wait for it:
+ * every task scheduled before it has run up to its first suspension. */
+static inline void check_until_suspended(caller_t *c)
+{
+    sem_t s;
+    sem_init(&s, 0, 0);
+    caller_pending_t *p = caller_call_soon(c, check_post_sem, &s);
+    CHECK(p != NULL);
+    check_sem_wait(&s);
+    check_await(p, 10);
+    sem_destroy(&s);
+}
+
 /* The detailed message of this thread's last error. */
 static inline const char *check_last_message(void)
 {

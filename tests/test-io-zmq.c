@@ -21,31 +21,10 @@ static double scaled(double s)
     return s * check_time_scale();
 }
 
+/* Wait for @p p (30 s at most, scaled), release it, return its result. */
 static void *await(caller_pending_t *p)
 {
-    CHECK(p != NULL);
-    void *v = NULL;
-    CHECK_RC(caller_pending_wait(p, scaled(30), false, true, &v), 0);
-    caller_pending_unref(p);
-    return v;
-}
-
-static void *post_sem(void *arg)
-{
-    sem_post(arg);
-    return NULL;
-}
-
-/* Every task scheduled on @p c before this call has reached its first
- * suspension (or ended). */
-static void until_suspended(caller_t *c)
-{
-    sem_t s;
-    sem_init(&s, 0, 0);
-    caller_pending_t *p = caller_call_soon(c, post_sem, &s);
-    check_sem_wait(&s);
-    await(p);
-    sem_destroy(&s);
+    return check_await(p, 30);
 }
 
 /* A socket with no linger and no high-water marks (nothing dropped or
@@ -318,7 +297,7 @@ TEST(cancel_while_waiting_on_a_socket)
     atomic_init(&st.rc, 1);
     caller_t *c = check_new_thread("io-zmq");
     caller_pending_t *p = caller_call_soon(c, wait_forever_on_pull, &st);
-    until_suspended(c);
+    check_until_suspended(c);
     CHECK_EQ(caller_pending_done(p), 0);
     CHECK_EQ(caller_pending_cancel(p, "enough"), 1);
     CHECK_RC(caller_pending_wait(p, scaled(10), true, false, NULL), 0);

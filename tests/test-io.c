@@ -18,6 +18,12 @@ static double scaled(double s)
     return s * check_time_scale();
 }
 
+/* Wait for @p p (10 s at most, scaled), release it, return its result. */
+static void *await(caller_pending_t *p)
+{
+    return check_await(p, 10);
+}
+
 static void make_pipe(int fds[2])
 {
     CHECK_EQ(pipe2(fds, O_CLOEXEC | O_NONBLOCK), 0);
@@ -26,37 +32,6 @@ static void make_pipe(int fds[2])
 static void make_socketpair(int sv[2])
 {
     CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv), 0);
-}
-
-/* Wait (at most 10 s, scaled) for @p p, release it, return its result. */
-static void *await(caller_pending_t *p)
-{
-    CHECK(p != NULL);
-    void *v = NULL;
-    CHECK_RC(caller_pending_wait(p, scaled(10), false, true, &v), 0);
-    caller_pending_unref(p);
-    return v;
-}
-
-/* A task: post the semaphore @p arg. Scheduled after a task that waits,
- * it runs only once that task has suspended (one thread, FIFO order). */
-static void *post_sem(void *arg)
-{
-    sem_post(arg);
-    return NULL;
-}
-
-/* Schedule post_sem after what is queued on @p c and wait for it: every
- * task scheduled before it has run up to its first suspension. */
-static void until_suspended(caller_t *c)
-{
-    sem_t s;
-    sem_init(&s, 0, 0);
-    caller_pending_t *p = caller_call_soon(c, post_sem, &s);
-    CHECK(p != NULL);
-    check_sem_wait(&s);
-    await(p);
-    sem_destroy(&s);
 }
 
 /* A task: 1 if its Caller has no descriptor watch left. */
@@ -110,7 +85,7 @@ TEST(pipe_readable_wakes_suspended_task)
     wait_t w;
     wait_init(&w, fds[0], CALLER_READABLE, CALLER_FOREVER);
     caller_pending_t *p = caller_call_soon(c, wait_task, &w);
-    until_suspended(c);
+    check_until_suspended(c);
     CHECK_EQ(caller_pending_done(p), 0);
     CHECK_EQ(write(fds[1], "x", 1), 1); /* from this thread, not the Caller's */
     CHECK_EQ(I(await(p)), CALLER_READABLE);
@@ -141,7 +116,7 @@ TEST(socketpair_writable)
     CHECK_EQ(errno, EAGAIN);
     wait_init(&w, sv[0], CALLER_WRITABLE, CALLER_FOREVER);
     caller_pending_t *p = caller_call_soon(c, wait_task, &w);
-    until_suspended(c);
+    check_until_suspended(c);
     CHECK_EQ(caller_pending_done(p), 0);
     while (read(sv[1], buf, sizeof buf) > 0)
         ;
@@ -160,7 +135,7 @@ TEST(hang_up_reports_the_events_asked_for)
     wait_t w;
     wait_init(&w, fds[0], CALLER_READABLE, CALLER_FOREVER);
     caller_pending_t *p = caller_call_soon(c, wait_task, &w);
-    until_suspended(c);
+    check_until_suspended(c);
     close(fds[1]); /* the writer goes: POLLHUP, and read() sees the end */
     CHECK_EQ(I(await(p)), CALLER_READABLE);
     char b;
@@ -250,7 +225,7 @@ TEST(copy_stack_tasks_wait)
     caller_pending_t *pd = caller_call_soon(c, wait_task, &d);
     for (int i = 0; i < 10; i++)
         await(caller_call_soon(c, scribble, P(i)));
-    until_suspended(c);
+    check_until_suspended(c);
     CHECK_EQ(write(sv[1], "x", 1), 1);
     CHECK_EQ(write(fds[1], "y", 1), 1);
     CHECK_EQ(I(await(pa)), CALLER_READABLE);
@@ -321,7 +296,7 @@ TEST(cancel_from_another_thread)
     wait_t w;
     wait_init(&w, fds[0], CALLER_READABLE, CALLER_FOREVER);
     caller_pending_t *p = caller_call_soon(c, wait_task, &w);
-    until_suspended(c);
+    check_until_suspended(c);
     CHECK_EQ(caller_pending_cancel(p, "enough"), 1);
     CHECK_RC(caller_pending_wait(p, scaled(10), true, false, NULL), 0);
     CHECK_RC(atomic_load(&w.rc), -ECANCELED);
@@ -412,11 +387,11 @@ TEST(shield_keeps_cancellation_out_of_the_wait)
     w.other = (caller_pending_t *)(void *)&entered;
     caller_pending_t *p = caller_call_soon(c, wait_shielded, &w);
     check_sem_wait(&entered);
-    until_suspended(c);
+    check_until_suspended(c);
     CHECK_EQ(caller_pending_cancel(p, NULL), 1);
     /* The cancel notice reaches the task's loop; the wait goes on. The
      * write wakes it: a task after it shows the notice was processed. */
-    until_suspended(c);
+    check_until_suspended(c);
     CHECK_EQ(caller_pending_done(p), 0);
     CHECK_EQ(write(fds[1], "x", 1), 1);
     CHECK_RC(caller_pending_wait(p, scaled(10), true, false, NULL), 0);
@@ -438,7 +413,7 @@ TEST(stop_ends_a_waiting_task)
     wait_t w;
     wait_init(&w, fds[0], CALLER_READABLE, CALLER_FOREVER);
     caller_pending_t *p = caller_call_soon(c, wait_task, &w);
-    until_suspended(c);
+    check_until_suspended(c);
     check_stop(c);
     CHECK_RC(atomic_load(&w.rc), -ECANCELED);
     CHECK_EQ(caller_pending_done(p), 1);
@@ -564,7 +539,7 @@ TEST(two_waiters_on_one_descriptor)
     /* A plain thread waits on it alongside a task. */
     wait_init(&a, sv[0], CALLER_READABLE, CALLER_FOREVER);
     pa = caller_call_soon(c, wait_task, &a);
-    until_suspended(c);
+    check_until_suspended(c);
     CHECK_EQ(caller_wait_fd(sv[0], CALLER_READABLE, scaled(10)), CALLER_READABLE);
     CHECK_EQ(I(await(pa)), CALLER_READABLE);
     check_stop(c);
@@ -584,8 +559,8 @@ TEST(two_callers_wait_on_one_descriptor)
     wait_init(&b, fds[0], CALLER_READABLE, CALLER_FOREVER);
     caller_pending_t *pa = caller_call_soon(c1, wait_task, &a);
     caller_pending_t *pb = caller_call_soon(c2, wait_task, &b);
-    until_suspended(c1);
-    until_suspended(c2);
+    check_until_suspended(c1);
+    check_until_suspended(c2);
     CHECK_EQ(write(fds[1], "x", 1), 1);
     CHECK_EQ(I(await(pa)), CALLER_READABLE);
     CHECK_EQ(I(await(pb)), CALLER_READABLE);
@@ -685,7 +660,7 @@ TEST(descriptor_closed_while_a_duplicate_keeps_it_open)
     CHECK_EQ(read(fds[0], &b, 1), 1);
     wait_init(&w, fds[0], CALLER_READABLE, CALLER_FOREVER);
     caller_pending_t *p2 = caller_call_soon(c, wait_task, &w);
-    until_suspended(c);
+    check_until_suspended(c);
     CHECK_EQ(write(fds[1], "y", 1), 1);
     CHECK_EQ(I(await(p2)), CALLER_READABLE);
     check_no_watches(c);
