@@ -47,7 +47,7 @@
 #define container_of caller__container_of
 
 struct caller__pool {
-    pthread_mutex_t lock;
+    caller__lock_t lock;
     caller_t *owner; /* not a reference: the owner frees its pool */
     caller_pool_config_t cfg;
     caller__link_t runq; /* queued calls, oldest first, through their task's `live` */
@@ -62,8 +62,17 @@ struct caller__pool {
 };
 
 /* The pool's lock, in the library's order (lockorder.h). */
-#define lock_pool(pool) caller__mutex_lock(&(pool)->lock, CALLER__RANK_POOL)
-#define unlock_pool(pool) caller__mutex_unlock(&(pool)->lock, CALLER__RANK_POOL)
+static inline void lock_pool(caller_pool_t *pool)
+{
+    caller__order_acquire(CALLER__RANK_POOL);
+    caller__lock(&pool->lock);
+}
+
+static inline void unlock_pool(caller_pool_t *pool)
+{
+    caller__unlock(&pool->lock);
+    caller__order_release(CALLER__RANK_POOL);
+}
 static const caller_pool_config_t defaults = {
     .max_idle = CALLER_MAX_IDLE_POOL_INSTANCES,
     .idle_shutdown = CALLER_IDLE_WORKER_SHUTDOWN_DURATION,
@@ -87,7 +96,7 @@ static caller_pool_t *pool_of(caller_t *c, const char *api)
     if (!pool) {
         pool = caller__calloc(1, sizeof *pool);
         if (pool) {
-            pthread_mutex_init(&pool->lock, NULL);
+            atomic_init(&pool->lock, CALLER__LOCK_INIT);
             pool->owner = c;
             pool->cfg = defaults;
             pool->sweep_at = INT64_MAX;
@@ -123,7 +132,6 @@ static void pool_free(caller_pool_t *pool)
         return;
     while (!caller__list_empty(&pool->idle))
         caller_unref(unlink_idle_locked(pool, pool->idle.next));
-    pthread_mutex_destroy(&pool->lock);
     caller__free(pool);
 }
 
