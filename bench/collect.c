@@ -31,7 +31,7 @@ static void make_items(void)
     for (long i = 0; i < N; i++) {
         items[i] = caller_pending_new(CALLER_PENDING_UNTRACKED);
         BENCH_CHECK(items[i] != NULL);
-        BENCH_CHECK(caller_pending_set_result(items[i], (void *)(uintptr_t)i, false) == 0);
+        BENCH_CHECK(caller_pending_set_result(items[i], (void *)(uintptr_t)i, 0) == 0);
     }
 }
 

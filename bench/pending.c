@@ -38,7 +38,7 @@ static int p1_ours(double *out)
     for (long i = 0; i < P1_N; i++) {
         caller_pending_t *p = caller_pending_new(0);
         caller_pending_add_done_callback(p, on_done, (void *)1);
-        caller_pending_set_result(p, (void *)i, false);
+        caller_pending_set_result(p, (void *)i, 0);
         caller_pending_unref(p);
     }
     out[0] = (bench_now() - t0) * 1e9 / P1_N;
@@ -89,8 +89,8 @@ static void *p2_ours_peer(void *arg)
 {
     (void)arg;
     for (int i = 0; i < P2_N; i++) {
-        caller_pending_wait(slots[2 * i], CALLER_FOREVER, true, false, NULL);
-        caller_pending_set_result(slots[2 * i + 1], NULL, false);
+        caller_pending_wait(slots[2 * i], CALLER_FOREVER, CALLER_WAIT_PROTECT, NULL);
+        caller_pending_set_result(slots[2 * i + 1], NULL, 0);
     }
     return NULL;
 }
@@ -104,8 +104,8 @@ static int p2_ours(double *out)
     pthread_create(&t, NULL, p2_ours_peer, NULL);
     double t0 = bench_now();
     for (int i = 0; i < P2_N; i++) {
-        caller_pending_set_result(slots[2 * i], NULL, false);
-        caller_pending_wait(slots[2 * i + 1], CALLER_FOREVER, true, false, NULL);
+        caller_pending_set_result(slots[2 * i], NULL, 0);
+        caller_pending_wait(slots[2 * i + 1], CALLER_FOREVER, CALLER_WAIT_PROTECT, NULL);
     }
     double dt = bench_now() - t0;
     pthread_join(t, NULL);

@@ -46,7 +46,7 @@ static void *ours_body(void *arg)
     }
     double t1 = bench_now();
     for (long i = 0; i < N; i++) {
-        BENCH_CHECK(caller_pending_wait(p[i], CALLER_FOREVER, true, false, NULL) == 0);
+        BENCH_CHECK(caller_pending_wait(p[i], CALLER_FOREVER, CALLER_WAIT_PROTECT, NULL) == 0);
         caller_pending_unref(p[i]);
     }
     double t2 = bench_now();

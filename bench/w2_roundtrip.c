@@ -5,7 +5,7 @@
  * µs, and the mean.
  *
  *  libcaller  a NEW_THREAD Caller; the main thread does caller_call_soon(),
- *             caller_pending_wait(p, CALLER_FOREVER, true, false, NULL),
+ *             caller_pending_wait(p, CALLER_FOREVER, CALLER_WAIT_PROTECT, NULL),
  *             caller_pending_unref().
  *  pthread    a consumer thread on a mutex + condvar queue (signalled only
  *             when it sleeps); the main thread queues a malloc'd call
@@ -49,14 +49,15 @@ static int ours(double *out)
         caller_pending_t *p = caller_call_soon(c, noop, (void *)1);
         BENCH_CHECK(p != NULL);
         void *v = NULL;
-        BENCH_CHECK(caller_pending_wait(p, CALLER_FOREVER, true, true, &v) == 0);
+        BENCH_CHECK(caller_pending_wait(p, CALLER_FOREVER, CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT,
+                                        &v) == 0);
         caller_pending_unref(p);
         double t1 = bench_now();
         BENCH_CHECK(v == (void *)1);
         if (i >= 0)
             lat[i] = t1 - t0;
     }
-    caller_stop(c, false);
+    caller_stop(c, 0);
     BENCH_CHECK(caller_wait_stopped(c, CALLER_FOREVER) == 0);
     caller_unref(c);
     BENCH_CHECK(bench_drains_to_zero(caller_live_count, 2) &&

@@ -44,10 +44,10 @@ static int ours(double *out)
             last = p;
     }
     double t1 = bench_now();
-    BENCH_CHECK(caller_pending_wait(last, CALLER_FOREVER, true, false, NULL) == 0);
+    BENCH_CHECK(caller_pending_wait(last, CALLER_FOREVER, CALLER_WAIT_PROTECT, NULL) == 0);
     double t2 = bench_now();
     caller_pending_unref(last);
-    caller_stop(c, false);
+    caller_stop(c, 0);
     BENCH_CHECK(caller_wait_stopped(c, CALLER_FOREVER) == 0);
     caller_unref(c);
     BENCH_CHECK(bench_drains_to_zero(caller_live_count, 2) &&

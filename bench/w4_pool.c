@@ -194,7 +194,8 @@ static void *ours_all_body(void *arg)
     }
     for (long i = 0; i < N; i++) {
         void *v = NULL;
-        BENCH_CHECK(caller_pending_wait(ps[i], CALLER_FOREVER, true, true, &v) == 0);
+        BENCH_CHECK(caller_pending_wait(ps[i], CALLER_FOREVER,
+                                        CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v) == 0);
         sink += (uintptr_t)v;
         caller_pending_unref(ps[i]);
         sample_threads(i + 1, &peak);

@@ -76,7 +76,7 @@ static void *on_time(void *arg)
     rec_t *r = arg;
     r->run = bench_now();
     if (atomic_fetch_add(&ran, 1) + 1 == N)
-        BENCH_CHECK(caller_pending_set_result(all_ran, NULL, false) == 0);
+        BENCH_CHECK(caller_pending_set_result(all_ran, NULL, 0) == 0);
     return NULL;
 }
 
@@ -94,9 +94,9 @@ static int ours(double *out)
         BENCH_CHECK(p != NULL);
         caller_pending_unref(p);
     }
-    BENCH_CHECK(caller_pending_wait(all_ran, CALLER_FOREVER, true, false, NULL) == 0);
+    BENCH_CHECK(caller_pending_wait(all_ran, CALLER_FOREVER, CALLER_WAIT_PROTECT, NULL) == 0);
     caller_pending_unref(all_ran);
-    caller_stop(c, false);
+    caller_stop(c, 0);
     BENCH_CHECK(caller_wait_stopped(c, CALLER_FOREVER) == 0);
     caller_unref(c);
     BENCH_CHECK(bench_drains_to_zero(caller_live_count, 2) &&

@@ -51,8 +51,8 @@ static void *waiter(void *arg)
 {
     (void)arg;
     if (atomic_fetch_add(&parked, 1) + 1 == N)
-        caller_pending_set_result(all_in, NULL, false);
-    int rc = caller_pending_wait(gate, CALLER_FOREVER, true, false, NULL);
+        caller_pending_set_result(all_in, NULL, 0);
+    int rc = caller_pending_wait(gate, CALLER_FOREVER, CALLER_WAIT_PROTECT, NULL);
     return (void *)(intptr_t)(rc == 0);
 }
 
@@ -71,7 +71,8 @@ static int run_ours(double *out, unsigned stack_mode)
     BENCH_CHECK(gate && all_in);
     /* Let the new Caller settle (its first task run) before the baseline. */
     caller_pending_t *first = caller_call_soon(c, noop, NULL);
-    BENCH_CHECK(first && caller_pending_wait(first, CALLER_FOREVER, true, false, NULL) == 0);
+    BENCH_CHECK(first &&
+                caller_pending_wait(first, CALLER_FOREVER, CALLER_WAIT_PROTECT, NULL) == 0);
     caller_pending_unref(first);
 
     double rss0 = bench_rss_bytes();
@@ -86,17 +87,19 @@ static int run_ours(double *out, unsigned stack_mode)
             _exit(5);
         }
     }
-    BENCH_CHECK(caller_pending_wait(all_in, CALLER_FOREVER, true, false, NULL) == 0);
+    BENCH_CHECK(caller_pending_wait(all_in, CALLER_FOREVER, CALLER_WAIT_PROTECT, NULL) == 0);
     caller_pending_t *fence = caller_call_soon(c, noop, NULL);
-    BENCH_CHECK(fence && caller_pending_wait(fence, CALLER_FOREVER, true, false, NULL) == 0);
+    BENCH_CHECK(fence &&
+                caller_pending_wait(fence, CALLER_FOREVER, CALLER_WAIT_PROTECT, NULL) == 0);
     caller_pending_unref(fence);
     double rss1 = bench_rss_bytes();
     double t1 = bench_now();
-    BENCH_CHECK(caller_pending_set_result(gate, NULL, false) == 0);
+    BENCH_CHECK(caller_pending_set_result(gate, NULL, 0) == 0);
     long ok = 0;
     for (long i = 0; i < N; i++) {
         void *v = NULL;
-        int rc = caller_pending_wait(p[i], CALLER_FOREVER, true, true, &v);
+        int rc =
+            caller_pending_wait(p[i], CALLER_FOREVER, CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v);
         if (rc != 0 && ok == i) {
             const char *msg;
             caller_last_error(&msg);
@@ -110,7 +113,7 @@ static int run_ours(double *out, unsigned stack_mode)
     free(p);
     caller_pending_unref(gate);
     caller_pending_unref(all_in);
-    caller_stop(c, false);
+    caller_stop(c, 0);
     BENCH_CHECK(caller_wait_stopped(c, CALLER_FOREVER) == 0);
     caller_unref(c);
     BENCH_CHECK(ok == N);

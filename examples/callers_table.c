@@ -32,7 +32,7 @@ static void *shell(void *arg)
         }
         caller_pending_t *p = caller_call_soon(kids[i], whoami, NULL);
         void *name = NULL;
-        caller_pending_wait(p, 5, false, true, &name); /* suspends this task */
+        caller_pending_wait(p, 5, CALLER_WAIT_RESULT, &name); /* suspends this task */
         char text[128];
         caller_repr(kids[i], text, sizeof text);
         printf("%s says it is %s\n", text, (const char *)name);

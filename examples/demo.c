@@ -319,7 +319,7 @@ static void *body(void *arg)
     if (redraw) {
         demo.stopping = true;
         caller_pending_cancel(redraw, NULL);
-        caller_pending_wait(redraw, 5.0, true, false, NULL);
+        caller_pending_wait(redraw, 5.0, CALLER_WAIT_PROTECT, NULL);
         caller_pending_unref(redraw);
         draw(); /* the final state stays on screen */
         printf("\x1b[?7h\x1b[?25h");

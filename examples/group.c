@@ -36,7 +36,7 @@ static void *lookup(void *arg) /* runs in a worker */
 static int lookup_all(const lookup_t *ls, int n)
 {
     caller_pending_t *ps[8];
-    caller_group_t *g = caller_create_pending_group(NULL, false);
+    caller_group_t *g = caller_group_new(NULL, 0);
     caller_group_enter(g);
     for (int i = 0; i < n; i++)
         ps[i] = caller_to_thread(caller_current(), lookup, (void *)&ls[i]);

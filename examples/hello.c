@@ -15,8 +15,8 @@ static void *body(void *arg) /* a task on the main thread */
     caller_t *worker = caller_get(caller_current(), NULL); /* new thread */
     caller_pending_t *p = caller_call_soon(worker, add_one, (void *)41);
     void *v;
-    caller_pending_wait(p, 5.0, false, true, &v); /* suspends this task only */
-    printf("%lu\n", (unsigned long)(uintptr_t)v); /* 42 */
+    caller_pending_wait(p, 5.0, CALLER_WAIT_RESULT, &v); /* suspends this task only */
+    printf("%lu\n", (unsigned long)(uintptr_t)v);        /* 42 */
     caller_pending_unref(p);
     caller_unref(worker);
     return NULL; /* stops the Caller and its children */

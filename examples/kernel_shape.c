@@ -79,7 +79,7 @@ static void *shell(void *arg)
         p[i] = caller_to_thread(self, publish, (void *)(intptr_t)i);
     publish((void *)SHELL);
     for (int i = CONTROL; i < PUBLISHERS; i++) {
-        caller_pending_wait(p[i], 10, false, false, NULL);
+        caller_pending_wait(p[i], 10, 0, NULL);
         caller_pending_unref(p[i]);
     }
     printf("\n");

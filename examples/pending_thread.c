@@ -16,7 +16,7 @@ static void *compute(void *arg)
     uintptr_t sum = 0;
     for (uintptr_t i = 1; i <= 1000; i++)
         sum += i;
-    caller_pending_set_result(p, (void *)sum, false);
+    caller_pending_set_result(p, (void *)sum, 0);
     caller_pending_unref(p); /* the thread's reference */
     return NULL;
 }
@@ -42,7 +42,7 @@ int main(void)
     pthread_create(&t, NULL, compute, caller_pending_ref(p));
 
     void *value;
-    int rc = caller_pending_wait(p, 5.0, false, true, &value);
+    int rc = caller_pending_wait(p, 5.0, CALLER_WAIT_RESULT, &value);
     if (rc < 0) {
         const char *msg;
         caller_last_error(&msg);

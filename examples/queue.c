@@ -36,7 +36,7 @@ static void *deposit(void *arg) /* an item of the account's queue */
 
 static void *all_done(void *arg) /* the last item: runs after the deposits */
 {
-    caller_pending_set_result(arg, NULL, false);
+    caller_pending_set_result(arg, NULL, 0);
     return NULL;
 }
 
@@ -63,11 +63,11 @@ int main(void)
         rc |= enqueue(bank, &accounts[k], all_done, done[k]);
     }
     for (int k = 0; k < 2; k++) {
-        rc |= caller_pending_wait(done[k], 10.0, false, false, NULL);
+        rc |= caller_pending_wait(done[k], 10.0, 0, NULL);
         caller_pending_unref(done[k]);
         printf("%s: %ld (100 deposits of 10)\n", accounts[k].name, accounts[k].balance);
     }
-    caller_stop(bank, false);
+    caller_stop(bank, 0);
     caller_wait_stopped(bank, 10.0);
     caller_unref(bank);
     return rc == 0 && accounts[0].balance == 1000 && accounts[1].balance == 1000 ? 0 : 1;

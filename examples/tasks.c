@@ -31,7 +31,7 @@ static void *never(void *arg)
 
 static void *long_job(void *arg)
 {
-    caller_pending_set_result(arg, NULL, false); /* "I have started" */
+    caller_pending_set_result(arg, NULL, 0); /* "I have started" */
     int rc = caller_sleep(60.0);
     printf("long_job: caller_sleep returned %s\n", caller_err_name(rc));
     return NULL;
@@ -47,7 +47,7 @@ static void *body(void *arg)
     for (int i = 0; i < 3; i++)
         naps[i] = caller_call_soon(self, nap, (void *)(intptr_t)ms[i]);
     for (int i = 0; i < 3; i++) {
-        caller_pending_wait(naps[i], 5.0, false, false, NULL); /* suspends the body */
+        caller_pending_wait(naps[i], 5.0, 0, NULL); /* suspends the body */
         caller_pending_unref(naps[i]);
     }
 
@@ -55,7 +55,7 @@ static void *body(void *arg)
     char why[128];
     caller_pending_t *later = caller_call_later(self, 0.05, never, NULL);
     caller_pending_cancel(later, "changed my mind");
-    int rc = caller_pending_wait(later, 5.0, true, true, NULL);
+    int rc = caller_pending_wait(later, 5.0, CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, NULL);
     caller_pending_exception(later, why, sizeof why);
     printf("never: %s (%s)\n", caller_err_name(rc), why);
     caller_pending_unref(later);
@@ -64,9 +64,9 @@ static void *body(void *arg)
     caller_t *other = caller_get(self, &(caller_options_t){.name = "other"});
     caller_pending_t *started = caller_pending_new(0);
     caller_pending_t *job = caller_call_soon(other, long_job, started);
-    caller_pending_wait(started, 5.0, false, false, NULL);
+    caller_pending_wait(started, 5.0, 0, NULL);
     caller_pending_cancel(job, "taking too long");
-    rc = caller_pending_wait(job, 5.0, true, true, NULL);
+    rc = caller_pending_wait(job, 5.0, CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, NULL);
     caller_pending_exception(job, why, sizeof why);
     printf("long_job: %s (%s)\n", caller_err_name(rc), why);
     caller_pending_unref(job);

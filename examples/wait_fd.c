@@ -43,7 +43,7 @@ static void *body(void *arg) /* a task on the main thread */
             break;
         }
     }
-    caller_pending_wait(w, 5.0, false, false, NULL);
+    caller_pending_wait(w, 5.0, 0, NULL);
     caller_pending_unref(w);
     caller_unref(child);
     return NULL; /* stops the Caller and its child */

@@ -253,6 +253,12 @@ CALLER_EXTERN int caller_pending_set_userdata(caller_pending_t *p, void *data,
  *          none or if @p p is NULL. */
 CALLER_EXTERN void *caller_pending_userdata(const caller_pending_t *p);
 
+/** Flags of caller_pending_set_result(). */
+typedef enum caller_result_flags {
+    /** The Pending becomes not done again once its done callbacks ran. */
+    CALLER_RESULT_RESET = 1u << 0,
+} caller_result_flags_t;
+
 /**
  * Set the result, making the Pending done.
  *
@@ -260,7 +266,7 @@ CALLER_EXTERN void *caller_pending_userdata(const caller_pending_t *p);
  * succeeds. The done callbacks then run in this thread, in the order they
  * were added, and then the waiters are woken (each receives @p value).
  *
- * With @p reset the Pending becomes not done again right after its done
+ * With CALLER_RESULT_RESET the Pending becomes not done again right after its done
  * callbacks ran, and a later set_result starts a new round (execution
  * queues use this). A waiter belongs to the round during which it began
  * to wait: this completion wakes the waiters that began before it and those
@@ -279,12 +285,13 @@ CALLER_EXTERN void *caller_pending_userdata(const caller_pending_t *p);
  * @param value  the result, passed to the waiters as it is; may be NULL.
  *               From a copy-stack task (CALLER_STACK_COPY), a pointer
  *               into the run stack is refused with -EINVAL.
- * @param reset  if true, the Pending becomes not done again once its done
- *               callbacks ran (see above).
+ * @param flags  0, or CALLER_RESULT_RESET: the Pending becomes not done
+ *               again once its done callbacks ran (see above).
  * @return 0; CALLER_EINVALSTATE if already done; -EINVAL if @p p is NULL
- *         (or @p value points into a copy-stack task's stack).
+ *         (or @p value points into a copy-stack task's stack, or @p flags
+ *         has another bit).
  */
-CALLER_EXTERN int caller_pending_set_result(caller_pending_t *p, void *value, bool reset);
+CALLER_EXTERN int caller_pending_set_result(caller_pending_t *p, void *value, unsigned flags);
 
 /**
  * Set an error (the Python original's exception), making the Pending done.
@@ -404,6 +411,16 @@ CALLER_EXTERN int caller_pending_add_done_callback(caller_pending_t *p, caller_d
 CALLER_EXTERN int caller_pending_remove_done_callback(caller_pending_t *p, caller_done_fn fn,
                                                       void *arg);
 
+/** Flags of caller_pending_wait(), or-ed (0 for none). */
+typedef enum caller_wait_flags {
+    /** A timeout leaves the Pending alone (without it, the timeout cancels
+     *  the Pending). */
+    CALLER_WAIT_PROTECT = 1u << 0,
+    /** Return the Pending's outcome (as caller_pending_result()) and store
+     *  its value, instead of 0 once done. */
+    CALLER_WAIT_RESULT = 1u << 1,
+} caller_wait_flags_t;
+
 /**
  * Wait until the Pending is done.
  *
@@ -423,26 +440,26 @@ CALLER_EXTERN int caller_pending_remove_done_callback(caller_pending_t *p, calle
  * @param p            the Pending (not NULL: -EINVAL).
  * @param timeout      seconds; negative (CALLER_FOREVER) waits forever; 0
  *                     only checks.
- * @param protect      if false, a timeout cancels the Pending with the
- *                     message "Cancelled due to cancellation or timeout";
- *                     if true, the Pending is left alone.
- * @param want_result  if true, the return value is the outcome as from
- *                     caller_pending_result(); if false, 0 once done,
- *                     whatever the outcome.
+ * @param flags        caller_wait_flags_t, or-ed; 0 for none.
+ *                     Without CALLER_WAIT_PROTECT a timeout cancels the
+ *                     Pending with the message "Cancelled due to
+ *                     cancellation or timeout"; with it, the Pending is
+ *                     left alone. With CALLER_WAIT_RESULT the return value
+ *                     is the outcome as from caller_pending_result();
+ *                     without it, 0 once done, whatever the outcome.
  * @param value        if not NULL and the result is returned, receives it
  *                     (the value of the completion that woke this wait,
  *                     even if the Pending was reset since).
- * @return 0; -ETIMEDOUT if not done in time; with @p want_result the
+ * @return 0; -ETIMEDOUT if not done in time; with CALLER_WAIT_RESULT the
  *         Pending's own outcome (-ECANCELED, its error code); -EINVAL if
- *         @p p is NULL; in a task, -ECANCELED if the waiting task was
- *         cancelled (or a cancel scope around the wait was) while it
- *         waited; -EDEADLK if a task waits for its own Pending, or if a
- *         Caller's own thread, outside its tasks, would block on a Pending
+ *         @p p is NULL or @p flags has an unknown bit; in a task, -ECANCELED if the waiting task
+ * was cancelled (or a cancel scope around the wait was) while it waited; -EDEADLK if a task waits
+ * for its own Pending, or if a Caller's own thread, outside its tasks, would block on a Pending
  *         only that Caller can complete; -ENOMEM in a task without memory
  *         for the timeout (or, with CALLER_STACK_COPY, to save its stack).
  */
-CALLER_EXTERN int caller_pending_wait(caller_pending_t *p, double timeout, bool protect,
-                                      bool want_result, void **value);
+CALLER_EXTERN int caller_pending_wait(caller_pending_t *p, double timeout, unsigned flags,
+                                      void **value);
 
 /**
  * The text form, e.g. `<Pending 🏃 at 0x55d0c3a0| my_func >`, with `⛔` and
@@ -675,8 +692,13 @@ CALLER_EXTERN caller_t *caller_ref(caller_t *c);
  *  @param c  the Caller whose reference is released; may be NULL. */
 CALLER_EXTERN void caller_unref(caller_t *c);
 
+/** Flags of caller_stop(). */
+typedef enum caller_stop_flags {
+    CALLER_STOP_FORCE = 1u << 0, /**< stop even a protected Caller */
+} caller_stop_flags_t;
+
 /**
- * Stop. A protected Caller ignores this unless @p force. Else the
+ * Stop. A protected Caller ignores this without CALLER_STOP_FORCE. Else the
  * state becomes stopping, the Caller leaves the registry, and in its thread
  * every child is stopped (forced), every call not yet started ends
  * cancelled, and every running task is cancelled at its next suspension
@@ -685,12 +707,12 @@ CALLER_EXTERN void caller_unref(caller_t *c);
  *
  * Thread: any, including the Caller's own tasks.
  * @param c      the Caller (not NULL: -EINVAL).
- * @param force  stop even a protected Caller.
+ * @param flags  0, or CALLER_STOP_FORCE: stop even a protected Caller.
  * @return the state after the call (a caller_state_t, >= 0; a protected
- *         Caller's unchanged state without @p force); -EINVAL if @p c is
- *         NULL.
+ *         Caller's unchanged state without CALLER_STOP_FORCE); -EINVAL if
+ *         @p c is NULL or @p flags has another bit.
  */
-CALLER_EXTERN int caller_stop(caller_t *c, bool force);
+CALLER_EXTERN int caller_stop(caller_t *c, unsigned flags);
 
 /**
  * Wait for the stopped event. In a task this suspends the task; elsewhere it
@@ -1394,14 +1416,21 @@ CALLER_EXTERN int caller_scope_cancelled(const caller_scope_t *s);
  */
 typedef struct caller_group caller_group_t;
 
+/** Flags of caller_group_new(). */
+typedef enum caller_group_flags {
+    /** Cancellation from outside the group does not reach its body. */
+    CALLER_GROUP_SHIELD = 1u << 0,
+} caller_group_flags_t;
+
 /** A new group, not entered. Thread: any.
  *  @param c       the Caller whose task will run the body (NULL: the
  *                 current one; informational).
- *  @param shield  if true, cancellation from outside does not reach the
- *                 body.
+ *  @param flags   0, or CALLER_GROUP_SHIELD: cancellation from outside
+ *                 does not reach the body.
  *  @return a new group with one reference the caller owns (release it
- *          with caller_group_unref()), or NULL on -ENOMEM. */
-CALLER_EXTERN caller_group_t *caller_create_pending_group(caller_t *c, bool shield);
+ *          with caller_group_unref()), or NULL: -ENOMEM, or -EINVAL if
+ *          @p flags has another bit. */
+CALLER_EXTERN caller_group_t *caller_group_new(caller_t *c, unsigned flags);
 
 /** Cancel after @p seconds from entering (call before entering): the group
  *  is cancelled ("PendingGroup timed out") and exit returns -ETIMEDOUT.
@@ -1493,6 +1522,10 @@ CALLER_EXTERN caller_manager_t *caller_manager_new(void);
  *  is ignored.
  *  @param m  the manager; may be NULL. */
 CALLER_EXTERN void caller_manager_unref(caller_manager_t *m);
+/** Take another reference. Thread: any.
+ *  @param m  the manager (not NULL: returns NULL).
+ *  @return @p m, with one more reference the caller owns. */
+CALLER_EXTERN caller_manager_t *caller_manager_ref(caller_manager_t *m);
 
 /** Activate (from idle, or again after it stopped). Thread: any.
  *  @param m  the manager (not NULL: -EINVAL).
@@ -1518,17 +1551,24 @@ CALLER_EXTERN int caller_manager_start(caller_manager_t *m, caller_manager_token
  *          since, or this is another thread or task). */
 CALLER_EXTERN int caller_manager_stop(caller_manager_t *m, caller_manager_token_t *token);
 
+/** Flags of caller_manager_deactivate(). */
+typedef enum caller_manager_flags {
+    /** Cancel the tracked Pendings (without it, they are only let go). */
+    CALLER_MANAGER_CANCEL_PENDING = 1u << 0,
+} caller_manager_flags_t;
+
 /**
  * Deactivate: the tracked Pendings are cancelled ("PendingManager has been
- * deactivated") or, without @p cancel_pending, released (no longer
- * tracked). Thread: any.
- * @param m               the manager (not NULL: -EINVAL).
- * @param cancel_pending  if true, cancel the tracked Pendings; if false,
- *                        stop tracking them.
+ * deactivated") with CALLER_MANAGER_CANCEL_PENDING or, without it,
+ * released (no longer tracked). Thread: any.
+ * @param m      the manager (not NULL: -EINVAL).
+ * @param flags  0 (stop tracking the Pendings), or
+ *               CALLER_MANAGER_CANCEL_PENDING (cancel them).
  * @return 1 if some are still finishing (caller_manager_wait() waits for
- *         them), 0 if none; CALLER_EINVALSTATE if not active; -EINVAL.
+ *         them), 0 if none; CALLER_EINVALSTATE if not active; -EINVAL (also
+ *         for another bit in @p flags).
  */
-CALLER_EXTERN int caller_manager_deactivate(caller_manager_t *m, bool cancel_pending);
+CALLER_EXTERN int caller_manager_deactivate(caller_manager_t *m, unsigned flags);
 
 /** Wait until the manager tracks nothing. Thread: any (suspends a task,
  *  blocks a plain thread).
@@ -1622,18 +1662,25 @@ CALLER_EXTERN caller_t *caller_current(void);
  *  @return a reference the caller owns, or NULL if there is none. */
 CALLER_EXTERN caller_t *caller_for_thread(pthread_t t);
 
+/** Flags of caller_all(). */
+typedef enum caller_all_flags {
+    CALLER_ALL_RUNNING = 1u << 0, /**< only the running Callers */
+} caller_all_flags_t;
+
 /**
  * The Callers of the process that are not stopping or stopped (with
- * @p running_only, only those running). Fills up to @p max references into
+ * CALLER_ALL_RUNNING, only those running). Fills up to @p max references into
  * @p out (which may be NULL when @p max is 0).
  * Thread: any.
- * @param running_only  count and fill only running Callers.
- * @param out           receives references the caller owns; may be NULL
- *                      when @p max is 0.
- * @param max           how many to fill at most.
+ * @param flags  0, or CALLER_ALL_RUNNING: count and fill only running
+ *               Callers. Another bit: 0, with -EINVAL as the last
+ *               error (caller_last_error()).
+ * @param out    receives references the caller owns; may be NULL when
+ *               @p max is 0.
+ * @param max    how many to fill at most.
  * @return how many there are (may exceed @p max).
  */
-CALLER_EXTERN size_t caller_all(bool running_only, caller_t **out, size_t max);
+CALLER_EXTERN size_t caller_all(unsigned flags, caller_t **out, size_t max);
 
 /** The Pending of the task running now in this thread. Borrowed.
  *  Thread: any.

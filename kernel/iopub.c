@@ -61,7 +61,7 @@ static void answer_token(const char *data, size_t len)
      * waiter. */
     waiter_t *w = take_waiter(strtoull(digits, NULL, 10));
     if (w) {
-        caller_pending_set_result(w->done, NULL, false);
+        caller_pending_set_result(w->done, NULL, 0);
         caller_pending_unref(w->done);
         free(w);
     }
@@ -172,7 +172,7 @@ int kiopub_flush(void)
     int rc;
     for (;;) {
         zmq_send(s, token, TOKEN_LEN + (size_t)n, ZMQ_DONTWAIT);
-        rc = caller_pending_wait(done, pause, true, false, NULL);
+        rc = caller_pending_wait(done, pause, CALLER_WAIT_PROTECT, NULL);
         waited += pause;
         if (rc != -ETIMEDOUT || waited > 10)
             break;

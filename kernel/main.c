@@ -112,7 +112,7 @@ static void execute(void *socket, const kwire_msg_t *req)
         /* Not protected: if this task is cancelled (shutdown), so is the
          * cell. The cell belongs to its Pending, so it lives as long as
          * the task that runs it, whatever happens here. */
-        rc = caller_pending_wait(p, CALLER_FOREVER, false, true, NULL);
+        rc = caller_pending_wait(p, CALLER_FOREVER, CALLER_WAIT_RESULT, NULL);
         pthread_mutex_lock(&cell_lock);
         caller_pending_unref(running_cell);
         running_cell = NULL;
@@ -235,7 +235,7 @@ static void serve(void *socket, channel_t ch)
         fprintf(stderr, "caller-kernel: waiting on the %s socket: %s\n",
                 ch == SHELL ? "shell" : "control", caller_strerror(rc));
     if (!go_on)
-        caller_pending_set_result(shutdown_requested, NULL, false);
+        caller_pending_set_result(shutdown_requested, NULL, 0);
 }
 
 static void *control_main(void *arg)
@@ -276,9 +276,9 @@ static void *shell_main(void *arg)
     }
     caller_pending_unref(p);
     kiopub_status(NULL, "starting");
-    caller_pending_wait(shutdown_requested, CALLER_FOREVER, true, false, NULL);
+    caller_pending_wait(shutdown_requested, CALLER_FOREVER, CALLER_WAIT_PROTECT, NULL);
     caller_pending_cancel(shell_task, "shutdown_request");
-    caller_pending_wait(shell_task, CALLER_FOREVER, true, false, NULL);
+    caller_pending_wait(shell_task, CALLER_FOREVER, CALLER_WAIT_PROTECT, NULL);
     caller_pending_unref(shell_task);
     return NULL;
 }

@@ -450,7 +450,7 @@ static bool end_unstarted(caller_t *c, int from)
     if (tl_caller == c)
         tl_set(NULL);
     child_detach(c);
-    caller_pending_set_result(c->stopped, NULL, false);
+    caller_pending_set_result(c->stopped, NULL, 0);
     return true;
 }
 
@@ -477,7 +477,7 @@ static void finish(caller_t *c)
     if (tl_caller == c)
         tl_set(NULL);
     child_detach(c);
-    caller_pending_set_result(c->stopped, NULL, false);
+    caller_pending_set_result(c->stopped, NULL, 0);
 }
 
 static void on_closed(void *owner)
@@ -708,7 +708,7 @@ caller_t *caller_create(caller_mode_t mode, const caller_options_t *o)
 static void body_done(caller_pending_t *p, void *arg)
 {
     (void)p;
-    caller_stop(arg, true);
+    caller_stop(arg, CALLER_STOP_FORCE);
 }
 
 int caller_run(caller_t *c, caller_fn body, void *arg, void **result)
@@ -751,7 +751,7 @@ int caller_run(caller_t *c, caller_fn body, void *arg, void **result)
             caller__pending_track(p);
     }
     if (rc < 0)
-        caller_stop(c, true); /* nothing to run: stop at once */
+        caller_stop(c, CALLER_STOP_FORCE); /* nothing to run: stop at once */
     c->ops->run(c->loop_backend);
     finish(c);
     if (p) {
@@ -787,21 +787,24 @@ static void stop_children(caller_t *c)
             caller__unlock_caller(c);
             if (!k)
                 return;
-            caller_stop(k, true);
+            caller_stop(k, CALLER_STOP_FORCE);
             caller_unref(k);
         }
     }
     for (size_t i = 0; i < n; i++) {
-        caller_stop(kids[i], true);
+        caller_stop(kids[i], CALLER_STOP_FORCE);
         caller_unref(kids[i]);
     }
     caller__free(kids);
 }
 
-int caller_stop(caller_t *c, bool force)
+int caller_stop(caller_t *c, unsigned flags)
 {
     if (!c)
         return caller__fail(-EINVAL, "caller_stop: caller is NULL");
+    if (flags & ~(unsigned)CALLER_STOP_FORCE)
+        return caller__fail(-EINVAL, "caller_stop: unknown flags 0x%x", flags);
+    bool force = flags & CALLER_STOP_FORCE;
     if (c->protect && !force)
         return load_state(c);
     caller__inbox_lock(&c->inbox);
@@ -817,14 +820,14 @@ int caller_stop(caller_t *c, bool force)
         caller__inbox_unlock(&c->inbox);
         if (end_unstarted(c, CALLER_STATE_INITIAL))
             return CALLER_STATE_STOPPED;
-        return caller_stop(c, force);
+        return caller_stop(c, flags);
     }
     /* INITIAL (a thread Caller its starter has not started: the starter
      * sees STOPPING and ends it), STARTING or RUNNING: the stop message
      * waits in the inbox until the loop runs. */
     if (!caller__transition(c, st, CALLER_STATE_STOPPING)) {
         caller__inbox_unlock(&c->inbox);
-        return caller_stop(c, force);
+        return caller_stop(c, flags);
     }
     caller__inbox_refuse_locked(&c->inbox);
     caller__inbox_push_locked(&c->inbox, &c->stop_msg);
@@ -894,7 +897,7 @@ int caller_wait_stopped(caller_t *c, double timeout)
                             "block until that Caller stops",
                             c->name);
     int64_t deadline = caller__deadline(timeout);
-    int rc = caller_pending_wait(c->stopped, timeout, true, false, NULL);
+    int rc = caller_pending_wait(c->stopped, timeout, CALLER_WAIT_PROTECT, NULL);
     /* A plain thread also waits for the Caller's thread to exit, so that
      * thread counts are exact once this returns (a task does not hold up
      * its loop for that). */
@@ -1020,8 +1023,13 @@ caller_t *caller_for_thread(pthread_t t)
     return found;
 }
 
-size_t caller_all(bool running_only, caller_t **out, size_t max)
+size_t caller_all(unsigned flags, caller_t **out, size_t max)
 {
+    if (flags & ~(unsigned)CALLER_ALL_RUNNING) {
+        caller__fail(-EINVAL, "caller_all: unknown flags 0x%x", flags);
+        return 0;
+    }
+    bool running_only = flags & CALLER_ALL_RUNNING;
     size_t n = 0, k = 0;
     lock_registry();
     caller__list_for_each(l, &registry)
@@ -1095,7 +1103,7 @@ int caller_print_table(FILE *out)
     /* caller_all counts every Caller but fills only those still alive (and
      * at most 256), one after another from the start: walk the filled ones. */
     caller_t *list[256] = {0};
-    caller_all(false, list, 256);
+    caller_all(0, list, 256);
     size_t n = 0;
     while (n < 256 && list[n])
         n++;

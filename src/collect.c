@@ -145,7 +145,7 @@ static void entry_wake(caller__waiter_t *w)
     if (abandoned) /* its memory goes with the iterator's chunks */
         caller_pending_unref(e->p);
     if (notify) {
-        caller_pending_set_result(notify, NULL, false);
+        caller_pending_set_result(notify, NULL, 0);
         caller_pending_unref(notify);
     }
     iter_unref(it);
@@ -380,7 +380,7 @@ static int next_done(caller_iter_t *it, int64_t deadline, bool need_all, const c
         double left = deadline == INT64_MAX ? CALLER_FOREVER
                       : deadline > now      ? (double)(deadline - now) / 1e9
                                             : 0;
-        rc = caller_pending_wait(notify, left, true, false, NULL);
+        rc = caller_pending_wait(notify, left, CALLER_WAIT_PROTECT, NULL);
         if (rc < 0) {
             caller__lock(&it->lock);
             bool ours = it->notify == notify;

@@ -112,7 +112,7 @@ static caller_pending_t *remove_at_locked(tracker_t *t, size_t i, caller_pending
 static void finish_removal(tracker_t *t, caller_pending_t *p, caller_pending_t *drained)
 {
     if (drained) {
-        caller_pending_set_result(drained, NULL, false);
+        caller_pending_set_result(drained, NULL, 0);
         caller_pending_unref(drained);
     }
     caller_pending_unref(p);
@@ -268,7 +268,7 @@ static int wait_drained(tracker_t *t, double timeout)
     }
     caller_pending_ref(d);
     unlock_tracker(t);
-    int rc = caller_pending_wait(d, timeout, true, false, NULL);
+    int rc = caller_pending_wait(d, timeout, CALLER_WAIT_PROTECT, NULL);
     caller_pending_unref(d);
     return rc;
 }
@@ -282,13 +282,18 @@ static void group_free(caller_group_t *g)
     caller_unref(g->caller);
 }
 
-caller_group_t *caller_create_pending_group(caller_t *c, bool shield)
+caller_group_t *caller_group_new(caller_t *c, unsigned flags)
 {
+    if (flags & ~(unsigned)CALLER_GROUP_SHIELD) {
+        caller__fail(-EINVAL, "caller_group_new: unknown flags 0x%x", flags);
+        return NULL;
+    }
+    bool shield = flags & CALLER_GROUP_SHIELD;
     if (!c)
         c = caller_current();
     caller_group_t *g = caller__calloc(1, sizeof *g);
     if (!g) {
-        caller__fail(-ENOMEM, "caller_create_pending_group: out of memory");
+        caller__fail(-ENOMEM, "caller_group_new: out of memory");
         return NULL;
     }
     tracker_init(&g->t, TRACKER_GROUP);
@@ -481,7 +486,7 @@ int caller_group_exit(caller_group_t *g)
     unlock_tracker(&g->t);
     caller__ctx_unref(node);
     if (!cancelled) {
-        caller_pending_set_result(g->self, NULL, false);
+        caller_pending_set_result(g->self, NULL, 0);
         caller__free(msgs);
         return 0;
     }
@@ -509,6 +514,16 @@ void caller_manager_unref(caller_manager_t *m)
 {
     if (m)
         tracker_unref(&m->t);
+}
+
+caller_manager_t *caller_manager_ref(caller_manager_t *m)
+{
+    if (!m) {
+        caller__fail(-EINVAL, "caller_manager_ref: manager is NULL");
+        return NULL;
+    }
+    tracker_ref(&m->t);
+    return m;
 }
 
 int caller_manager_activate(caller_manager_t *m)
@@ -554,10 +569,13 @@ int caller_manager_stop(caller_manager_t *m, caller_manager_token_t *token)
     return 0;
 }
 
-int caller_manager_deactivate(caller_manager_t *m, bool cancel_pending)
+int caller_manager_deactivate(caller_manager_t *m, unsigned flags)
 {
     if (!m)
         return caller__fail(-EINVAL, "caller_manager_deactivate: manager is NULL");
+    if (flags & ~(unsigned)CALLER_MANAGER_CANCEL_PENDING)
+        return caller__fail(-EINVAL, "caller_manager_deactivate: unknown flags 0x%x", flags);
+    bool cancel_pending = flags & CALLER_MANAGER_CANCEL_PENDING;
     caller_pending_t **list = NULL;
     size_t n = 0;
     lock_tracker(&m->t);

@@ -75,7 +75,7 @@ static bool same_file(int fd, const struct stat *id)
 static void wake(waiter_t *w, int outcome)
 {
     caller__list_del(&w->link);
-    caller_pending_set_result(w->p, (void *)(intptr_t)outcome, false);
+    caller_pending_set_result(w->p, (void *)(intptr_t)outcome, 0);
 }
 
 /* Wake every waiter on @p wt with @p err; -EPERM (a descriptor epoll
@@ -205,7 +205,8 @@ static int wait_task(caller_t *c, int fd, unsigned events, int64_t deadline, con
         int64_t now = caller__now_ns();
         int64_t step = deadline - now < CHECK_NS ? deadline - now : CHECK_NS;
         void *v = NULL;
-        rc = caller_pending_wait(p, step > 0 ? (double)step / 1e9 : 0, true, true, &v);
+        rc = caller_pending_wait(p, step > 0 ? (double)step / 1e9 : 0,
+                                 CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v);
         if (rc == 0) {
             rc = (int)(intptr_t)v;
             break;

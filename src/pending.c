@@ -682,10 +682,13 @@ int caller__pending_end_round(caller_pending_t *p, void *value, caller__waiter_t
     return complete(p, value, 0, NULL, true, true, round, "caller_pending_set_result");
 }
 
-int caller_pending_set_result(caller_pending_t *p, void *value, bool reset)
+int caller_pending_set_result(caller_pending_t *p, void *value, unsigned flags)
 {
     if (!p)
         return caller__fail(-EINVAL, "caller_pending_set_result: p is NULL");
+    if (flags & ~(unsigned)CALLER_RESULT_RESET)
+        return caller__fail(-EINVAL, "caller_pending_set_result: unknown flags 0x%x", flags);
+    bool reset = flags & CALLER_RESULT_RESET;
     if (caller__fiber_on_run_stack(value))
         return caller__fail(-EINVAL, "caller_pending_set_result: the value points into a "
                                      "copy-stack task's stack, which is not there while the "

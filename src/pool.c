@@ -194,7 +194,7 @@ static void *sweep(void *arg)
         reschedule_sweep_locked(pool);
         unlock_pool(pool);
         for (size_t i = 0; i < n; i++) {
-            caller_stop(expired[i], true);
+            caller_stop(expired[i], CALLER_STOP_FORCE);
             caller_unref(expired[i]);
         }
     } while (n == 64);
@@ -421,7 +421,7 @@ static caller_pending_t *worker_take(caller_t *w)
     decide_wake_locked(pool, &wake, &make);
     unlock_pool(pool);
     if (left) {
-        caller_stop(w, true);
+        caller_stop(w, CALLER_STOP_FORCE);
         caller_unref(w);
     }
     wake_or_make(pool, wake, make);
@@ -643,7 +643,7 @@ int caller_pool_set_config(caller_t *c, const caller_pool_config_t *cfg)
     reschedule_sweep_locked(pool);
     unlock_pool(pool);
     for (size_t i = 0; i < n; i++) {
-        caller_stop(excess[i], true);
+        caller_stop(excess[i], CALLER_STOP_FORCE);
         caller_unref(excess[i]);
     }
     return 0;

@@ -165,7 +165,7 @@ static void *queue_loop(void *arg)
          * next item. */
         CALLER__TEST_POINT("queue.empty", self);
         caller__pending_end_round(self, last, round);
-        int rc = caller_pending_wait(wake, CALLER_FOREVER, true, false, NULL);
+        int rc = caller_pending_wait(wake, CALLER_FOREVER, CALLER_WAIT_PROTECT, NULL);
         caller_pending_unref(wake);
         if (rc < 0)
             break; /* cancelled: queue_close, the Pending, or the Caller stopping */
@@ -274,7 +274,7 @@ static caller_pending_t *queue_call(caller_t *c, caller_fn key_fn, const void *k
     caller_pending_t *p = caller_pending_ref(q->pending);
     unlock_queues(c);
     if (wake) {
-        caller_pending_set_result(wake, NULL, false);
+        caller_pending_set_result(wake, NULL, 0);
         caller_pending_unref(wake);
     }
     return p;

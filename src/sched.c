@@ -336,7 +336,7 @@ static void run_task(caller_t *c, caller__task_t *t)
         caller__free(t->u.raised_msg);
         t->u.raised_msg = NULL;
     } else {
-        caller_pending_set_result(p, t->u.result, false);
+        caller_pending_set_result(p, t->u.result, 0);
     }
     task_end(c, t);
     if (next) {
@@ -1074,13 +1074,16 @@ bool caller__sched_idle(const caller_t *c)
 
 /* ---- waiting on a Pending ----------------------------------------------------- */
 
-int caller_pending_wait(caller_pending_t *p, double timeout, bool protect, bool want_result,
-                        void **value)
+int caller_pending_wait(caller_pending_t *p, double timeout, unsigned flags, void **value)
 {
     if (value)
         *value = NULL;
     if (!p)
         return caller__fail(-EINVAL, "caller_pending_wait: p is NULL");
+    if (flags & ~(unsigned)(CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT))
+        return caller__fail(-EINVAL, "caller_pending_wait: unknown flags 0x%x", flags);
+    bool protect = flags & CALLER_WAIT_PROTECT;
+    bool want_result = flags & CALLER_WAIT_RESULT;
     int code = 0, rc;
     void *v = NULL;
     int64_t deadline = caller__deadline(timeout);

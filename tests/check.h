@@ -163,7 +163,7 @@ static inline caller_t *check_new_thread(const char *name)
 /* Stop a Caller, wait until it stopped, and release it. */
 static inline void check_stop(caller_t *c)
 {
-    caller_stop(c, true);
+    caller_stop(c, CALLER_STOP_FORCE);
     if (caller_wait_stopped(c, 10 * check_time_scale()) != 0 ||
         caller_state(c) != CALLER_STATE_STOPPED) {
         fprintf(stderr, "check_stop: the Caller did not stop\n");
@@ -190,7 +190,7 @@ static inline void *check_await(caller_pending_t *p, double seconds)
 {
     CHECK(p != NULL);
     void *v = NULL;
-    CHECK_RC(caller_pending_wait(p, seconds * check_time_scale(), false, true, &v), 0);
+    CHECK_RC(caller_pending_wait(p, seconds * check_time_scale(), CALLER_WAIT_RESULT, &v), 0);
     caller_pending_unref(p);
     return v;
 }

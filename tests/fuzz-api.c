@@ -54,7 +54,7 @@ static void on_done(caller_pending_t *p, void *arg)
 
 static void *group_body(void *arg)
 {
-    caller_group_t *g = caller_create_pending_group(NULL, (uintptr_t)arg & 1);
+    caller_group_t *g = caller_group_new(NULL, ((uintptr_t)arg & 1 ? CALLER_GROUP_SHIELD : 0));
     REQUIRE(g != NULL);
     REQUIRE(caller_group_enter(g) == 0);
     for (uintptr_t k = 0; k < ((uintptr_t)arg & 3); k++) {
@@ -116,13 +116,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             continue;
         case 5:
             if (slot[s])
-                ok_rc(caller_pending_wait(slot[s], (arg % 3) / 1000.0, arg & 8, arg & 16, NULL));
+                ok_rc(caller_pending_wait(slot[s], (arg % 3) / 1000.0,
+                                          (arg & 8 ? CALLER_WAIT_PROTECT : 0) |
+                                              (arg & 16 ? CALLER_WAIT_RESULT : 0),
+                                          NULL));
             continue;
         case 6:
             p = caller_pending_new(0);
             REQUIRE(p != NULL);
             if (arg & 1)
-                REQUIRE(caller_pending_set_result(p, NULL, arg & 2) == 0);
+                REQUIRE(caller_pending_set_result(p, NULL, (arg & 2 ? CALLER_RESULT_RESET : 0)) ==
+                        0);
             else
                 REQUIRE(caller_pending_set_exception(p, -EIO, "fuzz") == 0);
             break;
@@ -134,7 +138,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             }
             continue;
         case 8:
-            REQUIRE(caller_stop(target, arg & 4) >= 0);
+            REQUIRE(caller_stop(target, (arg & 4 ? CALLER_STOP_FORCE : 0)) >= 0);
             continue;
         case 9: {
             caller_pending_t *set[SLOTS];
@@ -177,15 +181,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         slot[s] = p;
     }
     for (int k = 0; k < 2; k++) {
-        caller_stop(c[k], true);
+        caller_stop(c[k], CALLER_STOP_FORCE);
         REQUIRE(caller_wait_stopped(c[k], 30) == 0);
     }
     /* User Pendings nobody completes stay not done: complete them. */
     for (int k = 0; k < SLOTS; k++) {
         if (slot[k] && caller_pending_done(slot[k]) == 0 && caller_pending_cancelled(slot[k]) == 0)
-            caller_pending_set_result(slot[k], NULL, false);
+            caller_pending_set_result(slot[k], NULL, 0);
         if (slot[k] && caller_pending_done(slot[k]) == 0)
-            caller_pending_set_result(slot[k], NULL, false);
+            caller_pending_set_result(slot[k], NULL, 0);
         caller_pending_unref(slot[k]);
     }
     for (int k = 0; k < 2; k++)

@@ -65,13 +65,13 @@ int main(void)
         return 1;
     caller_pending_t *p = caller_call_soon(c, twice, (void *)21);
     void *v = NULL;
-    int rc = caller_pending_wait(p, 10.0, false, true, &v);
+    int rc = caller_pending_wait(p, 10.0, CALLER_WAIT_RESULT, &v);
     /* The other convenience macros resolve to exported functions too. */
     caller_pending_t *w = caller_to_thread(c, twice, (void *)1);
     caller_pending_t *q = caller_queue_call(c, twice, (void *)2);
     caller_pending_t *l = caller_call_later(c, 0.001, twice, (void *)3);
-    if (!w || !q || !l || caller_pending_wait(w, 10.0, false, false, NULL) != 0 ||
-        caller_pending_wait(l, 10.0, false, false, NULL) != 0)
+    if (!w || !q || !l || caller_pending_wait(w, 10.0, 0, NULL) != 0 ||
+        caller_pending_wait(l, 10.0, 0, NULL) != 0)
         rc = 1;
     caller_queue_close(c, twice);
     caller_pending_unref(w);
@@ -79,7 +79,7 @@ int main(void)
     caller_pending_unref(l);
     printf("%s says %lu\n", caller_name(c), (unsigned long)(uintptr_t)v);
     caller_pending_unref(p);
-    caller_stop(c, false);
+    caller_stop(c, 0);
     if (rc == 0)
         rc = caller_wait_stopped(c, 10.0);
     caller_unref(c);

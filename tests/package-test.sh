@@ -82,11 +82,11 @@ int main(void)
     caller_t *c = caller_create(CALLER_NEW_THREAD, NULL);
     caller_pending_t *p = c ? caller_call_soon(c, answer, (void *)41) : NULL;
     void *v = NULL;
-    if (!p || caller_pending_wait(p, 10, true, true, &v) != 0)
+    if (!p || caller_pending_wait(p, 10, CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v) != 0)
         return 1;
     printf("packaged says %d\n", (int)(intptr_t)v);
     caller_pending_unref(p);
-    caller_stop(c, false);
+    caller_stop(c, 0);
     caller_wait_stopped(c, 10);
     caller_unref(c);
     return 0;

@@ -51,7 +51,7 @@ static void *body(void *arg)
 {
     (void)arg;
     caller_t *self = caller_current();
-    caller_group_t *g = caller_create_pending_group(self, false);
+    caller_group_t *g = caller_group_new(self, 0);
     expect_ptr(g);
     int entered = g ? caller_group_enter(g) : -1;
     if (g)
@@ -98,11 +98,11 @@ static int run(void)
         caller_pending_t *b = caller_call_soon(c, body, NULL);
         expect_ptr(b);
         if (b) {
-            int rc = caller_pending_wait(b, 30, false, true, NULL);
+            int rc = caller_pending_wait(b, 30, CALLER_WAIT_RESULT, NULL);
             expect(rc);
             caller_pending_unref(b);
         }
-        caller_stop(c, true);
+        caller_stop(c, CALLER_STOP_FORCE);
         expect(caller_wait_stopped(c, 30));
         caller_unref(c);
     }

@@ -19,7 +19,7 @@
 static void *await(caller_pending_t *p)
 {
     void *v = NULL;
-    CHECK_RC(caller_pending_wait(p, 10, false, true, &v), 0);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_RESULT, &v), 0);
     return v;
 }
 
@@ -110,9 +110,9 @@ typedef struct {
 static void *returns_after_cancel(void *arg)
 {
     late_t *l = arg;
-    caller_pending_set_result(l->started, NULL, false);
+    caller_pending_set_result(l->started, NULL, 0);
     caller_scope_t *shield = caller_scope_enter(CALLER_FOREVER, CALLER_SCOPE_SHIELD);
-    CHECK_RC(caller_pending_wait(l->go_on, 10, true, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(l->go_on, 10, CALLER_WAIT_PROTECT, NULL), 0);
     caller_scope_exit(shield);
     l->saw_cancel = caller_pending_cancelled(caller_current_pending());
     return P(99);
@@ -123,11 +123,11 @@ TEST(value_returned_after_cancel_is_dropped)
     caller_t *c = check_new_thread(NULL);
     late_t l = {.started = caller_pending_new(0), .go_on = caller_pending_new(0)};
     caller_pending_t *p = caller_call_soon(c, returns_after_cancel, &l);
-    CHECK_RC(caller_pending_wait(l.started, 10, true, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(l.started, 10, CALLER_WAIT_PROTECT, NULL), 0);
     CHECK_EQ(caller_pending_cancel(p, "late"), 1);
-    CHECK_RC(caller_pending_set_result(l.go_on, NULL, false), 0);
+    CHECK_RC(caller_pending_set_result(l.go_on, NULL, 0), 0);
     void *v = P(1);
-    CHECK_RC(caller_pending_wait(p, 10, true, true, &v), -ECANCELED);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v), -ECANCELED);
     CHECK_PTR_EQ(v, NULL);
     CHECK_EQ(l.saw_cancel, 1);
     caller_pending_unref(p);
@@ -143,12 +143,12 @@ TEST(manual_when_one_exists_fails)
     CHECK(caller_create(CALLER_MANUAL, NULL) == NULL);
     CHECK_RC(caller_last_error(NULL), -EEXIST);
     CHECK_CONTAINS(check_last_message(), "An instance already exists for thread");
-    CHECK_EQ(caller_stop(c, false), CALLER_STATE_STOPPED); /* never ran */
+    CHECK_EQ(caller_stop(c, 0), CALLER_STATE_STOPPED); /* never ran */
     caller_unref(c);
     /* Once stopped, the thread may have a new one. */
     c = caller_create(CALLER_MANUAL, NULL);
     CHECK(c != NULL);
-    caller_stop(c, true);
+    caller_stop(c, CALLER_STOP_FORCE);
     caller_unref(c);
 }
 
@@ -236,12 +236,12 @@ TEST(caller_found_from_its_thread)
     CHECK_PTR_EQ(seen, NULL);
     CHECK_PTR_EQ(caller_current(), NULL); /* the main thread has none */
     caller_t *all[8];
-    size_t n = caller_all(true, all, 8);
+    size_t n = caller_all(CALLER_ALL_RUNNING, all, 8);
     CHECK_EQ(n, 1);
     CHECK_PTR_EQ(all[0], c);
     caller_unref(all[0]);
     check_stop(c);
-    CHECK_EQ(caller_all(false, NULL, 0), 0);
+    CHECK_EQ(caller_all(0, NULL, 0), 0);
 }
 
 TEST(new_thread_from_plain_main_with_blocking_wait)
@@ -254,7 +254,7 @@ TEST(new_thread_from_plain_main_with_blocking_wait)
     CHECK_EQ(I(await(p)), 5);
     caller_pending_unref(p);
     p = caller_call_soon(c, fail_with_eio, P(9));
-    CHECK_RC(caller_pending_wait(p, 10, false, true, NULL), -EIO);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_RESULT, NULL), -EIO);
     CHECK_STR_EQ(check_last_message(), "failed with 9");
     caller_pending_unref(p);
     check_stop(c);
@@ -272,7 +272,7 @@ TEST(current_thread_needs_a_loop)
 static void *stop_self(void *arg)
 {
     (void)arg;
-    CHECK_EQ(caller_stop(caller_current(), false), CALLER_STATE_STOPPING);
+    CHECK_EQ(caller_stop(caller_current(), 0), CALLER_STATE_STOPPING);
     return P(1);
 }
 
@@ -346,7 +346,7 @@ TEST(name_and_backend_mismatch)
     /* An unknown backend for a new Caller. */
     CHECK(caller_create(CALLER_NEW_THREAD, &glib) == NULL);
     CHECK_CONTAINS(check_last_message(), "unknown backend");
-    caller_stop(c, true);
+    caller_stop(c, CALLER_STOP_FORCE);
     caller_unref(c);
 }
 
@@ -372,7 +372,7 @@ TEST(get_named_child_or_create)
     caller_repr(parent, text, sizeof text);
     CHECK_STR_EQ(text, "Caller<parent libuv \U0001f3c3 running 3 children>");
     /* Stopping the parent stops every child first. */
-    caller_stop(parent, false);
+    caller_stop(parent, 0);
     CHECK_RC(caller_wait_stopped(parent, 10), 0);
     CHECK_EQ(caller_state(a), CALLER_STATE_STOPPED);
     CHECK_EQ(caller_state(u1), CALLER_STATE_STOPPED);
@@ -481,7 +481,7 @@ static void direct_fails(void *arg)
 
 static void direct_sets(void *arg)
 {
-    caller_pending_set_result(arg, P(1), false);
+    caller_pending_set_result(arg, P(1), 0);
 }
 
 TEST(call_direct_failure_is_logged_and_loop_goes_on)
@@ -510,8 +510,8 @@ static void *wait_on_same_caller(void *arg)
     caller_pending_t *ok = caller_call_soon(self, ret_arg, arg);
     caller_pending_t *bad = caller_call_soon(self, fail_with_eio, P(2));
     void *v = NULL;
-    CHECK_RC(caller_pending_wait(ok, 10, false, true, &v), 0);
-    CHECK_RC(caller_pending_wait(bad, 10, false, true, NULL), -EIO);
+    CHECK_RC(caller_pending_wait(ok, 10, CALLER_WAIT_RESULT, &v), 0);
+    CHECK_RC(caller_pending_wait(bad, 10, CALLER_WAIT_RESULT, NULL), -EIO);
     CHECK_STR_EQ(check_last_message(), "failed with 2");
     caller_pending_unref(ok);
     caller_pending_unref(bad);
@@ -524,8 +524,8 @@ static void *wait_on_other_caller(void *arg)
     caller_pending_t *ok = caller_call_soon(other, ret_arg, P(8));
     caller_pending_t *bad = caller_call_soon(other, fail_with_eio, P(4));
     void *v = NULL;
-    CHECK_RC(caller_pending_wait(ok, 10, false, true, &v), 0);
-    CHECK_RC(caller_pending_wait(bad, 10, false, true, NULL), -EIO);
+    CHECK_RC(caller_pending_wait(ok, 10, CALLER_WAIT_RESULT, &v), 0);
+    CHECK_RC(caller_pending_wait(bad, 10, CALLER_WAIT_RESULT, NULL), -EIO);
     CHECK_STR_EQ(check_last_message(), "failed with 4");
     caller_pending_unref(ok);
     caller_pending_unref(bad);
@@ -550,7 +550,7 @@ static void *own_pending(void *arg)
     (void)arg;
     caller_pending_t *me = caller_current_pending();
     CHECK(me != NULL);
-    CHECK_RC(caller_pending_wait(me, 1, true, true, NULL), -EDEADLK);
+    CHECK_RC(caller_pending_wait(me, 1, CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, NULL), -EDEADLK);
     return me;
 }
 
@@ -569,11 +569,11 @@ static void direct_blocks_on_own_task(void *arg)
     caller_pending_t **out = arg;
     caller_t *self = caller_current();
     caller_pending_t *p = caller_call_soon(self, ret_arg, NULL);
-    CHECK_RC(caller_pending_wait(p, 10, true, true, NULL), -EDEADLK);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, NULL), -EDEADLK);
     CHECK_CONTAINS(check_last_message(), "would never end");
     CHECK_RC(caller_wait_stopped(self, 1), -EDEADLK);
     caller_pending_unref(p);
-    caller_pending_set_result(out[0], NULL, false);
+    caller_pending_set_result(out[0], NULL, 0);
 }
 
 TEST(blocking_on_own_thread_is_deadlock_error)
@@ -600,7 +600,7 @@ static void *sleep_forever(void *arg)
     sleeper_t *s = arg;
     atomic_store(&s->started, 1);
     if (s->gate)
-        caller_pending_set_result(s->gate, NULL, false);
+        caller_pending_set_result(s->gate, NULL, 0);
     atomic_store(&s->rc, caller_sleep(1e6));
     return NULL;
 }
@@ -634,7 +634,7 @@ TEST(sleeping_task_cancelled_when_body_returns)
 TEST(stop_then_scheduling_fails)
 {
     caller_t *c = check_new_thread("stopper");
-    CHECK_EQ(caller_stop(c, false), CALLER_STATE_STOPPING);
+    CHECK_EQ(caller_stop(c, 0), CALLER_STATE_STOPPING);
     CHECK(caller_call_soon(c, ret_arg, NULL) == NULL);
     CHECK_RC(caller_last_error(NULL), -ESHUTDOWN);
     CHECK_CONTAINS(check_last_message(), "Caller<stopper libuv");
@@ -643,15 +643,15 @@ TEST(stop_then_scheduling_fails)
     CHECK(caller_call_later(c, 1, ret_arg, NULL) == NULL);
     CHECK_RC(caller_call_direct(c, direct_fails, NULL), -ESHUTDOWN);
     /* Stopping again changes nothing. */
-    CHECK_EQ(caller_stop(c, false), CALLER_STATE_STOPPED);
-    CHECK_EQ(caller_stop(c, true), CALLER_STATE_STOPPED);
+    CHECK_EQ(caller_stop(c, 0), CALLER_STATE_STOPPED);
+    CHECK_EQ(caller_stop(c, CALLER_STOP_FORCE), CALLER_STATE_STOPPED);
     caller_unref(c);
 }
 
 static void *stop_own_caller(void *arg)
 {
     (void)arg;
-    caller_stop(caller_current(), false);
+    caller_stop(caller_current(), 0);
     /* This task is cancelled at its next suspension point. */
     return P(caller_sleep(10));
 }
@@ -671,9 +671,9 @@ TEST(protected_ignores_stop_unless_forced)
     caller_options_t o = {.protect = true, .name = "guarded"};
     caller_t *c = caller_create(CALLER_NEW_THREAD, &o);
     CHECK_EQ(caller_protected(c), 1);
-    CHECK_EQ(caller_stop(c, false), CALLER_STATE_RUNNING);
+    CHECK_EQ(caller_stop(c, 0), CALLER_STATE_RUNNING);
     CHECK_RC(caller_wait_stopped(c, 0.02), -ETIMEDOUT);
-    CHECK_EQ(caller_stop(c, true), CALLER_STATE_STOPPING);
+    CHECK_EQ(caller_stop(c, CALLER_STOP_FORCE), CALLER_STATE_STOPPING);
     CHECK_RC(caller_wait_stopped(c, 10), 0);
     caller_unref(c);
     /* A protected manual Caller stops when its run ends. */
@@ -715,7 +715,7 @@ TEST(cancelled_before_start_never_runs)
     c = check_new_thread(NULL);
     p = caller_call_later(c, 60, bump, NULL);
     caller_pending_cancel(p, NULL);
-    CHECK_RC(caller_pending_wait(p, 10, true, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_PROTECT, NULL), 0);
     CHECK_EQ(atomic_load(&counter), 0);
     caller_pending_unref(p);
     check_stop(c);
@@ -744,7 +744,7 @@ static void *hold_thread(void *arg)
 
 static void check_cancelled_sleeper(caller_pending_t *p, sleeper_t *s)
 {
-    CHECK_RC(caller_pending_wait(p, 10, true, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_PROTECT, NULL), 0);
     CHECK_RC(atomic_load(&s->rc), -ECANCELED);
     CHECK_RC(caller_pending_result(p, NULL), -ECANCELED);
     CHECK_STR_EQ(check_last_message(), "m1\nm2");
@@ -791,7 +791,7 @@ typedef struct {
 static void *wait_with_timeout(void *arg)
 {
     waiter_t *w = arg;
-    w->rc = caller_pending_wait(w->target, 0.05, false, true, NULL);
+    w->rc = caller_pending_wait(w->target, 0.05, CALLER_WAIT_RESULT, NULL);
     return NULL;
 }
 
@@ -805,7 +805,7 @@ TEST(waiter_timeout_cancels_awaited_task)
     caller_pending_t *p = caller_call_soon(c, wait_with_timeout, &w);
     await(p);
     CHECK_RC(w.rc, -ETIMEDOUT);
-    CHECK_RC(caller_pending_wait(victim, 10, true, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(victim, 10, CALLER_WAIT_PROTECT, NULL), 0);
     CHECK_RC(atomic_load(&s.rc), -ECANCELED);
     CHECK_EQ(caller_pending_cancelled(victim), 1);
     caller_pending_unref(p);
@@ -817,7 +817,7 @@ TEST(waiter_timeout_cancels_awaited_task)
 static void *timeout_becomes_error(void *arg)
 {
     caller_pending_t *never = arg;
-    int rc = caller_pending_wait(never, 0.02, true, true, NULL);
+    int rc = caller_pending_wait(never, 0.02, CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, NULL);
     if (rc < 0)
         caller_raise(rc, "gave up waiting");
     return NULL;
@@ -828,7 +828,7 @@ TEST(timeout_inside_task_is_its_error)
     caller_t *c = check_new_thread(NULL);
     caller_pending_t *never = caller_pending_new(0);
     caller_pending_t *p = caller_call_soon(c, timeout_becomes_error, never);
-    CHECK_RC(caller_pending_wait(p, 10, false, true, NULL), -ETIMEDOUT);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_RESULT, NULL), -ETIMEDOUT);
     CHECK_STR_EQ(check_last_message(), "gave up waiting");
     CHECK_EQ(caller_pending_cancelled(never), 0); /* protect */
     caller_pending_unref(p);
@@ -841,7 +841,7 @@ TEST(timeout_inside_task_is_its_error)
 static void *wait_gate(void *arg)
 {
     void *v;
-    CHECK_RC(caller_pending_wait(arg, 60, true, true, &v), 0);
+    CHECK_RC(caller_pending_wait(arg, 60, CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v), 0);
     return v;
 }
 
@@ -853,7 +853,7 @@ TEST(ten_thousand_suspended_tasks_complete)
     caller_pending_t **p = malloc(N * sizeof *p);
     for (int i = 0; i < N; i++)
         p[i] = caller_call_soon(c, wait_gate, gate);
-    caller_pending_set_result(gate, P(3), false);
+    caller_pending_set_result(gate, P(3), 0);
     for (int i = 0; i < N; i++) {
         CHECK_EQ(I(await(p[i])), 3);
         caller_pending_unref(p[i]);
@@ -913,7 +913,7 @@ TEST(stress_four_threads_submit_250k_each)
     for (int i = 0; i < STRESS_THREADS; i++) {
         void *last;
         pthread_join(t[i], &last);
-        CHECK_RC(caller_pending_wait(last, 60, false, false, NULL), 0);
+        CHECK_RC(caller_pending_wait(last, 60, 0, NULL), 0);
         caller_pending_unref(last);
     }
     /* Read the counters in the Caller's thread, where they live. */
@@ -954,7 +954,7 @@ TEST(stack_overflow_in_task_hits_guard_page)
         freopen("/dev/null", "w", stderr); /* ASan's own report, if any */
         caller_t *c = caller_create(CALLER_NEW_THREAD, NULL);
         caller_pending_t *p = caller_call_soon(c, overflow, NULL);
-        caller_pending_wait(p, 30, true, false, NULL);
+        caller_pending_wait(p, 30, CALLER_WAIT_PROTECT, NULL);
         _exit(0); /* not reached */
     }
     int status;
@@ -1006,7 +1006,7 @@ TEST(repr_and_table)
     CHECK_CONTAINS(text, "| ret_arg caller=Caller<Control libuv");
     caller_pending_unref(p);
     check_stop(w);
-    caller_stop(c, true);
+    caller_stop(c, CALLER_STOP_FORCE);
     caller_repr(c, text, sizeof text);
     CHECK_STR_EQ(text, "Caller<Shell libuv \U0001f3c1 stopped>");
     caller_unref(c);
@@ -1042,7 +1042,7 @@ TEST(task_pending_outlives_its_caller)
     await(last);
     caller_pending_unref(last);
     await(kept);
-    caller_stop(c, false);
+    caller_stop(c, 0);
     CHECK_RC(caller_wait_stopped(c, 10), 0);
     caller_unref(c);
     /* Its thread drops its reference as it ends: wait for that. */
@@ -1071,7 +1071,7 @@ TEST(null_arguments)
     CHECK_RC(caller_last_error(NULL), -EINVAL);
     CHECK(caller_call_later(NULL, 1, ret_arg, NULL) == NULL);
     CHECK_RC(caller_call_direct(NULL, direct_fails, NULL), -EINVAL);
-    CHECK_RC(caller_stop(NULL, false), -EINVAL);
+    CHECK_RC(caller_stop(NULL, 0), -EINVAL);
     CHECK_RC(caller_wait_stopped(NULL, 0), -EINVAL);
     CHECK_RC(caller_run(NULL, ret_arg, NULL, NULL), -EINVAL);
     CHECK(caller_get(NULL, NULL) == NULL);
@@ -1122,14 +1122,15 @@ TEST(fiber_implementation_is_the_one_built)
 static void block_on(void *arg)
 {
     /* Blocks the loop (a direct call is not a task) until the gate opens. */
-    CHECK_RC(caller_pending_wait(arg, 10, true, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(arg, 10, CALLER_WAIT_PROTECT, NULL), 0);
 }
 
 static void *wait_forever_on(void *arg)
 {
     caller_pending_t *target = caller_pending_userdata(caller_current_pending());
     bool protect = arg != NULL;
-    return P(caller_pending_wait(target, CALLER_FOREVER, protect, true, NULL));
+    return P(caller_pending_wait(target, CALLER_FOREVER,
+                                 (protect ? CALLER_WAIT_PROTECT : 0) | CALLER_WAIT_RESULT, NULL));
 }
 
 TEST(cancelled_waiter_cancels_awaited_unless_protect)
@@ -1143,13 +1144,13 @@ TEST(cancelled_waiter_cancels_awaited_unless_protect)
         CHECK_RC(caller_call_direct(c, block_on, gate), 0);
         caller_pending_t *w = caller_call_soon(c, wait_forever_on, protect ? P(1) : NULL);
         caller_pending_set_userdata(w, target, NULL);
-        caller_pending_set_result(gate, NULL, false);
+        caller_pending_set_result(gate, NULL, 0);
         /* Let it suspend on the target, then cancel the waiter. */
         caller_pending_t *probe = caller_call_soon(c, ret_arg, NULL);
         await(probe);
         caller_pending_unref(probe);
         CHECK_EQ(caller_pending_cancel(w, "stop waiting"), 1);
-        CHECK_RC(caller_pending_wait(w, 10, true, false, NULL), 0);
+        CHECK_RC(caller_pending_wait(w, 10, CALLER_WAIT_PROTECT, NULL), 0);
         void *v;
         CHECK_RC(caller_pending_result(w, &v), -ECANCELED);
         CHECK_EQ(caller_pending_cancelled(target), protect ? 0 : 1);
@@ -1190,7 +1191,7 @@ TEST(a_burst_of_submissions_costs_one_wake_up)
     uint64_t after = c->inbox.wakes;
     caller__inbox_unlock(&c->inbox);
     CHECK_EQ(after - before, 1);
-    caller_pending_set_result(gate, NULL, false);
+    caller_pending_set_result(gate, NULL, 0);
     for (int i = 0; i < N; i++) {
         CHECK_EQ(I(await(p[i])), i);
         caller_pending_unref(p[i]);
@@ -1201,12 +1202,12 @@ TEST(a_burst_of_submissions_costs_one_wake_up)
 
 static void on_uv_timer(uv_timer_t *t)
 {
-    caller_pending_set_result(t->data, P(99), false);
+    caller_pending_set_result(t->data, P(99), 0);
 }
 
 static void on_uv_close(uv_handle_t *h)
 {
-    caller_pending_set_result(h->data, NULL, false);
+    caller_pending_set_result(h->data, NULL, 0);
 }
 
 static void *use_the_loop(void *arg)
@@ -1221,10 +1222,10 @@ static void *use_the_loop(void *arg)
     timer.data = fired;
     CHECK_EQ(uv_timer_start(&timer, on_uv_timer, 10, 0), 0);
     void *v = NULL;
-    CHECK_RC(caller_pending_wait(fired, 10, false, true, &v), 0);
+    CHECK_RC(caller_pending_wait(fired, 10, CALLER_WAIT_RESULT, &v), 0);
     timer.data = closed;
     uv_close((uv_handle_t *)&timer, on_uv_close);
-    CHECK_RC(caller_pending_wait(closed, 10, false, true, NULL), 0);
+    CHECK_RC(caller_pending_wait(closed, 10, CALLER_WAIT_RESULT, NULL), 0);
     caller_pending_unref(fired);
     caller_pending_unref(closed);
     return v;
@@ -1237,7 +1238,7 @@ TEST(libuv_io_in_a_callers_thread)
     caller_pending_t *p = caller_call_soon(c, use_the_loop, NULL);
     CHECK_EQ(I(await(p)), 99);
     caller_pending_unref(p);
-    caller_stop(c, false);
+    caller_stop(c, 0);
     CHECK_RC(caller_wait_stopped(c, 10), 0);
     CHECK(caller_loop(c) == NULL);
     caller_unref(c);
@@ -1260,7 +1261,7 @@ TEST(fork_child_starts_with_no_callers_and_may_make_its_own)
     CHECK(pid >= 0);
     if (pid == 0) {
         int bad = 0;
-        bad |= caller_all(false, NULL, 0) != 0; /* the parent's are not here */
+        bad |= caller_all(0, NULL, 0) != 0; /* the parent's are not here */
         bad |= caller_current() != NULL;
         bad |= caller_pending_live_count() != 0; /* counts from zero */
         caller_t *mine = caller_create(CALLER_NEW_THREAD, NULL);
@@ -1268,9 +1269,9 @@ TEST(fork_child_starts_with_no_callers_and_may_make_its_own)
         if (mine) {
             caller_pending_t *q = caller_call_soon(mine, double_it, P(21));
             void *v = NULL;
-            bad |= caller_pending_wait(q, 10, false, true, &v) != 0 || I(v) != 42;
+            bad |= caller_pending_wait(q, 10, CALLER_WAIT_RESULT, &v) != 0 || I(v) != 42;
             caller_pending_unref(q);
-            caller_stop(mine, false);
+            caller_stop(mine, 0);
             bad |= caller_wait_stopped(mine, 10) != 0;
             caller_unref(mine);
         }
@@ -1365,7 +1366,7 @@ TEST(stack_overflow_names_the_task_and_caller)
             caller_pending_t *p = caller_call_soon_named(c, overflow, NULL, "deep_recursion");
             if (!p)
                 _exit(3);
-            caller_pending_wait(p, 30, true, false, NULL);
+            caller_pending_wait(p, 30, CALLER_WAIT_PROTECT, NULL);
             _exit(4); /* not reached: the process dies first */
         }
         close(fds[1]);

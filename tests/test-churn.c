@@ -120,7 +120,7 @@ TEST(create_and_stop_10000_callers_while_others_schedule)
         double give_up = check_now() + 0.002;
         while (atomic_load(&slot.scheduled) < before + 8 && check_now() < give_up)
             sched_yield();
-        caller_stop(c, false);
+        caller_stop(c, 0);
         CHECK_RC(caller_wait_stopped(c, 30), 0);
         caller_unref(c);
     }

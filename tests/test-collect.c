@@ -25,7 +25,7 @@ TEST(already_done_pendings)
     caller_pending_t *p[3];
     for (int i = 0; i < 3; i++) {
         p[i] = caller_pending_new(0);
-        caller_pending_set_result(p[i], P(i), false);
+        caller_pending_set_result(p[i], P(i), 0);
     }
     caller_iter_t *it = caller_as_completed(p, 3, NULL);
     CHECK(it != NULL);
@@ -68,7 +68,7 @@ typedef struct {
 static void *gated(void *arg)
 {
     gated_t *g = arg;
-    if (caller_pending_wait(g->gate, CALLER_FOREVER, true, false, NULL) < 0)
+    if (caller_pending_wait(g->gate, CALLER_FOREVER, CALLER_WAIT_PROTECT, NULL) < 0)
         return NULL;
     if (g->fail)
         caller_raise(-EIO, "gated %d failed", g->value);
@@ -87,8 +87,8 @@ static void *open_gates(void *arg)
     static const int order[3] = {1, 2, 0};
     for (int k = 0; k < 3; k++) {
         int i = order[k];
-        caller_pending_set_result(o->g[i].gate, NULL, false);
-        CHECK_RC(caller_pending_wait(o->p[i], 10, false, false, NULL), 0);
+        caller_pending_set_result(o->g[i].gate, NULL, 0);
+        CHECK_RC(caller_pending_wait(o->p[i], 10, 0, NULL), 0);
     }
     return NULL;
 }
@@ -148,7 +148,7 @@ TEST(early_close_cancels_unfinished_unless_kept)
         for (int i = 1; i < 3; i++) {
             CHECK_EQ(caller_pending_cancelled(p[i]), keep ? 0 : 1);
             if (!keep) {
-                CHECK_RC(caller_pending_wait(p[i], 10, true, false, NULL), 0);
+                CHECK_RC(caller_pending_wait(p[i], 10, CALLER_WAIT_PROTECT, NULL), 0);
                 CHECK_RC(caller_pending_result(p[i], NULL), -ECANCELED);
                 CHECK_STR_EQ(check_last_message(), "Cancelled by as_completed");
             } else {
@@ -157,7 +157,7 @@ TEST(early_close_cancels_unfinished_unless_kept)
             }
         }
         for (int i = 0; i < 3; i++) {
-            caller_pending_wait(p[i], 10, true, false, NULL);
+            caller_pending_wait(p[i], 10, CALLER_WAIT_PROTECT, NULL);
             caller_pending_unref(p[i]);
         }
     }
@@ -179,7 +179,7 @@ static void slow_callback(caller_pending_t *p, void *arg)
 static void *set_later(void *arg)
 {
     CHECK_RC(caller_sleep(0.01), 0);
-    caller_pending_set_result(arg, P(1), false);
+    caller_pending_set_result(arg, P(1), 0);
     return NULL;
 }
 
@@ -196,7 +196,7 @@ TEST(yielded_after_done_callbacks_ran)
     CHECK_EQ(atomic_load(&f.flag), 1);
     caller_pending_unref(q);
     caller_iter_close(it);
-    caller_pending_wait(setter, 10, false, false, NULL);
+    caller_pending_wait(setter, 10, 0, NULL);
     caller_pending_unref(setter);
     caller_pending_unref(p);
     check_stop(c);
@@ -240,7 +240,7 @@ TEST(generator_asked_only_below_max_concurrent)
 /* Opens the gate Pending @p arg. */
 static void *open_gate(void *arg)
 {
-    caller_pending_set_result(arg, NULL, false);
+    caller_pending_set_result(arg, NULL, 0);
     return arg;
 }
 
@@ -284,7 +284,7 @@ TEST(as_completed_inside_a_task_suspends_it)
     caller_t *a = check_new_thread(NULL), *b = check_new_thread(NULL);
     caller_pending_t *p = caller_call_soon(a, as_completed_in_task, b);
     void *v;
-    CHECK_RC(caller_pending_wait(p, 20 * check_time_scale(), false, true, &v), 0);
+    CHECK_RC(caller_pending_wait(p, 20 * check_time_scale(), CALLER_WAIT_RESULT, &v), 0);
     CHECK_EQ(I(v), 2);
     caller_pending_unref(p);
     check_stop(a);
@@ -312,7 +312,7 @@ TEST(generator_yielding_own_pending_is_refused)
     caller_t *c = check_new_thread(NULL);
     caller_pending_t *p = caller_call_soon(c, iterate_own, NULL);
     void *v;
-    CHECK_RC(caller_pending_wait(p, 10, false, true, &v), 0);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_RESULT, &v), 0);
     CHECK_RC((int)I(v), -EDEADLK);
     caller_pending_unref(p);
     check_stop(c);
@@ -329,7 +329,7 @@ static void *chain_link(void *arg)
 {
     link_t *l = arg;
     if (l->prev)
-        caller_pending_wait(l->prev, 10, true, false, NULL);
+        caller_pending_wait(l->prev, 10, CALLER_WAIT_PROTECT, NULL);
     caller_sleep((double)l->ms / 1000);
     if (l->fail)
         caller_raise(-EIO, "link failed");
@@ -357,7 +357,7 @@ static void run_chain(caller_return_when_t when, size_t want_done)
         CHECK_EQ(caller_pending_cancelled(not_done[i]), 0); /* wait cancels nothing */
     }
     for (int i = 2; i >= 0; i--) {
-        CHECK_RC(caller_pending_wait(p[i], 10, true, false, NULL), 0);
+        CHECK_RC(caller_pending_wait(p[i], 10, CALLER_WAIT_PROTECT, NULL), 0);
         caller_pending_unref(p[i]);
     }
     check_stop(c);
@@ -395,7 +395,7 @@ TEST(wait_timeout_leaves_unfinished)
     CHECK_EQ(caller_pending_done(p[1]), 0);
     CHECK_EQ(caller_pending_cancelled(p[1]), 0);
     caller_pending_cancel(p[1], NULL);
-    caller_pending_wait(p[1], 10, true, false, NULL);
+    caller_pending_wait(p[1], 10, CALLER_WAIT_PROTECT, NULL);
     caller_pending_unref(p[0]);
     caller_pending_unref(p[1]);
     check_stop(c);
@@ -425,7 +425,7 @@ static void *complete_range(void *arg)
 {
     caller_pending_t **p = arg;
     for (int i = 0; i < 1000; i++)
-        caller_pending_set_result(p[i], P(i), false);
+        caller_pending_set_result(p[i], P(i), 0);
     return NULL;
 }
 
@@ -469,7 +469,7 @@ static void *complete_all(void *arg)
 {
     caller_pending_t **p = arg;
     for (int i = 0; i < 8; i++)
-        caller_pending_set_result(p[i], P(i), false);
+        caller_pending_set_result(p[i], P(i), 0);
     return NULL;
 }
 
@@ -485,7 +485,7 @@ TEST(close_while_wakes_are_in_flight)
         CHECK_RC(caller_wait(p, 8, 10, CALLER_FIRST_COMPLETED, done, &nd, rest, &nr), 0);
         CHECK_GE(nd, 1);
         CHECK_EQ(nd + nr, 8);
-        CHECK_RC(caller_pending_wait(t, 10, false, false, NULL), 0);
+        CHECK_RC(caller_pending_wait(t, 10, 0, NULL), 0);
         caller_pending_unref(t);
         for (int i = 0; i < 8; i++)
             caller_pending_unref(p[i]);
@@ -503,7 +503,7 @@ static void *ret_arg(void *arg)
 /* A manual Caller's body: lets its earlier call run before it stops. */
 static void *await_arg(void *arg)
 {
-    CHECK_RC(caller_pending_wait(arg, 10, true, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(arg, 10, CALLER_WAIT_PROTECT, NULL), 0);
     return NULL;
 }
 
@@ -518,7 +518,7 @@ TEST(wait_on_a_callers_own_thread_for_its_work_is_deadlock_error)
     caller_pending_t *other = caller_pending_new(0); /* any thread may complete it */
     caller_pending_t *done[2], *not_done[2];
     size_t nd = 9, nn = 9;
-    CHECK_RC(caller_pending_wait(p, 0.2, true, false, NULL), -EDEADLK);
+    CHECK_RC(caller_pending_wait(p, 0.2, CALLER_WAIT_PROTECT, NULL), -EDEADLK);
     CHECK_RC(caller_wait(&p, 1, 0.2, CALLER_ALL_COMPLETED, done, &nd, not_done, &nn), -EDEADLK);
     CHECK_CONTAINS(check_last_message(), "caller_wait: blocking the thread of the Caller");
     CHECK_CONTAINS(check_last_message(), "would never end");
@@ -531,7 +531,7 @@ TEST(wait_on_a_callers_own_thread_for_its_work_is_deadlock_error)
     /* One may finish elsewhere: that wait can end, so it is a wait. */
     CHECK_RC(caller_wait(both, 2, 0.02, CALLER_FIRST_COMPLETED, done, &nd, not_done, &nn), 0);
     CHECK_EQ(nd, 0);
-    caller_pending_set_result(other, P(2), false);
+    caller_pending_set_result(other, P(2), 0);
     CHECK_RC(caller_wait(both, 2, -1, CALLER_FIRST_COMPLETED, done, &nd, not_done, &nn), 0);
     CHECK_EQ(nd, 1);
     CHECK_PTR_EQ(done[0], other);
@@ -558,7 +558,7 @@ TEST(iter_next_on_a_callers_own_thread_for_its_work_is_deadlock_error)
     caller_pending_t *q = NULL;
     /* `other` may still complete: a wait, which times out. */
     CHECK_RC(caller_iter_next_timeout(it, 0.02, &q), -ETIMEDOUT);
-    caller_pending_set_result(other, P(2), false);
+    caller_pending_set_result(other, P(2), 0);
     CHECK_RC(caller_iter_next(it, &q), 0);
     CHECK_PTR_EQ(q, other);
     caller_pending_unref(q);
@@ -590,8 +590,8 @@ static void direct_waits_on_own_work(void *arg)
     int rc2 = caller_iter_next_timeout(it, 10, &q);
     caller_iter_close(it); /* cancels p: it never runs */
     caller_pending_unref(p);
-    caller_pending_set_result(box[0], P(rc1), false);
-    caller_pending_set_result(box[1], P(rc2), false);
+    caller_pending_set_result(box[0], P(rc1), 0);
+    caller_pending_set_result(box[1], P(rc2), 0);
 }
 
 TEST(wait_and_iter_next_in_call_direct_are_deadlock_errors)
@@ -600,9 +600,9 @@ TEST(wait_and_iter_next_in_call_direct_are_deadlock_errors)
     caller_pending_t *box[2] = {caller_pending_new(0), caller_pending_new(0)};
     CHECK_RC(caller_call_direct(c, direct_waits_on_own_work, box), 0);
     void *v;
-    CHECK_RC(caller_pending_wait(box[0], 30, true, true, &v), 0);
+    CHECK_RC(caller_pending_wait(box[0], 30, CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v), 0);
     CHECK_RC((int)I(v), -EDEADLK);
-    CHECK_RC(caller_pending_wait(box[1], 30, true, true, &v), 0);
+    CHECK_RC(caller_pending_wait(box[1], 30, CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v), 0);
     CHECK_RC((int)I(v), -EDEADLK);
     caller_pending_unref(box[0]);
     caller_pending_unref(box[1]);
@@ -631,7 +631,7 @@ TEST(wait_in_a_task_for_its_own_callers_work_suspends)
     caller_t *c = check_new_thread(NULL);
     caller_pending_t *p = caller_call_soon(c, task_waits_on_own_work, NULL);
     void *v;
-    CHECK_RC(caller_pending_wait(p, 10, false, true, &v), 0);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_RESULT, &v), 0);
     CHECK_EQ(I(v), 2);
     caller_pending_unref(p);
     check_stop(c);
@@ -677,7 +677,7 @@ static void *complete_ahead(void *arg)
         long after = i % 7 < 3 ? i + 1 : i - MIX_AHEAD;
         while (atomic_load(&c->m->made) < after)
             sched_yield();
-        caller_pending_set_result(c->m->items[i], P(i), false);
+        caller_pending_set_result(c->m->items[i], P(i), 0);
     }
     return NULL;
 }
@@ -688,7 +688,7 @@ TEST(generator_mixing_done_and_racing_items_yields_each_once)
     for (long i = 0; i < MIX_N; i++) {
         m.items[i] = caller_pending_new(0);
         if (i % 5 == 0)
-            caller_pending_set_result(m.items[i], P(i), false);
+            caller_pending_set_result(m.items[i], P(i), 0);
     }
     completer_t cs[2] = {{&m, 0}, {&m, 1}};
     pthread_t th[2];
@@ -751,13 +751,13 @@ TEST(order_of_completion_kept_for_a_slow_consumer)
             use_gen ? caller_as_completed_gen(gen_array, &g,
                                               &(caller_as_completed_options_t){.max_concurrent = 3})
                     : caller_as_completed(p, 3, NULL);
-        caller_pending_set_result(p[1], P(1), false);
+        caller_pending_set_result(p[1], P(1), 0);
         caller_pending_t *q;
         CHECK_RC(caller_iter_next(it, &q), 0);
         CHECK_PTR_EQ(q, p[1]);
         caller_pending_unref(q);
-        caller_pending_set_result(p[2], P(2), false);
-        caller_pending_set_result(p[0], P(0), false);
+        caller_pending_set_result(p[2], P(2), 0);
+        caller_pending_set_result(p[0], P(0), 0);
         CHECK_RC(caller_iter_next(it, &q), 0);
         CHECK_PTR_EQ(q, p[2]);
         caller_pending_unref(q);
@@ -779,7 +779,7 @@ static void *complete_odd_thirds(void *arg)
     caller_pending_t **p = arg;
     for (int i = 0; i < 30000; i++)
         if (i % 3 != 0)
-            caller_pending_set_result(p[i], P(i), false);
+            caller_pending_set_result(p[i], P(i), 0);
     return NULL;
 }
 
@@ -790,7 +790,7 @@ TEST(large_set_each_yielded_once)
     for (int i = 0; i < N; i++) {
         p[i] = caller_pending_new(0);
         if (i % 3 == 0)
-            caller_pending_set_result(p[i], P(i), false);
+            caller_pending_set_result(p[i], P(i), 0);
     }
     caller_iter_t *it = caller_as_completed(p, N, NULL);
     pthread_t th;

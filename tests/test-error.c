@@ -57,7 +57,7 @@ static void *other_thread(void *arg)
 TEST(last_error_is_per_thread)
 {
     const char *m = NULL;
-    CHECK_RC(caller_pending_set_result(NULL, NULL, false), -EINVAL);
+    CHECK_RC(caller_pending_set_result(NULL, NULL, 0), -EINVAL);
     CHECK_EQ(caller_last_error(&m), -EINVAL);
     CHECK_STR_EQ(m, "caller_pending_set_result: p is NULL");
     pthread_t t;
@@ -67,7 +67,7 @@ TEST(last_error_is_per_thread)
     CHECK_STR_EQ(m, "caller_pending_set_result: p is NULL");
     /* A successful call does not clear it. */
     caller_pending_t *p = caller_pending_new(0);
-    CHECK_RC(caller_pending_set_result(p, NULL, false), 0);
+    CHECK_RC(caller_pending_set_result(p, NULL, 0), 0);
     CHECK_EQ(caller_last_error(NULL), -EINVAL);
     caller_pending_unref(p);
     /* NULL fmt records the code's description. */

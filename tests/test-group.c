@@ -15,7 +15,7 @@ static int run_in_task(caller_fn body, void *arg, void **result)
     caller_t *c = check_new_thread("group-test");
     caller_pending_t *p = caller_call_soon(c, body, arg);
     void *v = NULL;
-    int rc = caller_pending_wait(p, 60, false, true, &v);
+    int rc = caller_pending_wait(p, 60, CALLER_WAIT_RESULT, &v);
     if (result)
         *result = v;
     caller_pending_unref(p);
@@ -58,7 +58,7 @@ static void *body_tracks(void *arg)
 {
     (void)arg;
     caller_t *self = caller_current();
-    caller_group_t *g = caller_create_pending_group(self, false);
+    caller_group_t *g = caller_group_new(self, 0);
     CHECK_RC(caller_group_enter(g), 0);
     caller_pending_t *p = caller_call_soon(self, ret_arg, P(1));
     caller_pending_t *mine = caller_pending_new(0);
@@ -68,7 +68,7 @@ static void *body_tracks(void *arg)
     CHECK(tracked(g, mine));
     CHECK(tracked(g, later));
     CHECK(!tracked(g, untracked));
-    caller_pending_set_result(mine, NULL, false);
+    caller_pending_set_result(mine, NULL, 0);
     CHECK_RC(caller_group_exit(g), 0);
     CHECK_EQ(caller_pending_done(p), 1);     /* exit waited for it */
     CHECK_EQ(caller_pending_done(later), 1); /* and for the delayed one */
@@ -100,8 +100,8 @@ static void *make_one(void *arg)
 {
     spawn_t *s = arg;
     s->made = caller_pending_new(0);
-    caller_pending_set_result(s->made_ready, NULL, false);
-    caller_pending_wait(s->made, 10, true, false, NULL); /* until the body releases it */
+    caller_pending_set_result(s->made_ready, NULL, 0);
+    caller_pending_wait(s->made, 10, CALLER_WAIT_PROTECT, NULL); /* until the body releases it */
     return NULL;
 }
 
@@ -109,20 +109,20 @@ static void *body_nested_tasks(void *arg)
 {
     caller_t *other = arg;
     caller_t *self = caller_current();
-    caller_group_t *g = caller_create_pending_group(self, false);
+    caller_group_t *g = caller_group_new(self, 0);
     CHECK_RC(caller_group_enter(g), 0);
     spawn_t a = {.made_ready = caller_pending_new(CALLER_PENDING_UNTRACKED)};
     spawn_t b = {.made_ready = caller_pending_new(CALLER_PENDING_UNTRACKED)};
     caller_pending_t *pa = caller_call_soon(other, make_one, &a); /* another Caller */
     caller_pending_t *pb = caller_to_thread(self, make_one, &b);  /* a worker */
-    CHECK_RC(caller_pending_wait(a.made_ready, 10, false, false, NULL), 0);
-    CHECK_RC(caller_pending_wait(b.made_ready, 10, false, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(a.made_ready, 10, 0, NULL), 0);
+    CHECK_RC(caller_pending_wait(b.made_ready, 10, 0, NULL), 0);
     CHECK(tracked(g, pa));
     CHECK(tracked(g, pb));
     CHECK(tracked(g, a.made));
     CHECK(tracked(g, b.made));
-    caller_pending_set_result(a.made, NULL, false);
-    caller_pending_set_result(b.made, NULL, false);
+    caller_pending_set_result(a.made, NULL, 0);
+    caller_pending_set_result(b.made, NULL, 0);
     CHECK_RC(caller_group_exit(g), 0);
     CHECK_EQ(caller_pending_done(pa) + caller_pending_done(pb), 2);
     caller_pending_unref(a.made);
@@ -148,7 +148,7 @@ static void *body_one_fails(void *arg)
 {
     (void)arg;
     caller_t *self = caller_current();
-    caller_group_t *g = caller_create_pending_group(self, false);
+    caller_group_t *g = caller_group_new(self, 0);
     CHECK_RC(caller_group_enter(g), 0);
     caller_pending_t *slow = caller_call_soon(self, nap, P(10000));
     caller_pending_t *bad = caller_call_soon(self, nap, P(-10));
@@ -185,8 +185,8 @@ static void *body_waits(void *arg)
     CHECK_RC(caller_group_enter(g), 0);
     /* Untracked: exit would wait for it (and nobody completes it). */
     caller_pending_t *never = caller_pending_new(CALLER_PENDING_UNTRACKED);
-    caller_pending_set_result(r->entered, NULL, false);
-    r->wait_rc = caller_pending_wait(never, 30, false, false, NULL);
+    caller_pending_set_result(r->entered, NULL, 0);
+    r->wait_rc = caller_pending_wait(never, 30, 0, NULL);
     r->exit_rc = caller_group_exit(g);
     snprintf(r->exit_msg, sizeof r->exit_msg, "%s", check_last_message());
     caller_pending_unref(never);
@@ -196,11 +196,11 @@ static void *body_waits(void *arg)
 TEST(cancel_from_another_thread_while_the_body_waits)
 {
     caller_t *c = check_new_thread(NULL);
-    remote_t r = {.g = caller_create_pending_group(c, false), .entered = caller_pending_new(0)};
+    remote_t r = {.g = caller_group_new(c, 0), .entered = caller_pending_new(0)};
     caller_pending_t *p = caller_call_soon(c, body_waits, &r);
-    CHECK_RC(caller_pending_wait(r.entered, 10, false, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(r.entered, 10, 0, NULL), 0);
     CHECK_EQ(caller_group_cancel(r.g, "from outside"), 1);
-    CHECK_RC(caller_pending_wait(p, 10, false, true, NULL), 0);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_RESULT, NULL), 0);
     CHECK_RC(r.wait_rc, -ECANCELED);
     CHECK_RC(r.exit_rc, -ECANCELED);
     CHECK_CONTAINS(r.exit_msg, "from outside");
@@ -221,11 +221,11 @@ typedef struct {
 static void *body_exits_slowly(void *arg)
 {
     exit_cancel_t *e = arg;
-    caller_group_t *g = caller_create_pending_group(NULL, false);
+    caller_group_t *g = caller_group_new(NULL, 0);
     CHECK_RC(caller_group_enter(g), 0);
     e->child = caller_call_soon(caller_current(), nap, P(10000));
     CHECK(e->child != NULL);
-    caller_pending_set_result(e->exiting, NULL, false);
+    caller_pending_set_result(e->exiting, NULL, 0);
     e->exit_rc = caller_group_exit(g);
     e->child_cancelled = caller_pending_cancelled(e->child);
     caller_group_unref(g);
@@ -237,9 +237,9 @@ TEST(exit_after_the_body_task_was_cancelled)
     caller_t *c = check_new_thread(NULL);
     exit_cancel_t e = {.exiting = caller_pending_new(0)};
     caller_pending_t *p = caller_call_soon(c, body_exits_slowly, &e);
-    CHECK_RC(caller_pending_wait(e.exiting, 10, false, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(e.exiting, 10, 0, NULL), 0);
     CHECK_EQ(caller_pending_cancel(p, "stop the body"), 1);
-    CHECK_RC(caller_pending_wait(p, 10, true, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_PROTECT, NULL), 0);
     CHECK_RC(e.exit_rc, -ECANCELED);
     CHECK_EQ(e.child_cancelled, 1);
     CHECK_EQ(caller_pending_done(e.child), 1);
@@ -252,7 +252,7 @@ TEST(exit_after_the_body_task_was_cancelled)
 static void *body_removes(void *arg)
 {
     (void)arg;
-    caller_group_t *g = caller_create_pending_group(NULL, false);
+    caller_group_t *g = caller_group_new(NULL, 0);
     CHECK_RC(caller_group_enter(g), 0);
     caller_pending_t *never = caller_pending_new(0);
     CHECK(tracked(g, never));
@@ -280,9 +280,9 @@ typedef struct {
 static void *shielded_body(void *arg)
 {
     shield_t *s = arg;
-    caller_group_t *g = caller_create_pending_group(NULL, s->shield);
+    caller_group_t *g = caller_group_new(NULL, (s->shield ? CALLER_GROUP_SHIELD : 0));
     CHECK_RC(caller_group_enter(g), 0);
-    caller_pending_set_result(s->inside, NULL, false);
+    caller_pending_set_result(s->inside, NULL, 0);
     s->nap_rc = caller_sleep(0.05);
     caller_group_exit(g);
     caller_group_unref(g);
@@ -296,9 +296,9 @@ TEST(shield_keeps_outside_cancellation_from_the_body)
         caller_t *c = check_new_thread(NULL);
         shield_t s = {.shield = shield, .inside = caller_pending_new(0)};
         caller_pending_t *p = caller_call_soon(c, shielded_body, &s);
-        CHECK_RC(caller_pending_wait(s.inside, 10, false, false, NULL), 0);
+        CHECK_RC(caller_pending_wait(s.inside, 10, 0, NULL), 0);
         CHECK_EQ(caller_pending_cancel(p, "stop the task"), 1);
-        CHECK_RC(caller_pending_wait(p, 10, true, false, NULL), 0);
+        CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_PROTECT, NULL), 0);
         CHECK_RC(s.nap_rc, shield ? 0 : -ECANCELED);
         CHECK_RC(s.after_rc, -ECANCELED);
         caller_pending_unref(p);
@@ -310,8 +310,8 @@ TEST(shield_keeps_outside_cancellation_from_the_body)
 static void *nested_body(void *arg)
 {
     int *out = arg;
-    caller_group_t *outer = caller_create_pending_group(NULL, false);
-    caller_group_t *inner = caller_create_pending_group(NULL, false);
+    caller_group_t *outer = caller_group_new(NULL, 0);
+    caller_group_t *inner = caller_group_new(NULL, 0);
     CHECK_RC(caller_group_enter(outer), 0);
     caller_pending_t *outer_task = caller_call_soon(caller_current(), nap, P(10000));
     CHECK_RC(caller_group_enter(inner), 0);
@@ -334,8 +334,8 @@ static void *nested_body(void *arg)
 static void *nested_ok_body(void *arg)
 {
     (void)arg;
-    caller_group_t *outer = caller_create_pending_group(NULL, false);
-    caller_group_t *inner = caller_create_pending_group(NULL, false);
+    caller_group_t *outer = caller_group_new(NULL, 0);
+    caller_group_t *inner = caller_group_new(NULL, 0);
     CHECK_RC(caller_group_enter(outer), 0);
     CHECK_RC(caller_group_enter(inner), 0);
     caller_pending_t *p = caller_call_soon(caller_current(), nap, P(5));
@@ -362,7 +362,7 @@ TEST(nested_groups)
 static void *timeout_body(void *arg)
 {
     double *elapsed = arg;
-    caller_group_t *g = caller_create_pending_group(NULL, false);
+    caller_group_t *g = caller_group_new(NULL, 0);
     CHECK_RC(caller_group_set_timeout(g, 0.05), 0);
     double t0 = check_now();
     CHECK_RC(caller_group_enter(g), 0);
@@ -387,7 +387,7 @@ TEST(group_timeout)
 
 TEST(enter_outside_a_task_is_refused)
 {
-    caller_group_t *g = caller_create_pending_group(NULL, false);
+    caller_group_t *g = caller_group_new(NULL, 0);
     CHECK_RC(caller_group_enter(g), -EPERM);
     CHECK_RC(caller_group_exit(g), CALLER_EINVALSTATE);
     caller_group_unref(g);
@@ -411,14 +411,14 @@ TEST(manager_activate_start_stop_deactivate)
     caller_pending_t *outside = caller_pending_new(0);
     CHECK_EQ(caller_manager_pending(m, NULL, 0), 2);
     /* Deactivating cancels them; they are still finishing until done. */
-    CHECK_EQ(caller_manager_deactivate(m, true), 1);
+    CHECK_EQ(caller_manager_deactivate(m, CALLER_MANAGER_CANCEL_PENDING), 1);
     CHECK_EQ(caller_pending_cancelled(a), 1);
     CHECK_EQ(caller_pending_cancelled(b), 1);
     CHECK_EQ(caller_pending_cancelled(u), 0);
     CHECK_EQ(caller_pending_cancelled(outside), 0);
     CHECK_RC(caller_manager_wait(m, 0.01), -ETIMEDOUT);
-    caller_pending_set_result(a, NULL, false);
-    caller_pending_set_result(b, NULL, false);
+    caller_pending_set_result(a, NULL, 0);
+    caller_pending_set_result(b, NULL, 0);
     CHECK_RC(caller_manager_wait(m, 10), 0);
     CHECK_EQ(caller_manager_pending(m, NULL, 0), 0);
 
@@ -428,10 +428,10 @@ TEST(manager_activate_start_stop_deactivate)
     caller_pending_t *c = caller_pending_new(0);
     CHECK_RC(caller_manager_stop(m, &tok), 0);
     CHECK_EQ(caller_manager_pending(m, NULL, 0), 1);
-    CHECK_EQ(caller_manager_deactivate(m, false), 0);
+    CHECK_EQ(caller_manager_deactivate(m, 0), 0);
     CHECK_EQ(caller_pending_cancelled(c), 0);
     CHECK_EQ(caller_manager_pending(m, NULL, 0), 0);
-    CHECK_RC(caller_manager_deactivate(m, false), CALLER_EINVALSTATE);
+    CHECK_RC(caller_manager_deactivate(m, 0), CALLER_EINVALSTATE);
     caller_pending_unref(a);
     caller_pending_unref(b);
     caller_pending_unref(c);
@@ -456,14 +456,14 @@ TEST(manager_follows_tasks_scheduled_in_its_context)
     caller_pending_t *p = caller_call_soon(c, made_in_task, NULL);
     caller_manager_stop(m, &tok);
     void *made;
-    CHECK_RC(caller_pending_wait(p, 10, false, true, &made), 0);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_RESULT, &made), 0);
     caller_pending_t *list[4];
     size_t n = caller_manager_pending(m, list, 4);
     CHECK_EQ(n, 1); /* p is done (released); the Pending its task made is not */
     CHECK_PTR_EQ(list[0], made);
     caller_pending_unref(list[0]);
-    caller_manager_deactivate(m, true);
-    caller_pending_set_result(made, NULL, false);
+    caller_manager_deactivate(m, CALLER_MANAGER_CANCEL_PENDING);
+    caller_pending_set_result(made, NULL, 0);
     CHECK_RC(caller_manager_wait(m, 10), 0);
     caller_pending_unref(made);
     caller_pending_unref(p);
@@ -603,7 +603,7 @@ static void *shielded_cleanup(void *arg)
 {
     cleanup_t *c = arg;
     caller_scope_t *s = caller_scope_enter(-1, CALLER_SCOPE_SHIELD);
-    caller_pending_set_result(c->inside, NULL, false);
+    caller_pending_set_result(c->inside, NULL, 0);
     c->cleanup_rc = caller_sleep(0.05); /* must not be interrupted */
     caller_scope_exit(s);
     c->after_rc = caller_sleep(10);
@@ -615,9 +615,9 @@ TEST(shielded_scope_finishes_its_cleanup)
     caller_t *c = check_new_thread(NULL);
     cleanup_t cl = {.inside = caller_pending_new(0)};
     caller_pending_t *p = caller_call_soon(c, shielded_cleanup, &cl);
-    CHECK_RC(caller_pending_wait(cl.inside, 10, false, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(cl.inside, 10, 0, NULL), 0);
     caller_pending_cancel(p, "now");
-    CHECK_RC(caller_pending_wait(p, 10, true, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_PROTECT, NULL), 0);
     CHECK_RC(cl.cleanup_rc, 0);
     CHECK_RC(cl.after_rc, -ECANCELED);
     caller_pending_unref(p);
@@ -653,7 +653,7 @@ static void *stress_task(void *arg)
 static void *stress_group(void *arg)
 {
     intptr_t gi = I(arg);
-    caller_group_t *g = caller_create_pending_group(NULL, false);
+    caller_group_t *g = caller_group_new(NULL, 0);
     CHECK_RC(caller_group_enter(g), 0);
     caller_pending_t *p[STRESS_TASKS];
     bool plans_failure = false;
@@ -694,7 +694,7 @@ TEST(stress_100_groups_of_100_tasks_with_failures)
     for (int gi = 0; gi < STRESS_GROUPS; gi++)
         bodies[gi] = caller_call_soon(stress_callers[gi % STRESS_CALLERS], stress_group, P(gi));
     for (int gi = 0; gi < STRESS_GROUPS; gi++) {
-        CHECK_RC(caller_pending_wait(bodies[gi], 60, false, true, NULL), 0);
+        CHECK_RC(caller_pending_wait(bodies[gi], 60, CALLER_WAIT_RESULT, NULL), 0);
         caller_pending_unref(bodies[gi]);
     }
     int ok = atomic_load(&stress_exits_ok), cancelled = atomic_load(&stress_exits_cancelled);
@@ -719,8 +719,8 @@ static void *shielded_wait(void *arg)
 {
     late_wake_t *w = arg;
     caller_scope_t *s = caller_scope_enter(-1, CALLER_SCOPE_SHIELD);
-    caller_pending_set_result(w->inside, NULL, false);
-    w->rc = caller_pending_wait(w->target, 30, true, false, NULL);
+    caller_pending_set_result(w->inside, NULL, 0);
+    w->rc = caller_pending_wait(w->target, 30, CALLER_WAIT_PROTECT, NULL);
     caller_scope_exit(s);
     return NULL;
 }
@@ -733,8 +733,8 @@ typedef struct {
 static void hold_loop(void *arg)
 {
     hold_t *h = arg;
-    caller_pending_set_result(h->blocked, NULL, false);
-    caller_pending_wait(h->gate, 30, true, false, NULL);
+    caller_pending_set_result(h->blocked, NULL, 0);
+    caller_pending_wait(h->gate, 30, CALLER_WAIT_PROTECT, NULL);
 }
 
 TEST(wake_during_a_shielded_cancel_notice_is_not_lost)
@@ -745,17 +745,17 @@ TEST(wake_during_a_shielded_cancel_notice_is_not_lost)
                      .rc = 1};
     hold_t h = {caller_pending_new(0), caller_pending_new(0)};
     caller_pending_t *p = caller_call_soon(c, shielded_wait, &w);
-    CHECK_RC(caller_pending_wait(w.inside, 10, false, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(w.inside, 10, 0, NULL), 0);
     /* The task is running now; this direct call runs after it suspended,
      * and holds the loop so both notices queue up: the cancel first, then
      * the wake. The loop then readies the task for the cancel and sees the
      * wake while it is ready. */
     CHECK_RC(caller_call_direct(c, hold_loop, &h), 0);
-    CHECK_RC(caller_pending_wait(h.blocked, 10, false, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(h.blocked, 10, 0, NULL), 0);
     caller_pending_cancel(p, "shielded away");
-    caller_pending_set_result(w.target, NULL, false);
-    caller_pending_set_result(h.gate, NULL, false);
-    CHECK_RC(caller_pending_wait(p, 5, true, false, NULL), 0); /* not the 30 s */
+    caller_pending_set_result(w.target, NULL, 0);
+    caller_pending_set_result(h.gate, NULL, 0);
+    CHECK_RC(caller_pending_wait(p, 5, CALLER_WAIT_PROTECT, NULL), 0); /* not the 30 s */
     CHECK_RC(w.rc, 0);
     caller_pending_unref(p);
     caller_pending_unref(h.blocked);
@@ -776,15 +776,15 @@ static void *body_queue(void *arg)
 {
     (void)arg;
     caller_t *self = caller_current();
-    caller_group_t *g = caller_create_pending_group(self, false);
+    caller_group_t *g = caller_group_new(self, 0);
     CHECK_RC(caller_group_enter(g), 0);
     caller_pending_t *made = NULL;
     caller_pending_t *q = caller_queue_call(self, queue_item_makes, &made);
     CHECK(tracked(g, q)); /* the queue's Pending, until its round ends */
-    CHECK_RC(caller_pending_wait(q, 10, false, false, NULL), 0); /* the round */
+    CHECK_RC(caller_pending_wait(q, 10, 0, NULL), 0); /* the round */
     CHECK(made != NULL);
     CHECK(tracked(g, made)); /* the item ran in the group's context */
-    caller_pending_set_result(made, NULL, false);
+    caller_pending_set_result(made, NULL, 0);
     CHECK_RC(caller_group_exit(g), 0);
     CHECK_EQ(caller_group_pending(g, NULL, 0), 0);
     caller_queue_close(self, queue_item_makes);
@@ -806,9 +806,9 @@ static void *refused_inside_group(void *arg)
 {
     (void)arg;
     caller_t *self = caller_current();
-    caller_group_t *g = caller_create_pending_group(self, true); /* shielded */
+    caller_group_t *g = caller_group_new(self, CALLER_GROUP_SHIELD); /* shielded */
     CHECK_RC(caller_group_enter(g), 0);
-    caller_stop(self, true); /* our own Caller begins to stop */
+    caller_stop(self, CALLER_STOP_FORCE); /* our own Caller begins to stop */
     CHECK(caller_call_soon(self, ret_arg, NULL) == NULL);
     CHECK_RC(caller_last_error(NULL), -ESHUTDOWN);
     CHECK_EQ(caller_group_pending(g, NULL, 0), 0); /* nothing left to wait for */
@@ -822,7 +822,7 @@ TEST(a_refused_call_does_not_keep_its_group_waiting)
     caller_t *c = check_new_thread(NULL);
     caller_pending_t *p = caller_call_soon(c, refused_inside_group, NULL);
     void *rc = P(1);
-    CHECK_RC(caller_pending_wait(p, 10, true, true, &rc), 0);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &rc), 0);
     CHECK_RC((int)I(rc), 0);
     caller_pending_unref(p);
     CHECK_RC(caller_wait_stopped(c, 10), 0);

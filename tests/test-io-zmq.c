@@ -300,7 +300,7 @@ TEST(cancel_while_waiting_on_a_socket)
     check_until_suspended(c);
     CHECK_EQ(caller_pending_done(p), 0);
     CHECK_EQ(caller_pending_cancel(p, "enough"), 1);
-    CHECK_RC(caller_pending_wait(p, scaled(10), true, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(p, scaled(10), CALLER_WAIT_PROTECT, NULL), 0);
     CHECK_RC(atomic_load(&st.rc), -ECANCELED);
     caller_pending_unref(p);
     check_stop(c);

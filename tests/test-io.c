@@ -298,7 +298,7 @@ TEST(cancel_from_another_thread)
     caller_pending_t *p = caller_call_soon(c, wait_task, &w);
     check_until_suspended(c);
     CHECK_EQ(caller_pending_cancel(p, "enough"), 1);
-    CHECK_RC(caller_pending_wait(p, scaled(10), true, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(p, scaled(10), CALLER_WAIT_PROTECT, NULL), 0);
     CHECK_RC(atomic_load(&w.rc), -ECANCELED);
     caller_pending_unref(p);
     check_no_watches(c);
@@ -323,7 +323,7 @@ TEST(cancel_from_the_same_caller)
     caller_pending_t *p = caller_call_soon(c, wait_task, &w);
     w.other = p;
     CHECK_EQ(I(await(caller_call_soon(c, cancel_other, &w))), 1);
-    CHECK_RC(caller_pending_wait(p, scaled(10), true, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(p, scaled(10), CALLER_WAIT_PROTECT, NULL), 0);
     CHECK_RC(atomic_load(&w.rc), -ECANCELED);
     caller_pending_unref(p);
     check_no_watches(c);
@@ -394,7 +394,7 @@ TEST(shield_keeps_cancellation_out_of_the_wait)
     check_until_suspended(c);
     CHECK_EQ(caller_pending_done(p), 0);
     CHECK_EQ(write(fds[1], "x", 1), 1);
-    CHECK_RC(caller_pending_wait(p, scaled(10), true, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(p, scaled(10), CALLER_WAIT_PROTECT, NULL), 0);
     CHECK_EQ(atomic_load(&w.rc), CALLER_READABLE);
     caller_pending_unref(p);
     sem_destroy(&entered);
@@ -725,7 +725,7 @@ static void stress(caller_t *c)
     }
     for (int i = 0; i < PAIRS; i++) {
         pthread_join(threads[i], NULL);
-        CHECK_RC(caller_pending_wait(tasks[i], scaled(30), false, true, NULL), 0);
+        CHECK_RC(caller_pending_wait(tasks[i], scaled(30), CALLER_WAIT_RESULT, NULL), 0);
         caller_pending_unref(tasks[i]);
     }
     check_no_watches(c);

@@ -105,11 +105,11 @@ static void *collector_thread(void *arg)
     zmq_setsockopt(sub, ZMQ_RCVTIMEO, &timeout, sizeof timeout);
     zmq_setsockopt(sub, ZMQ_SUBSCRIBE, "", 0);
     int rc = zmq_bind(sub, "inproc://iopub");
-    caller_pending_set_result(co->bound, P(rc), false);
+    caller_pending_set_result(co->bound, P(rc), 0);
     if (rc == 0)
         rc = collect(sub, PUBLISHERS, set_joined, NULL);
     zmq_close(sub);
-    caller_pending_set_result(co->done, P(rc), false);
+    caller_pending_set_result(co->done, P(rc), 0);
     return NULL;
 }
 
@@ -130,14 +130,14 @@ static void *shell(void *arg)
     CHECK_EQ(I(publish(P(0))), shared.count); /* the main Caller itself */
     for (int i = 1; i < PUBLISHERS; i++) {
         void *v;
-        CHECK_RC(caller_pending_wait(p[i], 60, false, true, &v), 0);
+        CHECK_RC(caller_pending_wait(p[i], 60, CALLER_WAIT_RESULT, &v), 0);
         CHECK_EQ(I(v), shared.count);
         caller_pending_unref(p[i]);
     }
     CHECK_EQ(caller_pool_idle(self), 4);
     CHECK_EQ(caller_iopub_count(), 2 + 4);
     void *rc;
-    CHECK_RC(caller_pending_wait(co->done, 60, false, true, &rc), 0);
+    CHECK_RC(caller_pending_wait(co->done, 60, CALLER_WAIT_RESULT, &rc), 0);
     CHECK_EQ(I(rc), 0);
     caller_unref(child);
     return NULL;
@@ -151,7 +151,7 @@ TEST(every_thread_publishes_through_its_own_socket)
     pthread_t t;
     CHECK_EQ(pthread_create(&t, NULL, collector_thread, &co), 0);
     void *bound;
-    CHECK_RC(caller_pending_wait(co.bound, 10, false, true, &bound), 0);
+    CHECK_RC(caller_pending_wait(co.bound, 10, CALLER_WAIT_RESULT, &bound), 0);
     CHECK_EQ(I(bound), 0);
     caller_t *c =
         caller_create(CALLER_MANUAL, &(caller_options_t){.name = "Shell", .zmq_context = ctx});
@@ -192,7 +192,7 @@ static void *publish_here_and_on_workers(void *arg)
         p[i] = caller_to_thread(self, publish, P(i + 1));
     publish(P(0));
     for (int i = 0; i < 3; i++) {
-        CHECK_RC(caller_pending_wait(p[i], 60, false, false, NULL), 0);
+        CHECK_RC(caller_pending_wait(p[i], 60, 0, NULL), 0);
         caller_pending_unref(p[i]);
     }
     return NULL;
@@ -251,7 +251,7 @@ TEST(tcp_subscriber_in_another_process)
     caller_t *c = caller_create(CALLER_NEW_THREAD, &(caller_options_t){.zmq_context = ctx});
     CHECK(c != NULL);
     caller_pending_t *p = caller_call_soon(c, publish_here_and_on_workers, NULL);
-    CHECK_RC(caller_pending_wait(p, 60, false, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(p, 60, 0, NULL), 0);
     caller_pending_unref(p);
     int status;
     CHECK_EQ(waitpid(pid, &status, 0), pid);
@@ -281,12 +281,12 @@ TEST(stopping_closes_and_unregisters_the_socket)
     CHECK(s != NULL);
     caller_pending_t *p = caller_call_soon(c, socket_of_current, NULL);
     void *seen;
-    CHECK_RC(caller_pending_wait(p, 10, false, true, &seen), 0);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_RESULT, &seen), 0);
     CHECK_PTR_EQ(seen, s);
     caller_pending_unref(p);
     CHECK_EQ(caller_iopub_count(), 1);
     CHECK_PTR_EQ(caller_iopub_socket(), NULL); /* this thread has none */
-    caller_stop(c, false);
+    caller_stop(c, 0);
     CHECK_RC(caller_wait_stopped(c, 10), 0);
     CHECK_PTR_EQ(caller_iopub_socket_for(t), NULL);
     CHECK_EQ(caller_iopub_count(), 0);
@@ -302,7 +302,7 @@ TEST(ctx_term_returns_once_all_callers_stopped)
     caller_t *plain = caller_get(c, &(caller_options_t){.name = "plain", .no_zmq = true});
     caller_pending_t *w = caller_to_thread(c, socket_of_current, NULL);
     void *ws;
-    CHECK_RC(caller_pending_wait(w, 10, false, true, &ws), 0);
+    CHECK_RC(caller_pending_wait(w, 10, CALLER_WAIT_RESULT, &ws), 0);
     CHECK(ws != NULL); /* workers inherit it */
     caller_pending_unref(w);
     CHECK_PTR_EQ(caller_zmq_context(kid), ctx);
@@ -323,7 +323,7 @@ TEST(a_caller_without_context_has_no_socket)
     CHECK_PTR_EQ(caller_iopub_socket_for(caller_thread(c)), NULL);
     caller_pending_t *p = caller_call_soon(c, socket_of_current, NULL);
     void *seen = (void *)1;
-    CHECK_RC(caller_pending_wait(p, 10, false, true, &seen), 0);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_RESULT, &seen), 0);
     CHECK_PTR_EQ(seen, NULL);
     caller_pending_unref(p);
     CHECK_EQ(caller_iopub_count(), 0);
@@ -353,7 +353,7 @@ static void stop_parent_at_failed_start(const char *point, void *obj)
 {
     if (strcmp(point, "start.failed") != 0)
         return;
-    caller_stop(failing_parent, true);
+    caller_stop(failing_parent, CALLER_STOP_FORCE);
     double until = check_now() + 10 * check_time_scale();
     while (caller_state(obj) < CALLER_STATE_STOPPING && check_now() < until) {
         struct timespec ts = {0, 100000};
@@ -399,7 +399,7 @@ TEST(stress_failing_child_start_while_the_parent_stops)
         CHECK_EQ(pthread_create(&t, NULL, get_failing_child, parent), 0);
         for (unsigned spin = rand_r(&seed) % 200000; spin; spin--)
             __asm__ volatile("" ::: "memory");
-        caller_stop(parent, true);
+        caller_stop(parent, CALLER_STOP_FORCE);
         /* Never a hang, whichever came first. */
         CHECK_RC(caller_wait_stopped(parent, 10 * check_time_scale()), 0);
         void *k;

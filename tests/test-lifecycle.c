@@ -92,7 +92,7 @@ static void stop_parent_at_listed(const char *point, void *obj)
     if (strcmp(point, "get.listed") != 0)
         return;
     atomic_fetch_add(&held_hits, 1);
-    caller_stop(held_parent, true);
+    caller_stop(held_parent, CALLER_STOP_FORCE);
     CHECK_EQ(await_state(obj, CALLER_STATE_STOPPING), CALLER_STATE_STOPPING);
 }
 
@@ -172,7 +172,7 @@ TEST(stress_stop_while_creating_a_child)
         pthread_mutex_unlock(&race.lock);
         for (unsigned spin = rand_r(&seed) % 20000; spin; spin--)
             __asm__ volatile("" ::: "memory");
-        CHECK_EQ(caller_stop(parent, true), CALLER_STATE_STOPPED);
+        CHECK_EQ(caller_stop(parent, CALLER_STOP_FORCE), CALLER_STATE_STOPPED);
         pthread_mutex_lock(&race.lock);
         while (race.done_round != r)
             pthread_cond_wait(&race.cond, &race.lock);
@@ -228,7 +228,7 @@ TEST(wait_stopped_returns_after_the_thread_exited)
     for (int i = 0; i < 50; i++) {
         caller_t *c = check_new_thread("joined");
         CHECK_EQ(threads_named("joined"), 1);
-        caller_stop(c, true);
+        caller_stop(c, CALLER_STOP_FORCE);
         CHECK_RC(caller_wait_stopped(c, 10 * check_time_scale()), 0);
         /* Exact at once: no wait for its thread to go. */
         CHECK_EQ(threads_named("joined"), 0);
@@ -248,7 +248,7 @@ TEST(concurrent_wait_stopped_all_return_after_the_thread_exited)
     pthread_t w[3];
     for (int i = 0; i < 3; i++)
         CHECK_EQ(pthread_create(&w[i], NULL, wait_it, c), 0);
-    caller_stop(c, true);
+    caller_stop(c, CALLER_STOP_FORCE);
     for (int i = 0; i < 3; i++) {
         void *rc;
         pthread_join(w[i], &rc);
@@ -265,7 +265,7 @@ TEST(unwaited_caller_thread_is_reclaimed)
      * the Callers' last steps. */
     for (int i = 0; i < 20; i++) {
         caller_t *c = check_new_thread("unwaited");
-        caller_stop(c, true);
+        caller_stop(c, CALLER_STOP_FORCE);
         caller_unref(c);
     }
     double until = check_now() + 10 * check_time_scale();
@@ -321,7 +321,7 @@ TEST(print_table_lists_only_live_callers)
     while (table_phase != 1)
         pthread_cond_wait(&table_cond, &table_lock);
     pthread_mutex_unlock(&table_lock);
-    CHECK_EQ(caller_all(false, NULL, 0), 2); /* counted, though being freed */
+    CHECK_EQ(caller_all(0, NULL, 0), 2); /* counted, though being freed */
     char *text = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&text, &len);

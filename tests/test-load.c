@@ -106,7 +106,7 @@ static void watch(caller_pending_t *p, long id, bool cancel_later)
 static void *group_body(void *arg)
 {
     long id = (long)I(arg);
-    caller_group_t *g = caller_create_pending_group(NULL, false);
+    caller_group_t *g = caller_group_new(NULL, 0);
     CHECK_RC(caller_group_enter(g), 0);
     caller_t *self = caller_current();
     for (int k = 0; k < 3; k++) {

@@ -61,7 +61,7 @@ TEST(null_arguments_across_the_api)
     caller_pool_config_t cfg = {0};
     /* Pending */
     EXPECT_NULL(caller_pending_new(0x80), -EINVAL);
-    EXPECT(caller_pending_set_result(NULL, NULL, false), -EINVAL);
+    EXPECT(caller_pending_set_result(NULL, NULL, 0), -EINVAL);
     EXPECT(caller_pending_set_exception(NULL, -EIO, NULL), -EINVAL);
     EXPECT(caller_pending_cancel(NULL, NULL), -EINVAL);
     EXPECT(caller_pending_set_canceller(NULL, canceller, NULL), -EINVAL);
@@ -71,7 +71,7 @@ TEST(null_arguments_across_the_api)
     EXPECT(caller_pending_exception(NULL, buf, sizeof buf), -EINVAL);
     EXPECT(caller_pending_add_done_callback(NULL, done_cb, NULL), -EINVAL);
     EXPECT(caller_pending_remove_done_callback(NULL, done_cb, NULL), -EINVAL);
-    EXPECT(caller_pending_wait(NULL, 0, false, true, &v), -EINVAL);
+    EXPECT(caller_pending_wait(NULL, 0, CALLER_WAIT_RESULT, &v), -EINVAL);
     EXPECT(caller_pending_repr(NULL, buf, sizeof buf), -EINVAL);
     EXPECT(caller_pending_set_userdata(NULL, NULL, NULL), -EINVAL);
     CHECK(caller_pending_userdata(NULL) == NULL);
@@ -80,7 +80,7 @@ TEST(null_arguments_across_the_api)
     /* Callers */
     EXPECT_NULL(caller_create((caller_mode_t)42, NULL), -EINVAL);
     EXPECT(caller_run(NULL, fn, NULL, NULL), -EINVAL);
-    EXPECT(caller_stop(NULL, false), -EINVAL);
+    EXPECT(caller_stop(NULL, 0), -EINVAL);
     EXPECT(caller_wait_stopped(NULL, 0), -EINVAL);
     EXPECT_NULL(caller_get(NULL, NULL), -EINVAL);
     EXPECT_NULL(caller_call_soon(NULL, fn, NULL), -EINVAL);
@@ -140,7 +140,7 @@ TEST(null_arguments_across_the_api)
     EXPECT(caller_manager_activate(NULL), -EINVAL);
     EXPECT(caller_manager_start(NULL, &tok), -EINVAL);
     EXPECT(caller_manager_stop(NULL, &tok), -EINVAL);
-    EXPECT(caller_manager_deactivate(NULL, true), -EINVAL);
+    EXPECT(caller_manager_deactivate(NULL, CALLER_MANAGER_CANCEL_PENDING), -EINVAL);
     EXPECT(caller_manager_wait(NULL, 0), -EINVAL);
     CHECK_EQ(caller_manager_pending(NULL, NULL, 0), 0);
     caller_manager_unref(NULL);
@@ -170,27 +170,27 @@ TEST(invalid_arguments_on_live_objects)
     EXPECT(caller_wait(&p, 1, 0, (caller_return_when_t)9, &p, NULL, &p, NULL), -EINVAL);
     EXPECT_NULL(caller_create(CALLER_NEW_THREAD, &(caller_options_t){.backend = "gtk"}), -EINVAL);
     EXPECT(caller_run(c, fn, NULL, NULL), -EPERM); /* not a manual Caller of this thread */
-    caller_group_t *g = caller_create_pending_group(c, false);
+    caller_group_t *g = caller_group_new(c, 0);
     EXPECT(caller_group_enter(g), -EPERM); /* not in a task */
     EXPECT(caller_group_exit(g), CALLER_EINVALSTATE);
     caller_group_unref(g);
     caller_manager_t *m = caller_manager_new();
     caller_manager_token_t tok;
     EXPECT(caller_manager_start(m, &tok), CALLER_EINVALSTATE); /* not active */
-    EXPECT(caller_manager_deactivate(m, true), CALLER_EINVALSTATE);
+    EXPECT(caller_manager_deactivate(m, CALLER_MANAGER_CANCEL_PENDING), CALLER_EINVALSTATE);
     caller_manager_unref(m);
     /* A stopped Caller: scheduling fails, stopping again is harmless. */
-    caller_stop(c, false);
+    caller_stop(c, 0);
     CHECK_RC(caller_wait_stopped(c, 10), 0);
     EXPECT_NULL(caller_call_soon(c, fn, NULL), -ESHUTDOWN);
     EXPECT_NULL(caller_to_thread(c, fn, NULL), -ESHUTDOWN);
     EXPECT_NULL(caller_queue_call(c, fn, NULL), -ESHUTDOWN);
     EXPECT(caller_call_direct(c, direct, NULL), -ESHUTDOWN);
     EXPECT_NULL(caller_get(c, NULL), -ESHUTDOWN);
-    CHECK_EQ(caller_stop(c, false), CALLER_STATE_STOPPED);
-    CHECK_EQ(caller_stop(c, true), CALLER_STATE_STOPPED);
-    caller_pending_set_result(p, NULL, false);
-    EXPECT(caller_pending_set_result(p, NULL, false), CALLER_EINVALSTATE);
+    CHECK_EQ(caller_stop(c, 0), CALLER_STATE_STOPPED);
+    CHECK_EQ(caller_stop(c, CALLER_STOP_FORCE), CALLER_STATE_STOPPED);
+    caller_pending_set_result(p, NULL, 0);
+    EXPECT(caller_pending_set_result(p, NULL, 0), CALLER_EINVALSTATE);
     caller_pending_unref(p);
     caller_unref(c);
 }
@@ -211,7 +211,7 @@ static void over_release(int which)
         freopen("/dev/null", "w", stderr); /* ASan reports it its own way */
         if (which == 0) {
             caller_t *c = caller_create(CALLER_MANUAL, NULL);
-            caller_stop(c, false);
+            caller_stop(c, 0);
             caller_unref(c);
             caller_unref(c); /* the thread-local one went at stop: this is one too many */
             caller_unref(c);
@@ -220,14 +220,14 @@ static void over_release(int which)
              * straight back to malloc; the second release is still caught. */
             caller_t *c = caller_create(CALLER_NEW_THREAD, NULL);
             caller_pending_t *p = caller_call_soon(c, noop_task, NULL);
-            caller_pending_wait(p, 10, false, false, NULL);
-            caller_stop(c, false);
+            caller_pending_wait(p, 10, 0, NULL);
+            caller_stop(c, 0);
             caller_wait_stopped(c, 10); /* the loop dropped its reference */
             caller_unref(c);
             caller_pending_unref(p);
             caller_pending_unref(p);
         } else {
-            caller_group_t *g = caller_create_pending_group(NULL, false);
+            caller_group_t *g = caller_group_new(NULL, 0);
             caller_group_unref(g);
             caller_pending_t *p = caller_pending_new(0);
             caller_pending_unref(p);
@@ -238,6 +238,47 @@ static void over_release(int which)
     int status;
     CHECK_EQ(waitpid(pid, &status, 0), pid);
     CHECK(!(WIFEXITED(status) && WEXITSTATUS(status) == 0));
+}
+
+/* Every flags parameter refuses bits it does not know, with -EINVAL and a
+ * message naming the function, and changes nothing. */
+TEST(unknown_flags_are_refused)
+{
+    caller_t *c =
+        caller_create(CALLER_NEW_THREAD, &(caller_options_t){.name = "flags", .protect = true});
+    CHECK(c != NULL);
+    caller_pending_t *p = caller_pending_new(0);
+    EXPECT(caller_pending_set_result(p, NULL, 0x4), -EINVAL);
+    CHECK_EQ(caller_pending_done(p), 0);
+    EXPECT(caller_pending_wait(p, 0, 0x4, NULL), -EINVAL);
+    CHECK_EQ(caller_pending_cancelled(p), 0); /* not cancelled as a timeout would */
+    EXPECT(caller_pending_wait(p, 0, CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, NULL), -ETIMEDOUT);
+    CHECK_EQ(caller_pending_cancelled(p), 0); /* protected */
+    EXPECT(caller_stop(c, 0x2), -EINVAL);
+    CHECK_EQ(caller_stop(c, 0), CALLER_STATE_RUNNING); /* protected: needs the flag */
+    EXPECT_NULL(caller_group_new(c, 0x2), -EINVAL);
+    caller_manager_t *m = caller_manager_new();
+    CHECK_RC(caller_manager_activate(m), 0);
+    EXPECT(caller_manager_deactivate(m, 0x2), -EINVAL);
+    CHECK_RC(caller_manager_deactivate(m, 0), 0);
+    /* A second reference keeps it alive past the first release. */
+    CHECK(caller_manager_ref(m) == m);
+    caller_manager_unref(m);
+    CHECK_RC(caller_manager_activate(m), 0);
+    CHECK_RC(caller_manager_deactivate(m, CALLER_MANAGER_CANCEL_PENDING), 0);
+    caller_manager_unref(m);
+    EXPECT_NULL(caller_manager_ref(NULL), -EINVAL);
+    CHECK_EQ(caller_all(0x2, NULL, 0), 0);
+    const char *msg;
+    CHECK_EQ(caller_last_error(&msg), -EINVAL);
+    CHECK(strstr(msg, "caller_all") != NULL);
+    CHECK(caller_all(CALLER_ALL_RUNNING, NULL, 0) >= 1);
+    CHECK_RC(caller_pending_set_result(p, NULL, CALLER_RESULT_RESET), 0);
+    CHECK_EQ(caller_pending_done(p), 0); /* reset: not done again */
+    caller_pending_unref(p);
+    CHECK_EQ(caller_stop(c, CALLER_STOP_FORCE), CALLER_STATE_STOPPING);
+    CHECK_RC(caller_wait_stopped(c, 10), 0);
+    caller_unref(c);
 }
 
 TEST(over_release_of_caller_and_pending_aborts)

@@ -26,8 +26,8 @@ TEST(set_twice_is_invalid_state)
     caller_pending_t *p;
 
     p = new_pending(); /* result after result */
-    CHECK_RC(caller_pending_set_result(p, (void *)1, false), 0);
-    CHECK_RC(caller_pending_set_result(p, (void *)2, false), CALLER_EINVALSTATE);
+    CHECK_RC(caller_pending_set_result(p, (void *)1, 0), 0);
+    CHECK_RC(caller_pending_set_result(p, (void *)2, 0), CALLER_EINVALSTATE);
     CHECK_CONTAINS(check_last_message(), "already done");
     void *v = NULL;
     CHECK_RC(caller_pending_result(p, &v), 0);
@@ -43,13 +43,13 @@ TEST(set_twice_is_invalid_state)
 
     p = new_pending(); /* result after exception */
     CHECK_RC(caller_pending_set_exception(p, -EIO, NULL), 0);
-    CHECK_RC(caller_pending_set_result(p, (void *)1, false), CALLER_EINVALSTATE);
+    CHECK_RC(caller_pending_set_result(p, (void *)1, 0), CALLER_EINVALSTATE);
     CHECK_RC(caller_pending_result(p, &v), -EIO);
     CHECK_PTR_EQ(v, NULL);
     caller_pending_unref(p);
 
     p = new_pending(); /* exception after result */
-    CHECK_RC(caller_pending_set_result(p, (void *)7, false), 0);
+    CHECK_RC(caller_pending_set_result(p, (void *)7, 0), 0);
     CHECK_RC(caller_pending_set_exception(p, -EIO, "late"), CALLER_EINVALSTATE);
     CHECK_RC(caller_pending_result(p, &v), 0);
     CHECK_PTR_EQ(v, (void *)7);
@@ -86,7 +86,7 @@ TEST(exception_code_and_message)
     caller_pending_unref(p);
 
     p = new_pending();
-    CHECK_RC(caller_pending_set_result(p, (void *)3, false), 0);
+    CHECK_RC(caller_pending_set_result(p, (void *)3, 0), 0);
     buf[0] = 'x';
     CHECK_RC(caller_pending_exception(p, buf, sizeof buf), 0);
     CHECK_STR_EQ(buf, "");
@@ -126,7 +126,9 @@ TEST(cancelled_but_not_done)
     CHECK_CONTAINS(buf, "stop it");
     CHECK_RC(caller_pending_result(p, NULL), -ECANCELED);
     atomic_store(&held_release, 1);
-    CHECK_RC(caller_pending_wait(p, 10 * check_time_scale(), true, true, NULL), -ECANCELED);
+    CHECK_RC(caller_pending_wait(p, 10 * check_time_scale(),
+                                 CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, NULL),
+             -ECANCELED);
     CHECK_EQ(caller_pending_done(p), 1);
     caller_pending_unref(p);
     check_stop(c);
@@ -145,7 +147,7 @@ TEST(cancel_twice_joins_messages)
     CHECK_RC(caller_pending_exception(p, buf, sizeof buf), -ECANCELED);
     CHECK_STR_EQ(buf, "message 1\nmessage 2");
     /* A cancelled Pending reports the cancellation even after a result. */
-    CHECK_RC(caller_pending_set_result(p, (void *)1, false), 0);
+    CHECK_RC(caller_pending_set_result(p, (void *)1, 0), 0);
     CHECK_EQ(caller_pending_done(p), 1);
     void *v = (void *)9;
     CHECK_RC(caller_pending_result(p, &v), -ECANCELED);
@@ -167,7 +169,7 @@ TEST(cancel_without_message)
 TEST(cancel_done_changes_nothing)
 {
     caller_pending_t *p = new_pending();
-    CHECK_RC(caller_pending_set_result(p, (void *)5, false), 0);
+    CHECK_RC(caller_pending_set_result(p, (void *)5, 0), 0);
     CHECK_EQ(caller_pending_cancel(p, "too late"), 0);
     CHECK_EQ(caller_pending_cancelled(p), 0);
     void *v;
@@ -222,7 +224,7 @@ TEST(canceller_runs_on_each_cancel_with_all_messages)
     CHECK_EQ(caller_pending_cancel(p, "b"), 1);
     CHECK_EQ(log.calls, 2);
     CHECK_STR_EQ(log.messages, "a\nb");
-    CHECK_RC(caller_pending_set_result(p, NULL, false), 0);
+    CHECK_RC(caller_pending_set_result(p, NULL, 0), 0);
     CHECK_EQ(caller_pending_cancel(p, "c"), 1); /* done: nothing changes */
     CHECK_EQ(log.calls, 2);
     caller_pending_unref(p);
@@ -238,11 +240,11 @@ TEST(canceller_set_twice_is_invalid_state)
     CHECK_EQ(caller_pending_cancel(p, "x"), 1);
     CHECK_EQ(first.calls, 1);
     CHECK_EQ(second.calls, 0);
-    CHECK_RC(caller_pending_set_result(p, NULL, false), 0);
+    CHECK_RC(caller_pending_set_result(p, NULL, 0), 0);
     caller_pending_unref(p);
 
     p = new_pending(); /* and on a done Pending */
-    CHECK_RC(caller_pending_set_result(p, NULL, false), 0);
+    CHECK_RC(caller_pending_set_result(p, NULL, 0), 0);
     CHECK_RC(caller_pending_set_canceller(p, log_canceller, &second), CALLER_EINVALSTATE);
     CHECK_EQ(second.calls, 0);
     caller_pending_unref(p);
@@ -280,7 +282,7 @@ TEST(done_callbacks_run_in_order)
         CHECK_RC(caller_pending_add_done_callback(p, log_callback, &args[i]), 0);
     }
     CHECK_EQ(log.n, 0);
-    CHECK_RC(caller_pending_set_result(p, NULL, false), 0);
+    CHECK_RC(caller_pending_set_result(p, NULL, 0), 0);
     CHECK_EQ(log.n, 6);
     for (int i = 0; i < 6; i++)
         CHECK_EQ(log.order[i], i);
@@ -307,7 +309,7 @@ TEST(remove_done_callback_counts_and_removed_never_runs)
     CHECK_EQ(caller_pending_remove_done_callback(p, log_callback, &a), 3);
     CHECK_EQ(caller_pending_remove_done_callback(p, log_callback, &a), 0);
     CHECK_EQ(caller_pending_remove_done_callback(p, log_callback, NULL), 0);
-    CHECK_RC(caller_pending_set_result(p, NULL, false), 0);
+    CHECK_RC(caller_pending_set_result(p, NULL, 0), 0);
     CHECK_EQ(log.n, 2);
     CHECK_EQ(log.order[0], 2);
     CHECK_EQ(log.order[1], 3);
@@ -320,7 +322,7 @@ TEST(remove_done_callback_counts_and_removed_never_runs)
     CHECK_RC(caller_pending_add_done_callback(p, log_callback, &c), 0);
     CHECK_EQ(caller_pending_remove_done_callback(p, log_callback, &c), 1);
     CHECK_RC(caller_pending_add_done_callback(p, log_callback, &b), 0);
-    CHECK_RC(caller_pending_set_result(p, NULL, false), 0);
+    CHECK_RC(caller_pending_set_result(p, NULL, 0), 0);
     CHECK_EQ(log.n, 1);
     CHECK_EQ(log.order[0], 2);
     caller_pending_unref(p);
@@ -348,7 +350,7 @@ TEST(reset_runs_callbacks_then_not_done)
     caller_pending_t *p = new_pending();
     reset_log_t log = {.p = p};
     CHECK_RC(caller_pending_add_done_callback(p, reset_callback, &log), 0);
-    CHECK_RC(caller_pending_set_result(p, (void *)9, true), 0);
+    CHECK_RC(caller_pending_set_result(p, (void *)9, CALLER_RESULT_RESET), 0);
     CHECK_EQ(log.calls, 1);
     CHECK_EQ(log.done_in_callback, 1);
     CHECK_PTR_EQ(log.value_in_callback, (void *)9);
@@ -356,7 +358,7 @@ TEST(reset_runs_callbacks_then_not_done)
     CHECK_RC(caller_pending_result(p, NULL), CALLER_EINVALSTATE);
     /* The callbacks ran once; a second round runs only new ones. */
     CHECK_RC(caller_pending_add_done_callback(p, reset_callback, &log), 0);
-    CHECK_RC(caller_pending_set_result(p, (void *)10, false), 0);
+    CHECK_RC(caller_pending_set_result(p, (void *)10, 0), 0);
     CHECK_EQ(log.calls, 2);
     void *v;
     CHECK_RC(caller_pending_result(p, &v), 0);
@@ -425,7 +427,8 @@ TEST(wait_timeout_protect_leaves_uncancelled)
 {
     caller_pending_t *p = new_pending();
     double t0 = check_now();
-    CHECK_RC(caller_pending_wait(p, 0.05, true, true, NULL), -ETIMEDOUT);
+    CHECK_RC(caller_pending_wait(p, 0.05, CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, NULL),
+             -ETIMEDOUT);
     CHECK_GE((check_now() - t0) * 1000, 50 - 1);
     CHECK_EQ(caller_pending_cancelled(p), 0);
     CHECK_EQ(caller_pending_done(p), 0);
@@ -435,14 +438,14 @@ TEST(wait_timeout_protect_leaves_uncancelled)
 TEST(wait_timeout_cancels)
 {
     caller_pending_t *p = new_pending();
-    CHECK_RC(caller_pending_wait(p, 0.02, false, true, NULL), -ETIMEDOUT);
+    CHECK_RC(caller_pending_wait(p, 0.02, CALLER_WAIT_RESULT, NULL), -ETIMEDOUT);
     CHECK_EQ(caller_pending_cancelled(p), 1);
     CHECK_RC(caller_pending_result(p, NULL), -ECANCELED);
     CHECK_CONTAINS(check_last_message(), "Cancelled due to cancellation or timeout");
     caller_pending_unref(p);
 
     p = new_pending(); /* timeout 0 only checks */
-    CHECK_RC(caller_pending_wait(p, 0, false, false, NULL), -ETIMEDOUT);
+    CHECK_RC(caller_pending_wait(p, 0, 0, NULL), -ETIMEDOUT);
     CHECK_EQ(caller_pending_cancelled(p), 1);
     caller_pending_unref(p);
 }
@@ -451,15 +454,15 @@ TEST(wait_done_returns_outcome)
 {
     caller_pending_t *p = new_pending();
     CHECK_RC(caller_pending_set_exception(p, -EPIPE, "broken"), 0);
-    CHECK_RC(caller_pending_wait(p, 0, false, false, NULL), 0);
-    CHECK_RC(caller_pending_wait(p, CALLER_FOREVER, false, true, NULL), -EPIPE);
+    CHECK_RC(caller_pending_wait(p, 0, 0, NULL), 0);
+    CHECK_RC(caller_pending_wait(p, CALLER_FOREVER, CALLER_WAIT_RESULT, NULL), -EPIPE);
     CHECK_STR_EQ(check_last_message(), "broken");
     caller_pending_unref(p);
 
     p = new_pending();
-    CHECK_RC(caller_pending_set_result(p, (void *)11, false), 0);
+    CHECK_RC(caller_pending_set_result(p, (void *)11, 0), 0);
     void *v;
-    CHECK_RC(caller_pending_wait(p, 0, false, true, &v), 0);
+    CHECK_RC(caller_pending_wait(p, 0, CALLER_WAIT_RESULT, &v), 0);
     CHECK_PTR_EQ(v, (void *)11);
     caller_pending_unref(p);
 }
@@ -480,7 +483,7 @@ static void *setter_thread(void *arg)
     if (s->code)
         s->code = caller_pending_set_exception(s->p, s->code, "from thread");
     else
-        s->code = caller_pending_set_result(s->p, s->value, s->reset);
+        s->code = caller_pending_set_result(s->p, s->value, (s->reset ? CALLER_RESULT_RESET : 0));
     return NULL;
 }
 
@@ -494,7 +497,7 @@ TEST(result_from_other_thread_wakes_blocked_waiter)
     pthread_t t;
     CHECK_EQ(pthread_create(&t, NULL, setter_thread, &s), 0);
     void *v = NULL;
-    CHECK_RC(caller_pending_wait(p, CALLER_FOREVER, false, true, &v), 0);
+    CHECK_RC(caller_pending_wait(p, CALLER_FOREVER, CALLER_WAIT_RESULT, &v), 0);
     CHECK_PTR_EQ(v, (void *)77);
     /* The done callback ran in the completing thread, before we woke. */
     CHECK_EQ(log.n, 1);
@@ -506,7 +509,7 @@ TEST(result_from_other_thread_wakes_blocked_waiter)
     p = new_pending(); /* an error from another thread */
     s = (setter_t){.p = p, .delay = 0.01, .code = -EIO};
     CHECK_EQ(pthread_create(&t, NULL, setter_thread, &s), 0);
-    CHECK_RC(caller_pending_wait(p, 10, false, true, NULL), -EIO);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_RESULT, NULL), -EIO);
     CHECK_STR_EQ(check_last_message(), "from thread");
     pthread_join(t, NULL);
     caller_pending_unref(p);
@@ -519,7 +522,7 @@ TEST(reset_waiter_receives_its_round_value)
     pthread_t t;
     CHECK_EQ(pthread_create(&t, NULL, setter_thread, &s), 0);
     void *v = NULL;
-    CHECK_RC(caller_pending_wait(p, 10, false, true, &v), 0);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_RESULT, &v), 0);
     CHECK_PTR_EQ(v, (void *)5);
     pthread_join(t, NULL);
     CHECK_EQ(caller_pending_done(p), 0);
@@ -560,14 +563,15 @@ TEST(signals_do_not_break_a_blocking_wait)
     CHECK_EQ(pthread_create(&ts, NULL, signaller_thread, &sig), 0);
     /* A timed wait that signals keep interrupting still lasts its time... */
     double t0 = check_now();
-    CHECK_RC(caller_pending_wait(p, 0.1, true, true, NULL), -ETIMEDOUT);
+    CHECK_RC(caller_pending_wait(p, 0.1, CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, NULL),
+             -ETIMEDOUT);
     CHECK_GE((check_now() - t0) * 1000, 100 - 1);
     /* ...and an untimed one ends only with the result. */
     setter_t s = {.p = p, .delay = 0.05, .value = (void *)3};
     pthread_t tset;
     CHECK_EQ(pthread_create(&tset, NULL, setter_thread, &s), 0);
     void *v = NULL;
-    CHECK_RC(caller_pending_wait(p, CALLER_FOREVER, false, true, &v), 0);
+    CHECK_RC(caller_pending_wait(p, CALLER_FOREVER, CALLER_WAIT_RESULT, &v), 0);
     CHECK_PTR_EQ(v, (void *)3);
     atomic_store(&sig.stop, 1);
     pthread_join(ts, NULL);
@@ -587,7 +591,8 @@ typedef struct {
 static void *waiter_thread(void *arg)
 {
     waiter_arg_t *w = arg;
-    w->rc = caller_pending_wait(w->p, CALLER_FOREVER, true, true, &w->value);
+    w->rc = caller_pending_wait(w->p, CALLER_FOREVER, CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT,
+                                &w->value);
     return NULL;
 }
 
@@ -674,7 +679,7 @@ static void *race_thread(void *arg)
             switch (rt->id) {
             case 0:
             case 1:
-                rc = caller_pending_set_result(it->p, (void *)(intptr_t)i, false);
+                rc = caller_pending_set_result(it->p, (void *)(intptr_t)i, 0);
                 CHECK(rc == 0 || rc == CALLER_EINVALSTATE);
                 if (rc == 0)
                     atomic_fetch_add(&it->wins, 1);
@@ -698,7 +703,7 @@ static void *race_thread(void *arg)
                 }
                 break;
             case 7:
-                CHECK_RC(caller_pending_wait(it->p, CALLER_FOREVER, true, false, NULL), 0);
+                CHECK_RC(caller_pending_wait(it->p, CALLER_FOREVER, CALLER_WAIT_PROTECT, NULL), 0);
                 CHECK_EQ(caller_pending_done(it->p), 1);
                 break;
             }
@@ -774,7 +779,7 @@ TEST(repr_in_each_state)
              (void *)p);
     CHECK_STR_EQ(buf, expect);
 
-    caller_pending_set_result(p, NULL, false);
+    caller_pending_set_result(p, NULL, 0);
     caller_pending_repr(p, buf, sizeof buf);
     snprintf(expect, sizeof expect, "<Pending \u26d4 message=stop now \U0001f3c1 at %p| my_func >",
              (void *)p);
@@ -782,7 +787,7 @@ TEST(repr_in_each_state)
     caller_pending_unref(p);
 
     p = new_pending(); /* done with a result */
-    caller_pending_set_result(p, (void *)1, false);
+    caller_pending_set_result(p, (void *)1, 0);
     caller_pending_repr(p, buf, sizeof buf);
     snprintf(expect, sizeof expect, "<Pending \U0001f3c1 at %p >", (void *)p);
     CHECK_STR_EQ(buf, expect);
@@ -809,7 +814,7 @@ TEST(repr_in_each_state)
     CHECK_EQ(caller_pending_repr(p, tiny, sizeof tiny), n);
     CHECK_EQ(strlen(tiny), sizeof tiny - 1);
     CHECK_EQ(caller_pending_repr(p, NULL, 0), n);
-    caller_pending_set_result(p, NULL, false);
+    caller_pending_set_result(p, NULL, 0);
     caller_pending_unref(p);
 }
 
@@ -832,7 +837,7 @@ TEST(null_arguments_are_einval)
 {
     char buf[8];
     void *v = (void *)1;
-    CHECK_RC(caller_pending_set_result(NULL, NULL, false), -EINVAL);
+    CHECK_RC(caller_pending_set_result(NULL, NULL, 0), -EINVAL);
     CHECK_CONTAINS(check_last_message(), "p is NULL");
     CHECK_RC(caller_pending_set_exception(NULL, -EIO, "x"), -EINVAL);
     CHECK_RC(caller_pending_cancel(NULL, "x"), -EINVAL);
@@ -843,7 +848,7 @@ TEST(null_arguments_are_einval)
     CHECK_RC(caller_pending_exception(NULL, buf, sizeof buf), -EINVAL);
     CHECK_RC(caller_pending_add_done_callback(NULL, noop_cb, NULL), -EINVAL);
     CHECK_RC(caller_pending_remove_done_callback(NULL, noop_cb, NULL), -EINVAL);
-    CHECK_RC(caller_pending_wait(NULL, 0, false, true, &v), -EINVAL);
+    CHECK_RC(caller_pending_wait(NULL, 0, CALLER_WAIT_RESULT, &v), -EINVAL);
     CHECK_PTR_EQ(v, NULL);
     CHECK_RC(caller_pending_repr(NULL, buf, sizeof buf), -EINVAL);
     CHECK_RC(caller_pending_set_userdata(NULL, NULL, NULL), -EINVAL);
@@ -858,10 +863,10 @@ TEST(null_arguments_are_einval)
     CHECK_RC(caller_pending_remove_done_callback(p, NULL, NULL), -EINVAL);
     CHECK_RC(caller_pending_repr(p, NULL, 5), -EINVAL);
     /* Optional outputs may be NULL. */
-    CHECK_RC(caller_pending_set_result(p, NULL, false), 0);
+    CHECK_RC(caller_pending_set_result(p, NULL, 0), 0);
     CHECK_RC(caller_pending_result(p, NULL), 0);
     CHECK_RC(caller_pending_exception(p, NULL, 0), 0);
-    CHECK_RC(caller_pending_wait(p, 0, false, true, NULL), 0);
+    CHECK_RC(caller_pending_wait(p, 0, CALLER_WAIT_RESULT, NULL), 0);
     caller_pending_unref(p);
 }
 
@@ -878,7 +883,7 @@ static void slow_then_flag(caller_pending_t *p, void *arg)
 
 static void *complete_it(void *arg)
 {
-    caller_pending_set_result(arg, (void *)5, false);
+    caller_pending_set_result(arg, (void *)5, 0);
     return NULL;
 }
 
@@ -892,7 +897,7 @@ TEST(wait_during_done_callbacks_returns_after_them)
     while (caller_pending_done(p) != 1) /* done is set before the callbacks run */
         sched_yield();
     void *v = NULL;
-    CHECK_RC(caller_pending_wait(p, 10, true, true, &v), 0);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v), 0);
     CHECK_EQ(atomic_load(&flag), 1);
     CHECK_PTR_EQ(v, (void *)5);
     pthread_join(t, NULL);
@@ -912,7 +917,7 @@ static void *completer(void *arg)
     while (!atomic_load(&handoff_stop)) {
         caller_pending_t *p = atomic_exchange(&handoff, NULL);
         if (p)
-            CHECK_RC(caller_pending_set_result(p, P(1), false), 0);
+            CHECK_RC(caller_pending_set_result(p, P(1), 0), 0);
     }
     return NULL;
 }
@@ -928,7 +933,7 @@ TEST(waiter_may_release_as_soon_as_the_wait_returns)
         if (i % 2) /* sometimes the completion comes first */
             while (!caller_pending_done(p))
                 sched_yield();
-        CHECK_RC(caller_pending_wait(p, 10, false, false, NULL), 0);
+        CHECK_RC(caller_pending_wait(p, 10, 0, NULL), 0);
         caller_pending_unref(p); /* the only reference: freed here */
     }
     atomic_store(&handoff_stop, 1);
@@ -976,7 +981,9 @@ TEST(reset_waiter_joining_during_callbacks_gets_that_round)
     CHECK_EQ(pthread_create(&t, NULL, setter_thread, &s), 0);
     check_sem_wait(&joiner.in_callback);
     void *v = NULL;
-    CHECK_RC(caller_pending_wait(p, 10 * check_time_scale(), true, true, &v), 0);
+    CHECK_RC(caller_pending_wait(p, 10 * check_time_scale(),
+                                 CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v),
+             0);
     atomic_store(&caller__test_hook, NULL);
     CHECK_PTR_EQ(v, (void *)5);
     CHECK_EQ(pthread_join(t, NULL), 0);
@@ -985,7 +992,9 @@ TEST(reset_waiter_joining_during_callbacks_gets_that_round)
     /* A wait that begins now is the next round's. */
     s = (setter_t){.p = p, .delay = 0.01, .value = (void *)6};
     CHECK_EQ(pthread_create(&t, NULL, setter_thread, &s), 0);
-    CHECK_RC(caller_pending_wait(p, 10 * check_time_scale(), true, true, &v), 0);
+    CHECK_RC(caller_pending_wait(p, 10 * check_time_scale(),
+                                 CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v),
+             0);
     CHECK_PTR_EQ(v, (void *)6);
     CHECK_EQ(pthread_join(t, NULL), 0);
     sem_destroy(&joiner.in_callback);
@@ -1013,7 +1022,9 @@ static void *reset_waiter(void *arg)
     for (;;) {
         long before = atomic_load(&resets.completed);
         void *v = NULL;
-        CHECK_RC(caller_pending_wait(resets.p, 10 * check_time_scale(), true, true, &v), 0);
+        CHECK_RC(caller_pending_wait(resets.p, 10 * check_time_scale(),
+                                     CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v),
+                 0);
         CHECK_LT(before, I(v));
         atomic_fetch_add_explicit(&resets.wakes, 1, memory_order_relaxed);
         if (I(v) > RESET_ROUNDS)
@@ -1031,10 +1042,10 @@ TEST(reset_200k_rounds_six_waiters_each_woken_by_a_later_round)
     for (int i = 0; i < RESET_WAITERS; i++)
         CHECK_EQ(pthread_create(&t[i], NULL, reset_waiter, NULL), 0);
     for (long i = 1; i <= RESET_ROUNDS; i++) {
-        CHECK_RC(caller_pending_set_result(resets.p, P(i), true), 0);
+        CHECK_RC(caller_pending_set_result(resets.p, P(i), CALLER_RESULT_RESET), 0);
         atomic_store(&resets.completed, i);
     }
-    CHECK_RC(caller_pending_set_result(resets.p, P(RESET_ROUNDS + 1), false), 0);
+    CHECK_RC(caller_pending_set_result(resets.p, P(RESET_ROUNDS + 1), 0), 0);
     for (int i = 0; i < RESET_WAITERS; i++)
         CHECK_EQ(pthread_join(t[i], NULL), 0);
     printf("%d rounds, %ld wakes, %.2f s\n", RESET_ROUNDS, atomic_load(&resets.wakes),
@@ -1060,7 +1071,7 @@ static void wait_on_self(caller_pending_t *p, void *arg)
 {
     self_wait_t *sw = arg;
     double t0 = check_now();
-    sw->rc = caller_pending_wait(p, sw->timeout, false, true, &sw->value);
+    sw->rc = caller_pending_wait(p, sw->timeout, CALLER_WAIT_RESULT, &sw->value);
     sw->elapsed = check_now() - t0;
     sw->cancelled = caller_pending_cancelled(p);
     sw->calls++;
@@ -1086,12 +1097,12 @@ TEST(wait_in_own_done_callback_returns_at_once)
         switch (kind) {
         case 0:
         case 3:
-            CHECK_RC(caller_pending_set_result(p, P(42), false), 0);
+            CHECK_RC(caller_pending_set_result(p, P(42), 0), 0);
             check_self_wait(&sw, 0, P(42));
             CHECK_RC(caller_pending_result(p, NULL), 0);
             break;
         case 1: /* reset: the round's value, then not done */
-            CHECK_RC(caller_pending_set_result(p, P(43), true), 0);
+            CHECK_RC(caller_pending_set_result(p, P(43), CALLER_RESULT_RESET), 0);
             check_self_wait(&sw, 0, P(43));
             CHECK_EQ(caller_pending_done(p), 0);
             break;
@@ -1112,7 +1123,7 @@ static void *complete_own_pending_in_task(void *arg)
 {
     caller_pending_t *p = caller_pending_new(0);
     CHECK_RC(caller_pending_add_done_callback(p, wait_on_self, arg), 0);
-    CHECK_RC(caller_pending_set_result(p, P(7), false), 0);
+    CHECK_RC(caller_pending_set_result(p, P(7), 0), 0);
     CHECK_EQ(caller_pending_cancelled(p), 0);
     caller_pending_unref(p);
     return NULL;
@@ -1120,7 +1131,7 @@ static void *complete_own_pending_in_task(void *arg)
 
 static void *wait_for_gate(void *arg)
 {
-    CHECK_RC(caller_pending_wait(arg, 10 * check_time_scale(), true, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(arg, 10 * check_time_scale(), CALLER_WAIT_PROTECT, NULL), 0);
     return P(8);
 }
 
@@ -1130,7 +1141,8 @@ TEST(wait_in_own_done_callback_in_a_task_returns_at_once)
     caller_t *c = check_new_thread(NULL);
     self_wait_t sw = {.timeout = timeout};
     caller_pending_t *t = caller_call_soon(c, complete_own_pending_in_task, &sw);
-    CHECK_RC(caller_pending_wait(t, 3 * timeout, true, true, NULL), 0);
+    CHECK_RC(caller_pending_wait(t, 3 * timeout, CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, NULL),
+             0);
     caller_pending_unref(t);
     check_self_wait(&sw, 0, P(7));
 
@@ -1140,9 +1152,9 @@ TEST(wait_in_own_done_callback_in_a_task_returns_at_once)
     sw = (self_wait_t){.timeout = timeout};
     t = caller_call_soon(c, wait_for_gate, gate);
     CHECK_RC(caller_pending_add_done_callback(t, wait_on_self, &sw), 0);
-    CHECK_RC(caller_pending_set_result(gate, NULL, false), 0);
+    CHECK_RC(caller_pending_set_result(gate, NULL, 0), 0);
     void *v = NULL;
-    CHECK_RC(caller_pending_wait(t, 3 * timeout, true, true, &v), 0);
+    CHECK_RC(caller_pending_wait(t, 3 * timeout, CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v), 0);
     CHECK_PTR_EQ(v, P(8));
     check_self_wait(&sw, 0, P(8));
     CHECK_EQ(caller_pending_cancelled(t), 0);
@@ -1171,7 +1183,7 @@ static void check_alive_after_release(caller_pending_t *p, void *arg)
 
 static void *complete_without_reference(void *arg)
 {
-    CHECK_RC(caller_pending_set_result(arg, P(7), false), 0);
+    CHECK_RC(caller_pending_set_result(arg, P(7), 0), 0);
     return NULL;
 }
 

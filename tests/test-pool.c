@@ -85,7 +85,7 @@ static void *thread_name_and_worker(void *arg)
     /* A worker is a full Caller: it schedules and waits like any. */
     caller_pending_t *p = caller_call_soon(me, job, P(0));
     void *v;
-    CHECK_RC(caller_pending_wait(p, 10, false, true, &v), 0);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_RESULT, &v), 0);
     caller_pending_unref(p);
     CHECK_RC(caller_sleep(0.001), 0);
     return P(123);
@@ -97,7 +97,7 @@ TEST(to_thread_runs_on_a_named_worker)
     caller_pending_t *p = caller_to_thread(c, thread_name_and_worker, c);
     CHECK(p != NULL);
     void *v;
-    CHECK_RC(caller_pending_wait(p, 10, false, true, &v), 0);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_RESULT, &v), 0);
     CHECK_EQ(I(v), 123);
     char text[256];
     caller_pending_repr(p, text, sizeof text);
@@ -173,7 +173,7 @@ TEST(back_to_back_calls_reuse_one_worker)
     caller_t *c = new_owner(10, 0, 0);
     for (int i = 0; i < 20; i++) {
         caller_pending_t *p = caller_to_thread(c, job, P(0));
-        CHECK_RC(caller_pending_wait(p, 10, false, false, NULL), 0);
+        CHECK_RC(caller_pending_wait(p, 10, 0, NULL), 0);
         caller_pending_unref(p);
     }
     CHECK_EQ(distinct_workers(), 1);
@@ -190,7 +190,7 @@ TEST(idle_workers_stop_after_idle_shutdown)
     for (int i = 0; i < 3; i++)
         p[i] = caller_to_thread(c, job, P(20));
     for (int i = 0; i < 3; i++) {
-        CHECK_RC(caller_pending_wait(p[i], 10, false, false, NULL), 0);
+        CHECK_RC(caller_pending_wait(p[i], 10, 0, NULL), 0);
         caller_pending_unref(p[i]);
     }
     /* Every worker is idle now: those that ran the calls were back in the
@@ -223,7 +223,7 @@ TEST(idle_workers_stop_after_idle_shutdown)
     CHECK_GE((check_now() - t0) * 1000, 20 + 500 - 5);
     /* The pool still works: a new worker is made. */
     caller_pending_t *q = caller_to_thread(c, job, P(0));
-    CHECK_RC(caller_pending_wait(q, 10, false, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(q, 10, 0, NULL), 0);
     caller_pending_unref(q);
     check_stop(c);
 }
@@ -239,15 +239,15 @@ TEST(worker_stopped_while_idle_is_not_reused)
     caller_t *c = new_owner(10, 0, 0);
     caller_pending_t *p = caller_to_thread(c, my_worker, NULL);
     void *w1;
-    CHECK_RC(caller_pending_wait(p, 10, false, true, &w1), 0);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_RESULT, &w1), 0);
     caller_pending_unref(p);
     CHECK_EQ(caller_pool_idle(c), 1);
-    caller_stop(w1, false);
+    caller_stop(w1, 0);
     CHECK_EQ(caller_pool_idle(c), 0); /* it left the pool */
     CHECK_RC(caller_wait_stopped(w1, 10), 0);
     p = caller_to_thread(c, my_worker, NULL);
     void *w2;
-    CHECK_RC(caller_pending_wait(p, 10, false, true, &w2), 0);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_RESULT, &w2), 0);
     caller_pending_unref(p);
     CHECK(w2 != w1);
     caller_unref(w1);
@@ -268,7 +268,7 @@ TEST(worker_cap_holds_under_1000_submissions)
     }
     for (int i = 0; i < N; i++) {
         void *v;
-        CHECK_RC(caller_pending_wait(p[i], 30, false, true, &v), 0);
+        CHECK_RC(caller_pending_wait(p[i], 30, CALLER_WAIT_RESULT, &v), 0);
         CHECK_EQ(I(v), i % 7 == 0 ? 1 : 0);
         caller_pending_unref(p[i]);
         CHECK_LE(caller_children(c, NULL, 0), CAP);
@@ -297,13 +297,13 @@ TEST(a_call_waiting_for_a_worker_can_be_cancelled)
     CHECK(parked != NULL);
     CHECK_EQ(caller_pending_done(parked), 0);
     CHECK_EQ(caller_pending_cancel(parked, "no longer needed"), 1);
-    CHECK_RC(caller_pending_wait(parked, 10, true, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(parked, 10, CALLER_WAIT_PROTECT, NULL), 0);
     CHECK_RC(caller_pending_result(parked, NULL), -ECANCELED);
-    CHECK_RC(caller_pending_wait(hold, 10, false, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(hold, 10, 0, NULL), 0);
     /* The next parked call runs once the worker is free. */
     caller_pending_t *next = caller_to_thread(c, mark_ran, P(2));
     void *v;
-    CHECK_RC(caller_pending_wait(next, 10, false, true, &v), 0);
+    CHECK_RC(caller_pending_wait(next, 10, CALLER_WAIT_RESULT, &v), 0);
     CHECK_EQ(I(v), 2);
     CHECK_EQ(atomic_load(&ran_parked), 1);
     caller_pending_unref(next);
@@ -363,7 +363,7 @@ static void *to_thread_from_task(void *arg)
     for (int i = 0; i < 4; i++)
         p[i] = caller_to_thread(self, job, P(5));
     for (int i = 0; i < 4; i++) {
-        CHECK_RC(caller_pending_wait(p[i], 10, false, false, NULL), 0);
+        CHECK_RC(caller_pending_wait(p[i], 10, 0, NULL), 0);
         caller_pending_unref(p[i]);
     }
     return NULL;
@@ -405,7 +405,7 @@ TEST(config_errors)
 
 static void *wait_gate(void *arg)
 {
-    CHECK_RC(caller_pending_wait(arg, 30 * check_time_scale(), true, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(arg, 30 * check_time_scale(), CALLER_WAIT_PROTECT, NULL), 0);
     return NULL;
 }
 
@@ -436,9 +436,9 @@ TEST(cancel_as_a_parked_call_is_unparked_is_not_lost)
     CHECK_EQ(caller_pending_done(parked), 0);
     unpark_cancel.target = parked;
     atomic_store(&caller__test_hook, cancel_when_unparked);
-    caller_pending_set_result(gate, NULL, false); /* the worker frees up */
-    CHECK_RC(caller_pending_wait(parked, 10, true, false, NULL), 0);
-    CHECK_RC(caller_pending_wait(hold, 10, true, false, NULL), 0);
+    caller_pending_set_result(gate, NULL, 0); /* the worker frees up */
+    CHECK_RC(caller_pending_wait(parked, 10, CALLER_WAIT_PROTECT, NULL), 0);
+    CHECK_RC(caller_pending_wait(hold, 10, CALLER_WAIT_PROTECT, NULL), 0);
     atomic_store(&caller__test_hook, NULL);
     int fired = atomic_load(&unpark_cancel.fired), ran = atomic_load(&ran_parked);
     CHECK_EQ(fired, 1);
@@ -447,7 +447,7 @@ TEST(cancel_as_a_parked_call_is_unparked_is_not_lost)
     /* The worker serves the next call. */
     caller_pending_t *next = caller_to_thread(c, mark_ran, P(2));
     void *v;
-    CHECK_RC(caller_pending_wait(next, 10, false, true, &v), 0);
+    CHECK_RC(caller_pending_wait(next, 10, CALLER_WAIT_RESULT, &v), 0);
     CHECK_EQ(I(v), 2);
     ran = atomic_load(&ran_parked);
     CHECK_EQ(ran, 1);
@@ -497,7 +497,7 @@ static void *victim(void *arg)
 {
     (void)arg;
     atomic_fetch_add(&victim_ran, 1);
-    if (caller_pending_wait(never, 5 * check_time_scale(), true, false, NULL) != -ECANCELED)
+    if (caller_pending_wait(never, 5 * check_time_scale(), CALLER_WAIT_PROTECT, NULL) != -ECANCELED)
         atomic_fetch_add(&victim_uncancelled, 1);
     return NULL;
 }
@@ -537,7 +537,7 @@ TEST(stress_cancel_the_parked_call_just_as_the_worker_frees_up)
         CHECK_EQ(caller_pending_cancel(p, NULL), 1);
         bool early = caller_pending_done(p); /* still parked: ended at once */
         parked += early;
-        CHECK_RC(caller_pending_wait(p, 30, true, false, NULL), 0);
+        CHECK_RC(caller_pending_wait(p, 30, CALLER_WAIT_PROTECT, NULL), 0);
         CHECK_RC(caller_pending_result(p, NULL), -ECANCELED);
         int lost = atomic_load(&victim_uncancelled);
         CHECK_EQ(lost, 0);
@@ -547,7 +547,7 @@ TEST(stress_cancel_the_parked_call_just_as_the_worker_frees_up)
         else if (steered && delay > 0)
             delay -= 1 + delay / 32;
         /* hold is done once the worker is back in the pool. */
-        CHECK_RC(caller_pending_wait(hold, 30, false, false, NULL), 0);
+        CHECK_RC(caller_pending_wait(hold, 30, 0, NULL), 0);
         caller_pending_unref(hold);
         caller_pending_unref(p);
     }
@@ -571,7 +571,7 @@ TEST(to_thread_reports_its_own_errors)
         caller_pending_t *p = caller_to_thread(c, job, P(0));
         caller__alloc_fail_after(-1);
         if (p) {
-            caller_pending_wait(p, 10, true, false, NULL);
+            caller_pending_wait(p, 10, CALLER_WAIT_PROTECT, NULL);
             caller_pending_unref(p);
             break;
         }
@@ -602,7 +602,7 @@ TEST(to_thread_reports_its_own_errors)
     /* Nothing was left queued: the next call runs. */
     caller_pending_t *ok = caller_to_thread(fresh, job, P(0));
     CHECK(ok != NULL);
-    CHECK_RC(caller_pending_wait(ok, 10, false, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(ok, 10, 0, NULL), 0);
     caller_pending_unref(ok);
     check_stop(fresh);
     check_stop(c);
@@ -615,7 +615,7 @@ TEST(to_thread_reports_its_own_errors)
 static void *to_thread_failing_in_a_group(void *arg)
 {
     caller_t *c = arg;
-    caller_group_t *g = caller_create_pending_group(caller_current(), false);
+    caller_group_t *g = caller_group_new(caller_current(), 0);
     CHECK(g != NULL);
     CHECK_RC(caller_group_enter(g), 0);
     int handed_back = 0;
@@ -624,7 +624,7 @@ static void *to_thread_failing_in_a_group(void *arg)
         caller_pending_t *p = caller_to_thread(c, job, P(0));
         caller__alloc_fail_after(-1);
         if (p) {
-            CHECK_RC(caller_pending_wait(p, 10, true, false, NULL), 0);
+            CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_PROTECT, NULL), 0);
             caller_pending_unref(p);
             break;
         }
@@ -641,7 +641,7 @@ TEST(worker_handed_back_in_a_group_leaves_the_group_alone)
     caller_t *c = new_owner(10, 3600, 0);
     caller_t *user = check_new_thread("user");
     caller_pending_t *p = caller_call_soon(user, to_thread_failing_in_a_group, c);
-    CHECK_RC(caller_pending_wait(p, 60, false, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(p, 60, 0, NULL), 0);
     CHECK_EQ(caller_pool_idle(c), 1); /* the worker came back to the pool */
     caller_pending_unref(p);
     check_stop(user);
@@ -682,7 +682,7 @@ static void one_round(caller_t *c)
 {
     int before = atomic_load(&spin_skips) + atomic_load(&spin_allowed);
     caller_pending_t *p = caller_call_soon(c, ret_arg, NULL);
-    CHECK_RC(caller_pending_wait(p, 10, false, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(p, 10, 0, NULL), 0);
     caller_pending_unref(p);
     double until = check_now() + 10;
     while (atomic_load(&spin_skips) + atomic_load(&spin_allowed) == before && check_now() < until)
@@ -711,7 +711,7 @@ TEST(no_spinning_while_workers_fill_every_cpu)
     CHECK_GE(atomic_load(&spin_skips), 1);
     atomic_store(&busy_release, 1);
     for (long i = 0; i < ncpu; i++) {
-        CHECK_RC(caller_pending_wait(busy[i], 10, false, false, NULL), 0);
+        CHECK_RC(caller_pending_wait(busy[i], 10, 0, NULL), 0);
         caller_pending_unref(busy[i]);
     }
     /* Once the workers are idle again, it spins as before. */
@@ -793,7 +793,7 @@ TEST(stress_submitters_cancelling_into_a_capped_pool)
         for (int i = 0; i < SUB_CALLS; i++) {
             int id = k * SUB_CALLS + i;
             caller_pending_t *p = s[k].p[i];
-            CHECK_RC(caller_pending_wait(p, 30, false, false, NULL), 0);
+            CHECK_RC(caller_pending_wait(p, 30, 0, NULL), 0);
             int ran = atomic_load(&sub_ran[id]);
             CHECK_LE(ran, 1);
             void *v;
@@ -872,7 +872,7 @@ TEST(worker_asking_to_spin_while_the_pool_stops)
     stopping_owner = new_owner(10, 3600, 0);
     caller_pending_t *p = caller_to_thread(stopping_owner, current_worker, NULL);
     void *v = NULL;
-    CHECK_RC(caller_pending_wait(p, 10, false, true, &v), 0);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_RESULT, &v), 0);
     caller_pending_unref(p);
     held_worker = v;
     double until = check_now() + 10 * check_time_scale();
@@ -888,10 +888,10 @@ TEST(worker_asking_to_spin_while_the_pool_stops)
     while (!atomic_load(&worker_held) && check_now() < until)
         sched_yield();
     CHECK_EQ(atomic_load(&worker_held), 1);
-    CHECK(caller_stop(stopping_owner, false) >= 0);
+    CHECK(caller_stop(stopping_owner, 0) >= 0);
     CHECK_RC(caller_wait_stopped(stopping_owner, 10 * check_time_scale()), 0);
     CHECK_EQ(atomic_load(&stop_reached), 1);
-    CHECK_RC(caller_pending_wait(p, 10, false, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(p, 10, 0, NULL), 0);
     caller_pending_unref(p);
     CHECK_RC(caller_wait_stopped(held_worker, 10 * check_time_scale()), 0);
     atomic_store(&caller__test_hook, NULL);

@@ -20,7 +20,7 @@ static void *item_first_blocks(void *arg)
 {
     if (I(arg) == 0) {
         if (first_started)
-            caller_pending_set_result(first_started, NULL, false);
+            caller_pending_set_result(first_started, NULL, 0);
         atomic_store(&first_rc, caller_sleep(1e6));
         return NULL;
     }
@@ -41,7 +41,7 @@ TEST(first_item_suspends_close_ends_the_queue_twice)
             CHECK(p[i] != NULL);
             CHECK_PTR_EQ(p[i], p[0]); /* one queue, one Pending */
         }
-        CHECK_RC(caller_pending_wait(first_started, 10, false, false, NULL), 0);
+        CHECK_RC(caller_pending_wait(first_started, 10, 0, NULL), 0);
         caller_pending_unref(first_started);
         first_started = NULL;
         caller_pending_t *g = caller_queue_get(c, item_first_blocks);
@@ -49,7 +49,7 @@ TEST(first_item_suspends_close_ends_the_queue_twice)
         caller_pending_unref(g);
         CHECK_EQ(caller_queue_close(c, item_first_blocks), 1);
         CHECK(caller_queue_get(c, item_first_blocks) == NULL);
-        CHECK_RC(caller_pending_wait(p[0], 10, true, false, NULL), 0);
+        CHECK_RC(caller_pending_wait(p[0], 10, CALLER_WAIT_PROTECT, NULL), 0);
         CHECK_RC(caller_pending_result(p[0], NULL), -ECANCELED);
         CHECK_RC(atomic_load(&first_rc), -ECANCELED); /* the running item saw it */
         CHECK_EQ(atomic_load(&ran), 0);               /* the rest never ran */
@@ -78,12 +78,12 @@ static void *rounds(void *arg)
         q = p;
     }
     void *v;
-    CHECK_RC(caller_pending_wait(q, 10, false, true, &v), 0);
+    CHECK_RC(caller_pending_wait(q, 10, CALLER_WAIT_RESULT, &v), 0);
     CHECK_EQ(I(v), 9);
     CHECK_EQ(caller_pending_done(q), 0); /* reset: a new round can start */
     for (int i = 100; i < 105; i++)
         caller_pending_unref(caller_queue_call(self, pass_through, P(i)));
-    CHECK_RC(caller_pending_wait(q, 10, false, true, &v), 0);
+    CHECK_RC(caller_pending_wait(q, 10, CALLER_WAIT_RESULT, &v), 0);
     CHECK_EQ(I(v), 104);
     caller_queue_close(self, pass_through);
     caller_pending_unref(q);
@@ -94,7 +94,7 @@ TEST(drained_queue_gives_last_result_each_round)
 {
     caller_t *c = check_new_thread(NULL);
     caller_pending_t *p = caller_call_soon(c, rounds, NULL);
-    CHECK_RC(caller_pending_wait(p, 10, false, true, NULL), 0);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_RESULT, NULL), 0);
     caller_pending_unref(p);
     check_stop(c);
 }
@@ -132,7 +132,7 @@ static void *fail_round(void *arg)
         q = caller_queue_call(self, maybe_fail, P(i));
     }
     void *v;
-    CHECK_RC(caller_pending_wait(q, 10, false, true, &v), 0);
+    CHECK_RC(caller_pending_wait(q, 10, CALLER_WAIT_RESULT, &v), 0);
     CHECK_EQ(I(v), 2); /* the item after the failing one ran */
     caller_queue_close(self, maybe_fail);
     caller_pending_unref(q);
@@ -145,7 +145,7 @@ TEST(failing_item_is_logged_and_skipped)
     caller_t *c =
         caller_create(CALLER_NEW_THREAD, &(caller_options_t){.log = capture_log, .log_arg = &lc});
     caller_pending_t *p = caller_call_soon(c, fail_round, NULL);
-    CHECK_RC(caller_pending_wait(p, 10, false, true, NULL), 0);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_RESULT, NULL), 0);
     caller_pending_unref(p);
     CHECK_EQ(atomic_load(&lc.n), 1);
     CHECK_CONTAINS(lc.messages[0], "Execution of maybe_fail");
@@ -162,7 +162,7 @@ typedef struct {
 static void *report_caller(void *arg)
 {
     relay_t *r = arg;
-    caller_pending_set_result(r->ran_on, caller_current(), false);
+    caller_pending_set_result(r->ran_on, caller_current(), 0);
     return NULL;
 }
 
@@ -181,10 +181,10 @@ TEST(queue_call_from_a_worker_runs_on_the_caller)
     caller_t *c = check_new_thread(NULL);
     relay_t r = {c, caller_pending_new(0)};
     caller_pending_t *w = caller_to_thread(c, queue_from_worker, &r);
-    CHECK_RC(caller_pending_wait(w, 10, false, true, NULL), 0);
+    CHECK_RC(caller_pending_wait(w, 10, CALLER_WAIT_RESULT, NULL), 0);
     caller_pending_unref(w);
     void *who = NULL;
-    CHECK_RC(caller_pending_wait(r.ran_on, 10, false, true, &who), 0);
+    CHECK_RC(caller_pending_wait(r.ran_on, 10, CALLER_WAIT_RESULT, &who), 0);
     CHECK_PTR_EQ(who, c);
     caller_pending_unref(r.ran_on);
     CHECK_EQ(caller_queue_close(c, report_caller), 1);
@@ -199,11 +199,11 @@ TEST(cancelling_the_queue_pending_ends_the_queue)
     first_started = caller_pending_new(0);
     caller_pending_t *p = caller_queue_call(c, item_first_blocks, P(0));
     caller_pending_unref(caller_queue_call(c, item_first_blocks, P(1)));
-    CHECK_RC(caller_pending_wait(first_started, 10, false, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(first_started, 10, 0, NULL), 0);
     caller_pending_unref(first_started);
     first_started = NULL;
     CHECK_EQ(caller_pending_cancel(p, "enough"), 1);
-    CHECK_RC(caller_pending_wait(p, 10, true, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(p, 10, CALLER_WAIT_PROTECT, NULL), 0);
     CHECK_RC(caller_pending_result(p, NULL), -ECANCELED);
     CHECK_RC(atomic_load(&first_rc), -ECANCELED);
     CHECK_EQ(atomic_load(&ran), 0);
@@ -212,7 +212,7 @@ TEST(cancelling_the_queue_pending_ends_the_queue)
     caller_pending_t *fresh = caller_queue_call(c, item_first_blocks, P(5));
     CHECK(fresh != p);
     CHECK_EQ(caller_queue_close(c, item_first_blocks), 1);
-    caller_pending_wait(fresh, 10, true, false, NULL);
+    caller_pending_wait(fresh, 10, CALLER_WAIT_PROTECT, NULL);
     caller_pending_unref(fresh);
     caller_pending_unref(p);
     check_stop(c);
@@ -258,18 +258,18 @@ TEST(two_keys_are_two_queues)
     CHECK(qa != qb);
     void *v;
     for (;;) { /* until B's round is over */
-        CHECK_RC(caller_pending_wait(qb, 10, false, true, &v), 0);
+        CHECK_RC(caller_pending_wait(qb, 10, CALLER_WAIT_RESULT, &v), 0);
         if (v == &b)
             break;
     }
     caller_pending_t *probe = caller_call_soon(c, pass_through, NULL);
-    caller_pending_wait(probe, 10, false, false, NULL);
+    caller_pending_wait(probe, 10, 0, NULL);
     caller_pending_unref(probe);
     CHECK_EQ(a, 0);
     CHECK_EQ(b, 1);
     CHECK_EQ(caller_queue_close_key(c, &ka), 1);
     CHECK_EQ(caller_queue_close_key(c, &kb), 1);
-    caller_pending_wait(qa, 10, true, false, NULL);
+    caller_pending_wait(qa, 10, CALLER_WAIT_PROTECT, NULL);
     caller_pending_unref(qa);
     caller_pending_unref(qb);
     check_stop(c);
@@ -338,13 +338,13 @@ TEST(four_threads_50k_items_into_one_queue)
     for (;;) {
         caller_pending_t *probe = caller_call_soon(c, read_burst, NULL);
         void *v;
-        CHECK_RC(caller_pending_wait(probe, 10, false, true, &v), 0);
+        CHECK_RC(caller_pending_wait(probe, 10, CALLER_WAIT_RESULT, &v), 0);
         caller_pending_unref(probe);
         if (I(v) == (long)BURST_THREADS * BURST_N)
             break;
         caller_pending_t *g = caller_queue_get(c, burst_item);
         CHECK(g != NULL);
-        caller_pending_wait(g, 10, false, false, NULL);
+        caller_pending_wait(g, 10, 0, NULL);
         caller_pending_unref(g);
     }
     for (int i = 0; i < BURST_THREADS; i++)
@@ -387,7 +387,7 @@ static void win_hook(const char *point, void *obj)
 /* The first item: holds the queue until the test has set up the window. */
 static void *win_gated(void *arg)
 {
-    CHECK_RC(caller_pending_wait(arg, 10 * check_time_scale(), true, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(arg, 10 * check_time_scale(), CALLER_WAIT_PROTECT, NULL), 0);
     atomic_store(&win.ran[0], 1);
     return P(100);
 }
@@ -426,7 +426,7 @@ static void queue_and_wait_in_window(bool in_callback)
     else
         atomic_store(&win.hold_empty, 1);
     atomic_store(&caller__test_hook, win_hook);
-    CHECK_RC(caller_pending_set_result(gate, NULL, false), 0);
+    CHECK_RC(caller_pending_set_result(gate, NULL, 0), 0);
 
     check_sem_wait(&win.held); /* the first drain is under way */
     CHECK_EQ(atomic_load(&win.ran[0]), 1);
@@ -434,7 +434,9 @@ static void queue_and_wait_in_window(bool in_callback)
     CHECK_PTR_EQ(q2, q);
     atomic_store(&win.hold_join, 1);
     void *v = NULL;
-    CHECK_RC(caller_pending_wait(q, 10 * check_time_scale(), true, true, &v), 0);
+    CHECK_RC(caller_pending_wait(q, 10 * check_time_scale(),
+                                 CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v),
+             0);
     int second_ran = atomic_load(&win.ran[1]);
     atomic_store(&caller__test_hook, NULL);
     CHECK_EQ(atomic_load(&win.hold_join), 0); /* the wait did join in the window */
@@ -486,7 +488,7 @@ static void *queue_and_wait_loop(void *arg)
         caller_pending_t *q =
             caller_queue_call_key(rounds_run.c, &rounds_run.key, mark_ran, P(slot));
         CHECK(q != NULL);
-        CHECK_RC(caller_pending_wait(q, 10 * check_time_scale(), true, false, NULL), 0);
+        CHECK_RC(caller_pending_wait(q, 10 * check_time_scale(), CALLER_WAIT_PROTECT, NULL), 0);
         /* The wake's acquire orders the item's store before this load. */
         if (!atomic_load_explicit(&rounds_run.ran[slot], memory_order_relaxed))
             atomic_fetch_add(&rounds_run.violations, 1);
@@ -526,10 +528,10 @@ static void wait_on_queue_in_callback(caller_pending_t *p, void *arg)
 {
     queue_self_wait_t *sw = arg;
     double t0 = check_now();
-    sw->rc = caller_pending_wait(p, 10 * check_time_scale(), false, true, &sw->value);
+    sw->rc = caller_pending_wait(p, 10 * check_time_scale(), CALLER_WAIT_RESULT, &sw->value);
     sw->elapsed = check_now() - t0;
     sw->cancelled = caller_pending_cancelled(p);
-    caller_pending_set_result(sw->seen, NULL, false);
+    caller_pending_set_result(sw->seen, NULL, 0);
 }
 
 TEST(done_callback_waiting_on_the_queue_pending_gets_its_drain)
@@ -540,8 +542,8 @@ TEST(done_callback_waiting_on_the_queue_pending_gets_its_drain)
     caller_pending_t *gate = caller_pending_new(0);
     caller_pending_t *q = caller_queue_call_key(c, &key, win_gated, gate);
     CHECK_RC(caller_pending_add_done_callback(q, wait_on_queue_in_callback, &sw), 0);
-    CHECK_RC(caller_pending_set_result(gate, NULL, false), 0);
-    CHECK_RC(caller_pending_wait(sw.seen, 30 * check_time_scale(), true, false, NULL), 0);
+    CHECK_RC(caller_pending_set_result(gate, NULL, 0), 0);
+    CHECK_RC(caller_pending_wait(sw.seen, 30 * check_time_scale(), CALLER_WAIT_PROTECT, NULL), 0);
     CHECK_RC(sw.rc, 0);
     CHECK_EQ(I(sw.value), 100);
     CHECK_EQ(sw.cancelled, 0);
@@ -549,7 +551,9 @@ TEST(done_callback_waiting_on_the_queue_pending_gets_its_drain)
     /* The queue goes on. */
     caller_pending_t *again = caller_queue_call_key(c, &key, pass_through, P(5));
     void *v;
-    CHECK_RC(caller_pending_wait(again, 10 * check_time_scale(), true, true, &v), 0);
+    CHECK_RC(caller_pending_wait(again, 10 * check_time_scale(),
+                                 CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v),
+             0);
     CHECK_EQ(I(v), 5);
     CHECK_EQ(caller_queue_close_key(c, &key), 1);
     caller_pending_unref(again);
@@ -566,7 +570,7 @@ TEST(done_callback_waiting_on_the_queue_pending_gets_its_drain)
 static void *wait_in_task(void *arg)
 {
     void *v = NULL;
-    CHECK_RC(caller_pending_wait(arg, 10 * check_time_scale(), false, true, &v), 0);
+    CHECK_RC(caller_pending_wait(arg, 10 * check_time_scale(), CALLER_WAIT_RESULT, &v), 0);
     return v;
 }
 
@@ -577,22 +581,28 @@ TEST(wait_on_a_drained_queue_returns_its_last_result)
     caller_pending_t *q = caller_queue_call_key(c, &key, pass_through, P(7));
     void *v = NULL;
     /* Joined before the drain or after it: either way it ends with it. */
-    CHECK_RC(caller_pending_wait(q, 10 * check_time_scale(), true, true, &v), 0);
+    CHECK_RC(caller_pending_wait(q, 10 * check_time_scale(),
+                                 CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v),
+             0);
     CHECK_EQ(I(v), 7);
     double t0 = check_now();
-    CHECK_RC(caller_pending_wait(q, 10 * check_time_scale(), false, true, &v), 0);
+    CHECK_RC(caller_pending_wait(q, 10 * check_time_scale(), CALLER_WAIT_RESULT, &v), 0);
     CHECK(check_now() - t0 < 2.5 * check_time_scale()); /* a quarter of the timeout */
     CHECK_EQ(I(v), 7);
     CHECK_EQ(caller_pending_done(q), 0); /* still reset: a round may start */
     CHECK_EQ(caller_pending_cancelled(q), 0);
     /* The same from a task on the queue's Caller. */
     caller_pending_t *t = caller_call_soon(c, wait_in_task, q);
-    CHECK_RC(caller_pending_wait(t, 20 * check_time_scale(), true, true, &v), 0);
+    CHECK_RC(caller_pending_wait(t, 20 * check_time_scale(),
+                                 CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v),
+             0);
     CHECK_EQ(I(v), 7);
     caller_pending_unref(t);
     /* Queue again: the next wait ends with that item's drain, not 7. */
     caller_pending_unref(caller_queue_call_key(c, &key, pass_through, P(8)));
-    CHECK_RC(caller_pending_wait(q, 10 * check_time_scale(), true, true, &v), 0);
+    CHECK_RC(caller_pending_wait(q, 10 * check_time_scale(),
+                                 CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v),
+             0);
     CHECK_EQ(I(v), 8);
     CHECK_EQ(caller_queue_close_key(c, &key), 1);
     caller_pending_unref(q);
@@ -610,7 +620,7 @@ TEST(misuse)
     CHECK(caller_queue_call_key(c, NULL, pass_through, NULL) == NULL);
     CHECK(caller_queue_get(c, pass_through) == NULL);
     CHECK_EQ(caller_queue_close(c, pass_through), 0);
-    caller_stop(c, false);
+    caller_stop(c, 0);
     CHECK(caller_queue_call(c, pass_through, NULL) == NULL);
     CHECK_RC(caller_last_error(NULL), -ESHUTDOWN);
     CHECK_RC(caller_wait_stopped(c, 10), 0);
@@ -685,7 +695,8 @@ static void *many_keys_body(void *arg)
         caller_pending_unref(g);
     }
     for (int k = 0; k < MANY; k++) {
-        CHECK_RC(caller_pending_wait(many.p[k], 30 * check_time_scale(), true, false, NULL), 0);
+        CHECK_RC(caller_pending_wait(many.p[k], 30 * check_time_scale(), CALLER_WAIT_PROTECT, NULL),
+                 0);
         caller_pending_unref(many.p[k]);
     }
     CHECK_EQ(many.ran, (long)MANY * MANY_ROUNDS);
@@ -703,7 +714,9 @@ TEST(twenty_thousand_keys_each_reach_their_own_queue_in_order)
         many.last[k] = -1;
     caller_t *c = check_new_thread(NULL);
     caller_pending_t *t = caller_call_soon(c, many_keys_body, NULL);
-    CHECK_RC(caller_pending_wait(t, 60 * check_time_scale(), true, true, NULL), 0);
+    CHECK_RC(caller_pending_wait(t, 60 * check_time_scale(),
+                                 CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, NULL),
+             0);
     caller_pending_unref(t);
     check_stop(c);
 }
@@ -765,7 +778,9 @@ TEST(close_and_missing_keys_among_twenty_thousand_and_the_index_shrinks)
 {
     caller_t *c = check_new_thread(NULL);
     caller_pending_t *t = caller_call_soon(c, close_among_many_body, NULL);
-    CHECK_RC(caller_pending_wait(t, 60 * check_time_scale(), true, true, NULL), 0);
+    CHECK_RC(caller_pending_wait(t, 60 * check_time_scale(),
+                                 CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, NULL),
+             0);
     caller_pending_unref(t);
     check_stop(c);
 }
@@ -784,12 +799,14 @@ static void *cancelled_queues_body(void *arg)
     for (int k = 0; k < N; k++)
         caller_pending_cancel(p[k], "enough");
     for (int k = 0; k < N; k++) {
-        CHECK_RC(caller_pending_wait(p[k], 10 * check_time_scale(), true, true, NULL), -ECANCELED);
+        CHECK_RC(caller_pending_wait(p[k], 10 * check_time_scale(),
+                                     CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, NULL),
+                 -ECANCELED);
         CHECK(caller_queue_get_key(self, &many.keys[k]) == NULL);
     }
     /* A task queued after all of them runs after they ended. */
     caller_pending_t *probe = caller_call_soon(self, pass_through, NULL);
-    CHECK_RC(caller_pending_wait(probe, 10 * check_time_scale(), true, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(probe, 10 * check_time_scale(), CALLER_WAIT_PROTECT, NULL), 0);
     caller_pending_unref(probe);
     CHECK_EQ(index_capacity(self), 0);
     for (int k = 0; k < N; k++)
@@ -801,7 +818,9 @@ TEST(queues_ended_by_cancelling_leave_no_index)
 {
     caller_t *c = check_new_thread(NULL);
     caller_pending_t *t = caller_call_soon(c, cancelled_queues_body, NULL);
-    CHECK_RC(caller_pending_wait(t, 60 * check_time_scale(), true, true, NULL), 0);
+    CHECK_RC(caller_pending_wait(t, 60 * check_time_scale(),
+                                 CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, NULL),
+             0);
     caller_pending_unref(t);
     check_stop(c);
 }
@@ -845,7 +864,9 @@ TEST(keys_with_the_same_low_bits_are_distinct_queues)
 {
     caller_t *c = check_new_thread(NULL);
     caller_pending_t *t = caller_call_soon(c, same_low_bits_body, NULL);
-    CHECK_RC(caller_pending_wait(t, 60 * check_time_scale(), true, true, NULL), 0);
+    CHECK_RC(caller_pending_wait(t, 60 * check_time_scale(),
+                                 CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, NULL),
+             0);
     caller_pending_unref(t);
     check_stop(c);
 }
@@ -950,7 +971,9 @@ TEST(no_memory_to_grow_the_index_fails_the_call_cleanly)
 {
     caller_t *c = check_new_thread(NULL);
     caller_pending_t *t = caller_call_soon(c, index_enomem_body, NULL);
-    CHECK_RC(caller_pending_wait(t, 30 * check_time_scale(), true, true, NULL), 0);
+    CHECK_RC(caller_pending_wait(t, 30 * check_time_scale(),
+                                 CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, NULL),
+             0);
     caller_pending_unref(t);
     check_stop(c);
 }

@@ -29,7 +29,7 @@ static caller_t *copy_caller(const char *name)
 
 static void finish(caller_t *c)
 {
-    CHECK(caller_stop(c, false) >= 0);
+    CHECK(caller_stop(c, 0) >= 0);
     CHECK_RC(caller_wait_stopped(c, 10 * check_time_scale()), 0);
     caller_unref(c);
 }
@@ -52,7 +52,7 @@ static void *pattern_task(void *arg)
         mine[i] = (unsigned char)(w->id * 31 + i);
     const void *where = mine;
     for (int k = 0; k < 3; k++) {
-        if (caller_pending_wait(w->gate, 120 * check_time_scale(), true, false, NULL) != 0)
+        if (caller_pending_wait(w->gate, 120 * check_time_scale(), CALLER_WAIT_PROTECT, NULL) != 0)
             return NULL;
         if (caller_sleep(0) != 0) /* and let the others run in between */
             return NULL;
@@ -79,10 +79,12 @@ TEST(suspended_tasks_keep_their_locals)
         CHECK(ps[i] != NULL);
     }
     /* All are suspended on the gate (or will be); open it from here. */
-    CHECK_RC(caller_pending_set_result(gate, NULL, false), 0);
+    CHECK_RC(caller_pending_set_result(gate, NULL, 0), 0);
     for (int i = 0; i < N; i++) {
         void *v = NULL;
-        CHECK_RC(caller_pending_wait(ps[i], 120 * check_time_scale(), true, true, &v), 0);
+        CHECK_RC(caller_pending_wait(ps[i], 120 * check_time_scale(),
+                                     CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v),
+                 0);
         CHECK_EQ(I(v), i + 1);
         caller_pending_unref(ps[i]);
     }
@@ -122,14 +124,16 @@ static void *rule_task(void *arg)
     seen->queue_call = caller_last_error(NULL);
     caller_pending_t *p = caller_pending_new(0);
     CHECK(p != NULL);
-    seen->set_result = caller_pending_set_result(p, &local, false);
+    seen->set_result = caller_pending_set_result(p, &local, 0);
     /* Heap memory is fine, and so is a pointer that is not into a stack. */
-    CHECK_RC(caller_pending_set_result(p, seen, false), 0);
+    CHECK_RC(caller_pending_set_result(p, seen, 0), 0);
     caller_pending_unref(p);
     caller_pending_t *q = caller_call_soon(c, noop, seen);
     CHECK(q != NULL);
     void *v = NULL;
-    CHECK_RC(caller_pending_wait(q, 10 * check_time_scale(), true, true, &v), 0);
+    CHECK_RC(caller_pending_wait(q, 10 * check_time_scale(),
+                                 CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v),
+             0);
     seen->heap_ok = v == (void *)seen;
     caller_pending_unref(q);
     return NULL;
@@ -141,7 +145,7 @@ TEST(pointers_into_a_task_stack_are_refused)
     rule_seen_t seen = {0};
     caller_pending_t *p = caller_call_soon(c, rule_task, &seen);
     CHECK(p != NULL);
-    CHECK_RC(caller_pending_wait(p, 10 * check_time_scale(), true, false, NULL), 0);
+    CHECK_RC(caller_pending_wait(p, 10 * check_time_scale(), CALLER_WAIT_PROTECT, NULL), 0);
     caller_pending_unref(p);
     CHECK_EQ(seen.call_soon, -EINVAL);
     CHECK_EQ(seen.call_later, -EINVAL);
@@ -164,7 +168,8 @@ static void *own_stack_task(void *arg)
     if (!q)
         return NULL;
     void *v = NULL;
-    int rc = caller_pending_wait(q, 10 * check_time_scale(), true, true, &v);
+    int rc = caller_pending_wait(q, 10 * check_time_scale(),
+                                 CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v);
     caller_pending_unref(q);
     return P(rc == 0 && v == (void *)&local);
 }
@@ -176,7 +181,9 @@ TEST(default_mode_allows_local_pointers)
     caller_pending_t *p = caller_call_soon(c, own_stack_task, NULL);
     CHECK(p != NULL);
     void *v = NULL;
-    CHECK_RC(caller_pending_wait(p, 10 * check_time_scale(), true, true, &v), 0);
+    CHECK_RC(caller_pending_wait(p, 10 * check_time_scale(),
+                                 CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v),
+             0);
     CHECK_EQ(I(v), 1);
     caller_pending_unref(p);
     finish(c);
@@ -192,7 +199,9 @@ TEST(mode_is_not_inherited)
     caller_pending_t *p = caller_call_soon(kid, own_stack_task, NULL);
     CHECK(p != NULL);
     void *v = NULL;
-    CHECK_RC(caller_pending_wait(p, 10 * check_time_scale(), true, true, &v), 0);
+    CHECK_RC(caller_pending_wait(p, 10 * check_time_scale(),
+                                 CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v),
+             0);
     CHECK_EQ(I(v), 1);
     caller_pending_unref(p);
     caller_unref(kid);
@@ -214,7 +223,7 @@ static void *times_out(void *arg)
     caller_pending_t *never = arg;
     char buf[64];
     memset(buf, 0x5a, sizeof buf);
-    int rc = caller_pending_wait(never, 0.02, true, false, NULL);
+    int rc = caller_pending_wait(never, 0.02, CALLER_WAIT_PROTECT, NULL);
     for (size_t i = 0; i < sizeof buf; i++)
         if (buf[i] != 0x5a)
             return P(1);
@@ -238,14 +247,18 @@ TEST(timeouts_and_cancels)
     caller_pending_t *b = caller_call_soon(c, sleeps_long, &started);
     CHECK(a && b);
     void *v = NULL;
-    CHECK_RC(caller_pending_wait(a, 10 * check_time_scale(), true, true, &v), 0);
+    CHECK_RC(caller_pending_wait(a, 10 * check_time_scale(),
+                                 CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v),
+             0);
     CHECK_EQ(I(v), -ETIMEDOUT);
     double until = check_now() + 10 * check_time_scale();
     while (!atomic_load(&started) && check_now() < until)
         caller_sleep(0.001);
     CHECK_EQ(atomic_load(&started), 1);
     CHECK_EQ(caller_pending_cancel(b, "enough"), 1);
-    CHECK_EQ(caller_pending_wait(b, 10 * check_time_scale(), true, true, &v), -ECANCELED);
+    CHECK_EQ(caller_pending_wait(b, 10 * check_time_scale(),
+                                 CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v),
+             -ECANCELED);
     caller_pending_unref(a);
     caller_pending_unref(b);
     caller_pending_unref(never);
@@ -281,7 +294,9 @@ static void *hand_off_task(void *arg)
     j->in = id;
     caller_pending_t *w = caller_to_thread(caller_current(), worker_job, j);
     void *v = NULL;
-    int rc = w ? caller_pending_wait(w, 30 * check_time_scale(), true, true, &v) : -1;
+    int rc = w ? caller_pending_wait(w, 30 * check_time_scale(),
+                                     CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v)
+               : -1;
     caller_pending_unref(w);
     intptr_t ok = rc == 0 && v == (void *)j && j->out == id * 3 + 1;
     for (int i = 0; i < 24; i++)
@@ -304,7 +319,9 @@ static void *submitter(void *arg)
         ps[i] = caller_call_soon(s->c, hand_off_task, P(s->base + i));
     for (int i = 0; i < s->n; i++) {
         void *v = NULL;
-        if (ps[i] && caller_pending_wait(ps[i], 60 * check_time_scale(), true, true, &v) == 0 &&
+        if (ps[i] &&
+            caller_pending_wait(ps[i], 60 * check_time_scale(),
+                                CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v) == 0 &&
             I(v) == 1)
             s->good++;
         caller_pending_unref(ps[i]);
@@ -392,7 +409,9 @@ TEST(tasks_waiting_for_descriptors)
     CHECK_PTR_EQ(wrc, NULL);
     for (int i = 0; i < 2 * PIPES; i++) {
         void *v = NULL;
-        CHECK_RC(caller_pending_wait(ps[i], 60 * check_time_scale(), true, true, &v), 0);
+        CHECK_RC(caller_pending_wait(ps[i], 60 * check_time_scale(),
+                                     CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v),
+                 0);
         CHECK_EQ(I(v), 1);
         caller_pending_unref(ps[i]);
     }
