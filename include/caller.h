@@ -30,6 +30,18 @@
  *    plain thread (see docs/guide.md, "fork()").
  *  - Signals: no function may be called from a signal handler; a signal
  *    does not end a blocking wait or sleep early.
+ *  - Flags: a parameter named `flags` takes named constants or-ed together
+ *    (0 for none); a bit the function does not know is -EINVAL.
+ *  - Option structs (caller_options_t, caller_pool_config_t,
+ *    caller_as_completed_options_t) can grow without breaking programs:
+ *    each has a fixed size and ends in `reserved` space from which later
+ *    versions take their new fields, and the zero value of every field,
+ *    present or future, means its default. So zero-initialize them (`= {0}`
+ *    or a designated initializer) and set what you need. A program built
+ *    against an older header keeps working with a newer library (its
+ *    reserved bytes are zero: the new fields' defaults); a program that
+ *    sets a field an older library does not know gets -EINVAL from it
+ *    ("reserved ... is not zero") instead of the field being ignored.
  */
 #ifndef CALLER_H
 #define CALLER_H
@@ -38,6 +50,7 @@
 #include <pthread.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 
 #ifdef __cplusplus
@@ -157,6 +170,48 @@ CALLER_EXTERN const char *caller_err_name(int code);
  * @return the code (negative), or 0 if this thread has had no failure.
  */
 CALLER_EXTERN int caller_last_error(const char **message);
+
+/** @} */
+
+/* ======================================================================== */
+/** @name Memory */
+/* ======================================================================== */
+/** @{ */
+
+/** An allocator's malloc: as malloc(3). */
+typedef void *(*caller_malloc_fn)(size_t size);
+/** An allocator's realloc: as realloc(3). */
+typedef void *(*caller_realloc_fn)(void *ptr, size_t size);
+/** An allocator's calloc: as calloc(3). */
+typedef void *(*caller_calloc_fn)(size_t count, size_t size);
+/** An allocator's free: as free(3); never called with NULL. */
+typedef void (*caller_free_fn)(void *ptr);
+
+/**
+ * Make the library allocate its memory with these functions instead of the
+ * C library's. Every heap allocation of libcaller's own goes through them
+ * (its objects, messages, bookkeeping, a copy-stack task's saved stack).
+ * Not through them: the large areas the library maps with mmap(2) (task
+ * stacks, the region Pendings are carved from, areas of 2 MiB or more), and
+ * what libuv, ZeroMQ or the C library allocate inside their own calls (see
+ * uv_replace_allocator() for libuv's).
+ *
+ * Call it once, before any other libcaller function that may allocate
+ * (in practice: first thing in main()); from the library's first
+ * allocation on, the allocator is fixed and this returns -EBUSY, so that
+ * every block is freed by the allocator that made it. The functions must
+ * be thread-safe and behave as their C library namesakes.
+ *
+ * Thread: any.
+ * @param malloc_fn   the malloc (not NULL: -EINVAL).
+ * @param realloc_fn  the realloc (not NULL: -EINVAL).
+ * @param calloc_fn   the calloc (not NULL: -EINVAL).
+ * @param free_fn     the free (not NULL: -EINVAL).
+ * @return 0; -EINVAL if a function is NULL; -EBUSY if the library has
+ *         allocated already (the allocator is unchanged).
+ */
+CALLER_EXTERN int caller_replace_allocator(caller_malloc_fn malloc_fn, caller_realloc_fn realloc_fn,
+                                           caller_calloc_fn calloc_fn, caller_free_fn free_fn);
 
 /** @} */
 
@@ -632,6 +687,9 @@ typedef struct caller_options {
      *  children (caller_get) or pool workers: the mode is a rule for the
      *  code that runs on this Caller. Another value: -EINVAL. */
     unsigned stack_mode;
+    /** Zero: room for the fields of later versions (see the conventions
+     *  at the top of this header); not zero is -EINVAL. */
+    uintptr_t reserved[6];
 } caller_options_t;
 
 /**
@@ -999,6 +1057,9 @@ typedef struct caller_pool_config {
      *  wait in order for a worker, and can be cancelled while waiting.
      *  0 (the default) = unbounded. */
     size_t max_workers;
+    /** Zero: room for the fields of later versions (see the conventions
+     *  at the top of this header); not zero is -EINVAL. */
+    uintptr_t reserved[5];
 } caller_pool_config_t;
 
 /**
@@ -1208,6 +1269,9 @@ typedef struct caller_as_completed_options {
      *  Pendings alone instead of cancelling them ("Cancelled by
      *  as_completed"). */
     bool keep_unfinished;
+    /** Zero: room for the fields of later versions (see the conventions
+     *  at the top of this header); not zero is -EINVAL. */
+    uintptr_t reserved[3];
 } caller_as_completed_options_t;
 
 /** What caller_iter_next() returns when every Pending was yielded. */

@@ -4,6 +4,7 @@
  * caller__alloc_fail_after(); otherwise this costs one relaxed load.
  */
 #include "alloc.h"
+#include "error.h"
 #include "testpoint.h"
 #include "lockorder.h"
 
@@ -56,24 +57,80 @@ static bool inject(void)
 #define inject() false
 #endif
 
+/*
+ * The allocator (caller_replace_allocator). `allocated` turns 1, under
+ * `allocator_lock`, at the library's first allocation; a replacement is
+ * refused from then on, so every block is freed by the allocator that made
+ * it. The functions are written only while `allocated` is 0 (under the
+ * lock) and read after it was seen 1 (acquire), so they never change under
+ * a reader.
+ */
+static struct {
+    caller_malloc_fn malloc;
+    caller_realloc_fn realloc;
+    caller_calloc_fn calloc;
+    caller_free_fn free;
+} allocator = {malloc, realloc, calloc, free};
+static atomic_int allocated;
+static pthread_mutex_t allocator_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void first_allocation(void)
+{
+    pthread_mutex_lock(&allocator_lock);
+    atomic_store_explicit(&allocated, 1, memory_order_release);
+    pthread_mutex_unlock(&allocator_lock);
+}
+
+/* Before each allocation: from here on the allocator stays. */
+static inline void allocating(void)
+{
+    if (__builtin_expect(!atomic_load_explicit(&allocated, memory_order_acquire), 0))
+        first_allocation();
+}
+
+int caller_replace_allocator(caller_malloc_fn malloc_fn, caller_realloc_fn realloc_fn,
+                             caller_calloc_fn calloc_fn, caller_free_fn free_fn)
+{
+    if (!malloc_fn || !realloc_fn || !calloc_fn || !free_fn)
+        return caller__fail(-EINVAL, "caller_replace_allocator: a function is NULL");
+    pthread_mutex_lock(&allocator_lock);
+    bool late = atomic_load_explicit(&allocated, memory_order_relaxed);
+    if (!late) {
+        allocator.malloc = malloc_fn;
+        allocator.realloc = realloc_fn;
+        allocator.calloc = calloc_fn;
+        allocator.free = free_fn;
+    }
+    pthread_mutex_unlock(&allocator_lock);
+    if (late)
+        return caller__fail(-EBUSY, "caller_replace_allocator: the library has allocated "
+                                    "memory already; call it before any other libcaller "
+                                    "function");
+    return 0;
+}
+
 void *caller__malloc(size_t size)
 {
-    return inject() ? NULL : malloc(size);
+    allocating();
+    return inject() ? NULL : allocator.malloc(size);
 }
 
 void *caller__calloc(size_t n, size_t size)
 {
-    return inject() ? NULL : calloc(n, size);
+    allocating();
+    return inject() ? NULL : allocator.calloc(n, size);
 }
 
 void *caller__realloc(void *ptr, size_t size)
 {
-    return inject() ? NULL : realloc(ptr, size);
+    allocating();
+    return inject() ? NULL : allocator.realloc(ptr, size);
 }
 
 void caller__free(void *ptr)
 {
-    free(ptr);
+    if (ptr)
+        allocator.free(ptr);
 }
 
 char *caller__strdup(const char *s)

@@ -321,6 +321,9 @@ static caller_t *alloc_caller(const caller_options_t *o, const char *default_nam
         caller__fail(-EINVAL, "caller_create: unknown stack_mode %u", o->stack_mode);
         return NULL;
     }
+    if (o && caller__check_reserved(o->reserved, sizeof o->reserved / sizeof o->reserved[0],
+                                    "caller_create", "caller_options_t") < 0)
+        return NULL;
     caller_t *c = caller__calloc(1, sizeof *c);
     if (!c) {
         caller__fail(-ENOMEM, "caller_create: out of memory");
@@ -924,6 +927,9 @@ caller_t *caller_get(caller_t *parent, const caller_options_t *o)
         caller__fail(-EINVAL, "caller_get: parent is NULL");
         return NULL;
     }
+    if (o && caller__check_reserved(o->reserved, sizeof o->reserved / sizeof o->reserved[0],
+                                    "caller_get", "caller_options_t") < 0)
+        return NULL;
     const char *name = o && o->name && o->name[0] ? o->name : NULL;
     caller__lock_caller(parent);
     if (load_state(parent) >= CALLER_STATE_STOPPING) {

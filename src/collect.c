@@ -153,6 +153,10 @@ static void entry_wake(caller__waiter_t *w)
 
 static caller_iter_t *iter_new(const caller_as_completed_options_t *o, bool generator)
 {
+    if (o && caller__check_reserved(o->reserved, sizeof o->reserved / sizeof o->reserved[0],
+                                    generator ? "caller_as_completed_gen" : "caller_as_completed",
+                                    "caller_as_completed_options_t") < 0)
+        return NULL;
     caller_iter_t *it = caller__calloc(1, sizeof *it);
     if (!it) {
         caller__fail(-ENOMEM, "caller_as_completed: out of memory");

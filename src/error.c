@@ -98,3 +98,15 @@ char *caller__trunc(char *buf, size_t len, const char *s, size_t max)
     memcpy(buf + cut, ellipsis, sizeof ellipsis);
     return buf;
 }
+
+int caller__check_reserved(const uintptr_t *reserved, size_t n, const char *api, const char *what)
+{
+    for (size_t i = 0; i < n; i++)
+        if (reserved[i])
+            return caller__fail(-EINVAL,
+                                "%s: %s.reserved[%zu] is not zero: zero-initialize the struct (or "
+                                "the program sets a field this version of libcaller, %s, does "
+                                "not have)",
+                                api, what, i, caller_version_string());
+    return 0;
+}

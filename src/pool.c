@@ -624,6 +624,9 @@ int caller_pool_set_config(caller_t *c, const caller_pool_config_t *cfg)
 {
     if (!c || !cfg)
         return caller__fail(-EINVAL, "caller_pool_set_config: %s is NULL", c ? "cfg" : "caller");
+    if (caller__check_reserved(cfg->reserved, sizeof cfg->reserved / sizeof cfg->reserved[0],
+                               "caller_pool_set_config", "caller_pool_config_t") < 0)
+        return -EINVAL;
     if (!(cfg->idle_shutdown >= 0))
         return caller__fail(-EINVAL, "caller_pool_set_config: idle_shutdown %g is negative",
                             cfg->idle_shutdown);

@@ -51,6 +51,12 @@ static caller_pending_t *gen(void *arg)
     return NULL;
 }
 
+static caller_pending_t *gen_none(void *arg)
+{
+    (void)arg;
+    return NULL;
+}
+
 TEST(null_arguments_across_the_api)
 {
     char buf[16];
@@ -277,6 +283,55 @@ TEST(unknown_flags_are_refused)
     CHECK_EQ(caller_pending_done(p), 0); /* reset: not done again */
     caller_pending_unref(p);
     CHECK_EQ(caller_stop(c, CALLER_STOP_FORCE), CALLER_STATE_STOPPING);
+    CHECK_RC(caller_wait_stopped(c, 10), 0);
+    caller_unref(c);
+}
+
+/* The option structs: fixed sizes and field offsets (a program built
+ * against this header keeps working with later versions), zero is every
+ * default, and reserved space that is not zero (a field this version does
+ * not know) is refused, not ignored. */
+TEST(option_structs_are_extensible)
+{
+#if UINTPTR_MAX == UINT64_MAX
+    CHECK_EQ(sizeof(caller_options_t), 128);
+    CHECK_EQ(offsetof(caller_options_t, stack_mode), 72);
+    CHECK_EQ(offsetof(caller_options_t, reserved), 80);
+    CHECK_EQ(sizeof(caller_pool_config_t), 64);
+    CHECK_EQ(offsetof(caller_pool_config_t, reserved), 24);
+    CHECK_EQ(sizeof(caller_as_completed_options_t), 32);
+    CHECK_EQ(offsetof(caller_as_completed_options_t, reserved), 8);
+#endif
+    caller_options_t o = {.name = "newer"};
+    o.reserved[5] = 1;
+    EXPECT_NULL(caller_create(CALLER_NEW_THREAD, &o), -EINVAL);
+    CHECK(strstr(check_last_message(), "reserved[5]") != NULL);
+    o.reserved[5] = 0;
+    caller_t *c = caller_create(CALLER_NEW_THREAD, &o);
+    CHECK(c != NULL);
+    caller_options_t child = {.name = "child"};
+    child.reserved[0] = 7;
+    EXPECT_NULL(caller_get(c, &child), -EINVAL);
+    caller_pool_config_t cfg;
+    CHECK_RC(caller_pool_get_config(c, &cfg), 0);
+    for (size_t i = 0; i < sizeof cfg.reserved / sizeof cfg.reserved[0]; i++)
+        CHECK_EQ(cfg.reserved[i], 0);
+    cfg.reserved[4] = 1;
+    EXPECT(caller_pool_set_config(c, &cfg), -EINVAL);
+    caller_pool_config_t now;
+    CHECK_RC(caller_pool_get_config(c, &now), 0);
+    CHECK_EQ(now.reserved[4], 0); /* unchanged */
+    caller_pending_t *p = caller_pending_new(0);
+    caller_as_completed_options_t ao = {.max_concurrent = 1};
+    ao.reserved[2] = 1;
+    EXPECT_NULL(caller_as_completed(&p, 1, &ao), -EINVAL);
+    EXPECT_NULL(caller_as_completed_gen(gen_none, NULL, &ao), -EINVAL);
+    ao.reserved[2] = 0;
+    caller_iter_t *it = caller_as_completed(&p, 1, &ao);
+    CHECK(it != NULL);
+    caller_iter_close(it);
+    caller_pending_unref(p);
+    caller_stop(c, 0);
     CHECK_RC(caller_wait_stopped(c, 10), 0);
     caller_unref(c);
 }

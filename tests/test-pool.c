@@ -15,7 +15,8 @@ static caller_t *new_owner(size_t max_idle, double idle_shutdown, size_t max_wor
 {
     caller_t *c = caller_create(CALLER_NEW_THREAD, &(caller_options_t){.name = "owner"});
     CHECK(c != NULL);
-    caller_pool_config_t cfg = {max_idle, idle_shutdown, max_workers};
+    caller_pool_config_t cfg = {
+        .max_idle = max_idle, .idle_shutdown = idle_shutdown, .max_workers = max_workers};
     CHECK_RC(caller_pool_set_config(c, &cfg), 0);
     return c;
 }
