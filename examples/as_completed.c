@@ -64,7 +64,7 @@ static void *body(void *arg)
     }
     caller_iter_close(it);
     printf("\n");
-    caller_print_table(stdout);
+    caller_print_table(stdout, 0);
     return NULL;
 }
 

@@ -41,7 +41,7 @@ static void *shell(void *arg)
     char text[128];
     caller_repr(self, text, sizeof text);
     printf("%s\n\n", text);
-    caller_print_table(stdout);
+    caller_print_table(stdout, 0);
     for (int i = 0; i < 3; i++)
         caller_unref(kids[i]);
     return NULL; /* the Shell stops, and its children with it */

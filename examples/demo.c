@@ -333,7 +333,7 @@ static void *body(void *arg)
                demo.workers);
     }
     printf("\n");
-    caller_print_table(stdout);
+    caller_print_table(stdout, 0);
     fflush(stdout);
     return NULL;
 }

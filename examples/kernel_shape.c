@@ -83,7 +83,7 @@ static void *shell(void *arg)
         caller_pending_unref(p[i]);
     }
     printf("\n");
-    caller_print_table(stdout);
+    caller_print_table(stdout, 0);
     caller_unref(control);
     return NULL; /* stops the Shell, its ControlThread and its workers */
 }

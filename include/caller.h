@@ -1821,13 +1821,67 @@ CALLER_EXTERN struct uv_loop_s *caller_loop(caller_t *c);
 CALLER_EXTERN int caller_repr(const caller_t *c, char *buf, size_t len);
 
 /**
+ * A Caller's counters (caller_stats()). Each is read on its own, without
+ * stopping the Caller: exact at some moment during the call, but not all
+ * at the same moment. Kept as cheaply as the loop runs: no atomic
+ * read-modify-write, no lock on the loop's path.
+ */
+typedef struct caller_stats {
+    /** Tasks (calls) that began running on this Caller, since it was made. */
+    uint64_t tasks_started;
+    /** Of those, the ones that ended (returned, failed or were cancelled). */
+    uint64_t tasks_finished;
+    /** Tasks its loop has accepted and not ended: waiting to start (ready
+     *  or delayed by caller_call_later), running or suspended. */
+    size_t tasks_live;
+    /** Of those, the ones suspended now (waiting in a suspension point). */
+    size_t tasks_suspended;
+    /** Messages waiting in its inbox, not yet seen by its loop: calls from
+     *  other threads, resumptions and cancellations of its tasks. */
+    size_t inbox;
+    /** Times another thread had to wake its loop with a system call (a
+     *  loop spinning for work is poked without one, not counted). */
+    uint64_t wakeups;
+    /** Its worker pool (caller_to_thread): workers now, busy or idle. */
+    size_t workers;
+    /** Of those, the idle ones. */
+    size_t workers_idle;
+    /** caller_to_thread() calls waiting for a worker. */
+    size_t pool_queued;
+    /** Zero: room for later counters (size fixed, as option structs). */
+    uintptr_t reserved[7];
+} caller_stats_t;
+
+/**
+ * Read a Caller's counters. Cheap (two locks held for a few loads); meant
+ * for monitoring and debugging, e.g. from a timer or a signal-safe point of
+ * the application (not from a signal handler).
+ *
+ * Thread: any.
+ * @param c    the Caller (not NULL: -EINVAL); any state, stopped too.
+ * @param out  receives the counters (not NULL: -EINVAL); the reserved
+ *             words are set to zero.
+ * @return 0, or -EINVAL.
+ */
+CALLER_EXTERN int caller_stats(caller_t *c, caller_stats_t *out);
+
+/** Flags of caller_print_table(). */
+typedef enum caller_table_flags {
+    /** Add each Caller's counters (caller_stats()): tasks started, live,
+     *  suspended, inbox, wake-ups, workers (idle) and queued calls. */
+    CALLER_TABLE_STATS = 1u << 0,
+} caller_table_flags_t;
+
+/**
  * Print the callers table (the Python original's `%callers`): one row per Caller that
  * is not stopped — Name, Running ✓, Protected 🔐, Thread (name and id) — and
- * `← current` on the calling thread's row. Thread: any.
- * @param out  the stream to print to (not NULL: -EINVAL).
- * @return 0, or -EINVAL if @p out is NULL.
+ * `← current` on the calling thread's row; with CALLER_TABLE_STATS, each
+ * row also shows the Caller's counters (caller_stats()). Thread: any.
+ * @param out    the stream to print to (not NULL: -EINVAL).
+ * @param flags  0, or CALLER_TABLE_STATS.
+ * @return 0, or -EINVAL if @p out is NULL or @p flags has another bit.
  */
-CALLER_EXTERN int caller_print_table(FILE *out);
+CALLER_EXTERN int caller_print_table(FILE *out, unsigned flags);
 
 /** How many Callers exist (created and not yet freed), for leak checks.
  *  Thread: any.

@@ -81,7 +81,7 @@ static int run_callers(kcell_t *c)
     FILE *f = open_memstream(&text, &len);
     if (!f)
         return fail(c, -ENOMEM, "MemoryError", "no memory for the table");
-    caller_print_table(f);
+    caller_print_table(f, 0);
     fclose(f);
     stream(&c->parent, text);
     free(text);

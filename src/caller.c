@@ -1102,10 +1102,32 @@ struct uv_loop_s *caller_loop(caller_t *c)
 
 /* ---- text forms ------------------------------------------------------------------------ */
 
-int caller_print_table(FILE *out)
+int caller_stats(caller_t *c, caller_stats_t *out)
+{
+    if (!c || !out)
+        return caller__fail(-EINVAL, "caller_stats: %s is NULL", c ? "out" : "caller");
+    memset(out, 0, sizeof *out);
+    out->tasks_started = atomic_load_explicit(&c->stats.started, memory_order_relaxed);
+    out->tasks_finished = atomic_load_explicit(&c->stats.finished, memory_order_relaxed);
+    out->tasks_live = atomic_load_explicit(&c->stats.live, memory_order_relaxed);
+    out->tasks_suspended = atomic_load_explicit(&c->stats.suspended, memory_order_relaxed);
+    caller__inbox_lock(&c->inbox);
+    out->inbox = c->inbox.n;
+    out->wakeups = c->inbox.wakes;
+    caller__inbox_unlock(&c->inbox);
+    const caller__pool_hooks_t *pool = atomic_load_explicit(&c->pool_hooks, memory_order_acquire);
+    if (pool)
+        pool->stats(c->pool, &out->workers, &out->workers_idle, &out->pool_queued);
+    return 0;
+}
+
+int caller_print_table(FILE *out, unsigned flags)
 {
     if (!out)
         return caller__fail(-EINVAL, "caller_print_table: out is NULL");
+    if (flags & ~(unsigned)CALLER_TABLE_STATS)
+        return caller__fail(-EINVAL, "caller_print_table: unknown flags 0x%x", flags);
+    bool stats = flags & CALLER_TABLE_STATS;
     /* caller_all counts every Caller but fills only those still alive (and
      * at most 256), one after another from the start: walk the filled ones. */
     caller_t *list[256] = {0};
@@ -1114,8 +1136,13 @@ int caller_print_table(FILE *out)
     while (n < 256 && list[n])
         n++;
     caller_t *self = tl_caller;
-    fprintf(out, "%-20s %-8s %-10s %s\n", "Name", "Running", "Protected", "Thread");
-    for (int i = 0; i < 79; i++)
+    fprintf(out, stats ? "%-20s %-8s %-10s %-32s" : "%-20s %-8s %-10s %s", "Name", "Running",
+            "Protected", "Thread");
+    if (stats)
+        fprintf(out, " %10s %6s %9s %6s %8s %8s %7s", "Started", "Live", "Suspended", "Inbox",
+                "Wake-ups", "Workers", "Queued");
+    fputc('\n', out);
+    for (int i = 0; i < (stats ? 138 : 79); i++)
         fputs("\u2500", out);
     fputc('\n', out);
     for (size_t i = 0; i < n; i++) {
@@ -1123,9 +1150,19 @@ int caller_print_table(FILE *out)
         char thread[64];
         snprintf(thread, sizeof thread, "<Thread(%.15s, %ld)>", c->name, (long)c->tid);
         /* Pad by characters, not bytes: ✓ and 🔐 are multi-byte. */
-        fprintf(out, "%-20s %s%-7s %s%-8s %s%s\n", c->name,
+        fprintf(out, stats ? "%-20s %s%-7s %s%-8s %-32s" : "%-20s %s%-7s %s%-8s %s", c->name,
                 load_state(c) == CALLER_STATE_RUNNING ? "\u2713" : " ", "",
-                c->protect ? "\U0001f510" : "  ", "", thread, c == self ? " \u2190 current" : "");
+                c->protect ? "\U0001f510" : "  ", "", thread);
+        if (stats) {
+            caller_stats_t s;
+            caller_stats(c, &s);
+            char workers[32];
+            snprintf(workers, sizeof workers, "%zu (%zu)", s.workers, s.workers_idle);
+            fprintf(out, " %10llu %6zu %9zu %6zu %8llu %8s %7zu",
+                    (unsigned long long)s.tasks_started, s.tasks_live, s.tasks_suspended, s.inbox,
+                    (unsigned long long)s.wakeups, workers, s.pool_queued);
+        }
+        fprintf(out, "%s\n", c == self ? " \u2190 current" : "");
         caller_unref(c);
     }
     return 0;

@@ -49,6 +49,8 @@ typedef struct caller__pool_hooks {
     void (*stop)(caller_t *c);                    /* owner's loop thread, on stop */
     void (*forget)(caller_t *owner, caller_t *w); /* @p w stops: it leaves the pool */
     void (*free)(caller_pool_t *pool);            /* the owner is freed */
+    /* Any thread: the pool's workers (busy or idle), idle ones, queued calls. */
+    void (*stats)(caller_pool_t *pool, size_t *workers, size_t *idle, size_t *queued);
 } caller__pool_hooks_t;
 
 /*
@@ -111,6 +113,12 @@ struct caller {
     caller__heap_t timers;
     caller__link_t live_tasks;
     size_t nlive;
+    /* For caller_stats(): written by the loop thread only (a relaxed load
+     * and store, no read-modify-write), read by any thread. */
+    struct {
+        _Atomic uint64_t started, finished;
+        atomic_size_t live, suspended;
+    } stats;
     bool in_dispatch;
     caller__spin_t spin;    /* adaptive spin before the loop blocks */
     bool stop_seen;         /* MSG_STOP processed */

@@ -105,8 +105,9 @@ int caller__check_reserved(const uintptr_t *reserved, size_t n, const char *api,
         if (reserved[i])
             return caller__fail(-EINVAL,
                                 "%s: %s.reserved[%zu] is not zero: zero-initialize the struct (or "
-                                "the program sets a field this version of libcaller, %s, does "
-                                "not have)",
-                                api, what, i, caller_version_string());
+                                "the program sets a field this version of libcaller, %d.%d.%d, "
+                                "does not have)",
+                                api, what, i, CALLER_VERSION_MAJOR, CALLER_VERSION_MINOR,
+                                CALLER_VERSION_PATCH);
     return 0;
 }

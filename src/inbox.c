@@ -28,6 +28,7 @@ void caller__inbox_push_locked(caller__inbox_t *ib, caller__msg_t *m)
 {
     bool was_empty = ib->q.head == NULL;
     caller__fifo_push(&ib->q, m);
+    ib->n++;
     if (was_empty && ib->backend) {
         if (ib->spinning) {
             /* The loop is spinning for work: no system call needed. */
@@ -68,6 +69,7 @@ caller__msg_t *caller__inbox_close_locked(caller__inbox_t *ib)
     ib->backend = NULL;
     caller__msg_t *left = ib->q.head;
     ib->q.head = ib->q.tail = NULL;
+    ib->n = 0;
     return left;
 }
 
@@ -76,6 +78,7 @@ caller__msg_t *caller__inbox_take(caller__inbox_t *ib)
     caller__inbox_lock(ib);
     caller__msg_t *m = ib->q.head;
     ib->q.head = ib->q.tail = NULL;
+    ib->n = 0;
     caller__inbox_unlock(ib);
     return m;
 }

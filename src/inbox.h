@@ -69,7 +69,8 @@ typedef struct caller__inbox {
     caller__fifo_t q;
     caller__backend_t *backend; /* wake target; NULL before start, after close */
     const caller__backend_ops_t *ops;
-    uint64_t wakes; /* wake-ups issued, for tests */
+    uint64_t wakes; /* wake-ups issued (tests, caller_stats) */
+    size_t n;       /* messages in `q` (caller_stats) */
     /* The loop spins reading `poked` while producers take the lock: 64
      * bytes apart (a cache line), or every push would steal the spinner's
      * line (W3 was 25% slower so). Padding, not _Alignas: the Caller is a

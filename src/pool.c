@@ -84,8 +84,9 @@ static void pool_forget(caller_t *parent, caller_t *w);
 static void pool_stop(caller_t *c);
 
 /* What the lifecycle (caller.c, below this file) calls of a Caller's pool. */
+static void pool_stats(caller_pool_t *pool, size_t *workers, size_t *idle, size_t *queued);
 static const caller__pool_hooks_t hooks = {
-    .stop = pool_stop, .forget = pool_forget, .free = pool_free};
+    .stop = pool_stop, .forget = pool_forget, .free = pool_free, .stats = pool_stats};
 
 /* The pool of @p c, made on first use. NULL only for lack of memory (the
  * error names @p api). */
@@ -650,6 +651,15 @@ int caller_pool_set_config(caller_t *c, const caller_pool_config_t *cfg)
         caller_unref(excess[i]);
     }
     return 0;
+}
+
+static void pool_stats(caller_pool_t *pool, size_t *workers, size_t *idle, size_t *queued)
+{
+    lock_pool(pool);
+    *workers = pool->alive;
+    *idle = pool->nidle;
+    *queued = pool->nqueued;
+    unlock_pool(pool);
 }
 
 size_t caller_pool_idle(caller_t *c)

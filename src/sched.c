@@ -202,10 +202,16 @@ static caller__task_t *task_of(caller_pending_t *p)
 }
 
 /* Loop thread: a task the loop now owns (from the inbox or submitted here). */
+/* Loop thread: add @p d to a caller_stats() counter only it writes. */
+#define STAT_ADD(field, d)                                                                         \
+    atomic_store_explicit(&(field), atomic_load_explicit(&(field), memory_order_relaxed) + (d),    \
+                          memory_order_relaxed)
+
 static void accept_task(caller_t *c, caller__task_t *t)
 {
     caller__list_add_tail(&c->live_tasks, &t->live);
     c->nlive++;
+    atomic_store_explicit(&c->stats.live, c->nlive, memory_order_relaxed);
     /* INT64_MIN (call_soon) is due without asking the clock. */
     if (t->timer.deadline != INT64_MIN && t->timer.deadline > caller__now_ns() &&
         !caller_pending_cancelled(caller__task_pending(t)) &&
@@ -259,6 +265,7 @@ static void task_end(caller_t *c, caller__task_t *t)
     t->state = CALLER__TASK_DONE;
     caller__list_del(&t->live);
     c->nlive--;
+    atomic_store_explicit(&c->stats.live, c->nlive, memory_order_relaxed);
     if (t->msg.kind == CALLER__POOLED_TAKEN)
         c->pool_calls--;
     task_release(t);
@@ -306,6 +313,7 @@ static void run_task(caller_t *c, caller__task_t *t)
             task_end(c, t);
             return;
         }
+        STAT_ADD(c->stats.started, 1);
     }
     t->state = CALLER__TASK_RUNNING;
     tl_task = t;
@@ -321,6 +329,7 @@ static void run_task(caller_t *c, caller__task_t *t)
         return; /* suspended: it set its own state */
     caller__fiber_free(t->fiber);
     t->fiber = NULL;
+    STAT_ADD(c->stats.finished, 1);
     /* A pooled call: its worker takes the next one (or is idle) before
      * the waiters wake, so one that submits the next call at once finds it
      * idle, and the hand-off costs one hold of the pool's lock. */
@@ -376,7 +385,10 @@ static caller__wake_t task_suspend(caller__task_t *t, int64_t deadline, bool can
     t->wake = CALLER__WAKE_NONE;
     t->uncancellable = !cancellable;
     t->state = CALLER__TASK_SUSPENDED;
-    if (caller__fiber_yield() != 0) {
+    STAT_ADD(c->stats.suspended, 1);
+    int rc = caller__fiber_yield();
+    STAT_ADD(c->stats.suspended, -1);
+    if (rc != 0) {
         /* Copy-stack mode, no memory to save the stack: not suspended. */
         caller__heap_remove(&c->timers, &t->timer);
         t->state = CALLER__TASK_RUNNING;

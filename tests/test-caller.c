@@ -981,7 +981,7 @@ TEST(repr_and_table)
     char *buf = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&buf, &len);
-    CHECK_RC(caller_print_table(f), 0);
+    CHECK_RC(caller_print_table(f, 0), 0);
     fclose(f);
     CHECK_CONTAINS(buf, "Name");
     CHECK_CONTAINS(buf, "Protected");
@@ -1079,7 +1079,7 @@ TEST(null_arguments)
     CHECK_RC(caller_running(NULL), -EINVAL);
     CHECK_RC(caller_protected(NULL), -EINVAL);
     CHECK_RC(caller_repr(NULL, NULL, 0), -EINVAL);
-    CHECK_RC(caller_print_table(NULL), -EINVAL);
+    CHECK_RC(caller_print_table(NULL, 0), -EINVAL);
     CHECK(caller_name(NULL) == NULL);
     CHECK(caller_parent(NULL) == NULL);
     CHECK_EQ(caller_children(NULL, NULL, 0), 0);
@@ -1386,4 +1386,132 @@ TEST(stack_overflow_names_the_task_and_caller)
                        "libcaller: stack overflow in task deep_recursion on Caller 'overflower'");
     }
 #endif
+}
+
+/* A task: read its own Caller's counters into @p arg (on the loop thread,
+ * so they are exact at that point). */
+static void *read_stats(void *arg)
+{
+    CHECK_RC(caller_stats(caller_current(), arg), 0);
+    return NULL;
+}
+
+static void *stats_gate(void *arg)
+{
+    CHECK_RC(caller_pending_wait(arg, 30 * check_time_scale(), 0, NULL), 0);
+    return NULL;
+}
+
+/* A pool call: say it started (first semaphore), then block the worker's
+ * thread until released (second). */
+static void *block_worker(void *arg)
+{
+    sem_t *s = arg;
+    sem_post(&s[0]);
+    check_sem_wait(&s[1]);
+    return NULL;
+}
+
+TEST(stats_count_tasks_inbox_and_pool)
+{
+    caller_t *c = check_new_thread("stats");
+    caller_stats_t s;
+    memset(&s, 0xff, sizeof s);
+    CHECK_RC(caller_stats(c, &s), 0);
+    CHECK_EQ(s.tasks_started, 0);
+    CHECK_EQ(s.tasks_finished, 0);
+    CHECK_EQ(s.tasks_live, 0);
+    CHECK_EQ(s.workers, 0);
+    CHECK_EQ(s.reserved[6], 0);
+    /* Five suspended, one delayed (never due). */
+    caller_pending_t *gate = caller_pending_new(0);
+    caller_pending_t *w[5];
+    for (int i = 0; i < 5; i++)
+        CHECK((w[i] = caller_call_soon(c, stats_gate, gate)) != NULL);
+    caller_stats_t never;
+    caller_pending_t *late = caller_call_later(c, 3600, read_stats, &never);
+    CHECK(late != NULL);
+    check_until_suspended(c); /* a task that ran and ended after them */
+    caller_stats_t in;
+    check_await(caller_call_soon(c, read_stats, &in), 10);
+    CHECK_EQ(in.tasks_started, 7); /* 5 + that task + read_stats itself */
+    CHECK_EQ(in.tasks_finished, 1);
+    CHECK_EQ(in.tasks_live, 7); /* 5 suspended, the delayed one, read_stats */
+    CHECK_EQ(in.tasks_suspended, 5);
+    CHECK_EQ(in.inbox, 0);
+    CHECK_RC(caller_pending_set_result(gate, NULL, 0), 0);
+    for (int i = 0; i < 5; i++)
+        check_await(w[i], 10);
+    caller_pending_cancel(late, NULL);
+    CHECK_RC(caller_pending_wait(late, 10 * check_time_scale(), 0, NULL), 0);
+    caller_pending_unref(late);
+    check_await(caller_call_soon(c, read_stats, &in), 10);
+    CHECK_EQ(in.tasks_started, 8); /* the cancelled delayed call never started */
+    CHECK_EQ(in.tasks_finished, 7);
+    CHECK_EQ(in.tasks_live, 1);
+    CHECK_EQ(in.tasks_suspended, 0);
+
+    /* The pool: one worker at most; one call running, one waiting. */
+    caller_pool_config_t cfg;
+    CHECK_RC(caller_pool_get_config(c, &cfg), 0);
+    cfg.max_workers = 1;
+    CHECK_RC(caller_pool_set_config(c, &cfg), 0);
+    sem_t sem[2];
+    sem_init(&sem[0], 0, 0);
+    sem_init(&sem[1], 0, 0);
+    caller_pending_t *a = caller_to_thread(c, block_worker, sem);
+    caller_pending_t *b = caller_to_thread(c, block_worker, sem);
+    CHECK(a && b);
+    check_sem_wait(&sem[0]); /* a runs */
+    CHECK_RC(caller_stats(c, &s), 0);
+    CHECK_EQ(s.workers, 1);
+    CHECK_EQ(s.workers_idle, 0);
+    CHECK_EQ(s.pool_queued, 1);
+    /* The table shows them. */
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    CHECK_RC(caller_print_table(f, CALLER_TABLE_STATS), 0);
+    fclose(f);
+    CHECK_CONTAINS(buf, "Suspended");
+    CHECK_CONTAINS(buf, "Wake-ups");
+    char *row = strstr(buf, "\nstats ");
+    CHECK(row != NULL);
+    CHECK_CONTAINS(row, " 1 (0) ");
+    free(buf);
+    sem_post(&sem[1]);
+    check_sem_wait(&sem[0]); /* b runs */
+    sem_post(&sem[1]);
+    check_await(a, 10);
+    check_await(b, 10);
+    CHECK_RC(caller_stats(c, &s), 0);
+    CHECK_EQ(s.workers, 1);
+    CHECK_EQ(s.workers_idle, 1); /* idle before its last call's waiters woke */
+    CHECK_EQ(s.pool_queued, 0);
+    sem_destroy(&sem[0]);
+    sem_destroy(&sem[1]);
+    caller_pending_unref(gate);
+
+    /* Calls to a manual Caller before it runs wait in its inbox; nothing
+     * had to be woken. */
+    caller_t *m = caller_create(CALLER_MANUAL, &(caller_options_t){.name = "unrun"});
+    caller_pending_t *q[3];
+    for (int i = 0; i < 3; i++)
+        CHECK((q[i] = caller_call_soon(m, read_stats, &never)) != NULL);
+    CHECK_RC(caller_stats(m, &s), 0);
+    CHECK_EQ(s.inbox, 3);
+    CHECK_EQ(s.wakeups, 0);
+    CHECK_EQ(s.tasks_live, 0);
+    caller_stop(m, 0);
+    for (int i = 0; i < 3; i++) {
+        CHECK_RC(caller_pending_wait(q[i], 10 * check_time_scale(), CALLER_WAIT_RESULT, NULL),
+                 -ECANCELED);
+        caller_pending_unref(q[i]);
+    }
+    CHECK_RC(caller_stats(m, &s), 0);
+    CHECK_EQ(s.inbox, 0);
+    caller_unref(m);
+    CHECK_RC(caller_stats(NULL, &s), -EINVAL);
+    CHECK_RC(caller_stats(c, NULL), -EINVAL);
+    check_stop(c);
 }

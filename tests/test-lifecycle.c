@@ -326,7 +326,7 @@ TEST(print_table_lists_only_live_callers)
     size_t len = 0;
     FILE *f = open_memstream(&text, &len);
     CHECK(f != NULL);
-    CHECK_RC(caller_print_table(f), 0);
+    CHECK_RC(caller_print_table(f, 0), 0);
     fclose(f);
     pthread_mutex_lock(&table_lock);
     table_phase = 2;

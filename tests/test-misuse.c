@@ -103,7 +103,7 @@ TEST(null_arguments_across_the_api)
     EXPECT(caller_running(NULL), -EINVAL);
     EXPECT(caller_protected(NULL), -EINVAL);
     EXPECT(caller_repr(NULL, buf, sizeof buf), -EINVAL);
-    EXPECT(caller_print_table(NULL), -EINVAL);
+    EXPECT(caller_print_table(NULL, 0), -EINVAL);
     EXPECT(caller_pool_get_config(NULL, &cfg), -EINVAL);
     EXPECT(caller_pool_set_config(NULL, &cfg), -EINVAL);
     EXPECT(caller_raise(-EIO, "outside a task"), -EPERM);
