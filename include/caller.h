@@ -494,7 +494,8 @@ typedef enum caller_wait_flags {
  * Thread: any.
  * @param p            the Pending (not NULL: -EINVAL).
  * @param timeout      seconds; negative (CALLER_FOREVER) waits forever; 0
- *                     only checks.
+ *                     only checks (in a task too: it does not suspend, so
+ *                     it is no suspension point then).
  * @param flags        caller_wait_flags_t, or-ed; 0 for none.
  *                     Without CALLER_WAIT_PROTECT a timeout cancels the
  *                     Pending with the message "Cancelled due to
@@ -894,9 +895,14 @@ CALLER_EXTERN caller_pending_t *caller_call_later_named(caller_t *c, double dela
  * @param c    the Caller whose loop runs it (not NULL: -EINVAL).
  * @param fn   the function (not NULL: -EINVAL).
  * @param arg  passed to @p fn; may be NULL.
- * @return 0 (then @p fn runs exactly once, in submission order with the
- *         Caller's other calls; only a manual Caller stopped before it ever
- *         ran drops it unrun); -ESHUTDOWN; -EINVAL; -ENOMEM.
+ * Order: direct calls run in submission order among themselves, as soon as
+ * the loop takes them from its inbox, before the tasks waiting to start
+ * then: a direct call does not wait behind tasks submitted before it
+ * (caller_call_soon(c, A), caller_call_direct(c, b) runs b, then A).
+ *
+ * @return 0 (then @p fn runs exactly once; only a manual Caller stopped
+ *         before it ever ran drops it unrun); -ESHUTDOWN; -EINVAL;
+ *         -ENOMEM.
  */
 CALLER_EXTERN int caller_call_direct(caller_t *c, caller_direct_fn fn, void *arg);
 
@@ -1352,10 +1358,14 @@ typedef enum {
 } caller_return_when_t;
 
 /**
- * Wait for @p items (the Python original's `wait`). Fills @p done (in completion
- * order) and @p not_done (in the items' order), each with room for @p n
- * pointers; no references are taken (they are @p items' own). A timeout is
- * not an error: the unfinished stay in @p not_done. Nothing is cancelled.
+ * Wait for @p items (the Python original's `wait`). On return @p done holds
+ * every item that is done by then — those seen completing during the wait
+ * in completion order, then the ones found done at the end in the items'
+ * order (so with CALLER_FIRST_COMPLETED, all that were done, not only the
+ * first) — and @p not_done the rest in the items' order; each array has
+ * room for @p n pointers; no references are taken (they are @p items'
+ * own). A timeout is not an error: the unfinished stay in @p not_done.
+ * Nothing is cancelled.
  *
  * Thread: any (suspends a task, blocks a plain thread).
  * @param items, n          the Pendings to wait for; @p items may be NULL

@@ -499,6 +499,13 @@ int caller_wait(caller_pending_t *const *items, size_t n, double timeout, caller
             break;
     }
     caller_iter_close(it);
+    /* Every item done by now is in `done`, not only those seen (the
+     * Python original's sets: FIRST_COMPLETED with two done gives both). */
+    for (size_t i = 0; i < n; i++)
+        if (!finished[i] && caller_pending_done(items[i]) == 1) {
+            finished[i] = true;
+            done[nd++] = items[i];
+        }
     size_t nn = 0;
     for (size_t i = 0; i < n; i++)
         if (!finished[i])

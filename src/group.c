@@ -531,10 +531,17 @@ int caller_manager_activate(caller_manager_t *m)
     if (!m)
         return caller__fail(-EINVAL, "caller_manager_activate: manager is NULL");
     lock_tracker(&m->t);
-    bool ok = m->t.state == TRACK_IDLE || m->t.state == TRACK_STOPPED;
+    /* Deactivated with some finishing: stopped once they all have, whether
+     * or not a caller_manager_wait() saw it. */
+    bool ok = m->t.state == TRACK_IDLE || m->t.state == TRACK_STOPPED ||
+              (m->t.state == TRACK_EXITING && m->t.n == 0);
+    bool finishing = m->t.state == TRACK_EXITING && !ok;
     if (ok)
         m->t.state = TRACK_ACTIVE;
     unlock_tracker(&m->t);
+    if (finishing)
+        return caller__fail(CALLER_EINVALSTATE, "caller_manager_activate: Pendings of its "
+                                                "deactivation are still finishing");
     return ok ? 0 : caller__fail(CALLER_EINVALSTATE, "caller_manager_activate: already active");
 }
 

@@ -514,7 +514,10 @@ int caller__task_wait(caller__task_t *t, caller_pending_t *p, int64_t deadline, 
         *code = caller_pending_result(p, value);
         return 0;
     }
-    caller__wake_t why = suspend_point(t, deadline, &fw->woken);
+    /* A timeout of 0 (a deadline already past) only checks: no suspension. */
+    caller__wake_t why = deadline != INT64_MAX && deadline <= caller__now_ns()
+                             ? CALLER__WAKE_TIMEOUT
+                             : suspend_point(t, deadline, &fw->woken);
     if (!fw->woken) {
         if (caller__pending_remove_waiter(p, &fw->w)) {
             if (why == CALLER__WAKE_NOMEM)

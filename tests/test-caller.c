@@ -1515,3 +1515,39 @@ TEST(stats_count_tasks_inbox_and_pool)
     CHECK_RC(caller_stats(c, NULL), -EINVAL);
     check_stop(c);
 }
+
+static void *set_flag(void *arg)
+{
+    *(int *)arg = 1;
+    return NULL;
+}
+
+/* In a task, a wait with timeout 0 only checks: it returns -ETIMEDOUT (and
+ * cancels the Pending, unprotected) without giving the thread to the task
+ * scheduled before it. */
+static void *wait_zero(void *arg)
+{
+    int ran = 0;
+    caller_pending_t *other = caller_call_soon(caller_current(), set_flag, &ran);
+    CHECK(other != NULL);
+    caller_pending_t *p = arg;
+    CHECK_RC(caller_pending_wait(p, 0, CALLER_WAIT_PROTECT, NULL), -ETIMEDOUT);
+    CHECK_EQ(ran, 0); /* not suspended: `other` has not run */
+    CHECK_EQ(caller_pending_cancelled(p), 0);
+    CHECK_RC(caller_pending_wait(p, 0, 0, NULL), -ETIMEDOUT);
+    CHECK_EQ(ran, 0);
+    CHECK_EQ(caller_pending_cancelled(p), 1);             /* a timeout cancels unprotected */
+    CHECK_RC(caller_pending_wait(other, 10, 0, NULL), 0); /* now it suspends */
+    CHECK_EQ(ran, 1);
+    caller_pending_unref(other);
+    return NULL;
+}
+
+TEST(wait_with_timeout_zero_in_a_task_does_not_suspend)
+{
+    caller_t *c = check_new_thread("zero");
+    caller_pending_t *p = caller_pending_new(0);
+    check_await(caller_call_soon(c, wait_zero, p), 10);
+    caller_pending_unref(p);
+    check_stop(c);
+}

@@ -378,6 +378,30 @@ TEST(wait_all_completed)
     run_chain(CALLER_ALL_COMPLETED, 3);
 }
 
+/* Every item done by the return is in `done`, not only the first seen:
+ * with two of three done before the wait, FIRST_COMPLETED gives both
+ * (items' order after the one seen first), FIRST_EXCEPTION too. */
+TEST(wait_first_completed_reports_every_done_item)
+{
+    for (int k = 0; k < 2; k++) {
+        caller_return_when_t when = k ? CALLER_FIRST_EXCEPTION : CALLER_FIRST_COMPLETED;
+        caller_pending_t *p[3] = {caller_pending_new(0), caller_pending_new(0),
+                                  caller_pending_new(0)};
+        CHECK_RC(caller_pending_set_result(p[0], NULL, 0), 0);
+        CHECK_RC(caller_pending_set_exception(p[2], -EIO, "failed"), 0);
+        caller_pending_t *done[3], *not_done[3];
+        size_t nd, nn;
+        CHECK_RC(caller_wait(p, 3, 10, when, done, &nd, not_done, &nn), 0);
+        CHECK_EQ(nd, 2);
+        CHECK_EQ(nn, 1);
+        CHECK_PTR_EQ(not_done[0], p[1]);
+        CHECK((done[0] == p[0] && done[1] == p[2]) || (done[0] == p[2] && done[1] == p[0]));
+        CHECK_RC(caller_pending_set_result(p[1], NULL, 0), 0);
+        for (int i = 0; i < 3; i++)
+            caller_pending_unref(p[i]);
+    }
+}
+
 TEST(wait_timeout_leaves_unfinished)
 {
     caller_t *c = check_new_thread(NULL);

@@ -432,6 +432,19 @@ TEST(manager_activate_start_stop_deactivate)
     CHECK_EQ(caller_pending_cancelled(c), 0);
     CHECK_EQ(caller_manager_pending(m, NULL, 0), 0);
     CHECK_RC(caller_manager_deactivate(m, 0), CALLER_EINVALSTATE);
+
+    /* Deactivated with one finishing: activating waits for it to finish,
+     * not for a caller_manager_wait() to have seen it. */
+    CHECK_RC(caller_manager_activate(m), 0);
+    CHECK_RC(caller_manager_start(m, &tok), 0);
+    caller_pending_t *d = caller_pending_new(0);
+    CHECK_RC(caller_manager_stop(m, &tok), 0);
+    CHECK_EQ(caller_manager_deactivate(m, CALLER_MANAGER_CANCEL_PENDING), 1);
+    CHECK_RC(caller_manager_activate(m), CALLER_EINVALSTATE); /* d still finishing */
+    caller_pending_set_result(d, NULL, 0);
+    CHECK_RC(caller_manager_activate(m), 0);
+    CHECK_EQ(caller_manager_deactivate(m, 0), 0);
+    caller_pending_unref(d);
     caller_pending_unref(a);
     caller_pending_unref(b);
     caller_pending_unref(c);
