@@ -108,7 +108,8 @@ docs:
 	@bash scripts/ensure-deps.sh doxygen
 	@mkdir -p build/docs
 	CALLER_VERSION=$(CALLER_VERSION) doxygen docs/Doxyfile
-	@echo "docs: build/docs/html/index.html"
+	@test -f build/docs/html/md_docs_guide.html || { echo "docs: the guide (docs/guide.md) was not rendered"; exit 1; }
+	@echo "docs: build/docs/html/index.html (the guide: build/docs/html/md_docs_guide.html)"
 
 install: build docs
 	cmake --install build --prefix $(PREFIX)
