@@ -12,6 +12,7 @@
  * returns.
  */
 // RUN-IN-TESTS
+// LIBUV-ONLY
 #include <caller.h>
 #include <uv.h>
 

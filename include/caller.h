@@ -564,7 +564,8 @@ typedef struct caller caller_t;
 
 /** How caller_create() finds or makes a Caller. */
 typedef enum {
-    /** This thread's Caller; else attach a new one to `options->loop`. */
+    /** This thread's Caller; else attach a new one to `options->loop` or
+     *  `options->glib_context`. */
     CALLER_CURRENT_THREAD = 0,
     /** The main thread's Caller (fails if there is none). */
     CALLER_MAIN_THREAD,
@@ -607,6 +608,7 @@ typedef void *(*caller_fn)(void *arg);
 typedef void (*caller_direct_fn)(void *arg);
 
 struct uv_loop_s;
+struct _GMainContext;
 
 /**
  * Where a Caller's tasks keep their stacks (caller_options_t.stack_mode).
@@ -657,7 +659,13 @@ typedef struct caller_options {
      *  Default for new threads: "caller-worker"; for an attached or manual
      *  Caller: the thread's current name. Copied. */
     const char *name;
-    /** Event-loop library: "libuv" (the default and only one so far). */
+    /** Event-loop library: "libuv" or "glib" (GLib's GMainContext; only
+     *  in a build with GLib: caller_backends() lists what this build has).
+     *  NULL: the backend of the loop given in `loop` or `glib_context`;
+     *  with neither, the environment variable CALLER_BACKEND if set, else
+     *  "libuv". caller_get() children default to their parent's backend.
+     *  An unknown name, or a name that does not match the loop given:
+     *  -EINVAL. Not copied (read during the call only). */
     const char *backend;
     /** A protected Caller ignores caller_stop() unless forced. */
     bool protect;
@@ -681,16 +689,24 @@ typedef struct caller_options {
     size_t stack_size;
     /** CALLER_CURRENT_THREAD only: the libuv loop of this thread to attach
      *  to. The application keeps running it; the Caller's handles join it
-     *  (and keep it alive until the Caller stops). */
+     *  (and keep it alive until the Caller stops). Implies backend "libuv".
+     *  Not with `glib_context` (-EINVAL). */
     struct uv_loop_s *loop;
     /** How tasks get their stacks: CALLER_STACK_OWN (0, the default) or
      *  CALLER_STACK_COPY; see caller_stack_mode_t. Not inherited by
      *  children (caller_get) or pool workers: the mode is a rule for the
      *  code that runs on this Caller. Another value: -EINVAL. */
     unsigned stack_mode;
+    /** CALLER_CURRENT_THREAD only: the GMainContext (`GMainContext *`) this
+     *  thread runs, e.g. with g_main_loop_run() or gtk_main(), to attach
+     *  to. The application keeps running it; the Caller adds one GSource
+     *  to it, which stays until the Caller stopped. Implies backend
+     *  "glib". Not with `loop` (-EINVAL). In a build without GLib: -EINVAL
+     *  (no such backend). */
+    struct _GMainContext *glib_context;
     /** Zero: room for the fields of later versions (see the conventions
      *  at the top of this header); not zero is -EINVAL. */
-    uintptr_t reserved[6];
+    uintptr_t reserved[5];
 } caller_options_t;
 
 /**
@@ -699,8 +715,9 @@ typedef struct caller_options {
  * - CALLER_CURRENT_THREAD: this thread's Caller if it has one (a given
  *   name or backend that differs is an error: -EINVAL "The thread and
  *   caller's name do not match!" / "The backend does not match!"); else a
- *   new Caller attached to `options->loop` (running at once); with no loop:
- *   -ENOENT "no event loop in this thread".
+ *   new Caller attached to `options->loop` or `options->glib_context`
+ *   (running at once); with neither: -ENOENT "no event loop in this
+ *   thread".
  * - CALLER_MAIN_THREAD: the main thread's Caller, or -ENOENT.
  * - CALLER_NEW_THREAD: a new thread with its own loop; returns once the
  *   Caller is running there.
@@ -1784,8 +1801,16 @@ CALLER_EXTERN const char *caller_name(const caller_t *c);
 
 /** The backend's name. Thread: any.
  *  @param c  the Caller; may be NULL.
- *  @return the backend's name ("libuv"; static), or NULL for NULL. */
+ *  @return the backend's name ("libuv" or "glib"; static), or NULL for
+ *          NULL. */
 CALLER_EXTERN const char *caller_backend(const caller_t *c);
+
+/** The backends this build has, by name. Thread: any.
+ *  @param names  receives up to @p max static names, the default ("libuv")
+ *                first; may be NULL to count.
+ *  @param max    the room in @p names.
+ *  @return how many backends this build has (1 or 2). */
+CALLER_EXTERN size_t caller_backends(const char **names, size_t max);
 
 /** The thread the Caller runs in (for a manual Caller: the thread that
  *  created it). Thread: any.
@@ -1809,7 +1834,8 @@ CALLER_EXTERN int caller_running(const caller_t *c);
  *  @return the state (a caller_state_t, >= 0), or -EINVAL. */
 CALLER_EXTERN int caller_state(const caller_t *c);
 
-/** The libuv loop under @p c (NULL before it started and after it stopped),
+/** The libuv loop under @p c (NULL before it started and after it stopped,
+ *  and for a Caller of another backend: see caller_glib_context()),
  *  so applications can run their own libuv I/O in the Caller's thread. Use
  *  it only from that thread (libuv loops are not thread-safe); schedule
  *  onto the Caller to get there. Thread: any may ask for it; only the
@@ -1817,6 +1843,18 @@ CALLER_EXTERN int caller_state(const caller_t *c);
  *  @param c  the Caller; may be NULL.
  *  @return the loop, or NULL (NULL @p c, not started, or stopped). */
 CALLER_EXTERN struct uv_loop_s *caller_loop(caller_t *c);
+
+/** The GMainContext under a Caller of the "glib" backend (NULL before it
+ *  started and after it stopped, and for other backends), so applications
+ *  can attach GSources (GIO, timeouts) in the Caller's thread. A Caller
+ *  that made its own context (CALLER_NEW_THREAD, CALLER_MANUAL) also makes
+ *  it its thread's default (g_main_context_push_thread_default), so GIO's
+ *  asynchronous calls made in its tasks complete on it. Attach sources to
+ *  it from any thread (GLib allows that); iterate it only in the Caller's
+ *  thread, which the Caller does. Thread: any.
+ *  @param c  the Caller; may be NULL.
+ *  @return the context (`GMainContext *`, no reference added), or NULL. */
+CALLER_EXTERN struct _GMainContext *caller_glib_context(caller_t *c);
 
 /**
  * The text form: `Caller<name libuv 🏃 running 2 children>`; states are

@@ -8,7 +8,7 @@
 set -euo pipefail
 
 packages=(cmake pkg-config gcc make libuv1-dev libzmq3-dev
-    libjansson-dev libsodium-dev python3-jupyter-client python3-ipykernel jupyter-console "$@")
+    libjansson-dev libsodium-dev libglib2.0-dev python3-jupyter-client python3-ipykernel jupyter-console "$@")
 
 missing=()
 for pkg in "${packages[@]}"; do

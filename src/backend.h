@@ -3,8 +3,10 @@
  * Caller five things on its own thread — a cross-thread wake-up, one timer,
  * a "more work is ready" flag that keeps the loop from blocking, watches on
  * file descriptors (for io.c's caller_wait_fd), and a way to run and to
- * close — and calls back into the Caller through caller__backend_events_t. libuv (backend_uv.c) is
- * the first; a second (GLib's main context) can be added beside it without touching the rest.
+ * close — and calls back into the Caller through caller__backend_events_t: libuv
+ * (backend_uv.c) and GLib's main context (backend_glib.c, when built with
+ * GLib). What both share on Linux (the timerfd, the epoll set of watches)
+ * is in backend_fd.c; backend.c is the registry that finds them by name.
  */
 #ifndef CALLER_BACKEND_H
 #define CALLER_BACKEND_H
@@ -74,8 +76,29 @@ typedef struct {
 } caller__backend_ops_t;
 
 extern const caller__backend_ops_t caller__backend_uv;
+#ifdef CALLER_WITH_GLIB
+extern const caller__backend_ops_t caller__backend_glib;
+#endif
 
-/* The backend with this name, or NULL. NULL name = the default (libuv). */
+/* ---- the registry (backend.c) ---- */
+
+/* The backend with this name, or NULL. */
 const caller__backend_ops_t *caller__backend_find(const char *name);
+
+/* The names of the backends of this build, for messages. */
+const char *caller__backend_names(void);
+
+struct caller_options;
+
+/*
+ * The backend for a new Caller made with options @p o (may be NULL), and
+ * the application's loop to attach to (NULL: none given). The backend
+ * named in o->backend; else the one whose loop is given (o->loop: libuv,
+ * o->glib_context: glib); else the environment's CALLER_BACKEND; else
+ * libuv. 0, or -EINVAL with a message starting "@p api: " (an unknown
+ * name, both loops given, a loop of another backend than the one named).
+ */
+int caller__backend_choose(const struct caller_options *o, const char *api,
+                           const caller__backend_ops_t **ops, void **app_loop);
 
 #endif

@@ -312,11 +312,11 @@ static caller_t *alloc_caller(const caller_options_t *o, const char *default_nam
 {
     pthread_once(&owner_ops_once, install_owner_ops);
     pthread_once(&fork_once, fork_init);
-    const caller__backend_ops_t *ops = caller__backend_find(o ? o->backend : NULL);
-    if (!ops) {
-        caller__fail(-EINVAL, "caller_create: unknown backend '%s' (available: libuv)", o->backend);
+    const caller__backend_ops_t *ops;
+    void *app_loop;
+    if (caller__backend_choose(o, "caller_create", &ops, &app_loop) < 0)
         return NULL;
-    }
+    (void)app_loop; /* caller_create attaches to it (CALLER_CURRENT_THREAD) */
     if (o && o->stack_mode > CALLER_STACK_COPY) {
         caller__fail(-EINVAL, "caller_create: unknown stack_mode %u", o->stack_mode);
         return NULL;
@@ -656,16 +656,17 @@ caller_t *caller_create(caller_mode_t mode, const caller_options_t *o)
             }
             return caller_ref(c);
         }
-        if (!o || !o->loop) {
+        if (!o || (!o->loop && !o->glib_context)) {
             caller__fail(-ENOENT, "caller_create: no event loop in this thread (give "
-                                  "options.loop to attach to one, or use CALLER_NEW_THREAD)");
+                                  "options.loop or options.glib_context to attach to one, or "
+                                  "use CALLER_NEW_THREAD)");
             return NULL;
         }
         c = alloc_for_this_thread(o);
         if (!c)
             return NULL;
         caller__transition(c, CALLER_STATE_INITIAL, CALLER_STATE_STARTING); /* not shared yet */
-        if (start_loop(c, o->loop) < 0) {
+        if (start_loop(c, o->loop ? (void *)o->loop : (void *)o->glib_context) < 0) {
             caller_unref(c);
             return NULL;
         }
@@ -1095,9 +1096,20 @@ int caller_state(const caller_t *c)
 
 struct uv_loop_s *caller_loop(caller_t *c)
 {
-    if (!c || !c->loop_backend)
+    if (!c || c->ops != &caller__backend_uv || !c->loop_backend)
         return NULL;
     return c->ops->native(c->loop_backend);
+}
+
+struct _GMainContext *caller_glib_context(caller_t *c)
+{
+#ifdef CALLER_WITH_GLIB
+    if (c && c->ops == &caller__backend_glib && c->loop_backend)
+        return c->ops->native(c->loop_backend);
+#else
+    (void)c;
+#endif
+    return NULL;
 }
 
 /* ---- text forms ------------------------------------------------------------------------ */

@@ -125,6 +125,29 @@ __attribute__((noreturn)) static void check__fail(const char *file, int line, co
     } while (0)
 
 /*
+ * Backends: the whole suite runs once on the default backend and once with
+ * CALLER_BACKEND=glib (see CMakeLists.txt); a case that states which
+ * backend a Caller it made without naming one has asks check_backend().
+ */
+static inline const char *check_backend(void)
+{
+    const char *b = getenv("CALLER_BACKEND");
+    return b && b[0] ? b : "libuv";
+}
+
+/* A backend this build has that is not the default one of this run, or
+ * NULL in a build with one backend. */
+static inline const char *check_other_backend(void)
+{
+    const char *names[4];
+    size_t n = caller_backends(names, 4);
+    for (size_t i = 0; i < n && i < 4; i++)
+        if (strcmp(names[i], check_backend()) != 0)
+            return names[i];
+    return NULL;
+}
+
+/*
  * Timing in tests: lower bounds only, scaled for slow machines (sanitizers,
  * loaded CI) by CALLER_TEST_TIME_SCALE (default 1).
  */

@@ -296,17 +296,18 @@ TEST(option_structs_are_extensible)
 #if UINTPTR_MAX == UINT64_MAX
     CHECK_EQ(sizeof(caller_options_t), 128);
     CHECK_EQ(offsetof(caller_options_t, stack_mode), 72);
-    CHECK_EQ(offsetof(caller_options_t, reserved), 80);
+    CHECK_EQ(offsetof(caller_options_t, glib_context), 80); /* was reserved[0] */
+    CHECK_EQ(offsetof(caller_options_t, reserved), 88);
     CHECK_EQ(sizeof(caller_pool_config_t), 64);
     CHECK_EQ(offsetof(caller_pool_config_t, reserved), 24);
     CHECK_EQ(sizeof(caller_as_completed_options_t), 32);
     CHECK_EQ(offsetof(caller_as_completed_options_t, reserved), 8);
 #endif
     caller_options_t o = {.name = "newer"};
-    o.reserved[5] = 1;
+    o.reserved[4] = 1;
     EXPECT_NULL(caller_create(CALLER_NEW_THREAD, &o), -EINVAL);
-    CHECK(strstr(check_last_message(), "reserved[5]") != NULL);
-    o.reserved[5] = 0;
+    CHECK(strstr(check_last_message(), "reserved[4]") != NULL);
+    o.reserved[4] = 0;
     caller_t *c = caller_create(CALLER_NEW_THREAD, &o);
     CHECK(c != NULL);
     caller_options_t child = {.name = "child"};

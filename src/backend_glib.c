@@ -1,0 +1,225 @@
+/*
+ * The GLib backend: a Caller on a GMainContext, either one the backend
+ * makes (and makes its thread's default) or one the application runs
+ * already (a GTK or GLib main loop). It adds one GSource of its own to
+ * the context, which carries the whole Caller:
+ *
+ * - the cross-thread wake is a flag set with one atomic exchange, and
+ *   g_main_context_wakeup() only when the flag was clear (wake-ups
+ *   coalesce; nothing is allocated per wake);
+ * - the timer is a timerfd (backend_fd.h: nanosecond deadlines; GLib's
+ *   ready times round to milliseconds) added to the source as a unix fd;
+ * - "more work" makes the source's prepare say ready with a zero timeout,
+ *   so the context polls without blocking and dispatches it again;
+ * - before_sleep runs in prepare when nothing is ready for the Caller
+ *   (GLib calls prepare right before it computes its poll timeout);
+ * - descriptor watches are the shared epoll set, added as one more fd.
+ *
+ * One dispatch of the source runs the watches that are ready and then one
+ * on_work. close() destroys the source and attaches an idle source made
+ * at open (so close cannot fail) that reports on_closed from the loop.
+ */
+#include "alloc.h"
+#include "backend_fd.h"
+
+#include <errno.h>
+#include <glib.h>
+#include <stdatomic.h>
+
+typedef struct {
+    GSource source;
+    caller__backend_t *b;
+} caller_gsource_t;
+
+struct caller__backend {
+    GMainContext *ctx; /* a reference */
+    bool owns;         /* made here, and pushed as the thread's default */
+    GSource *src;      /* a caller_gsource_t */
+    GSource *closer;   /* reports on_closed, once attached by close() */
+    gpointer timer_tag;
+    gpointer io_tag; /* the epoll set's fd, once it is open */
+    caller__timerfd_t tfd;
+    caller__fdset_t fds;
+    atomic_int woken; /* set by wake(), cleared by the dispatch that sees it */
+    bool more_on;
+    bool closed; /* the closer ran: an owned loop's run() returns */
+    void *owner;
+    const caller__backend_events_t *events;
+};
+
+static caller__backend_t *of(GSource *s)
+{
+    return ((caller_gsource_t *)s)->b;
+}
+
+static bool woken(caller__backend_t *b)
+{
+    return atomic_load_explicit(&b->woken, memory_order_acquire) != 0;
+}
+
+static bool fd_ready(GSource *s, gpointer tag)
+{
+    return tag && (g_source_query_unix_fd(s, tag) & (G_IO_IN | G_IO_ERR | G_IO_HUP));
+}
+
+static gboolean src_prepare(GSource *s, gint *timeout)
+{
+    caller__backend_t *b = of(s);
+    /* The context is about to poll: the Caller may spin for work here. */
+    if (!b->more_on && !woken(b))
+        b->events->before_sleep(b->owner);
+    if (b->more_on || woken(b)) {
+        *timeout = 0;
+        return TRUE;
+    }
+    *timeout = -1;
+    return FALSE;
+}
+
+static gboolean src_check(GSource *s)
+{
+    caller__backend_t *b = of(s);
+    return b->more_on || woken(b) || fd_ready(s, b->timer_tag) || fd_ready(s, b->io_tag);
+}
+
+static gboolean src_dispatch(GSource *s, GSourceFunc cb, gpointer data)
+{
+    (void)cb;
+    (void)data;
+    caller__backend_t *b = of(s);
+    bool timer = fd_ready(s, b->timer_tag);
+    if (fd_ready(s, b->io_tag))
+        caller__fdset_dispatch(&b->fds);
+    /* Cleared before on_work reads the inbox: a message posted after that
+     * read finds the flag clear and wakes the context again. */
+    bool wake = atomic_exchange_explicit(&b->woken, 0, memory_order_acq_rel) != 0;
+    if (timer)
+        caller__timerfd_fired(&b->tfd);
+    if (wake || timer || b->more_on)
+        b->events->on_work(b->owner);
+    if (timer)
+        caller__timerfd_settle(&b->tfd);
+    return G_SOURCE_CONTINUE;
+}
+
+static GSourceFuncs source_funcs = {
+    .prepare = src_prepare,
+    .check = src_check,
+    .dispatch = src_dispatch,
+};
+
+static gboolean on_closer(gpointer data)
+{
+    caller__backend_t *b = data;
+    b->closed = true;
+    b->events->on_closed(b->owner); /* may destroy b (an attached Caller) */
+    return G_SOURCE_REMOVE;
+}
+
+static int gb_open(caller__backend_t **out, void *loop, void *owner,
+                   const caller__backend_events_t *events)
+{
+    caller__backend_t *b = caller__calloc(1, sizeof *b);
+    if (!b)
+        return -ENOMEM;
+    b->owner = owner;
+    b->events = events;
+    atomic_init(&b->woken, 0);
+    caller__fdset_init(&b->fds);
+    int rc = caller__timerfd_open(&b->tfd);
+    if (rc) {
+        caller__free(b);
+        return rc;
+    }
+    if (loop) {
+        b->ctx = g_main_context_ref(loop);
+    } else {
+        b->owns = true;
+        b->ctx = g_main_context_new();
+        /* GLib code in the tasks (GIO's async calls) uses this context. */
+        g_main_context_push_thread_default(b->ctx);
+    }
+    b->src = g_source_new(&source_funcs, sizeof(caller_gsource_t));
+    ((caller_gsource_t *)b->src)->b = b;
+    g_source_set_name(b->src, "libcaller");
+    b->timer_tag = g_source_add_unix_fd(b->src, b->tfd.fd, G_IO_IN);
+    b->closer = g_idle_source_new();
+    g_source_set_name(b->closer, "libcaller close");
+    g_source_set_callback(b->closer, on_closer, b, NULL);
+    g_source_attach(b->src, b->ctx);
+    *out = b;
+    return 0;
+}
+
+static void gb_wake(caller__backend_t *b)
+{
+    if (!atomic_exchange_explicit(&b->woken, 1, memory_order_acq_rel))
+        g_main_context_wakeup(b->ctx);
+}
+
+static void gb_timer(caller__backend_t *b, int64_t deadline_ns)
+{
+    caller__timerfd_set(&b->tfd, deadline_ns);
+}
+
+static void gb_more(caller__backend_t *b, bool on)
+{
+    b->more_on = on;
+}
+
+static int gb_run(caller__backend_t *b)
+{
+    while (!b->closed)
+        g_main_context_iteration(b->ctx, TRUE);
+    return 0;
+}
+
+static void gb_close(caller__backend_t *b)
+{
+    g_source_destroy(b->src); /* its fds leave the context's poll set */
+    g_source_attach(b->closer, b->ctx);
+}
+
+static void gb_destroy(caller__backend_t *b)
+{
+    g_source_unref(b->src);
+    g_source_unref(b->closer);
+    caller__timerfd_close(&b->tfd);
+    caller__fdset_close(&b->fds);
+    if (b->owns)
+        g_main_context_pop_thread_default(b->ctx);
+    /* Sources the application left on an owned context go with it. */
+    g_main_context_unref(b->ctx);
+    caller__free(b);
+}
+
+static void *gb_native(caller__backend_t *b)
+{
+    return b->ctx;
+}
+
+static int gb_watch_start(caller__backend_t *b, int fd, caller__backend_watch_fn cb, void *arg,
+                          caller__backend_watch_t **out)
+{
+    int rc = caller__fdset_open(&b->fds);
+    if (rc < 0)
+        return rc;
+    if (rc == 1)
+        b->io_tag = g_source_add_unix_fd(b->src, b->fds.fd, G_IO_IN);
+    return caller__fdset_watch_start(&b->fds, fd, cb, arg, out);
+}
+
+const caller__backend_ops_t caller__backend_glib = {
+    .name = "glib",
+    .open = gb_open,
+    .wake = gb_wake,
+    .timer = gb_timer,
+    .more = gb_more,
+    .run = gb_run,
+    .close = gb_close,
+    .destroy = gb_destroy,
+    .native = gb_native,
+    .watch_start = gb_watch_start,
+    .watch_update = caller__fdset_watch_update,
+    .watch_close = caller__fdset_watch_close,
+};
