@@ -46,6 +46,10 @@
 #ifndef CALLER_H
 #define CALLER_H
 
+/* The build's options (CALLER_WITH_ZMQ), generated and installed with
+ * this header. */
+#include "caller_config.h"
+
 #include <errno.h>
 #include <pthread.h>
 #include <stdbool.h>

@@ -12,7 +12,7 @@
 
 static const caller__backend_ops_t *const backends[] = {
     &caller__backend_uv,
-#ifdef CALLER_WITH_GLIB
+#if CALLER_WITH_GLIB
     &caller__backend_glib,
 #endif
 };
@@ -36,7 +36,7 @@ size_t caller_backends(const char **names, size_t max)
 
 const char *caller__backend_names(void)
 {
-#ifdef CALLER_WITH_GLIB
+#if CALLER_WITH_GLIB
     return "libuv, glib";
 #else
     return "libuv; glib is not in this build";

@@ -11,6 +11,8 @@
 #ifndef CALLER_BACKEND_H
 #define CALLER_BACKEND_H
 
+#include "caller_config.h" /* CALLER_WITH_GLIB */
+
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -76,7 +78,7 @@ typedef struct {
 } caller__backend_ops_t;
 
 extern const caller__backend_ops_t caller__backend_uv;
-#ifdef CALLER_WITH_GLIB
+#if CALLER_WITH_GLIB
 extern const caller__backend_ops_t caller__backend_glib;
 #endif
 

@@ -1103,7 +1103,7 @@ struct uv_loop_s *caller_loop(caller_t *c)
 
 struct _GMainContext *caller_glib_context(caller_t *c)
 {
-#ifdef CALLER_WITH_GLIB
+#if CALLER_WITH_GLIB
     if (c && c->ops == &caller__backend_glib && c->loop_backend)
         return c->ops->native(c->loop_backend);
 #else

@@ -316,7 +316,7 @@ int caller_wait_fd(int fd, unsigned events, double timeout)
     return wait_fd("caller_wait_fd", fd, events, deadline_of(timeout), timeout == 0);
 }
 
-#ifdef CALLER_WITH_ZMQ
+#if CALLER_WITH_ZMQ
 #include <zmq.h>
 
 static int zmq_fail(const char *what)

@@ -21,7 +21,7 @@
 static pthread_mutex_t map_lock = PTHREAD_MUTEX_INITIALIZER;
 static char iopub_url[256] = DEFAULT_URL;
 
-#ifdef CALLER_WITH_ZMQ
+#if CALLER_WITH_ZMQ
 #include <zmq.h>
 
 typedef struct entry {
@@ -155,7 +155,7 @@ void caller__iopub_fork(int phase)
         pthread_mutex_unlock(&map_lock);
     } else {
         pthread_mutex_init(&map_lock, NULL);
-#ifdef CALLER_WITH_ZMQ
+#if CALLER_WITH_ZMQ
         map = NULL; /* the parent's sockets: not ours to use or close */
         tl_socket = NULL;
 #endif

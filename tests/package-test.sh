@@ -2,7 +2,8 @@
 # Builds the Debian package (`make package`: CPack, DEB), checks what is in
 # it, installs it with dpkg -i, builds and runs a small program against the
 # installed package (pkg-config from the system's directories only), checks
-# the installed kernelspec, and removes the package again.
+# that caller.h (with the packaged caller_config.h) compiles with no flags
+# at all, checks the installed kernelspec, and removes the package again.
 #
 #   package-test.sh <build dir> <cmake> <cc>
 #
@@ -38,8 +39,9 @@ deb=$(find "$tmp/pkg" -maxdepth 1 -name 'libcaller-dev_*.deb' | head -n1)
 echo "package-test: $(basename "$deb")"
 
 contents=$(dpkg-deb -c "$deb")
-for f in ./usr/include/caller.h ./usr/lib/libcaller.so ./usr/lib/libcaller.so.0.1 \
+for f in ./usr/include/caller.h ./usr/include/caller_config.h ./usr/lib/libcaller.so ./usr/lib/libcaller.so.0.1 \
     ./usr/lib/libcaller.a ./usr/lib/pkgconfig/caller.pc ./usr/lib/cmake/caller/callerConfig.cmake \
+    ./usr/lib/cmake/caller/callerTargets.cmake ./usr/lib/cmake/caller/callerSharedTargets.cmake \
     ./usr/bin/caller-kernel ./usr/share/jupyter/kernels/caller/kernel.json; do
     grep -q " $f\( \|$\)" <<<"$contents" || fail "$f is not in the package"
 done
@@ -95,6 +97,20 @@ PROG
 # The system's pkg-config directories only: not a copy under /usr/local.
 export PKG_CONFIG_LIBDIR=/usr/lib/pkgconfig:/usr/share/pkgconfig:/usr/lib/$(gcc -print-multiarch)/pkgconfig
 flags=$(pkg-config --cflags --libs caller) || fail "pkg-config does not find the packaged caller.pc"
+cflags=$(pkg-config --static --cflags caller)
+[[ $cflags != *-D* ]] || fail "caller.pc gives -D flags: $cflags (they belong in caller_config.h)"
+# The header is self-sufficient: /usr/include is searched anyway, and the
+# build's options come from caller_config.h, not from flags.
+cat >"$tmp/app/config.c" <<'PROG'
+#include <caller.h>
+#if !defined(CALLER_WITH_ZMQ) || (CALLER_WITH_ZMQ != 0 && CALLER_WITH_ZMQ != 1)
+#error "caller.h did not define CALLER_WITH_ZMQ as 0 or 1 (caller_config.h)"
+#endif
+int main(void) { return caller_version() == CALLER_VERSION_HEX ? 0 : 1; }
+PROG
+(cd "$tmp/app" && "$cc" -Wall -Werror config.c -lcaller -o config && ./config) ||
+    fail "a program including caller.h does not build and run with only -lcaller"
+echo "package-test: caller.h with caller_config.h builds with no flags"
 (cd "$tmp/app" && "$cc" -Wall -Werror prog.c $flags -o prog) || fail "building against the package failed"
 loads=$(ldd "$tmp/app/prog" | awk '$1 == "libcaller.so.0.1" { print $3 }')
 # (on a merged-/usr system ldd may name it /lib/...: the same file)
@@ -112,5 +128,6 @@ grep -q '"/usr/bin/caller-kernel"' /usr/share/jupyter/kernels/caller/kernel.json
 
 dpkg -r libcaller-dev >"$tmp/dpkg-r.log" 2>&1 || { cat "$tmp/dpkg-r.log" >&2; fail "dpkg -r failed"; }
 installed=0
-[[ ! -e /usr/lib/libcaller.so.0.1 && ! -e /usr/include/caller.h ]] || fail "dpkg -r left files"
+[[ ! -e /usr/lib/libcaller.so.0.1 && ! -e /usr/include/caller.h && ! -e /usr/include/caller_config.h ]] ||
+    fail "dpkg -r left files"
 echo "package-test: ok"

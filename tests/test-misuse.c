@@ -110,7 +110,7 @@ TEST(null_arguments_across_the_api)
     EXPECT(caller_raise(5, "positive"), -EINVAL);
     EXPECT(caller_sleep(-1), -EINVAL);
     EXPECT(caller_wait_fd(-1, CALLER_READABLE, 0), -EINVAL);
-#ifdef CALLER_WITH_ZMQ
+#if CALLER_WITH_ZMQ
     EXPECT(caller_wait_zmq(NULL, CALLER_READABLE, 0), -EINVAL);
 #else
     EXPECT(caller_wait_zmq(NULL, CALLER_READABLE, 0), -ENOTSUP);
