@@ -20,8 +20,9 @@
 # address, at the saved stack pointer; with the ucontext fallback a
 # ucontext_t). For the backtrace the script loads those registers into the
 # Caller's thread, runs `bt`, and puts the thread's own registers back
-# (orig_rax too: writing $pc clears it, which would stop an interrupted
-# system call from being restarted). A copy-stack task (CALLER_STACK_COPY)
+# (orig_rax too, in case a register write reset it: gdb's own pc writes set
+# it to -1, and then a system call the thread was in would not restart when
+# it resumes). A copy-stack task (CALLER_STACK_COPY)
 # whose bytes are not on the run stack has them copied there for the
 # backtrace and the run stack's own bytes copied back afterwards. Both
 # need a live process (not a core file). Only x86_64 is supported.
@@ -421,8 +422,8 @@ def _backtrace_suspended(t, bt_args):
         finally:
             for r in SWITCH_REGS:
                 _set_reg(r, keep[r])
-            # Writing $pc set orig_rax to -1; the thread's own value lets an
-            # interrupted system call restart as it would have.
+            # As it was, so that an interrupted system call restarts as it
+            # would have (see the top of the file).
             if keep_orig_rax is not None:
                 _set_reg("orig_rax", keep_orig_rax)
     return out

@@ -23,6 +23,9 @@
 #include <time.h>
 
 static caller_pending_t *gate;
+/* The tasks' Pendings, global so that the test can name them in gdb
+ * (caller-bt beta_pending: a task by its Pending's address). */
+caller_pending_t *alpha_pending, *beta_pending, *gamma_pending, *delta_pending, *epsilon_pending;
 
 #define CHECK(cond)                                                                                \
     do {                                                                                           \
@@ -134,11 +137,11 @@ int main(void)
                                                     });
     CHECK(cc);
 
-    caller_pending_t *a = caller_call_soon(c, alpha_task, NULL);
-    caller_pending_t *b = caller_call_soon(c, beta_task, NULL);
-    caller_pending_t *g = caller_call_later(c, 60.0, gamma_task, NULL);
-    caller_pending_t *d = caller_call_soon(cc, delta_task, NULL);
-    caller_pending_t *e = caller_call_soon(cc, epsilon_task, NULL);
+    caller_pending_t *a = alpha_pending = caller_call_soon(c, alpha_task, NULL);
+    caller_pending_t *b = beta_pending = caller_call_soon(c, beta_task, NULL);
+    caller_pending_t *g = gamma_pending = caller_call_later(c, 60.0, gamma_task, NULL);
+    caller_pending_t *d = delta_pending = caller_call_soon(cc, delta_task, NULL);
+    caller_pending_t *e = epsilon_pending = caller_call_soon(cc, epsilon_task, NULL);
     CHECK(a && b && g && d && e);
     wait_suspended(c, 2);
     wait_suspended(cc, 2);
