@@ -217,7 +217,6 @@ def tasks(c):
     head = c["live_tasks"]
     for link in _walk(_addr(head.address), head["next"], lambda l: l["next"]):
         out.append(Task(c, _container_of(link, task_t, "live"), "loop"))
-    msg_t = _type("caller__msg_t")
     for m in _walk(0, c["inbox"]["q"]["head"], lambda m: m["next"]):
         if int(m["kind"]) == MSG_TASK:
             out.append(Task(c, _container_of(m, task_t, "msg"), "inbox"))
@@ -250,8 +249,9 @@ def _find_caller(arg):
 
 class InfoCallers(gdb.Command):
     """List the live Callers: number, name, address, state, thread, tasks
-    (live, of which suspended) and work queued (inbox messages, ready tasks,
-    timers).
+(live, of which suspended) and work queued (inbox messages, ready tasks,
+timers). These are the Callers of the library's registry, as caller_all()
+sees them: a Caller leaves it when it starts stopping.
 Usage: info callers"""
 
     def __init__(self):
