@@ -191,6 +191,24 @@ build_cmake "$prefix" "$tmp/app/build"
 check_run "$tmp/app/build/prog-shared" shared
 check_run "$tmp/app/build/prog-static" static
 
+# The gdb script: where the README says to `source` it, and as the shared
+# library's auto-load script, which gdb (where there is one) loads with it.
+[[ -f $prefix/share/libcaller/gdb/caller-gdb.py ]] || fail "no share/libcaller/gdb/caller-gdb.py"
+autoload=$prefix/share/gdb/auto-load$libdir/$(basename "$(readlink -f "$libdir/libcaller.so")")-gdb.py
+[[ -f $autoload ]] || fail "no gdb auto-load script $autoload"
+if command -v gdb >/dev/null 2>&1; then
+    LD_LIBRARY_PATH=$libdir gdb -nx -batch \
+        -iex "add-auto-load-scripts-directory $prefix/share/gdb/auto-load" \
+        -iex "add-auto-load-safe-path $prefix" \
+        -ex start -ex "info auto-load python-scripts" -ex "help info callers" -ex kill \
+        "$tmp/app/build/prog-shared" >"$tmp/gdb.log" 2>&1 || true
+    grep -q "^Yes .*libcaller\.so\..*-gdb\.py" "$tmp/gdb.log" && grep -q "^List the live Callers" "$tmp/gdb.log" ||
+        { cat "$tmp/gdb.log" >&2; fail "gdb did not auto-load the installed gdb script"; }
+    echo "install-test: gdb auto-loads $autoload"
+else
+    echo "install-test: no gdb: its auto-load of the script not checked"
+fi
+
 # 3. Static only: `--component devel` installs everything but the shared
 # library, so -lcaller is libcaller.a and `pkg-config --static` must add all
 # it needs; find_package then gives caller::caller_static alone.

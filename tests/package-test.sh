@@ -42,7 +42,8 @@ contents=$(dpkg-deb -c "$deb")
 for f in ./usr/include/caller.h ./usr/include/caller_config.h ./usr/lib/libcaller.so ./usr/lib/libcaller.so.0.1 \
     ./usr/lib/libcaller.a ./usr/lib/pkgconfig/caller.pc ./usr/lib/cmake/caller/callerConfig.cmake \
     ./usr/lib/cmake/caller/callerTargets.cmake ./usr/lib/cmake/caller/callerSharedTargets.cmake \
-    ./usr/bin/caller-kernel ./usr/share/jupyter/kernels/caller/kernel.json; do
+    ./usr/bin/caller-kernel ./usr/share/jupyter/kernels/caller/kernel.json \
+    ./usr/share/libcaller/gdb/caller-gdb.py ./usr/share/gdb/auto-load/usr/lib/libcaller.so.0.1.0-gdb.py; do
     grep -q " $f\( \|$\)" <<<"$contents" || fail "$f is not in the package"
 done
 # The man pages are in it when `make docs` made them (CI does, before
