@@ -8,11 +8,15 @@
  *    uv_async_t (push, unlock, uv_async_send; the async callback takes the
  *    whole list under the lock and runs it), the libuv floor of W1-W3 and W6;
  *  - bench_waiter_t: what a plain thread blocks on until a job ran (a mutex,
- *    a condvar and a flag).
+ *    a condvar and a flag);
+ *  - glq_t (in a build with GLib): a GMainLoop on its own thread, fed with
+ *    g_main_context_invoke() (GLib's own way to run a function in another
+ *    thread's context: one idle GSource per call), the raw GLib floor.
  */
 #ifndef CALLER_BENCH_FLOORS_H
 #define CALLER_BENCH_FLOORS_H
 
+#include <caller_config.h> /* CALLER_WITH_GLIB */
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdlib.h>
@@ -245,5 +249,75 @@ static inline void ptq_stop(ptq_t *q)
     pthread_mutex_destroy(&q->lock);
     pthread_cond_destroy(&q->cond);
 }
+
+/* ---- GLib: a main loop on a thread, fed by g_main_context_invoke -------- */
+
+#if CALLER_WITH_GLIB
+#include <glib.h>
+
+typedef struct {
+    GMainContext *ctx;
+    GMainLoop *loop;
+    pthread_t thread;
+    size_t ran;
+} glq_t;
+
+static void *glq__thread(void *arg)
+{
+    glq_t *q = arg;
+    g_main_context_push_thread_default(q->ctx);
+    g_main_loop_run(q->loop);
+    g_main_context_pop_thread_default(q->ctx);
+    return NULL;
+}
+
+static inline void glq_start(glq_t *q)
+{
+    memset(q, 0, sizeof *q);
+    q->ctx = g_main_context_new();
+    q->loop = g_main_loop_new(q->ctx, FALSE);
+    if (pthread_create(&q->thread, NULL, glq__thread, q) != 0)
+        abort();
+}
+
+static gboolean glq__run(gpointer data)
+{
+    bench_job_t *j = data;
+    j->result = j->fn(j->arg);
+    if (j->waiter)
+        bench_waiter_post(j->waiter);
+    else
+        free(j);
+    return G_SOURCE_REMOVE;
+}
+
+/* Run the job in the loop's thread (any other thread). */
+static inline void glq_push(glq_t *q, bench_job_t *j)
+{
+    g_main_context_invoke(q->ctx, glq__run, j);
+}
+
+static gboolean glq__quit(gpointer data)
+{
+    g_main_loop_quit(((glq_t *)data)->loop);
+    return G_SOURCE_REMOVE;
+}
+
+/* Stop after what is queued (invocations run in order), join, free. */
+static inline void glq_stop(glq_t *q)
+{
+    g_main_context_invoke(q->ctx, glq__quit, q);
+    pthread_join(q->thread, NULL);
+    g_main_loop_unref(q->loop);
+    g_main_context_unref(q->ctx);
+}
+
+/* Run @p fn(out) in a child whose Callers default to the GLib backend. */
+static inline int bench_on_glib(int (*fn)(double *out), double *out)
+{
+    setenv("CALLER_BACKEND", "glib", 1);
+    return fn(out);
+}
+#endif
 
 #endif

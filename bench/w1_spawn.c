@@ -15,6 +15,11 @@
  *             async callback takes the list and runs them; done when the
  *             N-th ran.
  *
+ *  libcaller-glib  the same on the GLib backend.
+ *  glib       in a callback of a GMainLoop, g_idle_add N call records (one
+ *             idle GSource each, GLib's "call this soon"); each runs once;
+ *             done when the N-th ran.
+ *
  * Metrics: "per task" from the first submission until all ran (and were
  * waited for), divided by N; "submit" the submission loop alone per task.
  */
@@ -141,6 +146,63 @@ static int floor_libuv(double *out)
     return 0;
 }
 
+#if CALLER_WITH_GLIB
+static int ours_glib(double *out)
+{
+    return bench_on_glib(ours, out);
+}
+
+static struct {
+    GMainContext *ctx;
+    GMainLoop *loop;
+    long ran;
+    double t0, t1, t2;
+} glw;
+
+static gboolean gl_job(gpointer data)
+{
+    bench_job_t *j = data;
+    j->result = j->fn(j->arg);
+    free(j);
+    if (++glw.ran == N) {
+        glw.t2 = bench_now();
+        g_main_loop_quit(glw.loop);
+    }
+    return G_SOURCE_REMOVE;
+}
+
+static gboolean gl_kick(gpointer data)
+{
+    (void)data;
+    glw.t0 = bench_now();
+    for (long i = 0; i < N; i++) {
+        GSource *s = g_idle_source_new();
+        g_source_set_callback(s, gl_job, bench_job_new(noop, NULL, NULL), NULL);
+        g_source_attach(s, glw.ctx);
+        g_source_unref(s);
+    }
+    glw.t1 = bench_now();
+    return G_SOURCE_REMOVE;
+}
+
+static int floor_glib(double *out)
+{
+    glw.ctx = g_main_context_new();
+    glw.loop = g_main_loop_new(glw.ctx, FALSE);
+    GSource *k = g_idle_source_new();
+    g_source_set_callback(k, gl_kick, NULL, NULL);
+    g_source_attach(k, glw.ctx);
+    g_source_unref(k);
+    g_main_loop_run(glw.loop);
+    BENCH_CHECK(glw.ran == N);
+    g_main_loop_unref(glw.loop);
+    g_main_context_unref(glw.ctx);
+    out[0] = (glw.t2 - glw.t0) * 1e9 / N;
+    out[1] = (glw.t1 - glw.t0) * 1e9 / N;
+    return 0;
+}
+#endif
+
 static const bench_workload_t w1 = {
     "W1",
     "local spawn",
@@ -149,7 +211,12 @@ static const bench_workload_t w1 = {
     {{"per task", "ns"}, {"submit", "ns"}},
     {{"call_soon+wait (MANUAL)", ours},
      {"fn-pointer array", floor_pthread},
-     {"async+locked queue", floor_libuv}},
+     {"async+locked queue", floor_libuv},
+#if CALLER_WITH_GLIB
+     {"call_soon+wait (MANUAL), GLib backend", ours_glib},
+     {"g_idle_add each", floor_glib},
+#endif
+    },
     60,
     0,
 };
@@ -157,6 +224,6 @@ static const bench_workload_t w1 = {
 int main(void)
 {
     bench_begin();
-    bench_workload(&w1);
+    bench_workload_more(&w1, &(bench_more_t){.key = {[3] = "libcaller-glib", [4] = "glib"}});
     return bench_end();
 }

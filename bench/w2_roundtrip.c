@@ -15,6 +15,11 @@
  *  libuv      a loop thread with one uv_async_t; the main thread pushes the
  *             record on a mutex-protected queue, calls uv_async_send, and
  *             waits on a mutex + condvar posted by the async callback.
+ *  libcaller-glib  the libcaller program on the GLib backend.
+ *  glib       a thread running a GMainLoop; the main thread calls
+ *             g_main_context_invoke() with the record (an idle GSource per
+ *             call, GLib's way to run a function in another thread's
+ *             context) and waits on a mutex + condvar posted by it.
  */
 #include "bench.h"
 #include "floors.h"
@@ -66,16 +71,16 @@ static int ours(double *out)
     return 0;
 }
 
-static int floor_pthread(double *out)
+/* The floors' round trips: @p push hands a call record to the floor's
+ * thread, which runs it and posts the record's waiter. */
+static void floor_roundtrips(void (*push)(void *q, bench_job_t *j), void *q, double *out)
 {
-    ptq_t q;
     bench_waiter_t w;
     bench_waiter_init(&w);
-    ptq_start(&q);
     for (int i = -WARM; i < N; i++) {
         double t0 = bench_now();
         bench_job_t *j = bench_job_new(noop, (void *)1, &w);
-        ptq_push(&q, j);
+        push(q, j);
         bench_waiter_wait(&w);
         void *v = j->result;
         free(j);
@@ -84,36 +89,59 @@ static int floor_pthread(double *out)
         if (i >= 0)
             lat[i] = t1 - t0;
     }
-    ptq_stop(&q);
     bench_waiter_destroy(&w);
     report(out);
+}
+
+static void push_pthread(void *q, bench_job_t *j)
+{
+    ptq_push(q, j);
+}
+
+static int floor_pthread(double *out)
+{
+    ptq_t q;
+    ptq_start(&q);
+    floor_roundtrips(push_pthread, &q, out);
+    ptq_stop(&q);
     return 0;
+}
+
+static void push_libuv(void *q, bench_job_t *j)
+{
+    uvq_push(q, j);
 }
 
 static int floor_libuv(double *out)
 {
     static uvq_t q;
-    bench_waiter_t w;
-    bench_waiter_init(&w);
     uvq_init(&q);
     uvq_start_thread(&q);
-    for (int i = -WARM; i < N; i++) {
-        double t0 = bench_now();
-        bench_job_t *j = bench_job_new(noop, (void *)1, &w);
-        uvq_push(&q, j);
-        bench_waiter_wait(&w);
-        void *v = j->result;
-        free(j);
-        double t1 = bench_now();
-        BENCH_CHECK(v == (void *)1);
-        if (i >= 0)
-            lat[i] = t1 - t0;
-    }
+    floor_roundtrips(push_libuv, &q, out);
     uvq_stop_thread(&q);
-    bench_waiter_destroy(&w);
-    report(out);
     return 0;
 }
+
+#if CALLER_WITH_GLIB
+static int ours_glib(double *out)
+{
+    return bench_on_glib(ours, out);
+}
+
+static void push_glib(void *q, bench_job_t *j)
+{
+    glq_push(q, j);
+}
+
+static int floor_glib(double *out)
+{
+    static glq_t q;
+    glq_start(&q);
+    floor_roundtrips(push_glib, &q, out);
+    glq_stop(&q);
+    return 0;
+}
+#endif
 
 static const bench_workload_t w2 = {
     "W2",
@@ -123,7 +151,12 @@ static const bench_workload_t w2 = {
     {{"p50", "us"}, {"p99", "us"}, {"mean", "us"}},
     {{"call_soon+wait (NEW_THREAD)", ours},
      {"condvar ping-pong", floor_pthread},
-     {"async+queue, condvar wait", floor_libuv}},
+     {"async+queue, condvar wait", floor_libuv},
+#if CALLER_WITH_GLIB
+     {"call_soon+wait, GLib backend", ours_glib},
+     {"g_main_context_invoke, condvar wait", floor_glib},
+#endif
+    },
     60,
     1, /* each run starts with 1,000 uncounted round trips instead */
 };
@@ -131,6 +164,6 @@ static const bench_workload_t w2 = {
 int main(void)
 {
     bench_begin();
-    bench_workload(&w2);
+    bench_workload_more(&w2, &(bench_more_t){.key = {[3] = "libcaller-glib", [4] = "glib"}});
     return bench_end();
 }

@@ -13,6 +13,9 @@
  *  libuv      a loop thread; each record is pushed on a mutex-protected
  *             FIFO followed by uv_async_send; the async callback takes the
  *             whole list; the last record carries the waiter.
+ *  libcaller-glib  the libcaller program on the GLib backend.
+ *  glib       a thread running a GMainLoop; each record is handed over
+ *             with g_main_context_invoke(); the last carries the waiter.
  *
  * Metrics: "per call" (first submission to the last call done) / N, and
  * "submit": the submission loop alone, per call.
@@ -57,56 +60,78 @@ static int ours(double *out)
     return 0;
 }
 
-static int floor_pthread(double *out)
+/* The floors' stream: @p push hands each call record to the floor's
+ * thread; the last carries the waiter. */
+static void floor_stream(void (*push)(void *q, bench_job_t *j), void *q, double *out)
 {
-    ptq_t q;
     bench_waiter_t w;
     bench_waiter_init(&w);
-    ptq_start(&q);
     bench_job_t *last = NULL;
     double t0 = bench_now();
     for (long i = 0; i < N; i++) {
         bench_job_t *j = bench_job_new(noop, NULL, i == N - 1 ? &w : NULL);
         if (i == N - 1)
             last = j;
-        ptq_push(&q, j);
+        push(q, j);
     }
     double t1 = bench_now();
     bench_waiter_wait(&w);
     double t2 = bench_now();
     free(last);
-    ptq_stop(&q);
     bench_waiter_destroy(&w);
     out[0] = (t2 - t0) * 1e9 / N;
     out[1] = (t1 - t0) * 1e9 / N;
+}
+
+static void push_pthread(void *q, bench_job_t *j)
+{
+    ptq_push(q, j);
+}
+
+static int floor_pthread(double *out)
+{
+    ptq_t q;
+    ptq_start(&q);
+    floor_stream(push_pthread, &q, out);
+    ptq_stop(&q);
     return 0;
+}
+
+static void push_libuv(void *q, bench_job_t *j)
+{
+    uvq_push(q, j);
 }
 
 static int floor_libuv(double *out)
 {
     static uvq_t q;
-    bench_waiter_t w;
-    bench_waiter_init(&w);
     uvq_init(&q);
     uvq_start_thread(&q);
-    bench_job_t *last = NULL;
-    double t0 = bench_now();
-    for (long i = 0; i < N; i++) {
-        bench_job_t *j = bench_job_new(noop, NULL, i == N - 1 ? &w : NULL);
-        if (i == N - 1)
-            last = j;
-        uvq_push(&q, j);
-    }
-    double t1 = bench_now();
-    bench_waiter_wait(&w);
-    double t2 = bench_now();
-    free(last);
+    floor_stream(push_libuv, &q, out);
     uvq_stop_thread(&q);
-    bench_waiter_destroy(&w);
-    out[0] = (t2 - t0) * 1e9 / N;
-    out[1] = (t1 - t0) * 1e9 / N;
     return 0;
 }
+
+#if CALLER_WITH_GLIB
+static int ours_glib(double *out)
+{
+    return bench_on_glib(ours, out);
+}
+
+static void push_glib(void *q, bench_job_t *j)
+{
+    glq_push(q, j);
+}
+
+static int floor_glib(double *out)
+{
+    static glq_t q;
+    glq_start(&q);
+    floor_stream(push_glib, &q, out);
+    glq_stop(&q);
+    return 0;
+}
+#endif
 
 static const bench_workload_t w3 = {
     "W3",
@@ -116,7 +141,12 @@ static const bench_workload_t w3 = {
     {{"per call", "ns"}, {"submit", "ns"}},
     {{"call_soon (NEW_THREAD)", ours},
      {"mutex+condvar queue", floor_pthread},
-     {"async+locked queue", floor_libuv}},
+     {"async+locked queue", floor_libuv},
+#if CALLER_WITH_GLIB
+     {"call_soon, GLib backend", ours_glib},
+     {"g_main_context_invoke each", floor_glib},
+#endif
+    },
     60,
     0,
 };
@@ -124,6 +154,6 @@ static const bench_workload_t w3 = {
 int main(void)
 {
     bench_begin();
-    bench_workload(&w3);
+    bench_workload_more(&w3, &(bench_more_t){.key = {[3] = "libcaller-glib", [4] = "glib"}});
     return bench_end();
 }

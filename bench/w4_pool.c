@@ -40,6 +40,11 @@
  *             own peak before it, a couple of MB like the others' start);
  *             threads as ours, from /proc/self/task. Without the binary
  *             these systems are shown as not run, not as failures.
+ *  libcaller-glib  the libcaller program on the GLib backend.
+ *  glib       a GThreadPool of 10 threads (g_thread_pool_push); each
+ *             worker puts its finished job on a GAsyncQueue; the main
+ *             thread keeps 10 outstanding, pops completions, reads each
+ *             result and pushes the next.
  *
  * Threads are counted from /proc/self/task twenty times during the run (the
  * maximum is reported); peak RSS is the run's VmHWM (the child starts as a
@@ -391,6 +396,60 @@ static int floor_libuv(double *out)
     return 0;
 }
 
+/* ---- GLib: GThreadPool + GAsyncQueue ------------------------------------- */
+
+#if CALLER_WITH_GLIB
+static int ours_glib(double *out)
+{
+    return bench_on_glib(ours, out);
+}
+
+typedef struct {
+    uint64_t arg, result;
+} gljob_t;
+
+static void gl_work(gpointer data, gpointer user)
+{
+    gljob_t *j = data;
+    j->result = work(j->arg, work_iters);
+    g_async_queue_push(user, j);
+}
+
+static int floor_glib(double *out)
+{
+    GAsyncQueue *done_q = g_async_queue_new();
+    GThreadPool *tp = g_thread_pool_new(gl_work, done_q, CONCURRENCY, FALSE, NULL);
+    BENCH_CHECK(tp != NULL);
+    int peak = 0;
+    uintptr_t sink = 0;
+    long made = 0, done = 0;
+    double t0 = bench_now();
+    for (; made < CONCURRENCY; made++) {
+        gljob_t *j = malloc(sizeof *j);
+        BENCH_CHECK(j);
+        j->arg = (uint64_t)made;
+        BENCH_CHECK(g_thread_pool_push(tp, j, NULL));
+    }
+    while (done < N) {
+        gljob_t *j = g_async_queue_pop(done_q);
+        sink += j->result;
+        sample_threads(++done, &peak);
+        if (made < N) {
+            j->arg = (uint64_t)made++; /* reused for the next */
+            BENCH_CHECK(g_thread_pool_push(tp, j, NULL));
+        } else {
+            free(j);
+        }
+    }
+    double t1 = bench_now();
+    work_sink = sink;
+    g_thread_pool_free(tp, FALSE, TRUE);
+    g_async_queue_unref(done_q);
+    report(out, t0, t1, peak);
+    return 0;
+}
+#endif
+
 /* ---- the Go peer --------------------------------------------------------- */
 
 static char go_path[4096];
@@ -476,7 +535,12 @@ static const bench_workload_t w4 = {
      {"uv_queue_work, 10 threads", floor_libuv},
      {"to_thread, all submitted, max_workers 10", ours_all},
      {"Go, 10 goroutines, all submitted", go_all},
-     {"Go, 10 outstanding", go_outstanding}},
+     {"Go, 10 outstanding", go_outstanding},
+#if CALLER_WITH_GLIB
+     {"to_thread+as_completed_gen, GLib backend", ours_glib},
+     {"GThreadPool of 10 + GAsyncQueue", floor_glib},
+#endif
+    },
     120,
     0,
 };
@@ -485,7 +549,8 @@ enum { GO_ALL = 4, GO_10 = 5 }; /* the Go peer's systems in w4.sys */
 
 int main(void)
 {
-    bench_more_t more = {.key = {[3] = "libcaller-all", [GO_ALL] = "go-all", [GO_10] = "go-10"}};
+    bench_more_t more = {.key = {[3] = "libcaller-all", [GO_ALL] = "go-all", [GO_10] = "go-10",
+                                 [6] = "libcaller-glib", [7] = "glib"}};
     bench_workload_t w = w4;
     static char why[4200];
     bench_begin();

@@ -18,6 +18,12 @@
  *             record starts its own uv_timer_t (ms resolution; the timeout
  *             is rounded up against uv_now(), so it is never early); the
  *             timer callback records the time and closes the handle.
+ *  libcaller-glib  the libcaller program on the GLib backend.
+ *  glib       a thread running a GMainLoop; each record is handed over
+ *             with g_main_context_invoke(), which starts a
+ *             g_timeout_source_new() of its own (ms resolution; rounded up
+ *             against g_get_monotonic_time(), so never early); its callback
+ *             records the time.
  */
 #include "bench.h"
 #include "floors.h"
@@ -272,6 +278,56 @@ static int floor_libuv(double *out)
     return 0;
 }
 
+#if CALLER_WITH_GLIB
+static int ours_glib(double *out)
+{
+    return bench_on_glib(ours, out);
+}
+
+static struct {
+    glq_t q;
+    bench_waiter_t all;
+} gt;
+
+static gboolean gl_fire(gpointer data)
+{
+    rec_t *r = data;
+    r->run = bench_now();
+    if (atomic_fetch_add(&ran, 1) + 1 == N)
+        bench_waiter_post(&gt.all);
+    return G_SOURCE_REMOVE;
+}
+
+/* Runs in the loop thread: start the record's timeout. */
+static void *gl_arm(void *arg)
+{
+    rec_t *r = arg;
+    double ms = ceil((deadline(r) - bench_now()) * 1e3);
+    GSource *t = g_timeout_source_new(ms > 0 ? (guint)ms : 0);
+    g_source_set_callback(t, gl_fire, r, NULL);
+    g_source_attach(t, gt.q.ctx);
+    g_source_unref(t);
+    return NULL;
+}
+
+static int floor_glib(double *out)
+{
+    double cpu0 = bench_cpu_seconds();
+    bench_waiter_init(&gt.all);
+    glq_start(&gt.q);
+    for (int i = 0; i < N; i++) {
+        rec_t *r = &rec[i];
+        r->delay = delays[i];
+        r->submit = bench_now();
+        glq_push(&gt.q, bench_job_new(gl_arm, r, NULL));
+    }
+    bench_waiter_wait(&gt.all);
+    glq_stop(&gt.q);
+    report(out, cpu0);
+    return 0;
+}
+#endif
+
 static const bench_workload_t w5 = {
     "W5",
     "timers",
@@ -280,7 +336,12 @@ static const bench_workload_t w5 = {
     {{"p50 late", "us"}, {"p99 late", "us"}, {"max late", "us"}, {"early", "count"}, {"CPU", "s"}},
     {{"call_later (NEW_THREAD)", ours},
      {"heap+condvar thread", floor_pthread},
-     {"uv_timer each", floor_libuv}},
+     {"uv_timer each", floor_libuv},
+#if CALLER_WITH_GLIB
+     {"call_later, GLib backend", ours_glib},
+     {"g_timeout_source each", floor_glib},
+#endif
+    },
     60,
     0,
 };
@@ -289,6 +350,6 @@ int main(void)
 {
     bench_begin();
     make_delays();
-    bench_workload(&w5);
+    bench_workload_more(&w5, &(bench_more_t){.key = {[3] = "libcaller-glib", [4] = "glib"}});
     return bench_end();
 }

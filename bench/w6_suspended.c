@@ -27,6 +27,8 @@
  *             queues the "set the gate" job, which runs every continuation;
  *             the last one wakes the main thread. What a suspended wait
  *             costs when its state is a heap record instead of a stack.
+ *  libcaller-glib  the libcaller program on the GLib backend (GLib has
+ *             no suspended tasks of its own: no raw GLib system here).
  */
 #include "bench.h"
 #include "floors.h"
@@ -135,6 +137,13 @@ static int ours_copy(double *out)
     return run_ours(out, CALLER_STACK_COPY);
 }
 
+#if CALLER_WITH_GLIB
+static int ours_glib(double *out)
+{
+    return bench_on_glib(ours, out);
+}
+#endif
+
 /* ---- pthread: the theoretical floor -------------------------------------- */
 
 static int floor_pthread(double *out)
@@ -233,7 +242,11 @@ static const bench_workload_t w6 = {
     {{"call_soon+pending_wait", ours},
      {"theory: 1 page/stack", floor_pthread},
      {"stackless continuations", floor_libuv},
-     {"copy-stack mode (CALLER_STACK_COPY)", ours_copy}},
+     {"copy-stack mode (CALLER_STACK_COPY)", ours_copy},
+#if CALLER_WITH_GLIB
+     {"call_soon+pending_wait, GLib backend", ours_glib},
+#endif
+    },
     120,
     0,
 };
@@ -241,6 +254,6 @@ static const bench_workload_t w6 = {
 int main(void)
 {
     bench_begin();
-    bench_workload_more(&w6, &(bench_more_t){.key = {[3] = "libcaller-copy"}});
+    bench_workload_more(&w6, &(bench_more_t){.key = {[3] = "libcaller-copy", [4] = "libcaller-glib"}});
     return bench_end();
 }
