@@ -209,12 +209,13 @@ static const bench_workload_t w1 = {
     "in a running task, call_soon 1,000,000 no-ops onto the same Caller, then wait for each",
     2,
     {{"per task", "ns"}, {"submit", "ns"}},
-    {{"call_soon+wait (MANUAL)", ours},
-     {"fn-pointer array", floor_pthread},
-     {"async+locked queue", floor_libuv},
+    {
+        {"call_soon+wait (MANUAL)", ours},
+        {"fn-pointer array", floor_pthread},
+        {"async+locked queue", floor_libuv},
 #if CALLER_WITH_GLIB
-     {"call_soon+wait (MANUAL), GLib backend", ours_glib},
-     {"g_idle_add each", floor_glib},
+        {"call_soon+wait (MANUAL), GLib backend", ours_glib},
+        {"g_idle_add each", floor_glib},
 #endif
     },
     60,

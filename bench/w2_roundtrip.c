@@ -149,12 +149,13 @@ static const bench_workload_t w2 = {
     "a plain thread call_soon's a no-op onto a Caller thread and waits; 100,000 in sequence",
     3,
     {{"p50", "us"}, {"p99", "us"}, {"mean", "us"}},
-    {{"call_soon+wait (NEW_THREAD)", ours},
-     {"condvar ping-pong", floor_pthread},
-     {"async+queue, condvar wait", floor_libuv},
+    {
+        {"call_soon+wait (NEW_THREAD)", ours},
+        {"condvar ping-pong", floor_pthread},
+        {"async+queue, condvar wait", floor_libuv},
 #if CALLER_WITH_GLIB
-     {"call_soon+wait, GLib backend", ours_glib},
-     {"g_main_context_invoke, condvar wait", floor_glib},
+        {"call_soon+wait, GLib backend", ours_glib},
+        {"g_main_context_invoke, condvar wait", floor_glib},
 #endif
     },
     60,

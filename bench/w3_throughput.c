@@ -139,12 +139,13 @@ static const bench_workload_t w3 = {
     "a plain thread call_soon's 1,000,000 no-ops onto a Caller thread, then waits for the last",
     2,
     {{"per call", "ns"}, {"submit", "ns"}},
-    {{"call_soon (NEW_THREAD)", ours},
-     {"mutex+condvar queue", floor_pthread},
-     {"async+locked queue", floor_libuv},
+    {
+        {"call_soon (NEW_THREAD)", ours},
+        {"mutex+condvar queue", floor_pthread},
+        {"async+locked queue", floor_libuv},
 #if CALLER_WITH_GLIB
-     {"call_soon, GLib backend", ours_glib},
-     {"g_main_context_invoke each", floor_glib},
+        {"call_soon, GLib backend", ours_glib},
+        {"g_main_context_invoke each", floor_glib},
 #endif
     },
     60,

@@ -530,15 +530,16 @@ static const bench_workload_t w4 = {
     "200,000 tasks of ~1 us CPU, at most 10 outstanding, consumed as they complete",
     3,
     {{"per task", "ns"}, {"peak RSS", "MiB"}, {"threads", "peak"}},
-    {{"to_thread+as_completed_gen", ours},
-     {"fixed pool of 10", floor_pthread},
-     {"uv_queue_work, 10 threads", floor_libuv},
-     {"to_thread, all submitted, max_workers 10", ours_all},
-     {"Go, 10 goroutines, all submitted", go_all},
-     {"Go, 10 outstanding", go_outstanding},
+    {
+        {"to_thread+as_completed_gen", ours},
+        {"fixed pool of 10", floor_pthread},
+        {"uv_queue_work, 10 threads", floor_libuv},
+        {"to_thread, all submitted, max_workers 10", ours_all},
+        {"Go, 10 goroutines, all submitted", go_all},
+        {"Go, 10 outstanding", go_outstanding},
 #if CALLER_WITH_GLIB
-     {"to_thread+as_completed_gen, GLib backend", ours_glib},
-     {"GThreadPool of 10 + GAsyncQueue", floor_glib},
+        {"to_thread+as_completed_gen, GLib backend", ours_glib},
+        {"GThreadPool of 10 + GAsyncQueue", floor_glib},
 #endif
     },
     120,
@@ -549,8 +550,11 @@ enum { GO_ALL = 4, GO_10 = 5 }; /* the Go peer's systems in w4.sys */
 
 int main(void)
 {
-    bench_more_t more = {.key = {[3] = "libcaller-all", [GO_ALL] = "go-all", [GO_10] = "go-10",
-                                 [6] = "libcaller-glib", [7] = "glib"}};
+    bench_more_t more = {.key = {[3] = "libcaller-all",
+                                 [GO_ALL] = "go-all",
+                                 [GO_10] = "go-10",
+                                 [6] = "libcaller-glib",
+                                 [7] = "glib"}};
     bench_workload_t w = w4;
     static char why[4200];
     bench_begin();

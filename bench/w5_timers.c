@@ -334,12 +334,13 @@ static const bench_workload_t w5 = {
     "100,000 call_later no-ops, delays uniform over 0-100 ms, onto one thread",
     5,
     {{"p50 late", "us"}, {"p99 late", "us"}, {"max late", "us"}, {"early", "count"}, {"CPU", "s"}},
-    {{"call_later (NEW_THREAD)", ours},
-     {"heap+condvar thread", floor_pthread},
-     {"uv_timer each", floor_libuv},
+    {
+        {"call_later (NEW_THREAD)", ours},
+        {"heap+condvar thread", floor_pthread},
+        {"uv_timer each", floor_libuv},
 #if CALLER_WITH_GLIB
-     {"call_later, GLib backend", ours_glib},
-     {"g_timeout_source each", floor_glib},
+        {"call_later, GLib backend", ours_glib},
+        {"g_timeout_source each", floor_glib},
 #endif
     },
     60,

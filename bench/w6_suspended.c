@@ -239,12 +239,13 @@ static const bench_workload_t w6 = {
     "100,000 tasks on one Caller all suspended on one Pending, then set it and wait for all",
     3,
     {{"RSS per task", "B"}, {"wall", "ms"}, {"all parked", "ms"}},
-    {{"call_soon+pending_wait", ours},
-     {"theory: 1 page/stack", floor_pthread},
-     {"stackless continuations", floor_libuv},
-     {"copy-stack mode (CALLER_STACK_COPY)", ours_copy},
+    {
+        {"call_soon+pending_wait", ours},
+        {"theory: 1 page/stack", floor_pthread},
+        {"stackless continuations", floor_libuv},
+        {"copy-stack mode (CALLER_STACK_COPY)", ours_copy},
 #if CALLER_WITH_GLIB
-     {"call_soon+pending_wait, GLib backend", ours_glib},
+        {"call_soon+pending_wait, GLib backend", ours_glib},
 #endif
     },
     120,
@@ -254,6 +255,7 @@ static const bench_workload_t w6 = {
 int main(void)
 {
     bench_begin();
-    bench_workload_more(&w6, &(bench_more_t){.key = {[3] = "libcaller-copy", [4] = "libcaller-glib"}});
+    bench_workload_more(&w6,
+                        &(bench_more_t){.key = {[3] = "libcaller-copy", [4] = "libcaller-glib"}});
     return bench_end();
 }
