@@ -1306,7 +1306,10 @@ typedef struct caller_as_completed_options {
 
 /**
  * Iterate @p n Pendings (@p items may be NULL when @p n is 0) as they
- * complete. The iterator takes its own references.
+ * complete. The iterator takes its own references. It starts watching
+ * them at the first caller_iter_next() (with `max_concurrent`, a chunk at
+ * a time): those already done then come first, in the order given; the
+ * others in the order they complete.
  *
  * Thread: any.
  * @param items    the Pendings (none NULL: -EINVAL); NULL only with @p n 0.

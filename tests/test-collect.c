@@ -78,12 +78,18 @@ static void *gated(void *arg)
 typedef struct {
     gated_t *g;
     caller_pending_t **p;
+    caller_pending_t *kick;
+    sem_t iterating;
 } opener_t;
 
-/* Open the gates in the order 1, 2, 0, each once the previous task ended. */
+/* Complete the kick, and once the iterator yielded it (so it watches
+ * every item from then on), open the gates in the order 1, 2, 0, each once
+ * the previous task ended. */
 static void *open_gates(void *arg)
 {
     opener_t *o = arg;
+    caller_pending_set_result(o->kick, NULL, 0);
+    check_sem_wait(&o->iterating);
     static const int order[3] = {1, 2, 0};
     for (int k = 0; k < 3; k++) {
         int i = order[k];
@@ -99,17 +105,27 @@ TEST(completion_order_and_errors)
     gated_t g[3] = {{caller_pending_new(0), 60, false},
                     {caller_pending_new(0), 10, true},
                     {caller_pending_new(0), 30, false}};
-    caller_pending_t *p[3];
+    /* Watching starts at the first caller_iter_next(): what is done by
+     * then comes first, in the order given. The kick is yielded first, and
+     * only then do the gated tasks end, so their order is completion order
+     * whatever the scheduler does. */
+    caller_pending_t *p[4];
     for (int i = 0; i < 3; i++)
         p[i] = caller_call_soon(c, gated, &g[i]);
-    caller_iter_t *it = caller_as_completed(p, 3, NULL);
-    opener_t o = {g, p};
+    p[3] = caller_pending_new(0);
+    caller_iter_t *it = caller_as_completed(p, 4, NULL);
+    opener_t o = {.g = g, .p = p, .kick = p[3]};
+    CHECK_EQ(sem_init(&o.iterating, 0, 0), 0);
     pthread_t th;
     CHECK_EQ(pthread_create(&th, NULL, open_gates, &o), 0);
     caller_pending_t *q;
     int order[3], n = 0;
+    CHECK_RC(caller_iter_next(it, &q), 0);
+    CHECK_PTR_EQ(q, p[3]);
+    caller_pending_unref(q);
+    sem_post(&o.iterating);
     while (caller_iter_next(it, &q) == 0) {
-        for (int i = 0; i < 3; i++)
+        for (int i = 0; i < 3 && n < 3; i++)
             if (q == p[i])
                 order[n++] = i;
         caller_pending_unref(q);
@@ -126,6 +142,8 @@ TEST(completion_order_and_errors)
         caller_pending_unref(p[i]);
         caller_pending_unref(g[i].gate);
     }
+    caller_pending_unref(p[3]);
+    sem_destroy(&o.iterating);
     check_stop(c);
 }
 
