@@ -16,15 +16,16 @@
  *   Caller (GLib calls prepare right before it computes its poll timeout).
  * - the descriptor source: the timer, a timerfd (backend_fd.h: nanosecond
  *   deadlines; GLib's ready times round to milliseconds), and the shared
- *   epoll set of descriptor watches, as unix fds.
+ *   epoll set of descriptor watches, as unix fds; it may recurse, so GLib
+ *   does not block it (below).
  *
  * Why two: GLib blocks a source while it dispatches it, and blocking a
  * source with descriptors takes them out of the context's poll set and
  * puts them back, each with a g_main_context_wakeup() — two eventfd
  * writes per dispatch (measured: 2 writes per cross-thread round trip
  * with one source). The work source, dispatched for every wake, has no
- * descriptors; the descriptor source is dispatched only when the timer
- * fires or a watched descriptor is ready.
+ * descriptors, so blocking it costs nothing; the descriptor source is not
+ * blocked at all (W5, 100 000 timers: the writes made every firing late).
  *
  * close() destroys both and attaches an idle source made at open (so
  * close cannot fail) that reports on_closed from the loop.
@@ -196,6 +197,12 @@ static int gb_open(caller__backend_t **out, void *loop, void *owner,
     }
     b->work = new_source(&work_funcs, b, "libcaller");
     b->fdsrc = new_source(&fd_funcs, b, "libcaller timer and descriptors");
+    /* Not blocked while it dispatches (the blocking would cost the two
+     * writes per timer firing). A nested main loop run from a task may
+     * then dispatch it again: on_work does nothing inside the Caller's
+     * dispatch, whose end arms the timer again, and the epoll set's
+     * dispatch is re-entrant. */
+    g_source_set_can_recurse(b->fdsrc, TRUE);
     b->timer_tag = g_source_add_unix_fd(b->fdsrc, b->tfd.fd, G_IO_IN);
     b->closer = g_idle_source_new();
     g_source_set_name(b->closer, "libcaller close");

@@ -9,6 +9,7 @@
 
 #include <glib.h>
 #include <pthread.h>
+#include <semaphore.h>
 #include <stdatomic.h>
 #include <unistd.h>
 
@@ -233,4 +234,64 @@ TEST(glib_application_sources_run_beside_tasks)
     caller_unref(b.c);
     g_main_context_pop_thread_default(ctx);
     g_main_context_unref(ctx);
+}
+
+/* ---- a nested main loop run from a task (a modal dialog's shape) ---- */
+
+static gboolean quit_nested(gpointer loop)
+{
+    g_main_loop_quit(loop);
+    return G_SOURCE_REMOVE;
+}
+
+static void *sleeper(void *arg)
+{
+    (void)arg;
+    CHECK_RC(caller_sleep(0.005), 0);
+    return P(5);
+}
+
+static void *three(void *arg)
+{
+    (void)arg;
+    return P(3);
+}
+
+static sem_t nesting; /* posted as the nested loop starts */
+
+static void *run_nested_loop(void *arg)
+{
+    caller_pending_t *slept = arg;
+    /* The Caller's own context, iterated from inside one of its tasks
+     * until a timeout quits it, as gtk_dialog_run() would. The Caller's
+     * work waits meanwhile (this task holds its loop); the sleeper's timer
+     * comes due during it. */
+    GMainContext *ctx = caller_glib_context(caller_current());
+    GMainLoop *nested = g_main_loop_new(ctx, FALSE);
+    GSource *t = g_timeout_source_new(30);
+    g_source_set_callback(t, quit_nested, nested, NULL);
+    g_source_attach(t, ctx);
+    g_source_unref(t);
+    sem_post(&nesting);
+    g_main_loop_run(nested);
+    g_main_loop_unref(nested);
+    CHECK_EQ(caller_pending_done(slept), 0); /* its timer waited for this task */
+    return P(1);
+}
+
+TEST(glib_nested_main_loop_in_a_task)
+{
+    CHECK_EQ(sem_init(&nesting, 0, 0), 0);
+    caller_t *c = caller_create(CALLER_NEW_THREAD, &(caller_options_t){.backend = "glib"});
+    CHECK(c != NULL);
+    caller_pending_t *s = caller_call_soon(c, sleeper, NULL);
+    caller_pending_t *n = caller_call_soon(c, run_nested_loop, s);
+    /* Work from another thread while the nested loop runs (its 30 ms). */
+    check_sem_wait(&nesting);
+    caller_pending_t *late = caller_call_soon(c, three, NULL);
+    CHECK_EQ(I(await(n)), 1);
+    CHECK_EQ(I(await(s)), 5);
+    CHECK_EQ(I(await(late)), 3);
+    check_stop(c);
+    sem_destroy(&nesting);
 }
