@@ -32,6 +32,10 @@ typedef struct {
     /* The loop is about to block waiting for events (it may dispatch here
      * and turn "more" on, and the loop will not block then). */
     void (*before_sleep)(void *owner);
+    /* The same for a loop that must not run tasks there: runs nothing,
+     * spins briefly where allowed; true if work came (the backend then
+     * does not block, and calls on_work next). */
+    bool (*await_work)(void *owner);
 } caller__backend_events_t;
 
 typedef struct {

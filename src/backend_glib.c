@@ -12,8 +12,12 @@
  *   iterations) costs no system call; wake-ups coalesce; nothing is
  *   allocated per wake. "More work" makes its prepare say ready with a
  *   zero timeout, so the context polls without blocking and dispatches it
- *   again; before_sleep runs in its prepare when nothing is ready for the
- *   Caller (GLib calls prepare right before it computes its poll timeout).
+ *   again. When nothing is left to run, its dispatch spins briefly for the
+ *   next message and runs it (before_sleep, as the libuv backend does
+ *   before it polls); a prepare not preceded by such a dispatch spins too
+ *   (await_work: GLib calls prepare right before it computes its poll
+ *   timeout), but never runs a task there: GLib forbids iterating the
+ *   context from a prepare function, and a task may (a modal dialog).
  * - the descriptor source: the timer, a timerfd (backend_fd.h: nanosecond
  *   deadlines; GLib's ready times round to milliseconds), and the shared
  *   epoll set of descriptor watches, as unix fds; it may recurse, so GLib
@@ -55,6 +59,7 @@ struct caller__backend {
     atomic_int woken;     /* set by wake(), cleared by the dispatch that sees it */
     atomic_int may_sleep; /* 1 from a prepare that lets the context block until check */
     bool more_on;
+    bool spun;   /* the last dispatch spun for work: the next prepare need not */
     bool closed; /* the closer ran: an owned loop's run() returns */
     void *owner;
     const caller__backend_events_t *events;
@@ -75,9 +80,15 @@ static bool woken(caller__backend_t *b)
 static gboolean work_prepare(GSource *s, gint *timeout)
 {
     caller__backend_t *b = of(s);
-    /* The context is about to poll: the Caller may spin for work here. */
-    if (!b->more_on && !woken(b))
-        b->events->before_sleep(b->owner);
+    /* The context is about to poll: the Caller may spin for work here,
+     * but runs nothing (GLib forbids iterating the context from a prepare
+     * function, and a task may do that: a modal dialog). Work that came
+     * is dispatched next, as if woken: a producer that saw the spin did
+     * not set the flag. */
+    bool spun = b->spun;
+    b->spun = false;
+    if (!spun && !b->more_on && !woken(b) && b->events->await_work(b->owner))
+        atomic_store(&b->woken, 1);
     if (!b->more_on) {
         /* Say that a wake must signal from here on, then look once more:
          * either this sees a wake's flag, or that wake sees may_sleep and
@@ -111,6 +122,14 @@ static gboolean work_dispatch(GSource *s, GSourceFunc cb, gpointer data)
     bool wake = atomic_exchange_explicit(&b->woken, 0, memory_order_acq_rel) != 0;
     if (wake || b->more_on)
         b->events->on_work(b->owner);
+    /* Nothing left to run: spin briefly for the next message and run it
+     * here (a task may iterate the context from a dispatch), as the libuv
+     * backend does before it polls; the prepare that follows then does
+     * not spin again. */
+    if (!b->more_on && !woken(b)) {
+        b->events->before_sleep(b->owner);
+        b->spun = true;
+    }
     return G_SOURCE_CONTINUE;
 }
 

@@ -504,8 +504,15 @@ static void before_sleep(void *owner)
     caller__before_sleep(owner);
 }
 
-static const caller__backend_events_t events = {
-    .on_work = on_work, .on_closed = on_closed, .before_sleep = before_sleep};
+static bool await_work(void *owner)
+{
+    return caller__await_work(owner);
+}
+
+static const caller__backend_events_t events = {.on_work = on_work,
+                                                .on_closed = on_closed,
+                                                .before_sleep = before_sleep,
+                                                .await_work = await_work};
 
 static void check_finished(caller_t *c)
 {

@@ -94,33 +94,38 @@ static size_t online_cpus(void)
  * poll its other handles (I/O, an application's own) once. */
 enum { SLEEP_ROUNDS = 32 };
 
+bool caller__await_work(caller_t *c)
+{
+    if (c->finishing || c->ready.head)
+        return false;
+    /* Spin only on an idle core: with pool workers running calls on
+     * every core, a spinner takes the CPU from them. */
+    if (caller__pool_busy_workers() >= online_cpus()) {
+        CALLER__TEST_POINT("sched.spin_skipped", c);
+        return false;
+    }
+    /* A pool's idle workers do not all spin: the pool says which may. */
+    const caller__worker_hooks_t *wh = atomic_load_explicit(&c->worker, memory_order_acquire);
+    if (wh)
+        CALLER__TEST_POINT("sched.may_spin", c); /* the pool may be letting it go */
+    if (wh && !wh->may_spin(c)) {
+        CALLER__TEST_POINT("sched.spin_refused", c);
+        return false;
+    }
+    CALLER__TEST_POINT("sched.spin_allowed", c);
+    bool queued = caller__inbox_await_briefly(&c->inbox, &c->spin);
+    if (wh)
+        wh->spun(c);
+    return queued;
+}
+
 void caller__before_sleep(caller_t *c)
 {
     /* Work found while spinning is run here, and then the loop would block
      * again: spin again rather than sleep (a message arriving a µs later
      * would otherwise cost a wake-up), a bounded number of rounds. */
     for (int round = 0; round < SLEEP_ROUNDS; round++) {
-        if (c->finishing || c->ready.head)
-            return;
-        /* Spin only on an idle core: with pool workers running calls on
-         * every core, a spinner takes the CPU from them. */
-        if (caller__pool_busy_workers() >= online_cpus()) {
-            CALLER__TEST_POINT("sched.spin_skipped", c);
-            return;
-        }
-        /* A pool's idle workers do not all spin: the pool says which may. */
-        const caller__worker_hooks_t *wh = atomic_load_explicit(&c->worker, memory_order_acquire);
-        if (wh)
-            CALLER__TEST_POINT("sched.may_spin", c); /* the pool may be letting it go */
-        if (wh && !wh->may_spin(c)) {
-            CALLER__TEST_POINT("sched.spin_refused", c);
-            return;
-        }
-        CALLER__TEST_POINT("sched.spin_allowed", c);
-        bool queued = caller__inbox_await_briefly(&c->inbox, &c->spin);
-        if (wh)
-            wh->spun(c);
-        if (!queued)
+        if (!caller__await_work(c))
             return;
         caller__dispatch(c); /* with tasks left ready the loop does not block */
     }

@@ -118,6 +118,11 @@ bool caller__post(caller_t *c, caller__msg_t *m);
 void caller__dispatch(caller_t *c);
 /* Loop thread: the loop is about to block; spin briefly for work first. */
 void caller__before_sleep(caller_t *c);
+/* One round of before_sleep that runs nothing: spin briefly, where this
+ * Caller may, for a message; true if one came (the caller dispatches it).
+ * For a loop whose "about to block" hook must not run tasks (GLib's
+ * prepare: a task there could not iterate the context). */
+bool caller__await_work(caller_t *c);
 /* Loop thread, on MSG_STOP: cancel every task. */
 void caller__sched_stop(caller_t *c);
 /* Loop thread: all tasks ended? */
