@@ -25,6 +25,11 @@
 
 typedef void *(*bench_fn_t)(void *arg);
 
+struct bench_job;
+/* Hand a call record to a floor's thread (ptq, uvq or glq, as void *), for
+ * a workload written once over the floors: bench_push_ptq, _uvq, _glq. */
+typedef void (*bench_push_fn)(void *q, struct bench_job *j);
+
 /* A waiter a plain thread blocks on (one per waiting thread, reused). */
 typedef struct {
     pthread_mutex_t lock;
@@ -239,6 +244,16 @@ static inline void ptq_push(ptq_t *q, bench_job_t *j)
     pthread_mutex_unlock(&q->lock);
 }
 
+static inline void bench_push_uvq(void *q, bench_job_t *j)
+{
+    uvq_push(q, j);
+}
+
+static inline void bench_push_ptq(void *q, bench_job_t *j)
+{
+    ptq_push(q, j);
+}
+
 static inline void ptq_stop(ptq_t *q)
 {
     pthread_mutex_lock(&q->lock);
@@ -295,6 +310,11 @@ static gboolean glq__run(gpointer data)
 static inline void glq_push(glq_t *q, bench_job_t *j)
 {
     g_main_context_invoke(q->ctx, glq__run, j);
+}
+
+static inline void bench_push_glq(void *q, bench_job_t *j)
+{
+    glq_push(q, j);
 }
 
 static gboolean glq__quit(gpointer data)

@@ -62,7 +62,7 @@ static int ours(double *out)
 
 /* The floors' stream: @p push hands each call record to the floor's
  * thread; the last carries the waiter. */
-static void floor_stream(void (*push)(void *q, bench_job_t *j), void *q, double *out)
+static void floor_stream(bench_push_fn push, void *q, double *out)
 {
     bench_waiter_t w;
     bench_waiter_init(&w);
@@ -83,23 +83,13 @@ static void floor_stream(void (*push)(void *q, bench_job_t *j), void *q, double 
     out[1] = (t1 - t0) * 1e9 / N;
 }
 
-static void push_pthread(void *q, bench_job_t *j)
-{
-    ptq_push(q, j);
-}
-
 static int floor_pthread(double *out)
 {
     ptq_t q;
     ptq_start(&q);
-    floor_stream(push_pthread, &q, out);
+    floor_stream(bench_push_ptq, &q, out);
     ptq_stop(&q);
     return 0;
-}
-
-static void push_libuv(void *q, bench_job_t *j)
-{
-    uvq_push(q, j);
 }
 
 static int floor_libuv(double *out)
@@ -107,7 +97,7 @@ static int floor_libuv(double *out)
     static uvq_t q;
     uvq_init(&q);
     uvq_start_thread(&q);
-    floor_stream(push_libuv, &q, out);
+    floor_stream(bench_push_uvq, &q, out);
     uvq_stop_thread(&q);
     return 0;
 }
@@ -118,16 +108,11 @@ static int ours_glib(double *out)
     return bench_on_glib(ours, out);
 }
 
-static void push_glib(void *q, bench_job_t *j)
-{
-    glq_push(q, j);
-}
-
 static int floor_glib(double *out)
 {
     static glq_t q;
     glq_start(&q);
-    floor_stream(push_glib, &q, out);
+    floor_stream(bench_push_glq, &q, out);
     glq_stop(&q);
     return 0;
 }

@@ -7,6 +7,7 @@
 #include "caller.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -34,22 +35,12 @@ size_t caller_backends(const char **names, size_t max)
     return NBACKENDS;
 }
 
-const char *caller__backend_names(void)
-{
-#if CALLER_WITH_GLIB
-    return "libuv, glib";
-#else
-    return "libuv; glib is not in this build";
-#endif
-}
-
 int caller__backend_choose(const caller_options_t *o, const char *api,
-                           const caller__backend_ops_t **ops, void **app_loop)
+                           const caller__backend_ops_t **ops)
 {
     const char *name = o ? o->backend : NULL;
     void *uv = o ? (void *)o->loop : NULL;
     void *glib = o ? (void *)o->glib_context : NULL;
-    *app_loop = NULL;
     if (uv && glib)
         return caller__fail(-EINVAL,
                             "%s: options.loop (a libuv loop) and options.glib_context (a GLib "
@@ -70,9 +61,14 @@ int caller__backend_choose(const caller_options_t *o, const char *api,
             name = "libuv";
     }
     const caller__backend_ops_t *found = caller__backend_find(name);
-    if (!found)
-        return caller__fail(-EINVAL, "%s: unknown backend '%s' in %s (available: %s)", api, name,
-                            from, caller__backend_names());
+    if (!found) {
+        char names[64] = "";
+        for (size_t i = 0; i < NBACKENDS; i++)
+            snprintf(names + strlen(names), sizeof names - strlen(names), "%s%s", i ? ", " : "",
+                     backends[i]->name);
+        return caller__fail(-EINVAL, "%s: unknown backend '%s' in %s (this build has: %s)", api,
+                            name, from, names);
+    }
     if ((uv && found != &caller__backend_uv) || (glib && strcmp(found->name, "glib") != 0))
         return caller__fail(-EINVAL,
                             "%s: options.backend is '%s' but the loop given is %s: the backend "
@@ -80,6 +76,5 @@ int caller__backend_choose(const caller_options_t *o, const char *api,
                             api, found->name,
                             uv ? "options.loop (libuv)" : "options.glib_context (glib)");
     *ops = found;
-    *app_loop = uv ? uv : glib;
     return 0;
 }

@@ -91,20 +91,16 @@ extern const caller__backend_ops_t caller__backend_glib;
 /* The backend with this name, or NULL. */
 const caller__backend_ops_t *caller__backend_find(const char *name);
 
-/* The names of the backends of this build, for messages. */
-const char *caller__backend_names(void);
-
 struct caller_options;
 
 /*
- * The backend for a new Caller made with options @p o (may be NULL), and
- * the application's loop to attach to (NULL: none given). The backend
- * named in o->backend; else the one whose loop is given (o->loop: libuv,
- * o->glib_context: glib); else the environment's CALLER_BACKEND; else
- * libuv. 0, or -EINVAL with a message starting "@p api: " (an unknown
+ * The backend for a new Caller made with options @p o (may be NULL): the
+ * one named in o->backend; else the one whose loop is given (o->loop:
+ * libuv, o->glib_context: glib); else the environment's CALLER_BACKEND;
+ * else libuv. 0, or -EINVAL with a message starting "@p api: " (an unknown
  * name, both loops given, a loop of another backend than the one named).
  */
 int caller__backend_choose(const struct caller_options *o, const char *api,
-                           const caller__backend_ops_t **ops, void **app_loop);
+                           const caller__backend_ops_t **ops);
 
 #endif

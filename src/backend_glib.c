@@ -49,7 +49,7 @@ typedef struct {
 struct caller__backend {
     GMainContext *ctx; /* a reference */
     bool owns;         /* made here, and pushed as the thread's default */
-    GSource *work;     /* a caller_gsource_t: wake, more, before_sleep */
+    GSource *work;     /* a caller_gsource_t: wake, more, spinning for work */
     GSource *fdsrc;    /* a caller_gsource_t: the timerfd and the epoll set */
     GSource *closer;   /* reports on_closed, once attached by close() */
     gpointer timer_tag;

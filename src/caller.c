@@ -313,10 +313,8 @@ static caller_t *alloc_caller(const caller_options_t *o, const char *default_nam
     pthread_once(&owner_ops_once, install_owner_ops);
     pthread_once(&fork_once, fork_init);
     const caller__backend_ops_t *ops;
-    void *app_loop;
-    if (caller__backend_choose(o, "caller_create", &ops, &app_loop) < 0)
+    if (caller__backend_choose(o, "caller_create", &ops) < 0)
         return NULL;
-    (void)app_loop; /* caller_create attaches to it (CALLER_CURRENT_THREAD) */
     if (o && o->stack_mode > CALLER_STACK_COPY) {
         caller__fail(-EINVAL, "caller_create: unknown stack_mode %u", o->stack_mode);
         return NULL;
@@ -673,6 +671,7 @@ caller_t *caller_create(caller_mode_t mode, const caller_options_t *o)
         if (!c)
             return NULL;
         caller__transition(c, CALLER_STATE_INITIAL, CALLER_STATE_STARTING); /* not shared yet */
+        /* One of them (caller__backend_choose refused both). */
         if (start_loop(c, o->loop ? (void *)o->loop : (void *)o->glib_context) < 0) {
             caller_unref(c);
             return NULL;
