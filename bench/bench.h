@@ -49,7 +49,7 @@
 #define BENCH_MAX_RUNS 64
 #define BENCH_MAX_METRICS 6
 #define BENCH_SYSTEMS 3     /* the first three: ours and the two floors */
-#define BENCH_MAX_SYSTEMS 8 /* with the others a workload may add */
+#define BENCH_MAX_SYSTEMS 9 /* with the others a workload may add */
 
 /* Index of each system in a workload's table. */
 enum { BENCH_OURS = 0, BENCH_PTHREAD = 1, BENCH_LIBUV = 2 };
@@ -417,6 +417,15 @@ static inline int bench_is_ours(const bench_result_t *res, int s)
     return strncmp(res->key[s], "libcaller", 9) == 0;
 }
 
+/* A floor that is no system anyone would use (its key ends in "-floor",
+ * e.g. W4's work alone on every core): shown with its ratio, left out of
+ * the best peer too. */
+static inline int bench_is_floor(const bench_result_t *res, int s)
+{
+    size_t n = strlen(res->key[s]);
+    return n >= 6 && strcmp(res->key[s] + n - 6, "-floor") == 0;
+}
+
 /* Three systems: one column per system, one row per metric, the ratios to
  * the two floors at the end of each row. */
 static inline void bench_table_columns(const bench_workload_t *w, const bench_result_t *res)
@@ -602,7 +611,7 @@ static inline void bench_workload_more(const bench_workload_t *w, const bench_mo
             res.ratio[s][m] = NAN;
             if (s > 0 && res.st[0][m].n && st->n && st->median != 0)
                 res.ratio[s][m] = res.st[0][m].median / st->median;
-            if (!bench_is_ours(&res, s) && st->n &&
+            if (!bench_is_ours(&res, s) && !bench_is_floor(&res, s) && st->n &&
                 (res.best[m] < 0 || st->median < res.st[res.best[m]][m].median))
                 res.best[m] = s;
         }
