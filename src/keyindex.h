@@ -30,6 +30,9 @@ typedef struct caller__keynode {
     caller_fn fn;
     const void *key;
     size_t hash; /* caller__keyindex_hash(fn, key), set before inserting */
+    void *aux;   /* what a lookup will touch next (or NULL), set before
+                    inserting: kept in the slot too, and fetched from
+                    there while the node itself is still on its way */
 } caller__keynode_t;
 
 /* A slot keeps its node's hash beside it, so a probe past other keys
@@ -38,6 +41,7 @@ typedef struct caller__keynode {
 typedef struct caller__keyslot {
     size_t hash;
     caller__keynode_t *node; /* NULL: empty */
+    void *aux;               /* the node's aux */
 } caller__keyslot_t;
 
 typedef struct caller__keyindex {
@@ -86,7 +90,13 @@ static inline caller__keynode_t *caller__keyindex_find(const caller__keyindex_t 
         caller__keynode_t *n = ix->slot[i].node;
         if (!n)
             return NULL;
-        if (ix->slot[i].hash == hash && n->fn == fn && n->key == key)
+        if (ix->slot[i].hash != hash)
+            continue;
+        /* With thousands of keys both are cache misses: start the second
+         * before the first is in (the node's line is needed to compare). */
+        if (ix->slot[i].aux)
+            __builtin_prefetch(ix->slot[i].aux);
+        if (n->fn == fn && n->key == key)
             return n;
     }
 }
@@ -97,7 +107,7 @@ static inline void caller__keyindex_place(caller__keyindex_t *ix, caller__keynod
     size_t i = n->hash & ix->mask;
     while (ix->slot[i].node)
         i = (i + 1) & ix->mask;
-    ix->slot[i] = (caller__keyslot_t){n->hash, n};
+    ix->slot[i] = (caller__keyslot_t){n->hash, n, n->aux};
 }
 
 /* Move the nodes of *@p ix into a new table of @p capacity (a power of two

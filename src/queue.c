@@ -223,7 +223,8 @@ static caller__queue_t *new_queue(caller_t *c, caller_fn key_fn, const void *key
         c->queues.index = ix;
         return NULL;
     }
-    q->pending = p; /* the queue's reference, dropped when it ends */
+    q->pending = p;  /* the queue's reference, dropped when it ends */
+    q->node.aux = p; /* a call looks at it first */
     caller__keyindex_insert(ix, &q->node);
     enlist(c, q);
     return q;
