@@ -267,6 +267,31 @@ static inline void ptq_stop(ptq_t *q)
 
 /* ---- GLib: a main loop on a thread, fed by g_main_context_invoke -------- */
 
+/* A workload written once over the floors: it feeds its records to queue
+ * @p q through @p push. W2 and W3 run theirs over each floor's queue. */
+typedef void (*bench_drive_fn)(bench_push_fn push, void *q, double *out);
+
+/* Start a pthread consumer, run @p drive over it, stop it. */
+static inline int bench_drive_ptq(bench_drive_fn drive, double *out)
+{
+    ptq_t q;
+    ptq_start(&q);
+    drive(bench_push_ptq, &q, out);
+    ptq_stop(&q);
+    return 0;
+}
+
+/* Start a libuv loop thread, run @p drive over it, stop it. */
+static inline int bench_drive_uvq(bench_drive_fn drive, double *out)
+{
+    static uvq_t q;
+    uvq_init(&q);
+    uvq_start_thread(&q);
+    drive(bench_push_uvq, &q, out);
+    uvq_stop_thread(&q);
+    return 0;
+}
+
 #if CALLER_WITH_GLIB
 #include <glib.h>
 
@@ -330,6 +355,16 @@ static inline void glq_stop(glq_t *q)
     pthread_join(q->thread, NULL);
     g_main_loop_unref(q->loop);
     g_main_context_unref(q->ctx);
+}
+
+/* Start a GLib loop thread, run @p drive over it, stop it. */
+static inline int bench_drive_glq(bench_drive_fn drive, double *out)
+{
+    static glq_t q;
+    glq_start(&q);
+    drive(bench_push_glq, &q, out);
+    glq_stop(&q);
+    return 0;
 }
 
 /* Run @p fn(out) in a child whose Callers default to the GLib backend. */

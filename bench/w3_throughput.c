@@ -85,21 +85,12 @@ static void floor_stream(bench_push_fn push, void *q, double *out)
 
 static int floor_pthread(double *out)
 {
-    ptq_t q;
-    ptq_start(&q);
-    floor_stream(bench_push_ptq, &q, out);
-    ptq_stop(&q);
-    return 0;
+    return bench_drive_ptq(floor_stream, out);
 }
 
 static int floor_libuv(double *out)
 {
-    static uvq_t q;
-    uvq_init(&q);
-    uvq_start_thread(&q);
-    floor_stream(bench_push_uvq, &q, out);
-    uvq_stop_thread(&q);
-    return 0;
+    return bench_drive_uvq(floor_stream, out);
 }
 
 #if CALLER_WITH_GLIB
@@ -110,11 +101,7 @@ static int ours_glib(double *out)
 
 static int floor_glib(double *out)
 {
-    static glq_t q;
-    glq_start(&q);
-    floor_stream(bench_push_glq, &q, out);
-    glq_stop(&q);
-    return 0;
+    return bench_drive_glq(floor_stream, out);
 }
 #endif
 
