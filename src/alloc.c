@@ -166,36 +166,41 @@ char *caller__vasprintf(const char *fmt, va_list ap)
 #define BIG_MAPPED 1
 #endif
 
-#define HUGE_PAGE ((size_t)2 << 20)
+#define AREA_STEP ((size_t)2 << 20)
 
-/* Bytes mapped for an area of @p size: a whole number of huge pages. */
+/* Bytes mapped for an area of @p size: a whole number of 2 MiB steps. */
 static size_t big_span(size_t size)
 {
-    return (size + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+    return (size + AREA_STEP - 1) / AREA_STEP * AREA_STEP;
 }
 
-/* A mapping of @p span bytes (a multiple of HUGE_PAGE) aligned to a huge
- * page and advised for huge pages (zeroed), or NULL. @p flags: extra mmap
- * flags. */
-static void *map_huge(size_t span, int flags)
+/*
+ * A private anonymous mapping of @p span bytes (zeroed), or NULL. @p flags:
+ * extra mmap flags.
+ *
+ * Not advised for transparent huge pages, by measurement. On this kind of
+ * virtual machine (the guest hands free memory back to its host: free page
+ * reporting of 8 MiB blocks) the first touch of a 2 MiB page costs 0.05 or
+ * 1.5 ms depending on whether the host still backs it, which depends on
+ * what other processes freed in the last seconds: 54 MiB took 5-164 ms in
+ * back-to-back fresh processes, against a steady 21-33 ms with 4 KiB pages.
+ * In the benchmarks that made the figures bimodal (W1 191-643 ns per task,
+ * W6 copy-stack 50-463 ms) where 4 KiB pages give 239-331 and 114-150; the
+ * medians of W1, W3 and W4 all-submitted (940 -> 630 ns) were as good or
+ * better with 4 KiB pages, and a small program's RSS does not round up to
+ * 2 MiB steps (W4: 2.6 MB instead of 4.6).
+ */
+static void *map_area(size_t span, int flags)
 {
-    char *raw = mmap(NULL, span + HUGE_PAGE, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS | flags, -1, 0);
-    if (raw == MAP_FAILED)
-        return NULL;
-    char *p = (char *)(((uintptr_t)raw + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1));
-    if (p > raw)
-        munmap(raw, (size_t)(p - raw));
-    munmap(p + span, (size_t)(raw + HUGE_PAGE - p));
-    (void)madvise(p, span, MADV_HUGEPAGE); /* without it: 4 KiB pages */
-    return p;
+    char *p = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | flags, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
 }
 
 void *caller__big_alloc(size_t size)
 {
     if (!BIG_MAPPED || size < CALLER__BIG_SIZE)
         return caller__calloc(1, size);
-    return inject() ? NULL : map_huge(big_span(size), 0);
+    return inject() ? NULL : map_area(big_span(size), 0);
 }
 
 void caller__big_free(void *p, size_t size)
@@ -231,11 +236,11 @@ void caller__big_free(void *p, size_t size)
  * poisoned past its links, so a use after free is still reported.
  *
  * Fresh blocks come from the arena, not from malloc: one region of
- * ARENA_BYTES, reserved at the first need, aligned to and advised for 2 MiB
- * transparent huge pages. On this kind of virtual machine the first touch
- * of a 4 KiB page costs 8-14 µs (a page fault; measured on 52 MiB), about
- * 50 ns for each of its 16 blocks, paid by the thread that submits the
- * calls; a 2 MiB page takes one fault for 8192 blocks. Blocks carved from
+ * ARENA_BYTES, reserved at the first need (map_area: 4 KiB pages, see
+ * there), carved in order so that the pages touched are the blocks used.
+ * A fresh block costs the first touch of its memory, about 0.4-0.5 ns per
+ * byte on this kind of virtual machine (a 4 KiB page fault, 1.6-2.3 µs),
+ * paid by the thread that submits the calls. Blocks carved from
  * the arena are never given back to the system, only cached and reused
  * (kept even past MAX_BATCHES): its touched pages are the high-water mark
  * of blocks alive at once, at most ARENA_BYTES. Once it is used up, fresh
@@ -315,7 +320,7 @@ static block_t *carve_locked(unsigned *n)
         return NULL;
     char *base = atomic_load_explicit(&arena, memory_order_relaxed);
     if (!base) {
-        base = map_huge(ARENA_BYTES, MAP_NORESERVE);
+        base = map_area(ARENA_BYTES, MAP_NORESERVE);
         if (!base) {
             arena_failed = true;
             return NULL;

@@ -59,9 +59,10 @@ char *caller__vasprintf(const char *fmt, va_list ap);
 #define CALLER__BLOCK_SIZE 248
 
 /* A large zeroed area (@p size bytes, any size) for one owner: from its own
- * mapping advised for 2 MiB transparent huge pages when @p size is at least
- * CALLER__BIG_SIZE (one fault per 2 MiB instead of 512), else from
- * caller__calloc; NULL on failure. Give it back with caller__big_free and
+ * mapping (a whole number of 2 MiB steps, 4 KiB pages: alloc.c's map_area
+ * says why) when @p size is at least CALLER__BIG_SIZE, so that giving it
+ * back returns its pages to the system at once, else from caller__calloc;
+ * NULL on failure. Give it back with caller__big_free and
  * the same size. Under ASan always caller__calloc. */
 #define CALLER__BIG_SIZE ((size_t)2 << 20)
 void *caller__big_alloc(size_t size);

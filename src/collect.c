@@ -88,7 +88,7 @@ static entry_t *new_entry(caller_iter_t *it)
     if (!it->spare) {
         size_t n = it->chunk_size;
         size_t bytes = sizeof(chunk_t) + n * sizeof(entry_t);
-        chunk_t *k = caller__big_alloc(bytes); /* a large set: huge pages */
+        chunk_t *k = caller__big_alloc(bytes); /* a large set: its own mapping */
         if (!k)
             return NULL;
         k->bytes = bytes;

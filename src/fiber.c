@@ -775,8 +775,8 @@ static void fiber_take_run(struct fiber_thread *t, caller__fiber_t *f)
  * Save buffers. A thread's copied fibers are all its own, so their buffers
  * come from a per-thread arena without locks: size classes of 64-byte
  * steps up to 4 KiB, then powers of two up to 64 KiB (bigger ones from
- * caller__malloc), carved from 2 MiB areas advised for huge pages
- * (caller__big_alloc) and kept on a free list per class. With 100 000
+ * caller__malloc), carved from 2 MiB areas (caller__big_alloc) and kept
+ * on a free list per class. With 100 000
  * suspended tasks that is 100 000 buffers of a few hundred bytes: from
  * malloc on a Caller's thread (a non-main arena that grows by mprotect,
  * one 4 KiB page fault at a time) they took most of the time. The areas go
