@@ -110,6 +110,11 @@ struct caller {
     /* loop-thread-only */
     caller__backend_t *loop_backend; /* from start until finished */
     caller__fifo_t ready;
+    /* The dispatch's current round (sched.c): its last ready task while
+     * the round still has tasks to run, else NULL; and the context the
+     * loop runs in outside tasks. */
+    caller__msg_t *round_last;
+    struct caller__ctx *loop_ctx;
     caller__heap_t timers;
     caller__link_t live_tasks;
     size_t nlive;
