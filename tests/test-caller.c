@@ -1569,3 +1569,239 @@ TEST(wait_with_timeout_zero_in_a_task_does_not_suspend)
     caller_pending_unref(p);
     check_stop(c);
 }
+
+/* ---- one round of ready tasks (they share a fiber: sched.c) --------------- */
+
+enum { ROUND = 200 };
+
+typedef struct {
+    int order[ROUND]; /* indices in the order the tasks began */
+    int n;
+    int resumed; /* kind 2 tasks that came back from their wait */
+    int ran_cancelled;
+    caller_pending_t *gate;
+    caller_pending_t *p[ROUND];
+} round_t;
+
+typedef struct {
+    round_t *r;
+    int i;
+} round_arg_t;
+
+/* Kind by i % 5: 0 returns i; 1 raises; 2 suspends on the gate; 3 cancels
+ * the next task (a kind 4) before it starts; 4 must never run. */
+static void *round_task(void *arg)
+{
+    round_arg_t *a = arg;
+    round_t *r = a->r;
+    CHECK_PTR_EQ(caller_current_pending(), r->p[a->i]);
+    switch (a->i % 5) {
+    case 4:
+        r->ran_cancelled++;
+        return NULL;
+    case 1:
+        r->order[r->n++] = a->i;
+        caller_raise(-EIO, "task %d failed", a->i);
+        return NULL;
+    case 2:
+        r->order[r->n++] = a->i;
+        CHECK_RC(caller_pending_wait(r->gate, 10, CALLER_WAIT_PROTECT, NULL), 0);
+        r->resumed++;
+        return P(a->i);
+    case 3:
+        r->order[r->n++] = a->i;
+        CHECK_EQ(caller_pending_cancel(r->p[a->i + 1], "cancelled by the task before it"), 1);
+        return P(a->i);
+    default:
+        r->order[r->n++] = a->i;
+        return P(a->i);
+    }
+}
+
+static void *round_body(void *arg)
+{
+    round_t *r = arg;
+    caller_t *c = caller_current();
+    round_arg_t args[ROUND];
+    caller_stats_t before, after;
+    CHECK_RC(caller_stats(c, &before), 0);
+    /* All made in this task: they run in the loop's next round, one after
+     * the other, while this task waits. */
+    for (int i = 0; i < ROUND; i++) {
+        args[i] = (round_arg_t){r, i};
+        r->p[i] = caller_call_soon(c, round_task, &args[i]);
+        CHECK(r->p[i] != NULL);
+    }
+    CHECK_RC(caller_pending_wait(r->p[ROUND - 1], 10, CALLER_WAIT_PROTECT, NULL), 0);
+    CHECK_EQ(caller_pending_cancelled(r->p[ROUND - 1]), 1);
+    /* Every task of the round began or was skipped before the kind 2 ones
+     * were let go. */
+    CHECK_EQ(r->n, ROUND / 5 * 4);
+    CHECK_EQ(r->resumed, 0);
+    CHECK_RC(caller_pending_set_result(r->gate, NULL, 0), 0);
+    for (int i = 0; i < ROUND; i++) {
+        void *v = NULL;
+        int rc = caller_pending_wait(r->p[i], 10, CALLER_WAIT_PROTECT | CALLER_WAIT_RESULT, &v);
+        switch (i % 5) {
+        case 1: {
+            CHECK_EQ(rc, -EIO);
+            char msg[64];
+            CHECK_RC(caller_pending_exception(r->p[i], msg, sizeof msg), -EIO);
+            char want[32];
+            snprintf(want, sizeof want, "task %d failed", i);
+            CHECK(strstr(msg, want) != NULL);
+            break;
+        }
+        case 4:
+            CHECK_EQ(rc, -ECANCELED);
+            break;
+        default:
+            CHECK_EQ(rc, 0);
+            CHECK_PTR_EQ(v, P(i));
+        }
+        caller_pending_unref(r->p[i]);
+    }
+    CHECK_RC(caller_stats(c, &after), 0);
+    /* Those cancelled before they began neither started nor finished. */
+    CHECK_EQ(after.tasks_started - before.tasks_started, ROUND / 5 * 4);
+    CHECK_EQ(after.tasks_finished - before.tasks_finished, ROUND / 5 * 4);
+    return NULL;
+}
+
+TEST(one_round_of_tasks_runs_in_order_each_with_its_own_outcome)
+{
+    caller_t *c = check_new_thread(NULL);
+    round_t *r = calloc(1, sizeof *r);
+    CHECK(r != NULL);
+    r->gate = caller_pending_new(CALLER_PENDING_UNTRACKED);
+    CHECK(r->gate != NULL);
+    caller_pending_t *body = caller_call_soon(c, round_body, r);
+    await(body);
+    caller_pending_unref(body);
+    CHECK_EQ(r->n, ROUND / 5 * 4);
+    for (int k = 1; k < r->n; k++)
+        CHECK_LT(r->order[k - 1], r->order[k]);
+    CHECK_EQ(r->resumed, ROUND / 5);
+    CHECK_EQ(r->ran_cancelled, 0);
+    caller_pending_unref(r->gate);
+    free(r);
+    check_stop(c);
+}
+
+typedef struct {
+    caller_group_t *mine, *other;
+    caller_pending_t *child;
+} ctx_arg_t;
+
+static bool group_tracks(caller_group_t *g, caller_pending_t *p)
+{
+    caller_pending_t *out[8];
+    size_t n = caller_group_pending(g, out, 8);
+    CHECK_LE(n, 8);
+    bool found = false;
+    for (size_t i = 0; i < n; i++) {
+        found |= out[i] == p;
+        caller_pending_unref(out[i]);
+    }
+    return found;
+}
+
+/* Runs in the context it was scheduled in: a Pending it makes is tracked
+ * by that context's group, not by the one of the task before it. */
+static void *make_child_in_context(void *arg)
+{
+    ctx_arg_t *a = arg;
+    a->child = caller_call_soon(caller_current(), ret_arg, NULL);
+    CHECK(a->child != NULL);
+    CHECK(group_tracks(a->mine, a->child));
+    CHECK(!group_tracks(a->other, a->child));
+    return NULL;
+}
+
+static void *two_contexts_body(void *arg)
+{
+    (void)arg;
+    caller_t *c = caller_current();
+    caller_group_t *outer = caller_group_new(NULL, 0), *inner = caller_group_new(NULL, 0);
+    CHECK(outer && inner);
+    ctx_arg_t a1 = {outer, inner, NULL}, a2 = {inner, outer, NULL};
+    CHECK_RC(caller_group_enter(outer), 0);
+    caller_pending_t *t1 = caller_call_soon(c, make_child_in_context, &a1);
+    CHECK_RC(caller_group_enter(inner), 0);
+    caller_pending_t *t2 = caller_call_soon(c, make_child_in_context, &a2);
+    /* t1 and t2 run in the next round, one right after the other. */
+    CHECK_RC(caller_group_exit(inner), 0);
+    CHECK_RC(caller_group_exit(outer), 0);
+    CHECK(caller_pending_done(t1) && caller_pending_done(t2));
+    caller_pending_unref(a1.child);
+    caller_pending_unref(a2.child);
+    caller_pending_unref(t1);
+    caller_pending_unref(t2);
+    caller_group_unref(inner);
+    caller_group_unref(outer);
+    return NULL;
+}
+
+TEST(tasks_of_one_round_each_run_in_their_own_context)
+{
+    caller_t *c = check_new_thread(NULL);
+    caller_pending_t *body = caller_call_soon(c, two_contexts_body, NULL);
+    await(body);
+    caller_pending_unref(body);
+    check_stop(c);
+}
+
+typedef struct stop_round stop_round_t;
+typedef struct {
+    stop_round_t *s;
+    int i;
+} stop_arg_t;
+struct stop_round {
+    caller_t *c;
+    int ran[10];
+    stop_arg_t args[10];
+    caller_pending_t *p[10];
+};
+
+/* The first task of the round stops its Caller: the rest never begin. */
+static void *stop_or_note(void *arg)
+{
+    stop_arg_t *a = arg;
+    a->s->ran[a->i]++;
+    if (a->i == 0)
+        CHECK_EQ(caller_stop(a->s->c, 0), CALLER_STATE_STOPPING);
+    return P(a->i);
+}
+
+static void *stop_round_body(void *arg)
+{
+    stop_round_t *s = arg;
+    for (int i = 0; i < 10; i++) {
+        s->args[i] = (stop_arg_t){s, i};
+        s->p[i] = caller_call_soon(s->c, stop_or_note, &s->args[i]);
+        CHECK(s->p[i] != NULL);
+    }
+    return NULL;
+}
+
+TEST(stop_by_a_task_of_the_round_cancels_the_rest_before_they_begin)
+{
+    stop_round_t *s = calloc(1, sizeof *s);
+    CHECK(s != NULL);
+    s->c = check_new_thread(NULL);
+    caller_pending_t *body = caller_call_soon(s->c, stop_round_body, s);
+    await(body);
+    caller_pending_unref(body);
+    CHECK_PTR_EQ(await(s->p[0]), P(0));
+    for (int i = 1; i < 10; i++) {
+        void *v = NULL;
+        CHECK_RC(caller_pending_wait(s->p[i], 10, CALLER_WAIT_RESULT, &v), -ECANCELED);
+        CHECK_EQ(s->ran[i], 0);
+    }
+    CHECK_EQ(s->ran[0], 1);
+    CHECK_RC(caller_wait_stopped(s->c, 10), 0);
+    for (int i = 0; i < 10; i++)
+        caller_pending_unref(s->p[i]);
+    check_stop(s->c);
+    free(s);
+}
