@@ -1,8 +1,9 @@
 /*
  * Fibers: the stacks tasks run on, and the switch between them.
  *
- * Every scheduled call runs as a task, and every task is a fiber on its
- * Caller's thread. The scheduler runs on the thread's own stack and switches
+ * Every scheduled call runs as a task, and every task runs on a fiber on
+ * its Caller's thread (tasks that end without suspending may run one after
+ * another on the same fiber: sched.c's task_entry). The scheduler runs on the thread's own stack and switches
  * into a fiber; the fiber switches back when it suspends or finishes. The
  * switch is asymmetric (scheduler <-> fiber, never fiber -> fiber) and a
  * fiber never migrates: it is created, run, suspended, resumed and freed on
