@@ -40,7 +40,9 @@ typedef struct entry {
  * costs no allocation per item. */
 typedef struct chunk {
     struct chunk *next;
-    size_t bytes; /* for caller__big_free */
+    size_t bytes;     /* for caller__big_free */
+    size_t cap, used; /* entries, and those handed out so far: an entry's
+                         memory is touched only when first used */
     entry_t e[];
 } chunk_t;
 
@@ -66,6 +68,12 @@ struct caller_iter {
     chunk_t *chunks;   /* every entry's memory, freed with the iterator */
     entry_t *spare;    /* entries free for reuse, linked by next */
     size_t chunk_size; /* entries in the next chunk */
+    /* A fixed set's items found done when first met (all are met at the
+     * first call): their indices, in order, delivered before the done FIFO
+     * with no entry (no waiter, no lock); their references stay in items
+     * until handed out. */
+    size_t *pre;
+    size_t pre_head, pre_tail;
 };
 
 static void iter_unref(caller_iter_t *it)
@@ -74,6 +82,9 @@ static void iter_unref(caller_iter_t *it)
         return;
     for (size_t i = it->pos; i < it->n; i++)
         caller_pending_unref(it->items[i]);
+    for (size_t k = it->pre_head; k < it->pre_tail; k++)
+        caller_pending_unref(it->items[it->pre[k]]);
+    caller__free(it->pre);
     caller__free(it->items);
     for (chunk_t *k = it->chunks, *next; k; k = next) {
         next = k->next;
@@ -85,25 +96,27 @@ static void iter_unref(caller_iter_t *it)
 /* Consumer: an entry to fill (not zeroed), or NULL for lack of memory. */
 static entry_t *new_entry(caller_iter_t *it)
 {
-    if (!it->spare) {
+    entry_t *e = it->spare;
+    if (e) {
+        it->spare = e->link.next ? caller__container_of(e->link.next, entry_t, link) : NULL;
+        return e;
+    }
+    chunk_t *k = it->chunks;
+    if (!k || k->used == k->cap) {
         size_t n = it->chunk_size;
         size_t bytes = sizeof(chunk_t) + n * sizeof(entry_t);
-        chunk_t *k = caller__big_alloc(bytes); /* a large set: its own mapping */
+        k = caller__big_alloc(bytes); /* a large set: its own mapping */
         if (!k)
             return NULL;
         k->bytes = bytes;
+        k->cap = n;
+        k->used = 0;
         k->next = it->chunks;
         it->chunks = k;
-        for (size_t i = n; i-- > 0;) {
-            k->e[i].link.next = it->spare ? &it->spare->link : NULL;
-            it->spare = &k->e[i];
-        }
         if (it->chunk_size < CHUNK_MAX)
             it->chunk_size *= 2;
     }
-    entry_t *e = it->spare;
-    it->spare = e->link.next ? caller__container_of(e->link.next, entry_t, link) : NULL;
-    return e;
+    return &k->e[k->used++];
 }
 
 /* Consumer: @p e (its reference already given away or released) is free
@@ -210,9 +223,12 @@ caller_iter_t *caller_as_completed(caller_pending_t *const *items, size_t n,
             it->items[i] = caller_pending_ref(items[i]);
     }
     it->n = n;
-    /* All are watched at the first call when unlimited: one chunk for all. */
-    if (n > it->chunk_size && (it->limit == 0 || it->limit >= n))
+    /* All are met at the first call when unlimited: one chunk for all (its
+     * entries touched only as used), and those done already need none. */
+    if (n > it->chunk_size && (it->limit == 0 || it->limit >= n)) {
         it->chunk_size = n;
+        it->pre = caller__malloc(n * sizeof *it->pre); /* without it: entries */
+    }
     return it;
 }
 
@@ -281,6 +297,10 @@ static int fill(caller_iter_t *it)
             }
         } else {
             p = it->pos < it->n ? it->items[it->pos++] : NULL;
+            if (p && it->pre && caller__pending_settled(p)) {
+                it->pre[it->pre_tail++] = at;
+                continue;
+            }
         }
         if (!p) {
             it->exhausted = true;
@@ -348,6 +368,13 @@ static int next_done(caller_iter_t *it, int64_t deadline, bool need_all, const c
         int rc = fill(it);
         if (rc < 0)
             return rc;
+        if (it->pre_head < it->pre_tail) {
+            size_t at = it->pre[it->pre_head++];
+            *out = it->items[at]; /* the set's reference */
+            it->items[at] = NULL;
+            *index = at;
+            return 0;
+        }
         caller__lock(&it->lock);
         caller__msg_t *m = caller__fifo_pop(&it->done);
         if (m) {

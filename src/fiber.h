@@ -3,12 +3,13 @@
  *
  * Every scheduled call runs as a task, and every task runs on a fiber on
  * its Caller's thread (tasks that end without suspending may run one after
- * another on the same fiber: sched.c's task_entry). The scheduler runs on the thread's own stack and switches
- * into a fiber; the fiber switches back when it suspends or finishes. The
- * switch is asymmetric (scheduler <-> fiber, never fiber -> fiber) and a
- * fiber never migrates: it is created, run, suspended, resumed and freed on
- * one thread. All state is thread-local (the running fiber, the scheduler's
- * saved context, the stack cache), so nothing here takes a lock.
+ * another on the same fiber: sched.c's task_entry). The scheduler runs on
+ * the thread's own stack and switches into a fiber; the fiber switches back
+ * when it suspends or finishes. The switch is asymmetric (scheduler <->
+ * fiber, never fiber -> fiber) and a fiber never migrates: it is created,
+ * run, suspended, resumed and freed on one thread. All state is
+ * thread-local (the running fiber, the scheduler's saved context, the
+ * stack cache), so nothing here takes a lock.
  *
  * A fiber's stack is a slot of an mmap'd slab: a guard page at its low end
  * (stacks grow down: an overflow faults in the guard page instead of

@@ -857,3 +857,84 @@ TEST(large_set_each_yielded_once)
     free(p);
     free(seen);
 }
+
+/* A fixed set's items done before the first call come first, in index
+ * order (they need no waiter); the rest follow in the order they complete. */
+static void check_done_first_then_completion_order(bool fail_the_index)
+{
+    enum { N = 100 };
+    caller_pending_t *p[N];
+    for (int i = 0; i < N; i++) {
+        p[i] = caller_pending_new(0);
+        CHECK(p[i] != NULL);
+        if (i % 2 == 0)
+            CHECK_RC(caller_pending_set_result(p[i], P(i), 0), 0);
+    }
+#if CALLER_TESTING
+    if (fail_the_index)
+        caller__alloc_fail_after(2); /* the iterator, its items, then this one */
+#else
+    (void)fail_the_index;
+#endif
+    caller_iter_t *it = caller_as_completed(p, N, NULL);
+#if CALLER_TESTING
+    caller__alloc_fail_after(-1);
+#endif
+    CHECK(it != NULL);
+    caller_pending_t *q;
+    for (int i = 0; i < N; i += 2) {
+        CHECK_RC(caller_iter_next(it, &q), 0);
+        CHECK_PTR_EQ(q, p[i]);
+        caller_pending_unref(q);
+    }
+    /* Nothing else is done: it would block. */
+    CHECK_RC(caller_iter_next_timeout(it, 0, &q), -ETIMEDOUT);
+    for (int i = N - 1; i > 0; i -= 2)
+        CHECK_RC(caller_pending_set_result(p[i], P(i), 0), 0);
+    for (int i = N - 1; i > 0; i -= 2) {
+        CHECK_RC(caller_iter_next(it, &q), 0);
+        CHECK_PTR_EQ(q, p[i]);
+        caller_pending_unref(q);
+    }
+    CHECK_RC(caller_iter_next(it, &q), CALLER_ITER_END);
+    caller_iter_close(it);
+    for (int i = 0; i < N; i++)
+        caller_pending_unref(p[i]);
+}
+
+TEST(fixed_set_done_items_first_in_order_then_as_they_complete)
+{
+    check_done_first_then_completion_order(false);
+}
+
+TEST(fixed_set_order_kept_without_memory_for_the_done_index)
+{
+    check_done_first_then_completion_order(true);
+}
+
+/* Closing before every done item was taken: those left are neither
+ * cancelled nor leaked (the harness checks that no Pending is left). */
+TEST(close_with_done_items_not_taken)
+{
+    enum { N = 64 };
+    caller_pending_t *p[N];
+    for (int i = 0; i < N; i++) {
+        p[i] = caller_pending_new(0);
+        CHECK(p[i] != NULL);
+        if (i != 5)
+            CHECK_RC(caller_pending_set_result(p[i], P(i), 0), 0);
+    }
+    caller_iter_t *it = caller_as_completed(p, N, NULL);
+    CHECK(it != NULL);
+    caller_pending_t *q;
+    for (int i = 0; i < 3; i++) {
+        CHECK_RC(caller_iter_next(it, &q), 0);
+        CHECK_PTR_EQ(q, p[i]);
+        caller_pending_unref(q);
+    }
+    caller_iter_close(it);
+    for (int i = 0; i < N; i++) {
+        CHECK_EQ(caller_pending_cancelled(p[i]), i == 5);
+        caller_pending_unref(p[i]);
+    }
+}
