@@ -310,10 +310,10 @@ static void task_settle(caller_t *c, caller__task_t *t);
  * the same as without it; not in copy-stack mode, not for a pool's calls
  * (their end hands the worker its next call: run_task does that).
  *
- * The task that goes next on this fiber (taken off the ready FIFO), or
- * NULL: none may.
+ * The ready task that may go next on this fiber (still at the head of the
+ * ready FIFO), or NULL: none may.
  */
-static caller__task_t *next_on_fiber(caller_t *c)
+static caller__task_t *fresh_head(caller_t *c)
 {
     caller__msg_t *m = c->ready.head;
     if (!m || !c->round_last || c->copy_stacks)
@@ -323,10 +323,17 @@ static caller__task_t *next_on_fiber(caller_t *c)
         caller_pending_cancelled(caller__task_pending(n)) ||
         atomic_load_explicit(&c->state, memory_order_relaxed) >= CALLER_STATE_STOPPING)
         return NULL;
-    caller__fifo_pop(&c->ready);
+    return n;
+}
+
+/* The next task of the dispatch's round, taken off the ready FIFO (the
+ * round ends with its last). */
+static caller__msg_t *pop_round(caller_t *c)
+{
+    caller__msg_t *m = caller__fifo_pop(&c->ready);
     if (m == c->round_last)
         c->round_last = NULL;
-    return n;
+    return m;
 }
 
 /* In a task's fiber: make @p t the task running on it (run_task's part
@@ -348,8 +355,7 @@ static void task_entry(void *arg)
         if (!t->raised_code)
             t->u.result = result;
         caller_t *c = task_caller(t);
-        if (t->msg.kind == CALLER__POOLED_TAKEN || !c->round_last || c->copy_stacks ||
-            !c->ready.head)
+        if (t->msg.kind == CALLER__POOLED_TAKEN || !fresh_head(c))
             return; /* the loop settles it (run_task) */
         /* Settle it here, as run_task would after the switch back. */
         caller__fiber_t *f = t->fiber;
@@ -360,9 +366,10 @@ static void task_entry(void *arg)
         tl_raise_msg = NULL;
         STAT_ADD(c->stats.finished, 1);
         task_settle(c, t);
-        caller__task_t *n = next_on_fiber(c);
+        caller__task_t *n = fresh_head(c); /* settling may have changed it */
         if (!n)
             return; /* tl_task NULL: run_task only frees the fiber */
+        pop_round(c);
         n->fiber = f;
         STAT_ADD(c->stats.started, 1);
         enter_task(n);
@@ -906,11 +913,8 @@ void caller__dispatch(caller_t *c)
     /* Run what is ready now; what becomes ready meanwhile waits for the next
      * round, so I/O and timers are not starved. */
     c->round_last = c->ready.tail;
-    while (c->round_last && (m = caller__fifo_pop(&c->ready))) {
-        if (m == c->round_last)
-            c->round_last = NULL;
+    while (c->round_last && (m = pop_round(c)))
         run_task(c, container_of(m, caller__task_t, msg));
-    }
     c->round_last = NULL;
     const caller__worker_hooks_t *wh = atomic_load_explicit(&c->worker, memory_order_acquire);
     bool more = wh && pull(c, wh);
