@@ -1805,3 +1805,46 @@ TEST(stop_by_a_task_of_the_round_cancels_the_rest_before_they_begin)
     check_stop(s->c);
     free(s);
 }
+
+typedef struct {
+    bool ran, on_fiber, in_task;
+} where_t;
+
+static void note_where(caller_pending_t *p, void *arg)
+{
+    (void)p;
+    where_t *w = arg;
+    w->ran = true;
+    w->on_fiber = caller__fiber_current() != NULL;
+    w->in_task = caller_current_pending() != NULL;
+}
+
+static void *hand_on_body(void *arg)
+{
+    where_t *w = arg;
+    caller_t *c = caller_current();
+    caller_pending_t *first = caller_call_soon(c, ret_arg, P(1));
+    caller_pending_t *second = caller_call_soon(c, ret_arg, P(2));
+    CHECK(first && second);
+    CHECK_RC(caller_pending_add_done_callback(first, note_where, w), 0);
+    CHECK_PTR_EQ(await(second), P(2));
+    caller_pending_unref(first);
+    caller_pending_unref(second);
+    return NULL;
+}
+
+/* A task that ends with a task of its round not yet begun behind it hands
+ * its fiber on: it is settled there, so its done callbacks run on that
+ * stack (the guide says so), still outside any task. */
+TEST(a_task_followed_in_its_round_is_settled_on_its_fiber)
+{
+    caller_t *c = check_new_thread(NULL);
+    where_t w = {0};
+    caller_pending_t *body = caller_call_soon(c, hand_on_body, &w);
+    await(body);
+    caller_pending_unref(body);
+    CHECK(w.ran);
+    CHECK(w.on_fiber);
+    CHECK(!w.in_task);
+    check_stop(c);
+}

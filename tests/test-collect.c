@@ -938,3 +938,35 @@ TEST(close_with_done_items_not_taken)
         caller_pending_unref(p[i]);
     }
 }
+
+#if CALLER_TESTING
+/* Items already done need no entry: iterating a set of them allocates
+ * nothing (an entry per item took memory for the whole set before). */
+TEST(fixed_set_of_done_items_is_iterated_without_allocating)
+{
+    enum { N = 100 };
+    caller_pending_t *p[N];
+    for (int i = 0; i < N; i++) {
+        p[i] = caller_pending_new(0);
+        CHECK(p[i] != NULL);
+        CHECK_RC(caller_pending_set_result(p[i], P(i), 0), 0);
+    }
+    caller_iter_t *it = caller_as_completed(p, N, NULL);
+    CHECK(it != NULL);
+    caller__alloc_fail_after(1000000); /* counts allocations, fails none here */
+    long before = caller__alloc_count();
+    caller_pending_t *q;
+    for (int i = 0; i < N; i++) {
+        CHECK_RC(caller_iter_next(it, &q), 0);
+        CHECK_PTR_EQ(q, p[i]);
+        caller_pending_unref(q);
+    }
+    CHECK_RC(caller_iter_next(it, &q), CALLER_ITER_END);
+    long made = caller__alloc_count() - before;
+    caller__alloc_fail_after(-1);
+    CHECK_EQ(made, 0);
+    caller_iter_close(it);
+    for (int i = 0; i < N; i++)
+        caller_pending_unref(p[i]);
+}
+#endif
