@@ -40,9 +40,9 @@ typedef struct entry {
  * costs no allocation per item. */
 typedef struct chunk {
     struct chunk *next;
-    size_t bytes;     /* for caller__big_free */
-    size_t cap, used; /* entries, and those handed out so far: an entry's
-                         memory is touched only when first used */
+    size_t bytes; /* for caller__big_free; also gives its capacity */
+    size_t used;  /* entries handed out so far: an entry's memory is
+                     touched only when first used */
     entry_t e[];
 } chunk_t;
 
@@ -102,14 +102,13 @@ static entry_t *new_entry(caller_iter_t *it)
         return e;
     }
     chunk_t *k = it->chunks;
-    if (!k || k->used == k->cap) {
+    if (!k || k->used == (k->bytes - sizeof *k) / sizeof k->e[0]) {
         size_t n = it->chunk_size;
         size_t bytes = sizeof(chunk_t) + n * sizeof(entry_t);
         k = caller__big_alloc(bytes); /* a large set: its own mapping */
         if (!k)
             return NULL;
         k->bytes = bytes;
-        k->cap = n;
         k->used = 0;
         k->next = it->chunks;
         it->chunks = k;
