@@ -918,6 +918,8 @@ static void *completer(void *arg)
         caller_pending_t *p = atomic_exchange(&handoff, NULL);
         if (p)
             CHECK_RC(caller_pending_set_result(p, P(1), 0), 0);
+        else /* nothing yet: let the waiter's thread run if it shares this CPU */
+            sched_yield();
     }
     return NULL;
 }

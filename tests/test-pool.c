@@ -698,16 +698,26 @@ static void *ret_arg(void *arg)
 }
 
 /* Let @p c run one no-op, then wait (10 s at most) until its loop decided,
- * about to sleep, whether to spin. */
+ * about to sleep, whether to spin. A loop that was still spinning when the
+ * no-op came may run it within that spin's round and, the round's time
+ * used up, sleep without deciding again (see
+ * worker_asking_to_spin_while_the_pool_stops): if no decision came 100 ms
+ * after the no-op ran, another one is sent (a wake-up from sleep always
+ * decides). */
 static void one_round(caller_t *c)
 {
     int before = atomic_load(&spin_skips) + atomic_load(&spin_allowed);
-    caller_pending_t *p = caller_call_soon(c, ret_arg, NULL);
-    CHECK_RC(caller_pending_wait(p, 10, 0, NULL), 0);
-    caller_pending_unref(p);
     double until = check_now() + 10;
-    while (atomic_load(&spin_skips) + atomic_load(&spin_allowed) == before && check_now() < until)
-        sched_yield();
+    do {
+        caller_pending_t *p = caller_call_soon(c, ret_arg, NULL);
+        CHECK_RC(caller_pending_wait(p, 10, 0, NULL), 0);
+        caller_pending_unref(p);
+        double ran_at = check_now();
+        while (atomic_load(&spin_skips) + atomic_load(&spin_allowed) == before &&
+               check_now() - ran_at < 0.1 && check_now() < until)
+            sched_yield();
+    } while (atomic_load(&spin_skips) + atomic_load(&spin_allowed) == before &&
+             check_now() < until);
     CHECK_GE(atomic_load(&spin_skips) + atomic_load(&spin_allowed), before + 1);
 }
 
