@@ -701,28 +701,50 @@ static void *ret_arg(void *arg)
     return arg;
 }
 
-/* Let @p c run one no-op, then wait (10 s at most) until its loop decided,
- * about to sleep, whether to spin. A loop that was still spinning when the
- * no-op came may run it within that spin's round and, the round's time
- * used up, sleep without deciding again (see
- * worker_asking_to_spin_while_the_pool_stops): if no decision came 100 ms
- * after the no-op ran, another one is sent (a wake-up from sleep always
- * decides). */
+/*
+ * Send no-ops to @p c until happened() (10 s at most): one, then another
+ * each time the last one has run and 100 ms passed without it. A loop that
+ * was still spinning when a no-op came may run it within that spin's round
+ * and, the round's time used up, sleep without asking whether to spin
+ * again (the spin is bounded, by design); a wake-up from sleep always asks.
+ * The no-ops go to @p pokes (at most @p max); returns how many were sent.
+ */
+static int poke_until(caller_t *c, bool (*happened)(void), caller_pending_t **pokes, int max)
+{
+    int n = 0;
+    double until = check_now() + 10 * check_time_scale(), ran_at = 0;
+    CHECK((pokes[n++] = caller_call_soon(c, ret_arg, NULL)) != NULL);
+    while (!happened() && check_now() < until) {
+        if (ran_at == 0 && caller_pending_done(pokes[n - 1])) {
+            ran_at = check_now();
+        } else if (ran_at != 0 && check_now() - ran_at > 0.1 * check_time_scale() && n < max) {
+            CHECK((pokes[n++] = caller_call_soon(c, ret_arg, NULL)) != NULL);
+            ran_at = 0;
+        }
+        sched_yield();
+    }
+    return n;
+}
+
+static int decisions_before;
+
+static bool decided(void)
+{
+    return atomic_load(&spin_skips) + atomic_load(&spin_allowed) > decisions_before;
+}
+
+/* Let @p c run a no-op, then wait (10 s at most) until its loop decided,
+ * about to sleep, whether to spin (poke_until). */
 static void one_round(caller_t *c)
 {
-    int before = atomic_load(&spin_skips) + atomic_load(&spin_allowed);
-    double until = check_now() + 10;
-    do {
-        caller_pending_t *p = caller_call_soon(c, ret_arg, NULL);
-        CHECK_RC(caller_pending_wait(p, 10, 0, NULL), 0);
-        caller_pending_unref(p);
-        double ran_at = check_now();
-        while (atomic_load(&spin_skips) + atomic_load(&spin_allowed) == before &&
-               check_now() - ran_at < 0.1 && check_now() < until)
-            sched_yield();
-    } while (atomic_load(&spin_skips) + atomic_load(&spin_allowed) == before &&
-             check_now() < until);
-    CHECK_GE(atomic_load(&spin_skips) + atomic_load(&spin_allowed), before + 1);
+    decisions_before = atomic_load(&spin_skips) + atomic_load(&spin_allowed);
+    caller_pending_t *pokes[100];
+    int n = poke_until(c, decided, pokes, 100);
+    for (int i = 0; i < n; i++) {
+        CHECK_RC(caller_pending_wait(pokes[i], 10, 0, NULL), 0);
+        caller_pending_unref(pokes[i]);
+    }
+    CHECK_GE(atomic_load(&spin_skips) + atomic_load(&spin_allowed), decisions_before + 1);
 }
 
 TEST(no_spinning_while_workers_fill_every_cpu)
@@ -875,14 +897,11 @@ TEST(stress_submitters_cancelling_into_a_capped_pool)
  * the worker left (no spin granted) and touch its link only under the
  * pool's lock (TSan checks that).
  *
- * The idle worker is woken with a no-op, and the may_spin its loop asks
- * before it sleeps again is held. Not every wake-up comes to one: a worker
- * still spinning from going idle can run the no-op within that spin's
- * round, find the round's time used up, and sleep without asking again (by
- * design: the spin is bounded; seen 4 times in about 2 900 runs under TSan
- * with other tests loading both cores, all in the GLib variants). So when
- * a no-op ran and no hold came within 100 ms, another is sent: the worker
- * is asleep by then, and a wake-up from sleep always asks.
+ * The idle worker is woken with no-ops (poke_until) until the may_spin its
+ * loop asks before it sleeps again is held. One is not always enough: a
+ * worker still spinning from going idle can run it within that spin's
+ * round and sleep without asking (seen 4 times in about 2 900 runs under
+ * TSan with other tests loading both cores, all in the GLib variants).
  */
 static caller_t *held_worker, *stopping_owner;
 static atomic_int worker_held, stop_reached, held_decision; /* 1 refused, 2 allowed */
@@ -905,6 +924,11 @@ static void hold_may_spin(const char *point, void *obj)
     }
 }
 
+static bool is_held(void)
+{
+    return atomic_load(&worker_held) != 0;
+}
+
 static void *current_worker(void *arg)
 {
     (void)arg;
@@ -924,27 +948,10 @@ TEST(worker_asking_to_spin_while_the_pool_stops)
         sched_yield();
     CHECK_EQ(caller_pool_idle(stopping_owner), 1);
     atomic_store(&caller__test_hook, hold_may_spin);
-    /* Wake the idle worker: after this no-op its loop, about to sleep,
-     * loads its hooks and is held before asking may_spin. */
-    enum { MAX_POKES = 100 };
-    caller_pending_t *pokes[MAX_POKES];
-    int npokes = 0;
-    pokes[npokes++] = caller_call_soon(held_worker, ret_arg, NULL);
-    CHECK(pokes[0] != NULL);
-    double ran_at = 0; /* when the last no-op was seen done */
-    until = check_now() + 10 * check_time_scale();
-    while (!atomic_load(&worker_held) && check_now() < until) {
-        if (ran_at == 0 && caller_pending_done(pokes[npokes - 1])) {
-            ran_at = check_now();
-        } else if (ran_at != 0 && check_now() - ran_at > 0.1 * check_time_scale() &&
-                   npokes < MAX_POKES) {
-            pokes[npokes] = caller_call_soon(held_worker, ret_arg, NULL);
-            CHECK(pokes[npokes] != NULL);
-            npokes++;
-            ran_at = 0;
-        }
-        sched_yield();
-    }
+    /* Wake the idle worker: after a no-op its loop, about to sleep, loads
+     * its hooks and is held before asking may_spin. */
+    caller_pending_t *pokes[100];
+    int npokes = poke_until(held_worker, is_held, pokes, 100);
     CHECK_EQ(atomic_load(&worker_held), 1);
     CHECK(caller_stop(stopping_owner, 0) >= 0);
     CHECK_RC(caller_wait_stopped(stopping_owner, 10 * check_time_scale()), 0);
