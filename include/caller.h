@@ -495,6 +495,13 @@ typedef enum caller_wait_flags {
  * it began has run and the queue drained after them — at once if the
  * queue is drained and nothing was queued since (caller_queue_call()).
  *
+ * In a task, a wait that finds the Pending done is still a suspension
+ * point: -ECANCELED if the task was cancelled, and, once the Caller's
+ * current dispatch has run for 2 ms, the task lets the loop turn (its
+ * timers, I/O, other tasks, the other sources of an application's loop)
+ * before the wait returns, so a task whose waits never need to wait
+ * cannot keep its thread to itself. A timeout of 0 never suspends.
+ *
  * Thread: any.
  * @param p            the Pending (not NULL: -EINVAL).
  * @param timeout      seconds; negative (CALLER_FOREVER) waits forever; 0
@@ -1339,14 +1346,17 @@ CALLER_EXTERN caller_iter_t *caller_as_completed_gen(caller_generator_fn gen, vo
 
 /**
  * The next completed Pending: yielded once each, after its done callbacks
- * ran.
+ * ran. In a task it is a suspension point even when a result is there, as
+ * caller_pending_wait() on a done Pending is: a cancelled task gets
+ * -ECANCELED, and one that has held its loop for 2 ms of a dispatch lets
+ * it turn first.
  *
  * Thread: the iterating thread or task.
  * @param it   the iterator (not NULL: -EINVAL).
  * @param out  receives a reference the caller owns (NULL when none); not
  *             NULL (-EINVAL).
  * @return 0; CALLER_ITER_END when all were yielded; -ECANCELED if the
- *         waiting task was cancelled; -EDEADLK if the generator produced the
+ *         iterating task was cancelled (@p out gets NULL); -EDEADLK if the generator produced the
  *         current task's own Pending, or if a plain (non-task) wait on a
  *         Caller's own thread could only be ended by that thread (every
  *         outstanding item is a call of that Caller); -EINVAL; -ENOMEM.
@@ -1357,7 +1367,9 @@ CALLER_EXTERN int caller_iter_next(caller_iter_t *it, caller_pending_t **out);
  *  forever): -ETIMEDOUT when none completed in time (nothing is
  *  cancelled). Thread: the iterating thread or task.
  *  @param it       the iterator (not NULL: -EINVAL).
- *  @param timeout  seconds; negative (CALLER_FOREVER) waits forever.
+ *  @param timeout  seconds; negative (CALLER_FOREVER) waits forever; 0
+ *                  only checks (a task does not suspend, but a cancelled
+ *                  one still gets -ECANCELED).
  *  @param out      receives a reference the caller owns, NULL when none
  *                  (not NULL: -EINVAL).
  *  @return as caller_iter_next(), or -ETIMEDOUT. */
@@ -1391,7 +1403,8 @@ typedef enum {
  * own). A timeout is not an error: the unfinished stay in @p not_done.
  * Nothing is cancelled.
  *
- * Thread: any (suspends a task, blocks a plain thread).
+ * Thread: any (suspends a task, blocks a plain thread). In a task it is a
+ * suspension point even when the items are done, as caller_iter_next() is.
  * @param items, n          the Pendings to wait for; @p items may be NULL
  *                          only when @p n is 0 (else -EINVAL).
  * @param timeout           seconds; negative waits forever.

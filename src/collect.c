@@ -363,6 +363,11 @@ static int next_done(caller_iter_t *it, int64_t deadline, bool need_all, const c
                      caller_pending_t **out, size_t *index)
 {
     *out = NULL;
+    /* A suspension point even when a result is there: a cancelled task
+     * stops here, and one that has held its loop too long lets it turn. */
+    caller__task_t *task = caller__task_current();
+    if (task && caller__task_checkpoint(task, deadline) < 0)
+        return caller__fail(-ECANCELED, "%s: the task was cancelled", api);
     for (;;) {
         int rc = fill(it);
         if (rc < 0)

@@ -114,6 +114,12 @@ struct caller {
      * the round still has tasks to run, else NULL; and the context the
      * loop runs in outside tasks. */
     caller__msg_t *round_last;
+    /* When the current dispatch began (its timers' "now"), and a count of
+     * the waits that found nothing to wait for: every few of those, a task
+     * that has held the loop longer than a turn's share gives it back
+     * (caller__task_checkpoint). */
+    int64_t turn_start;
+    unsigned settled_waits;
     struct caller__ctx *loop_ctx;
     caller__heap_t timers;
     caller__link_t live_tasks;

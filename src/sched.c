@@ -591,6 +591,47 @@ static void fiber_wake(caller__waiter_t *w)
     (void)ok;
 }
 
+/*
+ * A task whose waits never need to wait (its results are always there by
+ * the time it asks: a consumer slower than its producers, as_completed
+ * over a fast pool on a loaded machine) would keep its loop to itself for
+ * as long as that lasts: no timer, I/O, other task, or other source of an
+ * application's loop in between. Such a wait is still a suspension point,
+ * as a wait that suspends is (trio's checkpoints; the Python original's
+ * waits go through one): past TURN_NS into the loop's current dispatch, it
+ * gives the loop a turn before returning. The clock is read on every
+ * CHECK_EVERY-th such wait only, so a wait costs a count.
+ */
+#define TURN_NS 2000000
+#define CHECK_EVERY 16u
+
+/* Should task @p t, at a wait that found its Pending done, give the loop a
+ * turn? Not if the wait's @p deadline is past (a timeout of 0 only checks:
+ * no suspension point then). */
+static bool turn_over(caller__task_t *t, int64_t deadline)
+{
+    caller_t *c = task_caller(t);
+    if (++c->settled_waits % CHECK_EVERY != 0)
+        return false;
+    int64_t now = caller__now_ns();
+    return now - c->turn_start >= TURN_NS && deadline > now;
+}
+
+/* In a task: let the loop turn (due at once, the task resumes in the next
+ * dispatch, after what the loop had to do). -ECANCELED if cancelled
+ * meanwhile, else 0 (also when it could not suspend: no memory). */
+static int give_turn(caller__task_t *t)
+{
+    return suspend_point(t, caller__now_ns(), NULL) == CALLER__WAKE_CANCEL ? -ECANCELED : 0;
+}
+
+int caller__task_checkpoint(caller__task_t *t, int64_t deadline)
+{
+    if (task_cancelled(t))
+        return -ECANCELED;
+    return turn_over(t, deadline) ? give_turn(t) : 0;
+}
+
 int caller__task_wait(caller__task_t *t, caller_pending_t *p, int64_t deadline, bool want,
                       int *code, void **value)
 {
@@ -601,6 +642,8 @@ int caller__task_wait(caller__task_t *t, caller_pending_t *p, int64_t deadline, 
         return -ECANCELED;
     if (caller__pending_settled(p)) {
         /* Nothing to wait for: no waiter to link and unlink (W1's waits). */
+        if (turn_over(t, deadline) && give_turn(t) < 0)
+            return -ECANCELED;
         *code = want ? caller_pending_result(p, value) : 0;
         return 0;
     }
@@ -898,6 +941,7 @@ void caller__dispatch(caller_t *c)
     }
 
     int64_t now = caller__now_ns();
+    c->turn_start = now;
     caller__timer_t *tm;
     while ((tm = caller__heap_min(&c->timers)) && tm->deadline <= now) {
         caller__heap_remove(&c->timers, tm);

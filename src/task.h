@@ -129,6 +129,12 @@ void caller__sched_stop(caller_t *c);
 bool caller__sched_idle(const caller_t *c);
 /* Loop thread, after the inbox is closed: fail what was left in it. */
 void caller__sched_drain_closed(caller_t *c, caller__msg_t *left);
+/* In task @p t (the current one), at a wait that may have nothing to wait
+ * for (an iterator's next result is there), with the wait's @p deadline:
+ * -ECANCELED if the task is cancelled; else 0, after giving the loop a turn
+ * if the task has held it too long (sched.c says how long) and the
+ * deadline is not past (a wait that only checks never suspends). */
+int caller__task_checkpoint(caller__task_t *t, int64_t deadline);
 /* Suspend the current task on @p p (see caller_pending_wait). */
 int caller__task_wait(caller__task_t *t, caller_pending_t *p, int64_t deadline, bool want,
                       int *code, void **value);

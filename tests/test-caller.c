@@ -1570,6 +1570,76 @@ TEST(wait_with_timeout_zero_in_a_task_does_not_suspend)
     check_stop(c);
 }
 
+/* ---- waits that find their Pending done ------------------------------------ */
+
+typedef struct {
+    caller_pending_t *done; /* a Pending already done */
+    double timeout;         /* of each wait */
+    double until;           /* stop waiting then (check_now) */
+    atomic_bool flag;       /* set by another task, or a timer */
+    long waits;
+} busy_waits_t;
+
+/* Waits on the done Pending over and over, until the flag is set (1) or
+ * the time is up (0). */
+static void *wait_on_done_until_flag(void *arg)
+{
+    busy_waits_t *b = arg;
+    while (!atomic_load(&b->flag)) {
+        CHECK_RC(caller_pending_wait(b->done, b->timeout, CALLER_WAIT_PROTECT, NULL), 0);
+        b->waits++;
+        if (check_now() > b->until)
+            return P(0);
+    }
+    return P(1);
+}
+
+static void *raise_flag(void *arg)
+{
+    atomic_store(&((busy_waits_t *)arg)->flag, true);
+    return NULL;
+}
+
+/* A task whose waits never need to wait still lets its loop turn: the
+ * task queued after it runs, and so does a timer that falls due. Before,
+ * both waited until the busy task gave up, 20 s later. */
+TEST(waits_on_done_pendings_let_the_loop_turn)
+{
+    caller_t *c = check_new_thread("turns");
+    for (int timer = 0; timer < 2; timer++) {
+        busy_waits_t b = {.done = caller_pending_new(0), .timeout = CALLER_FOREVER};
+        CHECK_RC(caller_pending_set_result(b.done, NULL, 0), 0);
+        b.until = check_now() + 20 * check_time_scale();
+        caller_pending_t *busy = caller_call_soon(c, wait_on_done_until_flag, &b);
+        caller_pending_t *other = timer ? caller_call_later(c, 0.001, raise_flag, &b)
+                                        : caller_call_soon(c, raise_flag, &b);
+        CHECK_PTR_EQ(check_await(busy, 60), P(1)); /* ended by the flag */
+        CHECK(b.waits > 0);
+        check_await(other, 10);
+        caller_pending_unref(b.done);
+    }
+    check_stop(c);
+}
+
+/* A wait with a timeout of 0 only checks, so it is no suspension point
+ * even when the task has held the loop for long: the task queued after
+ * the busy one does not run before the busy one returns. */
+TEST(waits_with_timeout_zero_on_done_pendings_never_give_the_loop_a_turn)
+{
+    caller_t *c = check_new_thread("checks");
+    busy_waits_t b = {.done = caller_pending_new(0), .timeout = 0};
+    CHECK_RC(caller_pending_set_result(b.done, NULL, 0), 0);
+    b.until = check_now() + 0.05; /* well past a turn's share of the loop */
+    caller_pending_t *busy = caller_call_soon(c, wait_on_done_until_flag, &b);
+    caller_pending_t *other = caller_call_soon(c, raise_flag, &b);
+    CHECK_PTR_EQ(check_await(busy, 60), P(0)); /* the flag never came */
+    CHECK(b.waits > 0);
+    check_await(other, 10);
+    CHECK(atomic_load(&b.flag));
+    caller_pending_unref(b.done);
+    check_stop(c);
+}
+
 /* ---- one round of ready tasks (they share a fiber: sched.c) --------------- */
 
 enum { ROUND = 200 };

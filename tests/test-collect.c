@@ -912,6 +912,104 @@ TEST(fixed_set_order_kept_without_memory_for_the_done_index)
     check_done_first_then_completion_order(true);
 }
 
+/* ---- results that are always there already --------------------------------- */
+
+/* A generator of Pendings done as they are made, until told to stop. */
+typedef struct {
+    atomic_bool stop; /* set by another task of the same Caller */
+    long made;
+} endless_t;
+
+static caller_pending_t *gen_done(void *arg)
+{
+    endless_t *e = arg;
+    if (atomic_load(&e->stop))
+        return NULL;
+    caller_pending_t *p = caller_pending_new(0);
+    if (p)
+        caller_pending_set_result(p, P(1), 0);
+    e->made++;
+    return p;
+}
+
+/* Iterates until the generator ends (1) or a generous deadline passes (0):
+ * every caller_iter_next finds a result there and need not wait. */
+static void *iterate_done_results(void *arg)
+{
+    endless_t *e = arg;
+    double give_up = check_now() + 20 * check_time_scale();
+    caller_iter_t *it = caller_as_completed_gen(gen_done, e, NULL);
+    caller_pending_t *q;
+    int rc;
+    while ((rc = caller_iter_next(it, &q)) == 0) {
+        caller_pending_unref(q);
+        if (check_now() > give_up)
+            break;
+    }
+    caller_iter_close(it);
+    return P(rc == CALLER_ITER_END);
+}
+
+static void *set_stop(void *arg)
+{
+    atomic_store(&((endless_t *)arg)->stop, true);
+    return NULL;
+}
+
+/* The iterating task never has to wait, yet its loop still turns: the task
+ * queued after it runs (and ends the iteration). Before, it ran only once
+ * the iterating task gave up, 20 s later. */
+TEST(iterating_results_already_there_lets_the_loop_turn)
+{
+    caller_t *c = check_new_thread(NULL);
+    endless_t e = {0};
+    caller_pending_t *it = caller_call_soon(c, iterate_done_results, &e);
+    caller_pending_t *other = caller_call_soon(c, set_stop, &e);
+    void *v;
+    CHECK_RC(caller_pending_wait(it, 60 * check_time_scale(), CALLER_WAIT_RESULT, &v), 0);
+    CHECK_EQ(I(v), 1); /* ended by the other task, not by the deadline */
+    CHECK_EQ(caller_pending_done(other), 1);
+    CHECK(e.made > 1); /* it did iterate before the other task ran */
+    caller_pending_unref(it);
+    caller_pending_unref(other);
+    check_stop(c);
+}
+
+typedef struct {
+    caller_pending_t *done; /* a Pending already done */
+    int rc;
+    caller_pending_t *got;
+} cancelled_next_t;
+
+static void *next_after_own_cancel(void *arg)
+{
+    cancelled_next_t *x = arg;
+    caller_iter_t *it = caller_as_completed(&x->done, 1, NULL);
+    caller_pending_cancel(caller_current_pending(), "stop iterating");
+    x->got = P(1);
+    x->rc = caller_iter_next(it, &x->got);
+    caller_iter_close(it);
+    return NULL;
+}
+
+/* caller_iter_next is a suspension point even with a result there: a
+ * cancelled task gets -ECANCELED (and no Pending), as from a wait. */
+TEST(cancelled_task_stops_at_iter_next_with_a_result_there)
+{
+    caller_t *c = check_new_thread(NULL);
+    cancelled_next_t x = {.done = caller_pending_new(0)};
+    CHECK_RC(caller_pending_set_result(x.done, P(7), 0), 0);
+    caller_pending_t *p = caller_call_soon(c, next_after_own_cancel, &x);
+    CHECK_RC(caller_pending_wait(p, 20 * check_time_scale(), CALLER_WAIT_PROTECT, NULL), 0);
+    CHECK_EQ(caller_pending_cancelled(p), 1);
+    CHECK_RC(x.rc, -ECANCELED);
+    CHECK_PTR_EQ(x.got, NULL);
+    CHECK_EQ(caller_pending_cancelled(x.done), 0); /* done already: left alone */
+    caller_pending_unref(p);
+    caller_pending_unref(x.done);
+    check_stop(c);
+}
+
 /* Closing before every done item was taken: those left are neither
  * cancelled nor leaked (the harness checks that no Pending is left). */
 TEST(close_with_done_items_not_taken)
