@@ -1166,7 +1166,10 @@ CALLER_EXTERN size_t caller_pool_idle(caller_t *c);
  * is set to the last item's result with reset — so waiting on it waits for
  * the queue to drain — and later items start a new round on the same
  * Pending. An item that fails (caller_raise) is logged ("Execution of ...
- * failed") and skipped. Items from one thread keep their order.
+ * failed") and skipped. Items from one thread keep their order. Items
+ * that keep coming do not keep @p c's loop to the queue: between two
+ * items, once the loop's current dispatch has run for 2 ms, the queue's
+ * task lets the loop turn.
  *
  * Waiting on the queue's Pending: a round ends when the queue's task finds
  * the queue empty. A wait ends with the first such drain that comes after

@@ -157,6 +157,11 @@ static void *queue_loop(void *arg)
             caller__free(it);
             if (caller_pending_cancelled(self) == 1)
                 break;
+            /* Items that keep coming (one queuing the next, a producer
+             * faster than the queue) would keep the loop to this task:
+             * between two of them, it turns the loop when it is due. */
+            if (caller__task_checkpoint(caller__task_current(), INT64_MAX) < 0)
+                break;
             continue;
         }
         if (closed || !wake)

@@ -609,6 +609,59 @@ TEST(wait_on_a_drained_queue_returns_its_last_result)
     check_stop(c);
 }
 
+/* ---- a queue whose items keep coming ---------------------------------------- */
+
+typedef struct {
+    caller_t *c;
+    atomic_bool flag; /* set by another task of the Caller */
+    double until;     /* items stop queuing their successor then */
+    long items;
+    bool by_flag; /* the chain ended because the flag was seen */
+} chain_t;
+
+/* An item that queues the next one on the same key, until the flag is set
+ * (or the time is up): the queue never drains by itself. */
+static void *chain_item(void *arg)
+{
+    chain_t *ch = arg;
+    ch->items++;
+    if (atomic_load(&ch->flag)) {
+        ch->by_flag = true;
+        return NULL;
+    }
+    if (check_now() > ch->until)
+        return NULL;
+    caller_pending_t *p = caller_queue_call_key(ch->c, ch, chain_item, ch);
+    CHECK(p != NULL);
+    caller_pending_unref(p);
+    return NULL;
+}
+
+static void *chain_flag(void *arg)
+{
+    atomic_store(&((chain_t *)arg)->flag, true);
+    return NULL;
+}
+
+/* The queue's task runs item after item and never has to wait, yet the
+ * loop still turns between items: the task queued after the first item
+ * runs, and the chain ends because of it. Before, it ran only once the
+ * chain gave up, 20 s later. */
+TEST(a_queue_whose_items_keep_coming_lets_the_loop_turn)
+{
+    caller_t *c = check_new_thread(NULL);
+    chain_t ch = {.c = c, .until = check_now() + 20 * check_time_scale()};
+    caller_pending_t *q = caller_queue_call_key(c, &ch, chain_item, &ch);
+    caller_pending_t *other = caller_call_soon(c, chain_flag, &ch);
+    check_await(other, 60);
+    CHECK_RC(caller_pending_wait(q, 60 * check_time_scale(), CALLER_WAIT_PROTECT, NULL), 0);
+    CHECK(ch.by_flag);
+    CHECK(ch.items > 1);
+    CHECK_EQ(caller_queue_close_key(c, &ch), 1);
+    caller_pending_unref(q);
+    check_stop(c);
+}
+
 TEST(misuse)
 {
     CHECK(caller_queue_call(NULL, pass_through, NULL) == NULL);
