@@ -597,10 +597,10 @@ static void fiber_wake(caller__waiter_t *w)
  * over a fast pool on a loaded machine) would keep its loop to itself for
  * as long as that lasts: no timer, I/O, other task, or other source of an
  * application's loop in between. Such a wait is still a suspension point,
- * as a wait that suspends is (trio's checkpoints; the Python original's
- * waits go through one): past TURN_NS into the loop's current dispatch, it
- * gives the loop a turn before returning. The clock is read on every
- * CHECK_EVERY-th such wait only, so a wait costs a count.
+ * as a wait that suspends is (as every wait is a checkpoint in trio):
+ * past TURN_NS into the loop's current dispatch, it gives the loop a turn
+ * before returning. The clock is read on every CHECK_EVERY-th such wait
+ * only, so a wait costs a count.
  */
 #define TURN_NS 2000000
 #define CHECK_EVERY 16u
