@@ -115,9 +115,10 @@ struct caller {
      * loop runs in outside tasks. */
     caller__msg_t *round_last;
     /* When the current dispatch began (its timers' "now"), and a count of
-     * the waits that found nothing to wait for: every few of those, a task
+     * the waits that may return without suspending (a done Pending, an
+     * iterator's next, a queue's next item): every few of those, a task
      * that has held the loop longer than a turn's share gives it back
-     * (caller__task_checkpoint). */
+     * (sched.c, caller__task_checkpoint). */
     int64_t turn_start;
     unsigned settled_waits;
     struct caller__ctx *loop_ctx;

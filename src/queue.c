@@ -155,11 +155,10 @@ static void *queue_loop(void *arg)
                 last = r;
             }
             caller__free(it);
-            if (caller_pending_cancelled(self) == 1)
-                break;
-            /* Items that keep coming (one queuing the next, a producer
-             * faster than the queue) would keep the loop to this task:
-             * between two of them, it turns the loop when it is due. */
+            /* Cancelled (the queue's Pending): end. Else, as items that
+             * keep coming (one queuing the next, a producer faster than
+             * the queue) would keep the loop to this task, let it turn
+             * between two of them when it is due. */
             if (caller__task_checkpoint(caller__task_current(), INT64_MAX) < 0)
                 break;
             continue;

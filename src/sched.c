@@ -617,19 +617,20 @@ static bool turn_over(caller__task_t *t, int64_t deadline)
     return now - c->turn_start >= TURN_NS && deadline > now;
 }
 
-/* In a task: let the loop turn (due at once, the task resumes in the next
- * dispatch, after what the loop had to do). -ECANCELED if cancelled
- * meanwhile, else 0 (also when it could not suspend: no memory). */
-static int give_turn(caller__task_t *t)
+/* In a task, if turn_over(): let the loop turn (due at once, the task
+ * resumes in the next dispatch, after what the loop had to do).
+ * -ECANCELED if cancelled meanwhile, else 0 (also when it could not
+ * suspend: no memory). */
+static int give_turn_if_over(caller__task_t *t, int64_t deadline)
 {
+    if (!turn_over(t, deadline))
+        return 0;
     return suspend_point(t, caller__now_ns(), NULL) == CALLER__WAKE_CANCEL ? -ECANCELED : 0;
 }
 
 int caller__task_checkpoint(caller__task_t *t, int64_t deadline)
 {
-    if (task_cancelled(t))
-        return -ECANCELED;
-    return turn_over(t, deadline) ? give_turn(t) : 0;
+    return task_cancelled(t) ? -ECANCELED : give_turn_if_over(t, deadline);
 }
 
 int caller__task_wait(caller__task_t *t, caller_pending_t *p, int64_t deadline, bool want,
@@ -642,7 +643,7 @@ int caller__task_wait(caller__task_t *t, caller_pending_t *p, int64_t deadline, 
         return -ECANCELED;
     if (caller__pending_settled(p)) {
         /* Nothing to wait for: no waiter to link and unlink (W1's waits). */
-        if (turn_over(t, deadline) && give_turn(t) < 0)
+        if (give_turn_if_over(t, deadline) < 0)
             return -ECANCELED;
         *code = want ? caller_pending_result(p, value) : 0;
         return 0;
