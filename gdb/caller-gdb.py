@@ -31,7 +31,9 @@ import gdb
 
 # CALLER__PENDING_SIZE (src/pending.h): a task lives this many bytes after
 # the start of its Pending. A macro, so not in the debug information.
-PENDING_SIZE = 128
+PENDING_SIZE = 88
+# F_NAME_ONLY (src/pending.c): a Pending's `ext` holds its name itself.
+F_NAME_ONLY = 1 << 11
 
 CALLER_STATES = ["initial", "starting", "running", "stopping", "stopped"]
 # caller__task_state_t (src/task.h)
@@ -185,7 +187,15 @@ class Task(object):
 
     @property
     def name(self):
-        n = _string(self.pending["name"])
+        # pending.c: `ext` is the name itself with F_NAME_ONLY, else the
+        # out-of-line part (or NULL).
+        ext = self.pending["ext"]
+        if int(self.pending["flags"]) & F_NAME_ONLY:
+            n = _string(ext)
+        elif _addr(ext):
+            n = _string(ext.cast(_type("struct caller__pending_ext").pointer())["name"])
+        else:
+            n = None
         if n:
             return n
         if self.state in (0, 1, 2) and _addr(self.task["fiber"]) == 0:

@@ -301,7 +301,11 @@ CALLER_EXTERN void caller_pending_unref(caller_pending_t *p);
  * @param finalizer  called with @p data when the Pending is freed or the
  *                   data is replaced (the previous data's finalizer runs
  *                   in this thread, at once); may be NULL (none).
- * @return 0, or -EINVAL if @p p is NULL.
+ * @return 0; -EINVAL if @p p is NULL; -ENOMEM if there is no memory to keep
+ *         the data (the first data or done callback beyond the first, a
+ *         cancellation message or an error message a Pending gets takes
+ *         one small allocation, shared by all of them): nothing changed
+ *         then, and @p data is still the caller's.
  */
 CALLER_EXTERN int caller_pending_set_userdata(caller_pending_t *p, void *data,
                                               void (*finalizer)(void *data));

@@ -52,11 +52,11 @@ long caller__alloc_count(void);
 char *caller__strdup(const char *s);
 /* vasprintf through caller__malloc; NULL on failure. */
 char *caller__vasprintf(const char *fmt, va_list ap);
-/* The size of the blocks below: a Pending (128 bytes) with its task (120),
- * a 256-byte malloc chunk. W1 keeps 10^6 of them alive at once and pays a
- * page fault per 4 KiB of them; W3 moves each one between two cores. task.h
+/* The size of the blocks below: a Pending (88 bytes) with its task (104),
+ * three cache lines. W1 keeps 10^6 of them alive at once and pays a page
+ * fault per 4 KiB of them; W3 moves each one between two cores. task.h
  * checks that they fit. */
-#define CALLER__BLOCK_SIZE 248
+#define CALLER__BLOCK_SIZE 192
 
 /* A large zeroed area (@p size bytes, any size) for one owner: from its own
  * mapping (a whole number of 2 MiB steps, 4 KiB pages: alloc.c's map_area

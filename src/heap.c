@@ -12,7 +12,7 @@ static int before(const caller__heap_entry_t *a, const caller__heap_entry_t *b)
 static void place(caller__heap_t *h, size_t i, caller__heap_entry_t e)
 {
     h->items[i] = e;
-    e.timer->index = i;
+    e.timer->index = (uint32_t)i;
 }
 
 static void sift_up(caller__heap_t *h, size_t i)
@@ -45,8 +45,12 @@ static void sift_down(caller__heap_t *h, size_t i)
     place(h, i, e);
 }
 
-int caller__heap_insert(caller__heap_t *h, caller__timer_t *t)
+int caller__heap_insert(caller__heap_t *h, caller__timer_t *t, int64_t deadline)
 {
+    if (h->n >= CALLER__HEAP_NONE - 1) { /* the index would not fit */
+        t->index = CALLER__HEAP_NONE;
+        return -ENOMEM;
+    }
     if (h->n == h->cap) {
         size_t cap = h->cap ? h->cap * 2 : 64;
         caller__heap_entry_t *items = caller__realloc(h->items, cap * sizeof *items);
@@ -57,9 +61,8 @@ int caller__heap_insert(caller__heap_t *h, caller__timer_t *t)
         h->items = items;
         h->cap = cap;
     }
-    h->items[h->n] = (caller__heap_entry_t){t->deadline, h->seq++, t};
-    t->index = h->n++;
-    sift_up(h, t->index);
+    h->items[h->n] = (caller__heap_entry_t){deadline, h->seq++, t};
+    sift_up(h, h->n++);
     return 0;
 }
 

@@ -69,6 +69,9 @@ enum {
     /* Its last reference went while it was completing: the completer frees
      * it once it is done with it (see caller_pending_unref). */
     F_ORPHANED = 1u << 10,
+    /* `ext` holds the name, not an ext_t. Changed under the lock, or
+     * before the Pending is shared. */
+    F_NAME_ONLY = 1u << 11,
 };
 
 #define PENDING_MAGIC 0x50656e64u /* "Pend" */
@@ -88,25 +91,40 @@ typedef struct {
     callback_t items[];
 } callback_vec_t;
 
+/*
+ * What most Pendings never use, kept out of line so that a task's block
+ * stays small (W1 keeps 10^6 of them alive at once and pays for every byte
+ * of them in page faults; W3 moves each one between two cores): made at
+ * the first need (caller__ext) and kept until the Pending goes. Its fields
+ * are guarded by the Pending's lock, as the Pending's own are.
+ */
+typedef struct caller__pending_ext { /* named for the gdb script */
+    const char *name;
+    char *errmsg;        /* the error's message, or NULL */
+    char *cancelmsg;     /* cancellation messages joined by "\n", or NULL */
+    callback_vec_t *cbs; /* done callbacks beyond cb0 */
+    void *userdata;
+    void (*finalizer)(void *);
+} ext_t;
+
 struct caller_pending {
     atomic_int refs;
     atomic_uint flags;
     caller__lock_t lock;
     int code; /* the error code when F_FAILED */
     void *value;
-    char *errmsg;    /* the error's message, or NULL */
-    char *cancelmsg; /* cancellation messages joined by "\n", or NULL */
     caller_canceller_fn canceller;
     void *canceller_arg;
-    callback_t cb0;      /* the first callback (no allocation) */
-    callback_vec_t *cbs; /* the rest; cb0 is empty only when all are */
+    callback_t cb0; /* the first callback (no allocation); empty only when
+                       all are */
     caller__waiter_t *waiters;
-    void *userdata;
-    void (*finalizer)(void *);
-    const char *name;
     /* Whose work completes it (a reference unless weak or lent). Atomic: a
      * pooled call's is set as a worker takes it (caller__pending_adopt). */
     _Atomic(caller_t *) owner;
+    /* The ext_t, or with F_NAME_ONLY the name itself (a named Pending needs
+     * no ext_t for that alone), or NULL. Changed only under the lock, or
+     * before the Pending is shared; an ext_t, once there, stays. */
+    void *ext;
     uint32_t magic;
     /* A task's, with no owner reference while the task lives (see
      * caller__pending_init_task). Set before the Pending is shared, cleared
@@ -235,6 +253,65 @@ static inline void unlock_p(caller_pending_t *p)
     caller__order_release(CALLER__RANK_PENDING);
 }
 
+/* ---- the out-of-line part ----------------------------------------------- */
+
+/* Under the lock (or with the Pending not shared, or being freed). */
+static ext_t *ext_of(const caller_pending_t *p)
+{
+    if (atomic_load_explicit(&p->flags, memory_order_relaxed) & F_NAME_ONLY)
+        return NULL;
+    return p->ext;
+}
+
+static const char *name_of(const caller_pending_t *p)
+{
+    if (atomic_load_explicit(&p->flags, memory_order_relaxed) & F_NAME_ONLY)
+        return p->ext;
+    ext_t *e = p->ext;
+    return e ? e->name : NULL;
+}
+
+/* Without the lock: @p p's ext_t, made now if it has none (the allocation
+ * outside the lock), or NULL if there is no memory for it. Once there it
+ * stays, so a caller may lock and use it. */
+static ext_t *ext_get(caller_pending_t *p)
+{
+    lock_p(p);
+    ext_t *e = ext_of(p);
+    unlock_p(p);
+    if (e)
+        return e;
+    ext_t *made = caller__calloc(1, sizeof *made);
+    if (!made)
+        return NULL;
+    lock_p(p);
+    e = ext_of(p);
+    if (!e) {
+        made->name = name_of(p);
+        p->ext = e = made;
+        made = NULL;
+        atomic_fetch_and_explicit(&p->flags, ~(unsigned)F_NAME_ONLY, memory_order_relaxed);
+    }
+    unlock_p(p);
+    caller__free(made); /* another thread made one meanwhile */
+    return e;
+}
+
+/* Under the lock (or not shared yet): name @p p. */
+static void set_name_locked(caller_pending_t *p, const char *name)
+{
+    ext_t *e = ext_of(p);
+    if (e) {
+        e->name = name;
+    } else {
+        p->ext = (void *)name;
+        if (name)
+            atomic_fetch_or_explicit(&p->flags, F_NAME_ONLY, memory_order_relaxed);
+        else
+            atomic_fetch_and_explicit(&p->flags, ~(unsigned)F_NAME_ONLY, memory_order_relaxed);
+    }
+}
+
 /* What a Pending does with its owner (a Caller: caller.c, above this file,
  * installs these before any Pending has an owner). */
 static _Atomic(const caller__owner_ops_t *) owner_ops_ptr;
@@ -326,7 +403,7 @@ void caller__pending_init_task(caller_pending_t *p, caller_t *owner, const char 
      * on each side for every call). */
     atomic_store_explicit(&p->owner, lent || !owner ? owner : owner_ref(owner),
                           memory_order_relaxed);
-    p->name = name;
+    set_name_locked(p, name);
     p->canceller = canceller;
     p->canceller_arg = arg;
     p->owner_lent = lent;
@@ -413,11 +490,15 @@ void caller_pending_unref(caller_pending_t *p)
 /* Free @p p: its last reference is gone and nobody uses it. */
 static void destroy(caller_pending_t *p)
 {
-    if (p->finalizer)
-        p->finalizer(p->userdata);
-    caller__free(p->errmsg);
-    caller__free(p->cancelmsg);
-    caller__free(p->cbs);
+    ext_t *e = ext_of(p);
+    if (e) {
+        if (e->finalizer)
+            e->finalizer(e->userdata);
+        caller__free(e->errmsg);
+        caller__free(e->cancelmsg);
+        caller__free(e->cbs);
+        caller__free(e);
+    }
     caller_t *owner = atomic_load_explicit(&p->owner, memory_order_relaxed);
     if (owner && !(atomic_load_explicit(&p->flags, memory_order_relaxed) & F_WEAK_OWNER) &&
         !p->owner_lent)
@@ -435,11 +516,17 @@ int caller_pending_set_userdata(caller_pending_t *p, void *data, void (*finalize
 {
     if (!p)
         return caller__fail(-EINVAL, "caller_pending_set_userdata: p is NULL");
+    ext_t *e = data || finalizer ? ext_get(p) : NULL;
+    if ((data || finalizer) && !e)
+        return caller__fail(-ENOMEM, "caller_pending_set_userdata: out of memory");
     lock_p(p);
-    void *old = p->userdata;
-    void (*old_fin)(void *) = p->finalizer;
-    p->userdata = data;
-    p->finalizer = finalizer;
+    e = ext_of(p);
+    void *old = e ? e->userdata : NULL;
+    void (*old_fin)(void *) = e ? e->finalizer : NULL;
+    if (e) {
+        e->userdata = data;
+        e->finalizer = finalizer;
+    }
     unlock_p(p);
     if (old_fin)
         old_fin(old);
@@ -452,20 +539,25 @@ void *caller_pending_userdata(const caller_pending_t *p)
         return NULL;
     caller_pending_t *mp = (caller_pending_t *)p;
     lock_p(mp);
-    void *d = p->userdata;
+    ext_t *e = ext_of(p);
+    void *d = e ? e->userdata : NULL;
     unlock_p(mp);
     return d;
 }
 
 const char *caller__pending_name(const caller_pending_t *p)
 {
-    return p->name;
+    caller_pending_t *mp = (caller_pending_t *)p;
+    lock_p(mp);
+    const char *name = name_of(p);
+    unlock_p(mp);
+    return name;
 }
 
 void caller__pending_set_name(caller_pending_t *p, const char *name)
 {
     lock_p(p);
-    p->name = name;
+    set_name_locked(p, name);
     unlock_p(p);
 }
 
@@ -608,13 +700,16 @@ static int complete(caller_pending_t *p, void *value, int code, char *msg, bool 
     flags |= F_DONE | (quick ? 0u : F_COMPLETING) | (code ? F_FAILED : 0u);
     p->value = value;
     p->code = code;
-    p->errmsg = msg;
+    ext_t *e = ext_of(p);
+    if (msg) /* the caller made the ext_t for it */
+        e->errmsg = msg;
     atomic_store_explicit(&p->flags, flags, memory_order_release);
     int outcome = outcome_locked(p, flags);
     callback_t cb0 = p->cb0;
-    callback_vec_t *cbs = p->cbs;
+    callback_vec_t *cbs = e ? e->cbs : NULL;
     p->cb0 = (callback_t){0};
-    p->cbs = NULL;
+    if (e)
+        e->cbs = NULL;
     caller__waiter_t *early = NULL;
     if (!closed || (flags & F_QUIET))
         early = take_waiters(p);
@@ -710,6 +805,10 @@ int caller_pending_set_exception(caller_pending_t *p, int code, const char *fmt,
         va_start(ap, fmt);
         msg = caller__vasprintf(fmt, ap);
         va_end(ap);
+        if (msg && !ext_get(p)) { /* where the message is kept */
+            caller__free(msg);
+            msg = NULL;
+        }
         nomem = !msg;
     }
     int rc = complete(p, NULL, code, msg, false, false, NULL, "caller_pending_set_exception");
@@ -723,27 +822,32 @@ int caller_pending_set_exception(caller_pending_t *p, int code, const char *fmt,
 
 /* ---- cancellation ----------------------------------------------------- */
 
-/* Append @p message to the cancellation messages. Under the lock. */
-static int append_cancel_message(caller_pending_t *p, const char *message)
+/* Append @p message (not empty) to the cancellation messages in @p e.
+ * Under the lock. */
+static int append_cancel_message(ext_t *e, const char *message)
 {
-    if (!message || !*message)
-        return 0;
-    if (!p->cancelmsg || !*p->cancelmsg) {
+    if (!e->cancelmsg || !*e->cancelmsg) {
         char *m = caller__strdup(message);
         if (!m)
             return -ENOMEM;
-        caller__free(p->cancelmsg);
-        p->cancelmsg = m;
+        caller__free(e->cancelmsg);
+        e->cancelmsg = m;
         return 0;
     }
-    size_t a = strlen(p->cancelmsg), b = strlen(message);
-    char *m = caller__realloc(p->cancelmsg, a + 1 + b + 1);
+    size_t a = strlen(e->cancelmsg), b = strlen(message);
+    char *m = caller__realloc(e->cancelmsg, a + 1 + b + 1);
     if (!m)
         return -ENOMEM;
     m[a] = '\n';
     memcpy(m + a + 1, message, b + 1);
-    p->cancelmsg = m;
+    e->cancelmsg = m;
     return 0;
+}
+
+static const char *cancelmsg_of(const caller_pending_t *p)
+{
+    ext_t *e = ext_of(p);
+    return e ? e->cancelmsg : NULL;
 }
 
 /* Run the canceller outside the lock with a private copy of the messages
@@ -758,17 +862,22 @@ int caller_pending_cancel(caller_pending_t *p, const char *message)
 {
     if (!p)
         return caller__fail(-EINVAL, "caller_pending_cancel: p is NULL");
+    bool has_message = message && *message;
+    /* Where the messages are kept: made before the lock (unless done). */
+    ext_t *e = has_message && !(atomic_load_explicit(&p->flags, memory_order_acquire) & F_DONE)
+                   ? ext_get(p)
+                   : NULL;
     lock_p(p);
     unsigned flags = atomic_load_explicit(&p->flags, memory_order_relaxed);
     if (flags & F_DONE) {
         unlock_p(p);
         return (flags & F_CANCELLED) ? 1 : 0;
     }
-    int rc = append_cancel_message(p, message);
+    int rc = !has_message ? 0 : e ? append_cancel_message(e, message) : -ENOMEM;
     atomic_fetch_or_explicit(&p->flags, F_CANCELLED, memory_order_release);
     caller_canceller_fn fn = p->canceller;
     void *arg = p->canceller_arg;
-    char *copy = fn ? caller__strdup(p->cancelmsg) : NULL;
+    char *copy = fn ? caller__strdup(cancelmsg_of(p)) : NULL;
     if (fn) /* as complete(): alive while its canceller runs */
         atomic_fetch_add_explicit(&p->refs, 1, memory_order_relaxed);
     unlock_p(p);
@@ -798,7 +907,7 @@ int caller_pending_set_canceller(caller_pending_t *p, caller_canceller_fn fn, vo
     p->canceller_arg = arg;
     atomic_fetch_or_explicit(&p->flags, F_CANCELLER, memory_order_relaxed);
     bool now = flags & F_CANCELLED;
-    char *copy = now ? caller__strdup(p->cancelmsg) : NULL;
+    char *copy = now ? caller__strdup(cancelmsg_of(p)) : NULL;
     unlock_p(p);
     if (now)
         run_canceller(p, fn, arg, copy);
@@ -837,15 +946,16 @@ static int outcome(const caller_pending_t *cp, void **value, char *buf, size_t l
     if (buf && len)
         buf[0] = '\0';
     if (flags & F_CANCELLED) {
-        rc = caller__fail(-ECANCELED, "%s", msg_or_empty(p->cancelmsg));
+        rc = caller__fail(-ECANCELED, "%s", msg_or_empty(cancelmsg_of(p)));
         if (buf && len)
-            caller__trunc(buf, len, msg_or_empty(p->cancelmsg), len - 1);
+            caller__trunc(buf, len, msg_or_empty(cancelmsg_of(p)), len - 1);
     } else if (!(flags & F_DONE)) {
         rc = caller__fail(CALLER_EINVALSTATE, "%s: the Pending is not done", fn);
     } else if (flags & F_FAILED) {
-        rc = caller__fail(p->code, "%s", msg_or_empty(p->errmsg));
+        const char *errmsg = ext_of(p) ? ext_of(p)->errmsg : NULL;
+        rc = caller__fail(p->code, "%s", msg_or_empty(errmsg));
         if (buf && len)
-            caller__trunc(buf, len, msg_or_empty(p->errmsg), len - 1);
+            caller__trunc(buf, len, msg_or_empty(errmsg), len - 1);
     } else {
         rc = 0;
         if (value)
@@ -876,18 +986,26 @@ int caller_pending_add_done_callback(caller_pending_t *p, caller_done_fn fn, voi
     if (!p || !fn)
         return caller__fail(-EINVAL, "caller_pending_add_done_callback: %s is NULL",
                             p ? "fn" : "p");
-    lock_p(p);
-    if (atomic_load_explicit(&p->flags, memory_order_relaxed) & F_DONE) {
+    ext_t *e;
+    for (;;) {
+        lock_p(p);
+        if (atomic_load_explicit(&p->flags, memory_order_relaxed) & F_DONE) {
+            unlock_p(p);
+            fn(p, arg);
+            return 0;
+        }
+        if (!p->cb0.fn) {
+            p->cb0 = (callback_t){fn, arg};
+            unlock_p(p);
+            return 0;
+        }
+        if ((e = ext_of(p)) != NULL)
+            break; /* locked */
         unlock_p(p);
-        fn(p, arg);
-        return 0;
+        if (!ext_get(p)) /* where the callbacks beyond the first are kept */
+            return caller__fail(-ENOMEM, "caller_pending_add_done_callback: out of memory");
     }
-    if (!p->cb0.fn) {
-        p->cb0 = (callback_t){fn, arg};
-        unlock_p(p);
-        return 0;
-    }
-    callback_vec_t *v = p->cbs;
+    callback_vec_t *v = e->cbs;
     if (!v || v->n == v->cap) {
         unsigned cap = v ? v->cap * 2 : 3;
         callback_vec_t *nv = caller__realloc(v, sizeof *v + cap * sizeof v->items[0]);
@@ -898,7 +1016,7 @@ int caller_pending_add_done_callback(caller_pending_t *p, caller_done_fn fn, voi
         if (!v)
             nv->n = 0;
         nv->cap = cap;
-        p->cbs = v = nv;
+        e->cbs = v = nv;
     }
     v->items[v->n++] = (callback_t){fn, arg};
     unlock_p(p);
@@ -912,10 +1030,11 @@ int caller_pending_remove_done_callback(caller_pending_t *p, caller_done_fn fn, 
                             p ? "fn" : "p");
     lock_p(p);
     /* Treat cb0 followed by cbs as one sequence and compact it in place. */
-    unsigned total = (p->cb0.fn ? 1u : 0u) + (p->cbs ? p->cbs->n : 0u);
+    callback_vec_t *cbs = ext_of(p) ? ext_of(p)->cbs : NULL;
+    unsigned total = (p->cb0.fn ? 1u : 0u) + (cbs ? cbs->n : 0u);
     unsigned kept = 0, removed = 0;
     for (unsigned i = 0; i < total; i++) {
-        callback_t c = i == 0 ? p->cb0 : p->cbs->items[i - 1];
+        callback_t c = i == 0 ? p->cb0 : cbs->items[i - 1];
         if (c.fn == fn && c.arg == arg) {
             removed++;
             continue;
@@ -923,13 +1042,13 @@ int caller_pending_remove_done_callback(caller_pending_t *p, caller_done_fn fn, 
         if (kept == 0)
             p->cb0 = c;
         else
-            p->cbs->items[kept - 1] = c;
+            cbs->items[kept - 1] = c;
         kept++;
     }
     if (kept == 0)
         p->cb0 = (callback_t){0};
-    if (p->cbs)
-        p->cbs->n = kept > 0 ? kept - 1 : 0;
+    if (cbs)
+        cbs->n = kept > 0 ? kept - 1 : 0;
     unlock_p(p);
     return (int)removed;
 }
@@ -1100,10 +1219,10 @@ int caller_pending_repr(const caller_pending_t *cp, char *buf, size_t len)
     char cmsg[REPR_MAX + 8], emsg[REPR_MAX + 8];
     lock_p(p);
     unsigned flags = atomic_load_explicit(&p->flags, memory_order_relaxed);
-    caller__trunc(cmsg, sizeof cmsg, msg_or_empty(p->cancelmsg), REPR_MAX);
-    caller__trunc(emsg, sizeof emsg, msg_or_empty(p->errmsg), REPR_MAX);
+    caller__trunc(cmsg, sizeof cmsg, msg_or_empty(cancelmsg_of(p)), REPR_MAX);
+    caller__trunc(emsg, sizeof emsg, msg_or_empty(ext_of(p) ? ext_of(p)->errmsg : NULL), REPR_MAX);
     int code = p->code;
-    const char *name = p->name;
+    const char *name = name_of(p);
     caller_t *owner = atomic_load_explicit(&p->owner, memory_order_acquire);
     unlock_p(p);
 

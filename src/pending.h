@@ -13,7 +13,7 @@
 
 /* Where the extra bytes of caller__pending_new_extra (a task) begin: the
  * Pending's struct, padded to this. */
-#define CALLER__PENDING_SIZE 128
+#define CALLER__PENDING_SIZE 88
 
 /*
  * A waiter: one party blocked in (or suspended on) a wait for a Pending.

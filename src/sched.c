@@ -177,6 +177,7 @@ static caller_pending_t *task_alloc(caller_fn fn, void *arg, caller__task_t **ou
     t->u.fn = fn;
     t->arg = arg;
     t->timer.index = CALLER__HEAP_NONE;
+    t->deadline = INT64_MIN;
     caller__list_init(&t->live);
     t->ctx = caller__ctx_ref(caller__ctx_current()); /* runs in its scheduler's context */
     *out = t;
@@ -203,7 +204,6 @@ caller_pending_t *caller__task_new_pooled(caller_fn fn, void *arg, const char *n
     caller_pending_t *p = task_alloc(fn, arg, &t);
     if (!p)
         return NULL;
-    t->timer.deadline = INT64_MIN;
     t->msg.kind = CALLER__POOLED_QUEUED; /* the pool queues it at once */
     caller__pending_init_task(p, NULL, name, canceller, cancel_arg, false);
     return p;
@@ -225,11 +225,13 @@ static void accept_task(caller_t *c, caller__task_t *t)
     caller__list_add_tail(&c->live_tasks, &t->live);
     c->nlive++;
     atomic_store_explicit(&c->stats.live, c->nlive, memory_order_relaxed);
+    int64_t deadline = t->deadline;
+    t->raised_code = 0; /* the field's use from here on */
     /* INT64_MIN (call_soon) is due without asking the clock. */
-    if (t->timer.deadline != INT64_MIN && t->timer.deadline > caller__now_ns() &&
+    if (deadline != INT64_MIN && deadline > caller__now_ns() &&
         !caller_pending_cancelled(caller__task_pending(t)) &&
         atomic_load_explicit(&c->state, memory_order_relaxed) < CALLER_STATE_STOPPING &&
-        caller__heap_insert(&c->timers, &t->timer) == 0) {
+        caller__heap_insert(&c->timers, &t->timer, deadline) == 0) {
         t->state = CALLER__TASK_DELAYED;
         return;
     }
@@ -242,19 +244,22 @@ static void accept_task(caller_t *c, caller__task_t *t)
 int caller__task_submit(caller_t *c, caller_pending_t *p, int64_t deadline)
 {
     caller__task_t *t = task_of(p);
-    t->timer.deadline = deadline;
+    t->deadline = deadline;
     if (on_loop(c) &&
         atomic_load_explicit(&c->state, memory_order_relaxed) == CALLER_STATE_RUNNING) {
         accept_task(c, t);
         kick(c);
         if (t->state == CALLER__TASK_DELAYED && !c->in_dispatch)
-            c->ops->timer(c->loop_backend, caller__heap_min(&c->timers)->deadline);
+            c->ops->timer(c->loop_backend, caller__heap_min_deadline(&c->timers));
         return 0;
     }
     if (post(c, &t->msg, true))
         return 0;
     return caller__fail_stopped(c, "caller_call_soon");
 }
+
+/* The end hook of caller__call_soon_ex (one for all: see there). */
+static _Atomic(caller_direct_fn) end_hook;
 
 static void scopes_leave_all(caller__task_t *t);
 static void complete_cancelled_before_start(caller__task_t *t);
@@ -264,8 +269,8 @@ static void complete_cancelled_before_start(caller__task_t *t);
 static void task_release(caller__task_t *t)
 {
     scopes_leave_all(t);
-    if (t->on_end)
-        t->on_end(t->arg);
+    if (t->has_end)
+        atomic_load_explicit(&end_hook, memory_order_relaxed)(t->arg);
     caller__ctx_unref(t->ctx);
     t->ctx = NULL;
     caller__pending_task_over(caller__task_pending(t));
@@ -475,8 +480,7 @@ static caller__wake_t task_suspend(caller__task_t *t, int64_t deadline, bool can
 {
     caller_t *c = task_caller(t);
     if (deadline != INT64_MAX) {
-        t->timer.deadline = deadline;
-        if (caller__heap_insert(&c->timers, &t->timer) < 0)
+        if (caller__heap_insert(&c->timers, &t->timer, deadline) < 0)
             return CALLER__WAKE_NOMEM;
     }
     t->wake = CALLER__WAKE_NONE;
@@ -944,7 +948,7 @@ void caller__dispatch(caller_t *c)
     int64_t now = caller__now_ns();
     c->turn_start = now;
     caller__timer_t *tm;
-    while ((tm = caller__heap_min(&c->timers)) && tm->deadline <= now) {
+    while ((tm = caller__heap_min(&c->timers)) && caller__heap_min_deadline(&c->timers) <= now) {
         caller__heap_remove(&c->timers, tm);
         caller__task_t *t = container_of(tm, caller__task_t, timer);
         if (t->state == CALLER__TASK_DELAYED) {
@@ -966,13 +970,13 @@ void caller__dispatch(caller_t *c)
 
     c->in_dispatch = false;
     if (!c->finishing) {
-        tm = caller__heap_min(&c->timers);
+        int64_t due = caller__heap_min_deadline(&c->timers);
         /* A timer due within a few microseconds: keep the loop turning
          * instead of arming the timer (a system call, and the poll's own
          * latency, would make it later than that). */
-        bool soon = tm && tm->deadline - caller__now_ns() < 20000;
+        bool soon = due != INT64_MAX && due - caller__now_ns() < 20000;
         c->ops->more(c->loop_backend, more || c->ready.head != NULL || soon);
-        c->ops->timer(c->loop_backend, tm && !soon ? tm->deadline : INT64_MAX);
+        c->ops->timer(c->loop_backend, soon ? INT64_MAX : due);
     }
     c->life->check_finished(c);
 }
@@ -1095,10 +1099,19 @@ static caller_pending_t *schedule(caller_t *c, double delay, caller_fn fn, void 
         caller__ctx_swap(outer);
     if (!p)
         return NULL;
-    task_of(p)->on_end = on_end;
+    if (on_end) {
+        caller_direct_fn was = NULL;
+        if (!atomic_compare_exchange_strong_explicit(&end_hook, &was, on_end, memory_order_relaxed,
+                                                     memory_order_relaxed) &&
+            was != on_end) {
+            fprintf(stderr, "libcaller: caller__call_soon_ex: a second end hook\n");
+            abort();
+        }
+        task_of(p)->has_end = true;
+    }
     caller_pending_ref(p); /* the caller's; the loop keeps the first */
     if (caller__task_submit(c, p, deadline) < 0) {
-        task_of(p)->on_end = NULL; /* refused: the caller cleans up */
+        task_of(p)->has_end = false; /* refused: the caller cleans up */
         caller__ctx_unref(task_of(p)->ctx);
         task_of(p)->ctx = NULL;
         caller__fail_stopped(c, api);

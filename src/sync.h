@@ -3,7 +3,7 @@
  * lock and a one-shot "wake" word a thread can block on with a deadline.
  *
  * Why not pthread_mutex_t: it is 40 bytes on x86_64 glibc, and a Pending
- * must stay within 128 bytes (issue #2). The lock below is the classic
+ * must stay within 128 bytes (issue #2; it is 88 now). The lock below is the classic
  * three-state futex mutex (Drepper, "Futexes Are Tricky", mutex 2): one
  * CAS to take it uncontended, one exchange to release it, a system call
  * only when there is contention. Critical sections that use it are a few

@@ -70,12 +70,13 @@ typedef struct {
  * CALLER__PENDING_SIZE bytes from its start, so a call costs one
  * allocation. Loop-thread-only fields are marked (L).
  *
- * Kept at 120 bytes: with the Pending's 128 that makes 248, a 256-byte
- * malloc chunk (it was 304 bytes, a 320-byte chunk). W1 keeps 10^6 of them
- * alive at once and pays a page fault per 4 KiB of them; W3 moves each one
- * between two cores. Hence what is not stored: the Pending (just before the
- * task: caller__task_pending) and the Caller (the Pending's owner:
- * caller__task_caller).
+ * Kept at 104 bytes: with the Pending's 88 that makes a 192-byte block,
+ * three cache lines (it was 248 in four, and 304 before that). W1 keeps
+ * 10^6 of them alive at once and pays a page fault per 4 KiB of them; W3
+ * moves each one between two cores. Hence what is not stored: the Pending
+ * (just before the task: caller__task_pending), the Caller (the Pending's
+ * owner: caller__task_caller), a timer's deadline (in the timer heap's
+ * array) and the end hook (one for all tasks that have one: has_end).
  */
 typedef struct caller__task {
     caller__msg_t msg;        /* MSG_TASK, then the ready FIFO link */
@@ -87,18 +88,24 @@ typedef struct caller__task {
     } u;
     void *arg;
     struct caller__fiber *fiber; /* (L) */
-    caller__timer_t timer;       /* (L) call_later delay, then wait timeouts */
-    caller__link_t live;         /* (L) in caller->live_tasks */
-    atomic_bool cancel_posted;
-    uint8_t state;           /* (L) caller__task_state_t */
-    uint8_t wake;            /* (L) caller__wake_t of the last resume */
-    bool uncancellable;      /* (L) the current suspension ignores cancel */
-    int raised_code;         /* what caller_raise recorded (0: nothing) */
-    caller_direct_fn on_end; /* library tasks: called with arg once the
-                                task is over, whether it ran or not */
+    union {
+        int64_t deadline; /* until its Caller accepts it: when it is due
+                             (call_later), or INT64_MIN (now) */
+        int raised_code;  /* (L) from its acceptance: what caller_raise
+                             recorded (0: nothing) */
+    };
+    caller__link_t live;     /* (L) in caller->live_tasks */
     struct caller__ctx *ctx; /* its context: captured when scheduled (a
                                 reference), changed by entering groups */
     caller_scope_t *scope;   /* (L) innermost cancel scope, or NULL */
+    caller__timer_t timer;   /* (L) call_later delay, then wait timeouts */
+    atomic_bool cancel_posted;
+    uint8_t state;          /* (L) caller__task_state_t */
+    uint8_t wake;           /* (L) caller__wake_t of the last resume */
+    bool uncancellable : 1; /* (L) the current suspension ignores cancel */
+    bool has_end : 1;       /* the end hook of caller__call_soon_ex is to be
+                               called with arg once it is over (set before
+                               it is submitted) */
 } caller__task_t;
 
 _Static_assert(CALLER__PENDING_SIZE + sizeof(caller__task_t) <= CALLER__BLOCK_SIZE,
@@ -139,7 +146,9 @@ int caller__task_checkpoint(caller__task_t *t, int64_t deadline);
 int caller__task_wait(caller__task_t *t, caller_pending_t *p, int64_t deadline, bool want,
                       int *code, void **value);
 /* call_soon for the library's own tasks: @p on_end(arg) runs once the task
- * is over (in the Caller's thread), even if it never started. */
+ * is over (in the Caller's thread), even if it never started. There is one
+ * end hook for all of them (the execution queues'): every call passes the
+ * same @p on_end. */
 caller_pending_t *caller__call_soon_ex(caller_t *c, caller_fn fn, void *arg, const char *name,
                                        caller_direct_fn on_end);
 /* call_later for the library's housekeeping: in no context, untracked. */

@@ -390,6 +390,74 @@ TEST(userdata_finalizer)
     CHECK_EQ(finalized[2], 1);
 }
 
+/* What a Pending keeps out of line (pending.c: its data, callbacks beyond
+ * the first, messages, a name beside those) is made at the first need:
+ * without memory for it, each of those reports -ENOMEM and changes nothing
+ * else, and what needs no allocation (the first callback, a name alone)
+ * still works. */
+static int ran_callbacks;
+
+static void count_callback(caller_pending_t *p, void *arg)
+{
+    (void)p;
+    ran_callbacks += (int)(intptr_t)arg;
+}
+
+TEST(what_is_kept_out_of_line_fails_cleanly_without_memory)
+{
+    char buf[256], expect[160];
+    caller_pending_t *p = new_pending();
+    ran_callbacks = 0;
+    finalized[3] = 0;
+    caller__alloc_fail_after(0); /* the next allocation fails */
+    caller__pending_set_name(p, "named");
+    CHECK_RC(caller_pending_add_done_callback(p, count_callback, (void *)1), 0);
+    CHECK_RC(caller_pending_set_userdata(p, (void *)3, finalize), -ENOMEM);
+    CHECK_PTR_EQ(caller_pending_userdata(p), NULL);
+    caller__alloc_fail_after(0);
+    CHECK_RC(caller_pending_add_done_callback(p, count_callback, (void *)10), -ENOMEM);
+    caller__alloc_fail_after(0);
+    CHECK_RC(caller_pending_cancel(p, "why"), -ENOMEM);
+    caller__alloc_fail_after(-1);
+    CHECK_EQ(caller_pending_cancelled(p), 1);
+    CHECK_RC(caller_pending_set_result(p, NULL, 0), 0);
+    CHECK_EQ(ran_callbacks, 1); /* the first only: the second was refused */
+    CHECK_RC(caller_pending_exception(p, buf, sizeof buf), -ECANCELED);
+    CHECK_STR_EQ(buf, ""); /* cancelled without the message */
+    caller_pending_repr(p, buf, sizeof buf);
+    snprintf(expect, sizeof expect, "<Pending \u26d4 \U0001f3c1 at %p| named >", (void *)p);
+    CHECK_STR_EQ(buf, expect);
+    CHECK_EQ(finalized[3], 0); /* refused data is not finalized */
+    /* With memory again, the same calls work, and the name stays. */
+    CHECK_RC(caller_pending_set_userdata(p, (void *)3, finalize), 0);
+    CHECK_PTR_EQ(caller_pending_userdata(p), (void *)3);
+    caller_pending_repr(p, buf, sizeof buf);
+    CHECK_STR_EQ(buf, expect);
+    caller_pending_unref(p);
+    CHECK_EQ(finalized[3], 1);
+
+    /* An error's message: the Pending fails with its code, without it. */
+    p = new_pending();
+    caller__alloc_fail_after(1); /* the message is made, its place is not */
+    CHECK_RC(caller_pending_set_exception(p, -EIO, "disk %d", 7), -ENOMEM);
+    caller__alloc_fail_after(-1);
+    CHECK_RC(caller_pending_exception(p, buf, sizeof buf), -EIO);
+    CHECK_STR_EQ(buf, "");
+    caller_pending_unref(p);
+
+    /* A named Pending that gets all of them keeps each. */
+    p = new_pending();
+    caller__pending_set_name(p, "both");
+    CHECK_RC(caller_pending_add_done_callback(p, count_callback, (void *)100), 0);
+    CHECK_RC(caller_pending_add_done_callback(p, count_callback, (void *)1000), 0);
+    CHECK_RC(caller_pending_set_exception(p, -EIO, "disk %d", 8), 0);
+    CHECK_EQ(ran_callbacks, 1101);
+    CHECK_RC(caller_pending_exception(p, buf, sizeof buf), -EIO);
+    CHECK_STR_EQ(buf, "disk 8");
+    CHECK_STR_EQ(caller__pending_name(p), "both");
+    caller_pending_unref(p);
+}
+
 TEST(untracked_flag_is_stored)
 {
     caller_pending_t *a = caller_pending_new(0), *b = caller_pending_new(CALLER_PENDING_UNTRACKED);
