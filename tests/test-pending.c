@@ -809,6 +809,14 @@ TEST(race_one_completion_every_callback_once)
         CHECK_EQ(atomic_load(&it->ran), atomic_load(&it->added));
         CHECK_EQ(atomic_load(&it->added), 3);
         int rc = caller_pending_result(it->p, NULL);
+        /* The messages were kept, whichever thread made their place. */
+        char msg[64], want[64];
+        CHECK_RC(caller_pending_exception(it->p, msg, sizeof msg), rc);
+        snprintf(want, sizeof want, "race %d", i);
+        if (rc == -EIO)
+            CHECK_STR_EQ(msg, want);
+        else if (rc == -ECANCELED)
+            CHECK(strcmp(msg, "race") == 0 || strcmp(msg, "race\nrace") == 0);
         cancelled += rc == -ECANCELED;
         results += rc == 0;
         errors += rc == -EIO;
