@@ -466,6 +466,7 @@ static void end_failed_start(caller_t *c)
 /* On the Caller's thread, once its loop has closed everything. */
 static void finish(caller_t *c)
 {
+    caller__loop_blocking(c);
     c->ops->destroy(c->loop_backend);
     c->loop_backend = NULL;
     caller__iopub_close(c); /* before the stopped event: zmq_ctx_term may follow */
@@ -500,6 +501,7 @@ static void on_work(void *owner)
 static void before_sleep(void *owner)
 {
     caller__before_sleep(owner);
+    caller__loop_blocking(owner);
 }
 
 static bool await_work(void *owner)

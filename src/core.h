@@ -75,6 +75,11 @@ typedef struct caller__worker_hooks {
  * idle. Counted in sched.c; pool.c adds 1 / -1 as a worker takes a call /
  * goes idle or leaves. */
 size_t caller__pool_busy_workers(void);
+/* The loop thread of @p c: it runs (a dispatch), or is about to block in
+ * its poll or to end. Counted for the spin's "is there an idle core?". */
+void caller__loop_awake(caller_t *c);
+size_t caller__awake_loops(void); /* how many are counted now (the tests) */
+void caller__loop_blocking(caller_t *c);
 void caller__busy_workers_add(int delta);
 
 struct caller {
@@ -132,6 +137,7 @@ struct caller {
         atomic_size_t live, suspended;
     } stats;
     bool in_dispatch;
+    bool awake;             /* counted in the awake loops (sched.c) */
     caller__spin_t spin;    /* adaptive spin before the loop blocks */
     bool stop_seen;         /* MSG_STOP processed */
     bool finishing;         /* backend close requested */

@@ -66,6 +66,32 @@ static bool post(caller_t *c, caller__msg_t *m, bool user)
 }
 
 static atomic_size_t busy_workers;
+/* Loop threads running now (not blocked in their poll), as far as their
+ * Callers saw: one is counted from its dispatch until it is about to block
+ * (or ends). What else runs on the machine (threads that are no Caller's,
+ * other processes) is not counted. */
+static atomic_size_t awake_loops;
+
+size_t caller__awake_loops(void)
+{
+    return atomic_load_explicit(&awake_loops, memory_order_relaxed);
+}
+
+void caller__loop_awake(caller_t *c)
+{
+    if (!c->awake) {
+        c->awake = true;
+        atomic_fetch_add_explicit(&awake_loops, 1, memory_order_relaxed);
+    }
+}
+
+void caller__loop_blocking(caller_t *c)
+{
+    if (c->awake) {
+        c->awake = false;
+        atomic_fetch_sub_explicit(&awake_loops, 1, memory_order_relaxed);
+    }
+}
 
 size_t caller__pool_busy_workers(void)
 {
@@ -104,8 +130,10 @@ bool caller__await_work(caller_t *c)
     if (c->finishing || c->ready.head)
         return false;
     /* Spin only on an idle core: with pool workers running calls on
-     * every core, a spinner takes the CPU from them. */
-    if (caller__pool_busy_workers() >= online_cpus()) {
+     * every core, or other loops running beside this one on every core, a
+     * spinner takes the CPU from them. */
+    if (caller__pool_busy_workers() >= online_cpus() ||
+        atomic_load_explicit(&awake_loops, memory_order_relaxed) > online_cpus()) {
         CALLER__TEST_POINT("sched.spin_skipped", c);
         return false;
     }
@@ -937,6 +965,7 @@ void caller__dispatch(caller_t *c)
     if (c->in_dispatch || !c->loop_backend)
         return;
     c->in_dispatch = true;
+    caller__loop_awake(c);
 
     caller__msg_t *m = caller__inbox_take(&c->inbox);
     while (m) {

@@ -771,17 +771,60 @@ TEST(no_spinning_while_workers_fill_every_cpu)
         CHECK_RC(caller_pending_wait(busy[i], 10, 0, NULL), 0);
         caller_pending_unref(busy[i]);
     }
-    /* Once the workers are idle again, it spins as before. */
+    /* Once the workers are idle again, and their loops asleep (a loop that
+     * still runs, spinning for work, holds a CPU too), it spins as before. */
     double until = check_now() + 10;
-    while (caller__pool_busy_workers() != 0 && check_now() < until)
+    while ((caller__pool_busy_workers() != 0 || caller__awake_loops() != 0) && check_now() < until)
         sched_yield();
     CHECK_EQ(caller__pool_busy_workers(), 0);
+    CHECK_EQ(caller__awake_loops(), 0);
     int skips = atomic_load(&spin_skips);
     one_round(watched);
     CHECK_EQ(atomic_load(&spin_skips), skips);
     atomic_store(&caller__test_hook, NULL);
     check_stop(watched);
     check_stop(owner);
+}
+
+/* The same with other Callers' loops, not a pool's workers, running tasks
+ * on every CPU: a spinner would take the CPU from them. */
+TEST(no_spinning_while_other_loops_fill_every_cpu)
+{
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    CHECK_GE(ncpu, 1);
+    CHECK_LE(ncpu, 64);
+    atomic_store(&busy_started, 0);
+    atomic_store(&busy_release, 0);
+    watched = check_new_thread(NULL);
+    atomic_store(&caller__test_hook, count_skips);
+    caller_t *others[64];
+    caller_pending_t *busy[64];
+    for (long i = 0; i < ncpu; i++) {
+        others[i] = check_new_thread(NULL);
+        CHECK((busy[i] = caller_call_soon(others[i], busy_until_released, NULL)) != NULL);
+    }
+    while (atomic_load(&busy_started) < ncpu)
+        sched_yield();
+    int skips = atomic_load(&spin_skips);
+    one_round(watched);
+    CHECK_GE(atomic_load(&spin_skips), skips + 1);
+    atomic_store(&busy_release, 1);
+    for (long i = 0; i < ncpu; i++) {
+        CHECK_RC(caller_pending_wait(busy[i], 10, 0, NULL), 0);
+        caller_pending_unref(busy[i]);
+    }
+    /* Once their loops sleep again, it spins as before. */
+    double until = check_now() + 10 * check_time_scale();
+    while (caller__awake_loops() != 0 && check_now() < until)
+        sched_yield();
+    CHECK_EQ(caller__awake_loops(), 0);
+    skips = atomic_load(&spin_skips);
+    one_round(watched);
+    CHECK_EQ(atomic_load(&spin_skips), skips);
+    atomic_store(&caller__test_hook, NULL);
+    for (long i = 0; i < ncpu; i++)
+        check_stop(others[i]);
+    check_stop(watched);
 }
 
 /* Several threads submit to one capped pool and cancel about a quarter of
