@@ -453,6 +453,12 @@ caller_pending_t *caller_pending_ref(caller_pending_t *p)
     return p;
 }
 
+void caller__pending_ref_unshared(caller_pending_t *p)
+{
+    atomic_store_explicit(&p->refs, atomic_load_explicit(&p->refs, memory_order_relaxed) + 1,
+                          memory_order_relaxed);
+}
+
 static void destroy(caller_pending_t *p);
 
 void caller_pending_unref(caller_pending_t *p)

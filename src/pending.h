@@ -79,6 +79,9 @@ caller_t *caller__pending_owner(const caller_pending_t *p);
  * Called once @p p is fully set up: from then on other threads can reach
  * it. caller_pending_new() does this; users of the _extra form call it. */
 void caller__pending_track(caller_pending_t *p);
+/* caller_pending_ref for a Pending no other thread can reach yet (made by
+ * this thread and not submitted): no locked instruction. */
+void caller__pending_ref_unshared(caller_pending_t *p);
 /* A Pending with @p extra bytes after it (the task), at
  * CALLER__PENDING_SIZE from its start; *extra gets them. Not yet tracked:
  * see caller__pending_track. */

@@ -515,7 +515,7 @@ caller_pending_t *caller_to_thread_named(caller_t *c, caller_fn fn, void *arg, c
         return NULL;
     }
     caller__task_t *t = (caller__task_t *)((char *)p + CALLER__PENDING_SIZE);
-    caller_pending_ref(p); /* the caller's; the queue keeps the first */
+    caller__pending_ref_unshared(p); /* the caller's; the queue keeps the first */
     caller_t *wake = NULL;
     bool make = false;
     lock_pool(pool);

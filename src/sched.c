@@ -1138,7 +1138,7 @@ static caller_pending_t *schedule(caller_t *c, double delay, caller_fn fn, void 
         }
         task_of(p)->has_end = true;
     }
-    caller_pending_ref(p); /* the caller's; the loop keeps the first */
+    caller__pending_ref_unshared(p); /* the caller's; the loop keeps the first */
     if (caller__task_submit(c, p, deadline) < 0) {
         task_of(p)->has_end = false; /* refused: the caller cleans up */
         caller__ctx_unref(task_of(p)->ctx);
