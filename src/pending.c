@@ -868,16 +868,22 @@ int caller_pending_cancel(caller_pending_t *p, const char *message)
 {
     if (!p)
         return caller__fail(-EINVAL, "caller_pending_cancel: p is NULL");
-    bool has_message = message && *message;
-    /* Where the messages are kept: made before the lock (unless done). */
-    ext_t *e = has_message && !(atomic_load_explicit(&p->flags, memory_order_acquire) & F_DONE)
-                   ? ext_get(p)
-                   : NULL;
-    lock_p(p);
-    unsigned flags = atomic_load_explicit(&p->flags, memory_order_relaxed);
-    if (flags & F_DONE) {
+    bool has_message = message && *message, nomem = false;
+    ext_t *e = NULL;
+    unsigned flags;
+    for (;;) {
+        lock_p(p);
+        flags = atomic_load_explicit(&p->flags, memory_order_relaxed);
+        if (flags & F_DONE) {
+            unlock_p(p);
+            return (flags & F_CANCELLED) ? 1 : 0;
+        }
+        if (!has_message || nomem || (e = ext_of(p)) != NULL)
+            break; /* locked */
+        /* Where the messages are kept: made outside the lock. A reset
+         * Pending may be done now and not done again after: look again. */
         unlock_p(p);
-        return (flags & F_CANCELLED) ? 1 : 0;
+        nomem = !ext_get(p);
     }
     int rc = !has_message ? 0 : e ? append_cancel_message(e, message) : -ENOMEM;
     atomic_fetch_or_explicit(&p->flags, F_CANCELLED, memory_order_release);

@@ -458,6 +458,54 @@ TEST(what_is_kept_out_of_line_fails_cleanly_without_memory)
     caller_pending_unref(p);
 }
 
+/* A Pending completed round after round (reset) is done while a round's
+ * callbacks run and not done after: a cancel racing with that must cancel
+ * it (1) or find it done (0), never report a lack of memory (the fuzzer
+ * found it doing so: it looked at "done" before the lock, and at the
+ * lock found the round over). */
+typedef struct {
+    caller_pending_t *p;
+    atomic_int go, stop;
+} reset_race_t;
+
+static void slow_callback(caller_pending_t *p, void *arg)
+{
+    (void)p;
+    (void)arg;
+    for (volatile int i = 0; i < 200; i++)
+        ;
+}
+
+static void *reset_rounds(void *arg)
+{
+    reset_race_t *r = arg;
+    while (!atomic_load(&r->go))
+        ;
+    while (!atomic_load(&r->stop))
+        CHECK_RC(caller_pending_set_result(r->p, NULL, CALLER_RESULT_RESET), 0);
+    return NULL;
+}
+
+TEST(cancel_racing_with_reset_rounds_never_reports_no_memory)
+{
+    enum { PENDINGS = 500, CANCELS = 1000 };
+    for (int k = 0; k < PENDINGS; k++) {
+        reset_race_t r = {.p = new_pending()};
+        CHECK_RC(caller_pending_add_done_callback(r.p, slow_callback, NULL), 0);
+        pthread_t t;
+        CHECK_EQ(pthread_create(&t, NULL, reset_rounds, &r), 0);
+        atomic_store(&r.go, 1);
+        for (int i = 0; i < CANCELS; i++) {
+            int rc = caller_pending_cancel(r.p, "x");
+            CHECK(rc == 0 || rc == 1);
+        }
+        atomic_store(&r.stop, 1);
+        pthread_join(t, NULL);
+        CHECK_EQ(caller_pending_cancelled(r.p), 1);
+        caller_pending_unref(r.p);
+    }
+}
+
 TEST(untracked_flag_is_stored)
 {
     caller_pending_t *a = caller_pending_new(0), *b = caller_pending_new(CALLER_PENDING_UNTRACKED);
