@@ -95,7 +95,7 @@ typedef struct {
  * What most Pendings never use, kept out of line so that a task's block
  * stays small (W1 keeps 10^6 of them alive at once and pays for every byte
  * of them in page faults; W3 moves each one between two cores): made at
- * the first need (caller__ext) and kept until the Pending goes. Its fields
+ * the first need (ext_get) and kept until the Pending goes. Its fields
  * are guarded by the Pending's lock, as the Pending's own are.
  */
 typedef struct caller__pending_ext { /* named for the gdb script */
@@ -856,6 +856,12 @@ static const char *cancelmsg_of(const caller_pending_t *p)
     return e ? e->cancelmsg : NULL;
 }
 
+static const char *errmsg_of(const caller_pending_t *p)
+{
+    ext_t *e = ext_of(p);
+    return e ? e->errmsg : NULL;
+}
+
 /* Run the canceller outside the lock with a private copy of the messages
  * (a concurrent cancel may grow the shared buffer meanwhile). */
 static void run_canceller(caller_pending_t *p, caller_canceller_fn fn, void *arg, char *copy)
@@ -964,10 +970,9 @@ static int outcome(const caller_pending_t *cp, void **value, char *buf, size_t l
     } else if (!(flags & F_DONE)) {
         rc = caller__fail(CALLER_EINVALSTATE, "%s: the Pending is not done", fn);
     } else if (flags & F_FAILED) {
-        const char *errmsg = ext_of(p) ? ext_of(p)->errmsg : NULL;
-        rc = caller__fail(p->code, "%s", msg_or_empty(errmsg));
+        rc = caller__fail(p->code, "%s", msg_or_empty(errmsg_of(p)));
         if (buf && len)
-            caller__trunc(buf, len, msg_or_empty(errmsg), len - 1);
+            caller__trunc(buf, len, msg_or_empty(errmsg_of(p)), len - 1);
     } else {
         rc = 0;
         if (value)
@@ -1232,7 +1237,7 @@ int caller_pending_repr(const caller_pending_t *cp, char *buf, size_t len)
     lock_p(p);
     unsigned flags = atomic_load_explicit(&p->flags, memory_order_relaxed);
     caller__trunc(cmsg, sizeof cmsg, msg_or_empty(cancelmsg_of(p)), REPR_MAX);
-    caller__trunc(emsg, sizeof emsg, msg_or_empty(ext_of(p) ? ext_of(p)->errmsg : NULL), REPR_MAX);
+    caller__trunc(emsg, sizeof emsg, msg_or_empty(errmsg_of(p)), REPR_MAX);
     int code = p->code;
     const char *name = name_of(p);
     caller_t *owner = atomic_load_explicit(&p->owner, memory_order_acquire);

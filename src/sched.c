@@ -976,8 +976,8 @@ void caller__dispatch(caller_t *c)
 
     int64_t now = caller__now_ns();
     c->turn_start = now;
-    caller__timer_t *tm;
-    while ((tm = caller__heap_min(&c->timers)) && caller__heap_min_deadline(&c->timers) <= now) {
+    while (caller__heap_min_deadline(&c->timers) <= now) {
+        caller__timer_t *tm = caller__heap_min(&c->timers);
         caller__heap_remove(&c->timers, tm);
         caller__task_t *t = container_of(tm, caller__task_t, timer);
         if (t->state == CALLER__TASK_DELAYED) {
